@@ -1,0 +1,52 @@
+# metadiff developer commands. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+EXP ?= features_synthvqa
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo train test test-fast bench sweep lint format clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml requirements/torch-cpu.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements/torch-cpu.txt
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## create .venv with the CPU-capable torch pair and metadiff[dev]
+
+demo: install ## set up and run the main embedded experiment end to end (EXP=...)
+	$(PY) train.py experiment=$(EXP)
+
+train: install ## run one experiment: make train EXP=clip_synthvqa ARGS="trainer.max_epochs=1"
+	$(PY) train.py experiment=$(EXP) $(ARGS)
+
+test: install ## the full test suite (what CI runs)
+	$(PY) -m pytest -q tests
+
+test-fast: install ## the tests without the slow end-to-end ones
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: install ## benchmarks -> bench/*.json
+	$(PY) -m metadiff.bench --out bench
+
+sweep: install ## example Hydra multirun: make sweep ARGS="seed=1,2"
+	$(PY) train.py -m experiment=$(EXP) $(or $(ARGS),seed=1,2)
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check src tests train.py
+
+format: install ## ruff format + import sort
+	$(VENV)/bin/ruff check --fix src tests train.py
+	$(VENV)/bin/ruff format src tests train.py
+
+clean: ## remove outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache bench/*.json
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,196 @@
+"""Where a stage's outputs live and how a later stage finds (or builds) them.
+
+An artifact is a directory `<artifacts_dir>/<stage>/<task_name>-<fingerprint12>/` holding the stage's files, the
+resolved config that produced it (`config.yaml`) and a `manifest.json` (stage, fingerprint, metrics, upstream
+fingerprints). It is written into a temporary directory and renamed, so it either exists complete or not at all.
+The fingerprint hashes the config minus the keys that cannot change the result (paths, loggers, ...), so the same
+upstream config always maps to the same cached artifact and a changed one never silently reuses a stale one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from metadiff.errors import UserError
+from metadiff.utils.hashing import fingerprint, to_plain
+from metadiff.utils.io import atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+# Keys that never change what a stage computes; everything else is part of the artifact's identity.
+DEFAULT_FINGERPRINT_EXCLUDE = (
+    "paths",
+    "logger",
+    "callbacks",
+    "tags",
+    "task_name",
+    "ckpt_path",
+    "optimized_metric",
+    "upstream",
+    "artifact",
+    "trainer.enable_progress_bar",
+    "trainer.default_root_dir",
+    "trainer.log_every_n_steps",
+)
+
+
+class UpstreamMissingError(UserError, RuntimeError):
+    """An upstream artifact does not exist and this run may not build it."""
+
+
+class ArtifactMismatchError(UserError, RuntimeError):
+    """An artifact exists but was built from another upstream/config than the one asked for."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A finished stage output on disk."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.manifest["fingerprint"])
+
+    def file(self, name: str) -> Path:
+        """Path of one of the artifact's files, with an error naming the artifact if it is absent."""
+        path = self.path / name
+        if not path.exists():
+            raise FileNotFoundError(f"artifact {self.path} has no file '{name}' (built by an older version?)")
+        return path
+
+
+def _drop(tree: dict[str, Any], dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if head not in tree:
+        return
+    if rest:
+        if isinstance(tree[head], dict):
+            _drop(tree[head], rest)
+    else:
+        del tree[head]
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """Hash of everything in `cfg` that can change the artifact, plus the upstream fingerprints."""
+    tree = {str(k): copy.deepcopy(to_plain(cfg[k])) for k in cfg if k != "hydra"}
+    for key in DEFAULT_FINGERPRINT_EXCLUDE:
+        _drop(tree, key)
+    return fingerprint(tree)
+
+
+def artifact_dir(cfg: DictConfig, upstream_fingerprints: Mapping[str, str] | None = None) -> Path:
+    fp = fingerprint({"config": config_fingerprint(cfg), "upstream": dict(upstream_fingerprints or {})})
+    return Path(cfg.paths.artifacts_dir) / cfg.stage / f"{cfg.task_name}-{fp[:12]}"
+
+
+def load_artifact(path: Path) -> Artifact:
+    manifest = read_json(Path(path) / "manifest.json", what="artifact manifest")
+    return Artifact(path=Path(path), manifest=manifest)
+
+
+def find_artifact(cfg: DictConfig, upstream_fingerprints: Mapping[str, str] | None = None) -> Artifact | None:
+    path = artifact_dir(cfg, upstream_fingerprints)
+    return load_artifact(path) if (path / "manifest.json").is_file() else None
+
+
+def publish_artifact(
+    cfg: DictConfig,
+    write_files: Callable[[Path], None],
+    metrics: Mapping[str, float],
+    upstream: Mapping[str, Artifact] | None = None,
+) -> Artifact:
+    """Write a stage's artifact atomically: files, resolved config and manifest, then rename into place."""
+    upstream = dict(upstream or {})
+    up_fps = {name: art.fingerprint for name, art in upstream.items()}
+    path = artifact_dir(cfg, up_fps)
+    with atomic_dir(path, overwrite=True) as tmp:
+        write_files(tmp)
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_json(
+            tmp / "manifest.json",
+            {
+                "stage": cfg.stage,
+                "task_name": cfg.task_name,
+                "fingerprint": path.name.rsplit("-", 1)[-1],
+                "upstream": {name: {"path": str(a.path), "fingerprint": a.fingerprint} for name, a in upstream.items()},
+                "metrics": {k: float(v) for k, v in metrics.items()},
+            },
+        )
+    log.info("artifact written: %s", path)
+    return load_artifact(path)
+
+
+# --------------------------------------------------------------------------------------------- upstream stages
+def _hydra_choices() -> dict[str, str | None]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return dict(HydraConfig.get().runtime.choices)
+
+
+def compose_upstream(cfg: DictConfig, name: str) -> DictConfig:
+    """Compose the full config of upstream `name` as this run would build it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    spec = cfg.upstream[name]
+    choices = _hydra_choices()
+    overrides = [f"experiment={spec.experiment}"]
+    for group in spec.get("inherit_groups", []):
+        if choices.get(group) is not None:
+            overrides.append(f"{group}={choices[group]}")
+    for key in ("data_dir", "artifacts_dir"):
+        overrides.append(f"paths.{key}={cfg.paths[key]}")
+    overrides.append(f"paths.output_dir={Path(cfg.paths.output_dir) / 'upstream' / name}")
+    overrides += list(spec.get("overrides", []))
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=overrides)
+    from metadiff.config.paths import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def upstream_command(cfg: DictConfig, name: str) -> str:
+    spec = cfg.upstream[name]
+    return " ".join(["python train.py", f"experiment={spec.experiment}", *spec.get("overrides", [])])
+
+
+def require_upstream(cfg: DictConfig, name: str) -> Artifact:
+    """Find upstream `name`'s artifact, building it first when the config allows (embedded data)."""
+    up_cfg = compose_upstream(cfg, name)
+    up_upstream = resolve_upstreams(up_cfg)
+    up_fps = {k: a.fingerprint for k, a in up_upstream.items()}
+    found = find_artifact(up_cfg, up_fps)
+    if found is not None:
+        log.info("upstream '%s': using %s", name, found.path)
+        return found
+    if not cfg.upstream[name].get("build_if_missing", False):
+        raise UpstreamMissingError(
+            f"upstream '{name}' ({cfg.upstream[name].experiment}) has no artifact under "
+            f"{Path(up_cfg.paths.artifacts_dir) / up_cfg.stage}; build it first with: {upstream_command(cfg, name)}"
+        )
+    log.info("upstream '%s' missing: building it now (%s)", name, upstream_command(cfg, name))
+    from metadiff.run import train
+
+    train(up_cfg)
+    built = find_artifact(up_cfg, up_fps)
+    if built is None:
+        raise RuntimeError(f"upstream '{name}' ran but wrote no artifact at {artifact_dir(up_cfg, up_fps)}")
+    return built
+
+
+def resolve_upstreams(cfg: DictConfig) -> dict[str, Artifact]:
+    """All upstream artifacts a stage names in `cfg.upstream`, built or found, in config order."""
+    specs = cfg.get("upstream") or {}
+    return {name: require_upstream(cfg, name) for name in specs}

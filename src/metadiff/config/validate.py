@@ -1,0 +1,155 @@
+"""Validate a composed config before any work starts.
+
+Hydra already rejects a command-line override of a key that does not exist (`trainer.max_epoch=1`). What it cannot
+see is a misspelt key *inside a YAML file* (an experiment setting `model.lr_warmup` instead of `warmup_steps`), or a
+wrong type passed to a constructor, which would otherwise surface minutes later deep inside a stage. Every node with
+a `_target_` is therefore checked against the signature of the callable it names, and the top level against a
+schema of the known keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from metadiff.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config key or value that cannot work; the message names the key."""
+
+
+# Top-level keys every run config has (beside the config groups) and the types they must hold.
+TOP_LEVEL_TYPES: dict[str, tuple[type, ...]] = {
+    "task_name": (str,),
+    "stage": (str,),
+    "seed": (int,),
+    "train": (bool,),
+    "test": (bool,),
+    "predict": (bool,),
+    "ckpt_path": (str, type(None)),
+    "optimized_metric": (str, type(None)),
+    "tags": (list,),
+    "deterministic": (bool,),
+    "float32_matmul_precision": (str,),
+}
+GROUP_KEYS = {"data", "model", "trainer", "logger", "callbacks", "paths", "extras", "upstream", "artifact"}
+
+
+def _resolve_target(path: str, key: str) -> Callable[..., Any]:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"config key '{key}._target_': cannot import '{path}' ({err})") from None
+    return obj
+
+
+def _accepts(value: Any, annotation: Any) -> bool:
+    """Loose runtime check of a value against a simple annotation; unknown/complex annotations pass."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    if isinstance(annotation, str):  # unevaluated forward reference: cannot check
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(value, arg) for arg in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        return isinstance(value, list | tuple | ListConfig)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict | DictConfig)
+    return True
+
+
+def _check_target_node(node: DictConfig, key: str) -> None:
+    target = _resolve_target(str(node["_target_"]), key)
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # noqa: BLE001 - unresolvable hints just mean "no type check"
+        hints = {}
+    params = sig.parameters
+    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for name in node.keys():
+        name = str(name)
+        if name.startswith("_"):
+            continue
+        full = f"{key}.{name}" if key else name
+        if name not in params:
+            if has_var_kw:
+                continue
+            hint = difflib.get_close_matches(name, list(params), n=1)
+            did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(
+                f"unknown config key '{full}': {node['_target_']} takes no argument '{name}'{did_you_mean}"
+            )
+        raw = OmegaConf.to_container(node, resolve=True)[name] if OmegaConf.is_dict(node) else node[name]
+        if isinstance(raw, dict) and "_target_" in raw:
+            continue  # nested object: checked on its own
+        annotation = hints.get(name, params[name].annotation)
+        if not _accepts(raw, annotation):
+            raise ConfigError(
+                f"config key '{full}' = {raw!r} has the wrong type: {node['_target_']} expects {annotation}"
+            )
+
+
+def _walk(node: Any, key: str) -> None:
+    if isinstance(node, DictConfig | ListConfig) and (node._is_none() or node._is_missing()):
+        return
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            _check_target_node(node, key)
+        for child_key in node.keys():
+            if str(child_key).startswith("_") or (not key and child_key == "hydra"):
+                continue
+            child = node._get_node(child_key)  # do not resolve missing values here
+            _walk(child, f"{key}.{child_key}" if key else str(child_key))
+    elif isinstance(node, ListConfig):
+        for i, child in enumerate(node):
+            _walk(child, f"{key}[{i}]")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first unknown key, mistyped value or unimportable target."""
+    for name in cfg.keys():
+        name = str(name)
+        if name in GROUP_KEYS or name == "hydra":
+            continue
+        if name not in TOP_LEVEL_TYPES:
+            hint = difflib.get_close_matches(name, list(TOP_LEVEL_TYPES) + sorted(GROUP_KEYS), n=1)
+            raise ConfigError(
+                f"unknown top-level config key '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            )
+        value = cfg[name]
+        value = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+        if not isinstance(value, TOP_LEVEL_TYPES[name]) or (isinstance(value, bool) and bool not in TOP_LEVEL_TYPES[name]):
+            expected = " or ".join(t.__name__ for t in TOP_LEVEL_TYPES[name])
+            raise ConfigError(f"config key '{name}' = {value!r} has the wrong type: expected {expected}")
+    for group in ("data", "model", "trainer"):
+        if group not in cfg or cfg[group] is None:
+            raise ConfigError(f"config group '{group}' is missing: pick one, e.g. '{group}=...' or an experiment")
+    _walk(cfg, "")

@@ -1,0 +1,1 @@
+"""Datasets, DataModules, samplers and generators."""

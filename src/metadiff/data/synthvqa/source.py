@@ -1,0 +1,126 @@
+"""The embedded benchmark as a `TaskSource`: generated on first use, cached under the data dir by fingerprint."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from metadiff.config import ConfigError
+from metadiff.data.meta_vqa.tasks import Task, load_prompts, load_task_file
+from metadiff.data.sources import normalize_images
+from metadiff.data.synthvqa.build import SynthVQAConfig, load_or_build_synthvqa
+from metadiff.data.synthvqa.build import fingerprint as config_fingerprint
+from metadiff.data.synthvqa.scenes import SceneSpec, caption_scene, render_scene, sample_scene
+
+
+def _dataclass_from(cls: type, values: Mapping[str, Any], key: str) -> Any:
+    """Build a config dataclass, naming the offending key on a typo (the YAML mirrors the dataclass)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{key}.{unknown[0]}' (valid keys: {sorted(names)})")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def generator_config(generator: Mapping[str, Any]) -> SynthVQAConfig:
+    values = dict(generator)
+    scene = _dataclass_from(SceneSpec, dict(values.pop("scene", {})), "data.source.generator.scene")
+    return _dataclass_from(SynthVQAConfig, {**values, "scene": scene}, "data.source.generator")
+
+
+class ImageArrayDataset(Dataset):
+    """Rows of a uint8 image array (memory-mapped), normalised for CLIP; yields (image, position)."""
+
+    def __init__(self, array_path: Path, rows: Sequence[int], mean: Sequence[float], std: Sequence[float]):
+        self.array_path, self.rows, self.mean, self.std = Path(array_path), list(rows), tuple(mean), tuple(std)
+
+    @cached_property
+    def images(self) -> np.ndarray:  # opened lazily so the dataset pickles cheaply into worker processes
+        return np.load(self.array_path, mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = torch.from_numpy(np.array(self.images[self.rows[i]]))
+        return normalize_images(image, self.mean, self.std), i
+
+
+class CaptionPairDataset(Dataset):
+    """Fresh scenes (disjoint seed stream from the benchmark pool) with true captions, for CLIP pre-training."""
+
+    def __init__(self, spec: SceneSpec, n_pairs: int, seed: int, tokenize: Callable, mean, std):
+        self.spec, self.n_pairs, self.seed, self.tokenize = spec, n_pairs, seed, tokenize
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return self.n_pairs
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, i])
+        scene = sample_scene(rng, self.spec)
+        image = torch.from_numpy(render_scene(scene, self.spec, rng))
+        caption = caption_scene(scene, rng, self.spec)
+        return normalize_images(image, self.mean, self.std), self.tokenize([caption])[0]
+
+
+class SynthVQASource:
+    """Meta-VQA-shaped generated benchmark (see `metadiff.data.synthvqa.build` for the rules and statistics)."""
+
+    name = "synthvqa"
+
+    def __init__(self, cache_dir: str, generator: dict[str, Any]):
+        self.cache_dir = Path(cache_dir)
+        self.config = generator_config(generator)
+        self._root: Path | None = None
+
+    def fingerprint(self) -> str:
+        return config_fingerprint(self.config)
+
+    def prepare(self) -> None:
+        self._root = load_or_build_synthvqa(self.config, self.cache_dir)
+
+    @property
+    def root(self) -> Path:
+        if self._root is None:
+            self.prepare()
+        assert self._root is not None
+        return self._root
+
+    @cached_property
+    def _tasks(self) -> dict[str, list[Task]]:
+        return {split: load_task_file(self.root / f"{split}.json") for split in ("meta_train", "meta_test")}
+
+    @cached_property
+    def _prompts(self) -> dict[str, str]:
+        return load_prompts(self.root / "prompt_meta.json")
+
+    def tasks(self, split: str) -> list[Task]:
+        if split not in self._tasks:
+            raise ValueError(f"unknown meta split '{split}' (expected meta_train or meta_test)")
+        return self._tasks[split]
+
+    def prompt_template(self, question: str) -> str | None:
+        return self._prompts.get(question)
+
+    def image_names(self) -> list[str]:
+        n = np.load(self.root / "images.npy", mmap_mode="r").shape[0]
+        return [f"synth_{i:06d}" for i in range(n)]
+
+    def image_dataset(self, names: Sequence[str], image_size: int, mean, std) -> Dataset:
+        if image_size != self.config.scene.image_size:
+            raise ValueError(
+                f"the CLIP image tower expects {image_size}px images but synthvqa renders "
+                f"{self.config.scene.image_size}px (set data.source.generator.scene.image_size)"
+            )
+        return ImageArrayDataset(self.root / "images.npy", [int(n.rsplit("_", 1)[1]) for n in names], mean, std)
+
+    def caption_pairs(self, n_pairs: int, seed: int, tokenize: Callable, mean, std) -> Dataset:
+        return CaptionPairDataset(self.config.scene, n_pairs, seed, tokenize, mean, std)

@@ -1,0 +1,1 @@
+"""Evaluation helpers shared by stages (zero-shot scoring, confidence intervals)."""

@@ -1,0 +1,1 @@
+"""open_clip models and the feature store (image, question and answer embeddings)."""

@@ -1,0 +1,144 @@
+"""The run loop: config -> DataModule, LightningModule, callbacks, loggers, Trainer -> fit / test / predict.
+
+`train.py` is a thin Hydra entry point around `train(cfg)`; tests and upstream builds call `train` directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from metadiff.artifacts import Artifact, publish_artifact, resolve_upstreams
+from metadiff.config import validate_config
+from metadiff.utils.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_with_upstream(node: DictConfig, upstream: dict[str, Artifact]) -> Any:
+    """Instantiate `node`, passing the upstream artifacts to constructors that ask for them."""
+    target = hydra.utils.get_class(node._target_) if "_target_" in node else None
+    wants = target is not None and "upstream" in inspect.signature(target).parameters
+    return hydra.utils.instantiate(node, upstream=upstream) if wants else hydra.utils.instantiate(node)
+
+
+def _instantiate_list(group: DictConfig | None) -> list[Any]:
+    """Callbacks/loggers are dicts of named entries (so experiments can drop one by name)."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def save_resolved_config(cfg: DictConfig) -> Path:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "resolved_config.yaml"
+    with atomic_path(path) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def _close_loggers(loggers: list[Logger], status: str) -> None:
+    """Finish every logger even on error, so W&B/TensorBoard never leave a dangling run behind."""
+    for logger in loggers:
+        try:
+            logger.finalize(status)
+        except Exception as err:  # noqa: BLE001 - closing must not mask the original error
+            log.warning("could not finalize logger %s: %s", type(logger).__name__, err)
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=0 if status == "success" else 1)
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[key] = float(value)
+        elif isinstance(value, int | float):
+            out[key] = float(value)
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one stage as configured; return its final scalar metrics."""
+    validate_config(cfg)
+    start = time.time()
+    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
+    pl.seed_everything(cfg.seed, workers=True)
+    save_resolved_config(cfg)
+
+    upstream = resolve_upstreams(cfg)
+    pl.seed_everything(cfg.seed, workers=True)  # upstream builds consume RNG state; restart from the seed
+
+    log.info("stage '%s' (%s): instantiating data <%s>", cfg.stage, cfg.task_name, cfg.data._target_)
+    datamodule: pl.LightningDataModule = _instantiate_with_upstream(cfg.data, upstream)
+    log.info("instantiating model <%s>", cfg.model._target_)
+    model: pl.LightningModule = _instantiate_with_upstream(cfg.model, upstream)
+    callbacks = _instantiate_list(cfg.get("callbacks"))
+    loggers = _instantiate_list(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    status = "failed"
+    metrics: dict[str, float] = {}
+    try:
+        if cfg.get("train", True):
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            metrics.update(_scalar_metrics(trainer.callback_metrics))
+        if cfg.get("test", False):
+            trainer.test(model=model, datamodule=datamodule)
+            metrics.update(_scalar_metrics(trainer.callback_metrics))
+        if cfg.get("predict", False):
+            # A stage that can tell its output is already complete and current (e.g. a feature store) skips work.
+            if not (hasattr(model, "stage_complete") and model.stage_complete()):
+                trainer.predict(model=model, datamodule=datamodule, return_predictions=False)
+            metrics.update(_scalar_metrics(trainer.callback_metrics))
+        metrics.update(getattr(model, "summary_metrics", {}))
+        if (
+            cfg.get("artifact") is not None
+            and trainer.is_global_zero
+            and hasattr(model, "write_artifact")
+            and getattr(model, "artifact_ready", True)
+        ):
+            publish_artifact(cfg, model.write_artifact, metrics, upstream)
+        status = "success"
+    finally:
+        _close_loggers(loggers, status)
+
+    for key, value in metrics.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"stage '{cfg.stage}': metric '{key}' is {value}")
+    metrics["time/run_seconds"] = time.time() - start
+    _print_summary(cfg, metrics)
+    return metrics
+
+
+def _print_summary(cfg: DictConfig, metrics: dict[str, float]) -> None:
+    lines = [f"== {cfg.task_name} ({cfg.stage}) finished: =="]
+    lines += [f"  {key:<40s} {value:.4f}" for key, value in sorted(metrics.items())]
+    lines.append(f"  outputs: {cfg.paths.output_dir}")
+    print("\n".join(lines), flush=True)
+
+
+def optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value a Hydra sweeper minimises/maximises (`optimized_metric` key)."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric '{name}' was not logged; logged metrics: {sorted(metrics)}")
+    return metrics[name]

@@ -1,0 +1,1 @@
+"""One LightningModule (+ DataModule) per stage."""

@@ -1,0 +1,165 @@
+"""Stage `clip`: train a small open_clip model on generated image-caption pairs (the embedded stand-in for
+pretrained CLIP weights, which cannot be downloaded here), and score it zero-shot on Meta-VQA-shaped tasks.
+
+Real open_clip towers and open_clip's own contrastive loss are used; only the data is ours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from torch.utils.data import DataLoader, Dataset
+
+from metadiff.data.sources import TaskSource, task_prompts
+from metadiff.eval.stats import mean_ci95
+from metadiff.eval.zeroshot import encode_texts, per_task_accuracy, split_by_task
+from metadiff.features.clip_models import ClipBundle, context_length, create_clip, register_model_configs
+from metadiff.utils.distributed import gather_rows
+
+CLIP_WEIGHTS = "open_clip_model.pt"
+CLIP_INFO = "clip.json"
+
+
+class ZeroShotEvalSet:
+    """The tasks scored zero-shot in one loop, with the distinct images they use."""
+
+    def __init__(self, source: TaskSource, split: str, max_tasks: int | None, image_size: int, mean, std):
+        tasks = source.tasks(split)
+        self.tasks = tasks[:max_tasks] if max_tasks else tasks
+        self.names = sorted({name for t in self.tasks for name, _ in t.test})
+        self.row = {name: i for i, name in enumerate(self.names)}
+        self.prompts = [task_prompts(source, t) for t in self.tasks]
+        self.dataset = source.image_dataset(self.names, image_size, mean, std)
+
+
+class ClipPairsDataModule(pl.LightningDataModule):
+    """Caption pairs for training; zero-shot task sets for validation (meta-train) and test (meta-test)."""
+
+    def __init__(self, source: TaskSource, arch: str, batch_size: int = 256, num_workers: int = 0,
+                 n_train_pairs: int = 50_000, caption_seed: int = 1, n_val_tasks: int | None = 200,
+                 eval_batch_size: int = 512):
+        super().__init__()
+        self.source, self.arch = source, arch
+        self.batch_size, self.num_workers, self.eval_batch_size = batch_size, num_workers, eval_batch_size
+        self.n_train_pairs, self.caption_seed, self.n_val_tasks = n_train_pairs, caption_seed, n_val_tasks
+        self.eval_sets: dict[str, ZeroShotEvalSet] = {}
+
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
+    def setup(self, stage: str) -> None:
+        import open_clip
+
+        register_model_configs()
+        cfg = open_clip.get_model_config(self.arch)
+        size = cfg["vision_cfg"]["image_size"]
+        mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+        if stage == "fit":
+            tokenizer = open_clip.get_tokenizer(self.arch)
+            self.train_set = self.source.caption_pairs(self.n_train_pairs, self.caption_seed, tokenizer, mean, std)
+            self.eval_sets["val"] = ZeroShotEvalSet(self.source, "meta_train", self.n_val_tasks, size, mean, std)
+        if stage in ("fit", "test", "validate"):
+            self.eval_sets["test"] = ZeroShotEvalSet(self.source, "meta_test", None, size, mean, std)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_sets["val"].dataset, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_sets["test"].dataset, self.eval_batch_size, shuffle=False)
+
+
+class ClipPretrainModule(pl.LightningModule):
+    """open_clip model + ClipLoss; zero-shot Meta-VQA answer accuracy as validation/test metric."""
+
+    def __init__(self, arch: str, optimizer: Callable[..., torch.optim.Optimizer], warmup_steps: int = 50,
+                 min_lr_ratio: float = 0.05, prompt_batch_size: int = 512):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.bundle: ClipBundle = create_clip(arch)
+        self.model = self.bundle.model
+        self.loss_fn = ClipLoss()
+        self._eval_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def setup(self, stage: str) -> None:
+        # open_clip's loss gathers features across ranks itself: tell it the world.
+        self.loss_fn = ClipLoss(world_size=self.trainer.world_size, rank=self.trainer.global_rank)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, tokens = batch
+        out = self.model(images, tokens)
+        loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", out["logit_scale"])
+        return loss
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        with torch.no_grad():  # CLIP's usual clamp of the learnable temperature
+            self.model.logit_scale.clamp_(0, math.log(100))
+
+    # -- zero-shot evaluation (validation on meta-train tasks, test on meta-test tasks) ----------------------------
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        images, idx = batch
+        self._eval_rows.append((idx, F.normalize(self.model.encode_image(images).float(), dim=-1)))
+
+    def _eval_end(self, which: str) -> None:
+        eval_set: ZeroShotEvalSet = self.trainer.datamodule.eval_sets[which]
+        idx = torch.cat([i for i, _ in self._eval_rows]).to(self.device)
+        emb = torch.cat([e for _, e in self._eval_rows])
+        self._eval_rows.clear()
+        images = gather_rows(self, idx, emb, len(eval_set.names))
+        flat = [p for prompts in eval_set.prompts for p in prompts]
+        texts = encode_texts(self.model.encode_text, self.bundle.tokenizer, flat, self.hparams.prompt_batch_size, self.device)
+        answers = split_by_task(texts, [len(p) for p in eval_set.prompts])
+        acc = per_task_accuracy(eval_set.tasks, images.cpu(), eval_set.row, [a.cpu() for a in answers])
+        mean, ci = mean_ci95(acc)
+        chance = float(torch.tensor([1 / t.n_answers for t in eval_set.tasks]).mean())
+        self.log_dict({f"{which}/zeroshot_acc": mean, f"{which}/zeroshot_acc_ci95": ci, f"{which}/chance": chance},
+                      prog_bar=which == "val")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+        opt = self.hparams.optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+
+        def schedule(step: int) -> float:  # linear warmup then cosine to floor, CLIP's usual recipe
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- artifact for later stages --------------------------------------------------------------------------------
+    def write_artifact(self, directory: Path) -> None:
+        torch.save(self.model.state_dict(), directory / CLIP_WEIGHTS)
+        (directory / CLIP_INFO).write_text(json.dumps({"arch": self.hparams.arch, "context_length": context_length(self.hparams.arch)}))

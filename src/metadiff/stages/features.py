@@ -1,0 +1,171 @@
+"""Stage `features`: image, question and answer embeddings from any open_clip model into a feature store.
+
+Runs as Lightning's predict loop, so devices, DDP and precision come from the trainer config. Each rank writes the
+rows it computed straight into shared memory-mapped tables; rank 0 commits the store once every row is filled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from metadiff.artifacts import Artifact
+from metadiff.data.sources import TaskSource, task_prompts
+from metadiff.features.clip_models import create_clip, file_sha256
+from metadiff.features.store import FeatureStoreBuilder, build_index, check_existing
+from metadiff.stages.clip_pretrain import CLIP_WEIGHTS
+from metadiff.utils.hashing import fingerprint
+
+log = logging.getLogger(__name__)
+TABLE_OF_LOADER = ("image", "question", "answer")
+
+
+class TextDataset(Dataset):
+    """Texts tokenised on access; yields (tokens, row)."""
+
+    def __init__(self, texts: Sequence[str], tokenizer: Any):
+        self.texts, self.tokenizer = list(texts), tokenizer
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.tokenizer([self.texts[i]])[0], i
+
+
+def store_contents(source: TaskSource) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """What a store holds for a benchmark: all images, every task question, every task's answer prompts."""
+    tasks = source.tasks("meta_train") + source.tasks("meta_test")
+    questions = [t.question for t in tasks]
+    return source.image_names(), questions, {t.question: task_prompts(source, t) for t in tasks}
+
+
+class FeatureSourceDataModule(pl.LightningDataModule):
+    """Three predict loaders (images, questions, answer prompts) over one benchmark."""
+
+    def __init__(self, source: TaskSource, arch: str, batch_size: int = 256, text_batch_size: int = 512,
+                 num_workers: int = 0):
+        super().__init__()
+        self.source, self.arch = source, arch
+        self.batch_size, self.text_batch_size, self.num_workers = batch_size, text_batch_size, num_workers
+
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
+    def setup(self, stage: str) -> None:
+        import open_clip
+
+        from metadiff.features.clip_models import register_model_configs
+
+        register_model_configs()
+        vision = open_clip.get_model_config(self.arch)["vision_cfg"]
+        size = vision["image_size"]
+        size = size[0] if isinstance(size, list | tuple) else size
+        tokenizer = open_clip.get_tokenizer(self.arch)
+        images, questions, answers = store_contents(self.source)
+        self.datasets = [
+            self.source.image_dataset(images, size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD),
+            TextDataset(questions, tokenizer),
+            TextDataset([p for q in questions for p in answers[q]], tokenizer),
+        ]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        sizes = (self.batch_size, self.text_batch_size, self.text_batch_size)
+        return [DataLoader(ds, batch_size=bs, num_workers=self.num_workers, persistent_workers=False)
+                for ds, bs in zip(self.datasets, sizes, strict=True)]
+
+
+class FeatureExtractor(pl.LightningModule):
+    """Encodes everything a benchmark needs once; a rerun with the same model and data reuses the store."""
+
+    def __init__(self, source: TaskSource, arch: str, store_dir: str, checkpoint: str | None = None,
+                 normalize: bool = False, upstream: dict[str, Artifact] | None = None):
+        super().__init__()
+        if checkpoint is None:
+            if not upstream or "clip" not in upstream:
+                raise ValueError(
+                    "features: no CLIP weights. Set model.checkpoint=/path/to/open_clip_weights.pt (with model.arch) "
+                    "or keep the 'upstream.clip' entry that trains the small embedded CLIP."
+                )
+            checkpoint = str(upstream["clip"].file(CLIP_WEIGHTS))
+        self.source, self.store_dir, self.normalize = source, Path(store_dir), normalize
+        self.bundle = create_clip(arch, checkpoint)
+        self.model = self.bundle.model.eval()
+        self.description = {
+            "arch": arch,
+            "checkpoint_sha256": file_sha256(Path(checkpoint)),
+            "data": f"{source.name}:{source.fingerprint()}",
+            "normalize": normalize,
+        }
+        self.store_fingerprint = fingerprint(self.description)
+        self.summary_metrics: dict[str, float] = {}
+        self.artifact_ready = True
+        self._image_clock: list[float] = []
+        self._n_images = 0
+
+    def stage_complete(self) -> bool:
+        """True if the store already exists for this model and data (raises if it exists for other ones)."""
+        done = check_existing(self.store_dir, self.store_fingerprint, self.description)
+        if done:
+            log.info("feature store %s is up to date: reusing it", self.store_dir)
+        return done
+
+    def on_predict_start(self) -> None:
+        images, questions, answers = store_contents(self.source)
+        index = build_index(images, questions, answers)
+        dim = int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else None
+        if dim is None:
+            with torch.no_grad():
+                dim = int(self.model.encode_text(self.bundle.tokenizer(["x"]).to(self.device)).shape[-1])
+        create = self.trainer.is_global_zero
+        self.builder = FeatureStoreBuilder(self.store_dir, dim, index, create=create) if create else None
+        self.trainer.strategy.barrier()
+        if self.builder is None:
+            self.builder = FeatureStoreBuilder(self.store_dir, dim, index, create=False)
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        inputs, rows = batch
+        table = TABLE_OF_LOADER[dataloader_idx]
+        if table == "image":
+            if not self._image_clock:
+                self._image_clock.append(time.perf_counter())
+            emb = self.model.encode_image(inputs)
+            self._n_images += inputs.shape[0]
+        else:
+            emb = self.model.encode_text(inputs)
+        emb = emb.float()
+        if self.normalize:
+            emb = F.normalize(emb, dim=-1)
+        self.builder.write(table, rows.cpu().numpy(), emb.cpu().numpy())
+        if table == "image":
+            self._image_clock[1:] = [time.perf_counter()]
+
+    def on_predict_end(self) -> None:
+        self.trainer.strategy.barrier()
+        if len(self._image_clock) == 2:
+            rate = self._n_images / max(self._image_clock[1] - self._image_clock[0], 1e-9)
+            self.summary_metrics["features/images_per_s"] = rate
+            log.info("image features: %d images at %.1f images/s (this rank)", self._n_images, rate)
+        if self.trainer.fast_dev_run:  # a smoke test saw one batch per loader: never commit a partial store
+            if self.trainer.is_global_zero:
+                self.builder.abort()
+            log.warning("fast_dev_run: feature store not committed (only one batch per table was computed)")
+            self.artifact_ready = False
+        elif self.trainer.is_global_zero:
+            store = self.builder.commit(self.store_fingerprint, self.description, {"images_per_s": self.summary_metrics.get("features/images_per_s")})
+            self.summary_metrics["features/n_images"] = float(store.tables["image"].shape[0])
+            self.summary_metrics["features/n_questions"] = float(store.tables["question"].shape[0])
+            log.info("feature store written: %s", self.store_dir)
+        self.builder = None
+
+    def write_artifact(self, directory: Path) -> None:
+        (directory / "features.json").write_text(json.dumps({"store_dir": str(self.store_dir.resolve()), "fingerprint": self.store_fingerprint, **self.description}))

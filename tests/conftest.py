@@ -1,0 +1,88 @@
+"""Shared fixtures: composing the real config tree, running `train.py`, and one cache of generated data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One root for generated data and artifacts, shared by the whole session (built once, then reused)."""
+    return tmp_path_factory.mktemp("metadiff-root")
+
+
+def compose_config(overrides: list[str], root: Path, output_dir: Path) -> DictConfig:
+    """The real config tree, composed as `train.py` would, with paths redirected into the test's folders."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[*overrides, f"paths.root_dir={root}", f"paths.output_dir={output_dir}"],
+            return_hydra_config=True,
+        )
+        HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def run_inprocess(cache_root: Path, tmp_path: Path):
+    """Compose and run one stage in this process; returns (cfg, metrics)."""
+    from metadiff.run import train
+
+    counter = iter(range(1000))
+
+    def _run(overrides: list[str], root: Path | None = None) -> tuple[DictConfig, dict[str, float]]:
+        out = tmp_path / f"run{next(counter)}"
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(
+                config_name="train",
+                overrides=[*overrides, f"paths.root_dir={root or cache_root}", f"paths.output_dir={out}"],
+                return_hydra_config=True,
+            )
+            HydraConfig().set_config(cfg)
+            return cfg, train(cfg)
+
+    yield _run
+    GlobalHydra.instance().clear()
+
+
+def run_train(args: list[str], root: Path, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real entry point `python train.py ...` in a subprocess."""
+    cmd = [sys.executable, str(REPO / "train.py"), *args, f"paths.root_dir={root}", "hydra.job.chdir=false"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def parse_summary(stdout: str) -> dict[str, float]:
+    """The metrics block that `metadiff.run` prints at the end of a run (the last one, for chained runs)."""
+    blocks = stdout.split("== ")
+    metrics: dict[str, float] = {}
+    for line in blocks[-1].splitlines()[1:]:
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                metrics[parts[0]] = float(parts[1])
+            except ValueError:
+                pass
+    return metrics

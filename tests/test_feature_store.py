@@ -1,0 +1,96 @@
+"""The feature store: complete, indexed, equal to a direct forward pass, reused on rerun, refused on mismatch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import parse_summary, run_train
+from metadiff.features.clip_models import create_clip
+from metadiff.features.store import FeatureStore, FeatureStoreBuilder, FeatureStoreMismatchError, build_index
+
+SHORT_CLIP = "upstream.clip.overrides=[trainer.max_steps=2,data.n_train_pairs=512,data.n_val_tasks=5]"
+
+
+def test_builder_commits_atomically_and_refuses_incomplete(tmp_path: Path) -> None:
+    index = build_index(["a", "b", "c"], ["q1", "q2"], {"q1": ["x", "y"], "q2": ["z", "w", "v"]})
+    builder = FeatureStoreBuilder(tmp_path / "store", 4, index)
+    builder.write("image", np.array([0, 1]), np.ones((2, 4), np.float32))
+    with pytest.raises(RuntimeError, match="'image' is incomplete: 1 rows"):
+        builder.commit("fp", {}, {})
+    assert not (tmp_path / "store").exists(), "an incomplete store became visible"
+    builder.write("image", np.array([2]), 2 * np.ones((1, 4), np.float32))
+    builder.write("question", np.array([0, 1]), np.zeros((2, 4), np.float32))
+    builder.write("answer", np.arange(5), np.arange(20, dtype=np.float32).reshape(5, 4))
+    store = builder.commit("fp", {"arch": "x"}, {})
+    assert not (tmp_path / "store.partial").exists()
+    assert store.images(["c"]).tolist() == [[2, 2, 2, 2]]
+    assert store.answers("q2").shape == (3, 4) and store.answers("q2")[0, 0] == 8
+    with pytest.raises(KeyError, match="no image 'zz'"):
+        store.images(["zz"])
+
+
+@pytest.fixture(scope="module")
+def built_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float], str]:
+    root = tmp_path_factory.mktemp("features")
+    proc = run_train(["experiment=features_synthvqa", SHORT_CLIP], root)
+    return root, parse_summary(proc.stdout), proc.stdout + proc.stderr
+
+
+def test_store_matches_direct_forward_pass(built_store) -> None:
+    root, metrics, _ = built_store
+    store_dir = root / "outputs" / "data" / "features" / "synthvqa-metadiff-tiny-vit"
+    store = FeatureStore(store_dir)
+    assert metrics["features/n_images"] == store.tables["image"].shape[0] == 12000
+    assert store.tables["question"].shape[0] == 1243
+    assert store.tables["answer"].shape[0] == sum(n for _, n in store.index.answer.values())
+    assert store.dim == 128 and metrics["features/images_per_s"] > 0
+    ckpt = next((root / "outputs" / "artifacts" / "clip").glob("*/open_clip_model.pt"))
+    bundle = create_clip("metadiff-tiny-vit", ckpt)
+    images = np.load(next((root / "outputs" / "data" / "synthvqa").glob("synthvqa-*/images.npy")), mmap_mode="r")
+    from metadiff.data.sources import normalize_images
+
+    x = normalize_images(torch.from_numpy(np.array(images[[0, 7, 11999]])), bundle.mean, bundle.std)
+    with torch.no_grad():
+        direct = bundle.model.encode_image(x).numpy()
+    np.testing.assert_allclose(store.images(["synth_000000", "synth_000007", "synth_011999"]), direct, rtol=1e-4, atol=1e-5)
+    question = next(iter(store.index.question))
+    with torch.no_grad():
+        direct_q = bundle.model.encode_text(bundle.tokenizer([question])).numpy()[0]
+    np.testing.assert_allclose(store.question(question), direct_q, rtol=1e-4, atol=1e-5)
+
+
+def test_second_run_reuses_store(built_store) -> None:
+    root, _, _ = built_store
+    manifest = root / "outputs" / "data" / "features" / "synthvqa-metadiff-tiny-vit" / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    proc = run_train(["experiment=features_synthvqa", SHORT_CLIP], root)
+    assert "is up to date: reusing it" in proc.stdout + proc.stderr
+    assert manifest.stat().st_mtime_ns == before
+
+
+def test_other_model_on_same_store_is_an_error(built_store, tmp_path: Path) -> None:
+    root, _, _ = built_store
+    torch.manual_seed(123)
+    other = tmp_path / "other_tiny.pt"
+    torch.save(create_clip("metadiff-tiny-vit").model.state_dict(), other)
+    proc = run_train(["experiment=features_synthvqa", f"model.checkpoint={other}", "~upstream.clip"], root, check=False)
+    assert proc.returncode == 2
+    assert "was built for a different model or data" in proc.stderr and "checkpoint_sha256" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_mismatch_error_names_differing_field(tmp_path: Path) -> None:
+    from metadiff.features.store import check_existing
+
+    index = build_index(["a"], ["q"], {"q": ["x", "y"]})
+    builder = FeatureStoreBuilder(tmp_path / "s", 2, index)
+    for table, n in (("image", 1), ("question", 1), ("answer", 2)):
+        builder.write(table, np.arange(n), np.zeros((n, 2), np.float32))
+    builder.commit("fp-a", {"arch": "A", "data": "synthvqa:1"}, {})
+    assert check_existing(tmp_path / "s", "fp-a", {"arch": "A", "data": "synthvqa:1"})
+    with pytest.raises(FeatureStoreMismatchError, match="data: store has 'synthvqa:1', config asks 'synthvqa:2'"):
+        check_existing(tmp_path / "s", "fp-b", {"arch": "A", "data": "synthvqa:2"})

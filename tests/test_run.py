@@ -1,0 +1,87 @@
+"""The run loop end to end through the real entry point: every experiment, multirun, DDP, W&B, determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import EXPERIMENTS, parse_summary, run_train
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_with_fast_dev_run(experiment: str, cache_root: Path) -> None:
+    proc = run_train([f"experiment={experiment}", "debug=fdr"], cache_root)
+    metrics = parse_summary(proc.stdout)
+    assert metrics, f"{experiment}: no metrics summary printed"
+    assert "time/run_seconds" in metrics
+
+
+def test_chained_upstream_is_built_once_and_cached(cache_root: Path) -> None:
+    first = run_train(["experiment=features_synthvqa", "debug=fdr"], cache_root)
+    assert "upstream 'clip': using" in first.stdout + first.stderr, "the fdr CLIP artifact was not reused"
+    assert "building it now" not in first.stdout + first.stderr
+
+
+def test_missing_upstream_without_build_names_the_command(tmp_path: Path) -> None:
+    proc = run_train(
+        ["experiment=features_synthvqa", "debug=fdr", "upstream.clip.build_if_missing=false"], tmp_path, check=False
+    )
+    assert proc.returncode == 2
+    assert "build it first with: python train.py experiment=clip_synthvqa" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_multirun_runs_two_jobs(cache_root: Path, tmp_path: Path) -> None:
+    proc = run_train(
+        ["-m", "experiment=clip_synthvqa", "debug=fdr", "seed=1,2", f"hydra.sweep.dir={tmp_path}/sweep"], cache_root
+    )
+    assert proc.stdout.count("== clip_synthvqa (clip) finished") == 2
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "resolved_config.yaml").is_file()
+
+
+SHORT = ["experiment=clip_synthvqa", "trainer.max_steps=4", "data.n_train_pairs=256", "data.batch_size=32",
+         "data.n_val_tasks=10", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
+
+
+def test_ddp_sim_trains_with_two_processes(cache_root: Path) -> None:
+    proc = run_train([*SHORT, "trainer=ddp_sim"], cache_root)
+    out = proc.stdout + proc.stderr
+    assert "distributed_backend=gloo" in out and "All distributed processes registered" in out
+    assert "MEMBER: 2/2" in out
+    metrics = parse_summary(proc.stdout)
+    assert 0.0 < metrics["test/zeroshot_acc"] <= 1.0
+
+
+def test_wandb_offline_writes_local_run_and_exits_cleanly(cache_root: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "wandb_run"
+    proc = run_train([*SHORT, "logger=wandb", f"hydra.run.dir={out_dir}"], cache_root)
+    runs = list((out_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, f"expected one offline run in {out_dir / 'wandb'}"
+    assert list(runs[0].glob("*.wandb")), "the offline run has no data file"
+    assert proc.returncode == 0
+
+
+def test_same_seed_same_metrics(cache_root: Path) -> None:
+    a = parse_summary(run_train([*SHORT, "seed=7"], cache_root).stdout)
+    b = parse_summary(run_train([*SHORT, "seed=7"], cache_root).stdout)
+    c = parse_summary(run_train([*SHORT, "seed=8"], cache_root).stdout)
+    for key in ("train/loss", "test/zeroshot_acc", "val/zeroshot_acc"):
+        assert a[key] == b[key], key
+    assert a["train/loss"] != c["train/loss"]
+
+
+def test_resume_from_checkpoint_continues(cache_root: Path, tmp_path: Path) -> None:
+    base = [*SHORT, "trainer.max_steps=-1", "data.n_train_pairs=64", "trainer.max_epochs=1", "test=false"]
+    first = tmp_path / "first"
+    run_train([*base, f"hydra.run.dir={first}"], cache_root)
+    ckpt = first / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    proc = run_train([*base, "trainer.max_epochs=2", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/second"], cache_root)
+    assert "Restoring states from the checkpoint path" in proc.stdout + proc.stderr
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "second" / "csv" / "version_0" / "metrics.csv")))
+    assert min(int(r["epoch"]) for r in rows) == 1, "the resumed run started again from epoch 0"

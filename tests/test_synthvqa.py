@@ -1,0 +1,298 @@
+"""The synthetic Meta-VQA twin: schema, real-benchmark rules, statistics, determinism, caching, exact labels."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metadiff.data.synthvqa import build as B
+from metadiff.data.synthvqa.questions import SceneTable, enumerate_questions, true_statements
+from metadiff.data.synthvqa.scenes import (
+    GRID_CELLS,
+    Scene,
+    SceneObject,
+    SceneSpec,
+    caption_scene,
+    render_scene,
+    sample_scene,
+)
+
+SMALL = B.SynthVQAConfig(n_scenes=1500, n_tasks=200)
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def full(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The default config, built once: it must reach the real 1243 tasks."""
+    return B.build_synthvqa(B.SynthVQAConfig(), tmp_path_factory.mktemp("synthvqa") / "full")
+
+
+@pytest.fixture(scope="session")
+def tasks(full: dict[str, Path]) -> dict[str, dict]:
+    return {**load_json(full["meta_train"]), **load_json(full["meta_test"])}
+
+
+@pytest.fixture(scope="session")
+def scenes(full: dict[str, Path]) -> dict[str, Scene]:
+    raw = load_json(full["scenes"])
+    return {name: Scene(tuple(SceneObject(**o) for o in objs)) for name, objs in raw.items()}
+
+
+# ------------------------------------------------------------------------------------ schema & split
+
+
+def test_full_default_reaches_real_task_counts(full: dict[str, Path]) -> None:
+    train, test = load_json(full["meta_train"]), load_json(full["meta_test"])
+    assert (len(train), len(test)) == (870, 373)
+    assert not set(train) & set(test)
+    manifest = load_json(full["manifest"])
+    assert manifest["fingerprint"] == B.fingerprint(B.SynthVQAConfig())
+    assert manifest["statistics"] == B.task_statistics({**train, **test})
+
+
+def test_schema(full: dict[str, Path], tasks: dict[str, dict]) -> None:
+    n_scenes = np.load(full["images"], mmap_mode="r").shape[0]
+    for question, task in tasks.items():
+        assert set(task) == {"answers", "train", "test"}, question
+        answers = task["answers"]
+        assert len(answers) >= 2 and len(set(answers)) == len(answers)
+        examples = task["train"] + task["test"]
+        assert len(examples) > 20
+        names = [name for name, _ in examples]
+        assert len(set(names)) == len(names), f"duplicate image in {question!r}"
+        assert all(int(n.removeprefix("synth_")) < n_scenes for n in names)
+        per_answer = Counter(a for _, a in examples)
+        assert set(per_answer) == set(answers)
+        assert min(per_answer.values()) >= 2
+        for split in ("train", "test"):
+            split_answers = [a for _, a in task[split]]
+            assert set(split_answers) == set(answers), f"{question!r}: an answer is missing from {split}"
+            # grouped by answer, in answer order
+            assert [a for a in dict.fromkeys(split_answers)] == answers
+
+
+def test_per_answer_split_uses_bankers_rounding(tasks: dict[str, dict]) -> None:
+    for task in tasks.values():
+        n_train = Counter(a for _, a in task["train"])
+        n_test = Counter(a for _, a in task["test"])
+        for a in task["answers"]:
+            assert n_train[a] == round(0.7 * (n_train[a] + n_test[a]))
+    for n, expected in [(2, 1), (3, 2), (4, 3), (5, 4), (15, 10)]:  # round(3.5) == 4, round(10.5) == 10
+        train, test = B.split_answer([f"i{k}" for k in range(n)], seed=0, train_fraction=0.7)
+        assert (len(train), len(test)) == (expected, n - expected)
+        assert sorted(train + test) == sorted(f"i{k}" for k in range(n))
+
+
+def test_make_task_applies_real_rules() -> None:
+    cfg = B.SynthVQAConfig()
+    pairs = [(f"a{i}", "red") for i in range(12)] + [("x", "white")] + [(f"b{i}", "blue") for i in range(9)]
+    pairs.insert(3, ("c0", "green"))  # green appears before blue but has a single example -> dropped
+    task = B.make_task(pairs, cfg)
+    assert task is not None and task["answers"] == ["red", "blue"]
+    assert Counter(a for _, a in task["train"]) == {"red": 8, "blue": 6}
+    assert B.make_task(pairs[:20], cfg) is None  # <= 20 examples after dropping singletons
+    assert B.make_task([(f"a{i}", "red") for i in range(30)], cfg) is None  # a single answer
+
+
+def test_prompts_have_one_slot(full: dict[str, Path], tasks: dict[str, dict]) -> None:
+    prompts = load_json(full["prompt_meta"])
+    assert set(prompts) == set(tasks)
+    for question, template in prompts.items():
+        assert template.count("{}") == 1, question
+        assert "{" not in template.replace("{}", "") and "}" not in template.replace("{}", "")
+        assert template.format(tasks[question]["answers"][0])
+    assert prompts.get("What color is the circle?", "the circle is {}") == "the circle is {}"
+    assert prompts.get("How many squares are there?", "there are {} squares") == "there are {} squares"
+
+
+def test_statistics_in_real_band(full: dict[str, Path], tasks: dict[str, dict]) -> None:
+    stats = B.task_statistics(tasks)
+    assert 5 <= stats["answers_median"] <= 9
+    assert stats["answers_min"] >= 2
+    assert 30 <= stats["examples_median"] <= 60
+    assert stats["examples_min"] >= 21
+    assert stats["majority_test_acc"] < 0.6
+    assert 0.08 <= stats["chance"] <= 0.3
+    counts = load_json(full["manifest"])["counts"]
+    assert counts["surviving_questions"] > 1.2 * 1243  # comfortably more candidates than tasks
+
+
+def test_colour_tasks_are_not_constant(tasks: dict[str, dict]) -> None:
+    colour = {q: t for q, t in tasks.items() if q.startswith("What color is the ")}
+    assert len(colour) > 200
+    for task in colour.values():
+        assert len({a for _, a in task["train"]}) >= 2 or len({a for _, a in task["test"]}) >= 2
+    chance = np.mean([1 / len(t["answers"]) for t in colour.values()])
+    assert 0.08 <= chance <= 0.3
+
+
+def test_images(full: dict[str, Path]) -> None:
+    images = np.load(full["images"], mmap_mode="r")
+    spec = SceneSpec()
+    assert images.shape == (B.SynthVQAConfig().n_scenes, spec.image_size, spec.image_size, 3)
+    assert images.dtype == np.uint8
+    assert full["images"].stat().st_size < 100 * 2**20
+    first = np.asarray(images[:8], dtype=np.float32)
+    assert 10 < first.mean() < 200 and not np.array_equal(first[0], first[1])
+
+
+# ------------------------------------------------------------------------------------ exact labels
+
+
+def test_labels_match_reference_answers(full: dict[str, Path], tasks: dict[str, dict], scenes) -> None:
+    by_text = {q.text: q for q in enumerate_questions(SceneSpec())}
+    for question, task in tasks.items():
+        q = by_text[question]
+        for name, answer in task["train"] + task["test"]:
+            assert q.answer(scenes[name]) == answer, (question, name)
+
+
+def test_labels_match_hand_written_rules(tasks: dict[str, dict], scenes) -> None:
+    """Independent re-derivation for three families, straight from scenes.json."""
+    checked = 0
+    for shape in SceneSpec().shapes:
+        task = tasks.get(f"What color is the {shape}?")
+        for name, answer in (task["train"] + task["test"]) if task else []:
+            hits = [o for o in scenes[name].objects if o.shape == shape]
+            assert len(hits) == 1 and hits[0].color == answer
+            checked += 1
+        plural = shape + ("es" if shape.endswith("s") else "s")
+        task = tasks.get(f"How many {plural} are there?")
+        for name, answer in (task["train"] + task["test"]) if task else []:
+            assert sum(o.shape == shape for o in scenes[name].objects) == int(answer)
+            checked += 1
+    for question, task in tasks.items():
+        if question.startswith("Where is the ") and "most " not in question:
+            color, shape = question.removeprefix("Where is the ").removesuffix("?").split()[-2:]
+            for name, answer in task["train"] + task["test"]:
+                hits = [o for o in scenes[name].objects if o.shape == shape and o.color == color]
+                if len(question.split()) == 5 and len(hits) == 1:  # "Where is the red circle?"
+                    o = hits[0]
+                    assert answer == GRID_CELLS[3 * (int(o.y >= 1 / 3) + int(o.y >= 2 / 3)) + int(o.x >= 1 / 3) + int(o.x >= 2 / 3)]
+                    checked += 1
+    assert checked > 100
+
+
+def test_vectorised_answers_match_reference() -> None:
+    spec = SceneSpec()
+    rng = np.random.default_rng(123)
+    scene_list = [sample_scene(rng, spec) for _ in range(60)]
+    table = SceneTable.from_scenes(scene_list, spec)
+    for q in enumerate_questions(spec):
+        space = q.answer_space(spec)
+        codes = q.answer_codes(table)
+        for scene, code in zip(scene_list, codes, strict=True):
+            assert q.answer(scene) == (space[code] if code >= 0 else None), q.text
+
+
+def test_question_texts_unique_and_plentiful() -> None:
+    questions = enumerate_questions(SceneSpec())
+    assert len({q.text for q in questions}) == len(questions) > 1.5 * 1243
+
+
+def test_too_small_pool_raises(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"only \d+ of \d+ candidate.*n_tasks=5000"):
+        B.build_synthvqa(B.SynthVQAConfig(n_scenes=300, n_tasks=5000), tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+    assert not list(tmp_path.iterdir())  # the temporary build directory was removed
+
+
+# --------------------------------------------------------------------------- determinism & caching
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
+    a = B.build_synthvqa(SMALL, tmp_path / "a")
+    b = B.build_synthvqa(SMALL, tmp_path / "b")
+    for key in B.FILES:
+        assert a[key].read_bytes() == b[key].read_bytes(), key
+    c = B.build_synthvqa(B.SynthVQAConfig(seed=1, n_scenes=1500, n_tasks=200), tmp_path / "c")
+    for key in ("images", "meta_train", "meta_test", "scenes"):
+        assert a[key].read_bytes() != c[key].read_bytes(), key
+    assert B.fingerprint(SMALL) != B.fingerprint(B.SynthVQAConfig(seed=1, n_scenes=1500, n_tasks=200))
+
+
+def test_cache_reuse_and_rebuild(tmp_path: Path) -> None:
+    root = B.load_or_build_synthvqa(SMALL, tmp_path)
+    assert root == tmp_path / f"synthvqa-{B.fingerprint(SMALL)[:12]}"
+    manifest = root / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert B.load_or_build_synthvqa(SMALL, tmp_path) == root
+    assert manifest.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    manifest.unlink()  # an incomplete directory is rebuilt in place
+    assert B.load_or_build_synthvqa(SMALL, tmp_path) == root
+    assert B.read_manifest(root)["fingerprint"] == B.fingerprint(SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [root.name]  # no temp/old siblings left
+
+
+def test_config_round_trip() -> None:
+    cfg = B.SynthVQAConfig(seed=3, scene=SceneSpec(image_size=32))
+    assert B.SynthVQAConfig.from_dict(cfg.to_dict()) == cfg
+    assert B.fingerprint(B.SynthVQAConfig.from_dict(cfg.to_dict())) == B.fingerprint(cfg)
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    B.main(["--out", str(tmp_path / "cli"), "--n-scenes", "1500", "--n-tasks", "200"])
+    out = capsys.readouterr().out
+    assert "majority-class test accuracy" in out and "140 / 60" in out
+    assert (tmp_path / "cli" / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------------------------- scenes/captions
+
+
+def test_scenes_are_well_formed() -> None:
+    spec = SceneSpec()
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scene = sample_scene(rng, spec)
+        assert spec.min_objects <= len(scene.objects) <= spec.max_objects
+        for i, o in enumerate(scene.objects):
+            r = spec.diameter(o.size) / 2
+            assert r <= o.x <= 1 - r and r <= o.y <= 1 - r
+            for p in scene.objects[i + 1 :]:
+                gap = np.hypot(o.x - p.x, o.y - p.y)
+                assert gap >= spec.min_separation * (r + spec.diameter(p.size) / 2) - 1e-12
+    img = render_scene(scene, spec, rng)
+    assert img.shape == (spec.image_size, spec.image_size, 3) and img.dtype == np.uint8
+
+
+def test_captions_are_true_and_deterministic() -> None:
+    spec = SceneSpec()
+    templates = [q for q in enumerate_questions(spec)]
+    rng = np.random.default_rng(5)
+    for _ in range(15):
+        scene = sample_scene(rng, spec)
+        seed = int(rng.integers(1 << 30))
+        caption = caption_scene(scene, np.random.default_rng(seed), spec)
+        assert caption == caption_scene(scene, np.random.default_rng(seed), spec)
+        for sentence in true_statements(scene, np.random.default_rng(seed), 4):
+            heads = [q for q in templates if _fills(q.prompt, sentence)]
+            assert any(q.answer(scene) == _fills(q.prompt, sentence) for q in heads), sentence
+            assert sentence in caption
+
+
+def _fills(template: str, sentence: str) -> str | None:
+    """The answer that turns ``template`` into ``sentence``, if any."""
+    head, tail = template.split("{}")
+    if sentence.startswith(head) and sentence.endswith(tail) and len(sentence) > len(head) + len(tail):
+        return sentence[len(head) : len(sentence) - len(tail)]
+    return None
+
+
+def test_build_is_atomic_on_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args, **kwargs):
+        raise RuntimeError("crash mid-build")
+
+    monkeypatch.setattr(B, "split_meta", boom)
+    with pytest.raises(RuntimeError):
+        B.build_synthvqa(SMALL, tmp_path / "ds")
+    assert not list(tmp_path.iterdir())
+    assert os.getpid() > 0
