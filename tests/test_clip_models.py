@@ -18,7 +18,7 @@ def test_custom_config_is_registered_and_builds_real_open_clip_towers() -> None:
     assert isinstance(bundle.model, open_clip.CLIP)
     assert bundle.image_size == 48
     tokens = bundle.tokenizer(["the circle is red"])
-    assert tokens.shape == (1, 32)
+    assert tokens.shape == (1, 24)
     with torch.no_grad():
         assert bundle.model.encode_image(torch.zeros(2, 3, 48, 48)).shape == (2, 128)
         assert bundle.model.encode_text(tokens).shape == (1, 128)

@@ -59,14 +59,16 @@ def create_clip(arch: str, checkpoint: str | Path | None = None) -> ClipBundle:
             raise FileNotFoundError(
                 f"CLIP checkpoint not found: {path} (put the open_clip weights for '{arch}' there; no download is attempted)"
             )
-        try:
-            open_clip.load_checkpoint(model, str(path))
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()
-            detail = next((ln.strip() for ln in first[1:] if ln.strip()), first[0] if first else "")
-            raise ValueError(f"checkpoint {path} does not fit architecture '{arch}': {detail}") from None
+        try:  # read once on its own, so a corrupt file and a wrong architecture get different messages
+            torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001 - torch.load errors for truncated/corrupt files vary
             raise ValueError(f"checkpoint {path} could not be read as a torch checkpoint ({type(err).__name__}: {err})") from None
+        try:
+            open_clip.load_checkpoint(model, str(path))
+        except (RuntimeError, AssertionError, KeyError, ValueError) as err:
+            lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+            detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
+            raise ValueError(f"checkpoint {path} does not fit architecture '{arch}': {detail}") from None
     pp = model.visual.preprocess_cfg
     size = pp.get("size", model.visual.image_size)
     size = size[0] if isinstance(size, list | tuple) else size

@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from metadiff.artifacts import Artifact
 from metadiff.data.sources import TaskSource, task_prompts
+from metadiff.eval.baselines import baseline_report
 from metadiff.features.clip_models import create_clip, file_sha256
-from metadiff.features.store import FeatureStoreBuilder, build_index, check_existing
+from metadiff.features.store import FeatureStore, FeatureStoreBuilder, build_index, check_existing
 from metadiff.stages.clip_pretrain import CLIP_WEIGHTS
 from metadiff.utils.hashing import fingerprint
 
@@ -117,6 +118,7 @@ class FeatureExtractor(pl.LightningModule):
         done = check_existing(self.store_dir, self.store_fingerprint, self.description)
         if done:
             log.info("feature store %s is up to date: reusing it", self.store_dir)
+            self.summary_metrics.update(baseline_report(self.source.tasks("meta_test"), FeatureStore(self.store_dir), "meta_test"))
         return done
 
     def on_predict_start(self) -> None:
@@ -164,6 +166,7 @@ class FeatureExtractor(pl.LightningModule):
             store = self.builder.commit(self.store_fingerprint, self.description, {"images_per_s": self.summary_metrics.get("features/images_per_s")})
             self.summary_metrics["features/n_images"] = float(store.tables["image"].shape[0])
             self.summary_metrics["features/n_questions"] = float(store.tables["question"].shape[0])
+            self.summary_metrics.update(baseline_report(self.source.tasks("meta_test"), store, "meta_test"))
             log.info("feature store written: %s", self.store_dir)
         self.builder = None
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from metadiff.config import ConfigError
@@ -30,7 +31,7 @@ def _dataclass_from(cls: type, values: Mapping[str, Any], key: str) -> Any:
 
 
 def generator_config(generator: Mapping[str, Any]) -> SynthVQAConfig:
-    values = dict(generator)
+    values = OmegaConf.to_container(generator, resolve=True) if isinstance(generator, DictConfig) else dict(generator)
     scene = _dataclass_from(SceneSpec, dict(values.pop("scene", {})), "data.source.generator.scene")
     return _dataclass_from(SynthVQAConfig, {**values, "scene": scene}, "data.source.generator")
 
