@@ -41,29 +41,6 @@ def compose_config(overrides: list[str], root: Path, output_dir: Path) -> DictCo
     return cfg
 
 
-@pytest.fixture
-def run_inprocess(cache_root: Path, tmp_path: Path):
-    """Compose and run one stage in this process; returns (cfg, metrics)."""
-    from metadiff.run import train
-
-    counter = iter(range(1000))
-
-    def _run(overrides: list[str], root: Path | None = None) -> tuple[DictConfig, dict[str, float]]:
-        out = tmp_path / f"run{next(counter)}"
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(
-                config_name="train",
-                overrides=[*overrides, f"paths.root_dir={root or cache_root}", f"paths.output_dir={out}"],
-                return_hydra_config=True,
-            )
-            HydraConfig().set_config(cfg)
-            return cfg, train(cfg)
-
-    yield _run
-    GlobalHydra.instance().clear()
-
-
 def run_train(args: list[str], root: Path, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
     """Run the real entry point `python train.py ...` in a subprocess."""
     cmd = [sys.executable, str(REPO / "train.py"), *args, f"paths.root_dir={root}", "hydra.job.chdir=false"]

@@ -12,7 +12,7 @@ from conftest import parse_summary, run_train
 from metadiff.features.clip_models import create_clip
 from metadiff.features.store import FeatureStore, FeatureStoreBuilder, FeatureStoreMismatchError, build_index
 
-SHORT_CLIP = "upstream.clip.overrides=[trainer.max_steps=2,data.n_train_pairs=512,data.n_val_tasks=5]"
+SHORT_CLIP = "upstream.clip.overrides=['trainer.max_steps=2','data.n_train_pairs=512','data.n_val_tasks=5']"
 
 
 def test_builder_commits_atomically_and_refuses_incomplete(tmp_path: Path) -> None:

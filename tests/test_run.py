@@ -42,7 +42,7 @@ def test_multirun_runs_two_jobs(cache_root: Path, tmp_path: Path) -> None:
         assert (tmp_path / "sweep" / job / "resolved_config.yaml").is_file()
 
 
-SHORT = ["experiment=clip_synthvqa", "trainer.max_steps=4", "data.n_train_pairs=256", "data.batch_size=32",
+SHORT = ["experiment=clip_synthvqa", "data.n_train_pairs=128", "data.batch_size=32",
          "data.n_val_tasks=10", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
 
 
@@ -74,7 +74,7 @@ def test_same_seed_same_metrics(cache_root: Path) -> None:
 
 
 def test_resume_from_checkpoint_continues(cache_root: Path, tmp_path: Path) -> None:
-    base = [*SHORT, "trainer.max_steps=-1", "data.n_train_pairs=64", "trainer.max_epochs=1", "test=false"]
+    base = [*SHORT, "data.n_train_pairs=64", "test=false"]
     first = tmp_path / "first"
     run_train([*base, f"hydra.run.dir={first}"], cache_root)
     ckpt = first / "checkpoints" / "last.ckpt"

@@ -21,16 +21,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from metadiff.artifacts import Artifact, publish_artifact, resolve_upstreams
 from metadiff.config import validate_config
+from metadiff.errors import UserError
 from metadiff.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
+
+
+class OptimizedMetricError(UserError, KeyError):
+    """A sweep optimises a metric that the run did not log."""
 
 
 def _instantiate_with_upstream(node: DictConfig, upstream: dict[str, Artifact]) -> Any:
     """Instantiate `node`, passing the upstream artifacts to constructors that ask for them."""
     target = hydra.utils.get_class(node._target_) if "_target_" in node else None
     wants = target is not None and "upstream" in inspect.signature(target).parameters
-    return hydra.utils.instantiate(node, upstream=upstream) if wants else hydra.utils.instantiate(node)
+    if not wants:
+        return hydra.utils.instantiate(node)
+    # Partial first: kwargs given to `instantiate` are merged into the config, which would turn the Artifact
+    # dataclasses into OmegaConf nodes and lose their methods.
+    return hydra.utils.instantiate(node, _partial_=True)(upstream=upstream)
 
 
 def _instantiate_list(group: DictConfig | None) -> list[Any]:
@@ -71,8 +80,22 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _route_lightning_logs_to_root() -> None:
+    """Lightning adds its own console handler when imported before Hydra configures logging; drop it so each
+    message is printed once, in Hydra's format, and also lands in the run's log file."""
+    if not logging.getLogger().hasHandlers():
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lightning_log = logging.getLogger(name)
+        for handler in list(lightning_log.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning_log.removeHandler(handler)
+        lightning_log.propagate = True
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one stage as configured; return its final scalar metrics."""
+    _route_lightning_logs_to_root()
     validate_config(cfg)
     start = time.time()
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
@@ -139,6 +162,17 @@ def optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> float | None
     name = cfg.get("optimized_metric")
     if not name:
         return None
-    if name not in metrics:
-        raise KeyError(f"optimized_metric '{name}' was not logged; logged metrics: {sorted(metrics)}")
-    return metrics[name]
+    if name in metrics:
+        return metrics[name]
+    message = f"optimized_metric '{name}' was not logged (test={cfg.get('test')}); logged metrics: {sorted(metrics)}"
+    if _is_multirun():  # a sweeper cannot rank this job: that is an error in the sweep's config
+        raise OptimizedMetricError(message)
+    log.warning("%s", message)
+    return None
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

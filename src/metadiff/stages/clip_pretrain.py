@@ -89,7 +89,10 @@ class ClipPretrainModule(pl.LightningModule):
     def __init__(self, arch: str, optimizer: Callable[..., torch.optim.Optimizer], warmup_steps: int = 50,
                  min_lr_ratio: float = 0.05, prompt_batch_size: int = 512):
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        # The optimizer factory is a Hydra partial, which `torch.load(weights_only=True)` refuses on resume; the full
+        # config (optimizer included) is saved beside the run as resolved_config.yaml and sent to the loggers.
+        self.save_hyperparameters(logger=False, ignore=["optimizer"])
+        self.optimizer_factory = optimizer
         self.bundle: ClipBundle = create_clip(arch)
         self.model = self.bundle.model
         self.loss_fn = ClipLoss()
@@ -146,7 +149,7 @@ class ClipPretrainModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-        opt = self.hparams.optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        opt = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
 

@@ -1,0 +1,37 @@
+"""`python -m metadiff.bench --out bench [--only NAME ...]`: run benchmarks, write `<out>/<name>.json`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from metadiff.bench.features import bench_feature_extraction
+from metadiff.utils.io import write_json
+
+BENCHMARKS = {"features": bench_feature_extraction}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("bench"))
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), default=sorted(BENCHMARKS))
+    parser.add_argument("--data-dir", type=Path, default=Path("outputs/data"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"}
+    for name in args.only:
+        start = time.time()
+        result = BENCHMARKS[name](data_dir=args.data_dir, device=args.device)
+        result.update(machine=machine, wall_seconds=time.time() - start)
+        write_json(args.out / f"{name}.json", result)
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
