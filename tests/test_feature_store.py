@@ -17,7 +17,7 @@ SHORT_CLIP = "upstream.clip.overrides=['trainer.max_steps=2','data.n_train_pairs
 
 def test_builder_commits_atomically_and_refuses_incomplete(tmp_path: Path) -> None:
     index = build_index(["a", "b", "c"], ["q1", "q2"], {"q1": ["x", "y"], "q2": ["z", "w", "v"]})
-    builder = FeatureStoreBuilder(tmp_path / "store", 4, index)
+    builder = FeatureStoreBuilder(tmp_path / "store", 4, index, "fp")
     builder.write("image", np.array([0, 1]), np.ones((2, 4), np.float32))
     with pytest.raises(RuntimeError, match="'image' is incomplete: 1 rows"):
         builder.commit("fp", {}, {})
@@ -83,11 +83,29 @@ def test_other_model_on_same_store_is_an_error(built_store, tmp_path: Path) -> N
     assert "Traceback" not in proc.stderr
 
 
+def test_interrupted_build_resumes_only_for_the_same_fingerprint(tmp_path: Path) -> None:
+    index = build_index(["a", "b", "c"], ["q"], {"q": ["x", "y"]})
+    first = FeatureStoreBuilder(tmp_path / "store", 2, index, "fp")
+    first.write("image", np.array([0, 2]), np.full((2, 2), 7, np.float32))
+    del first  # the process dies here: values and markers of rows 0 and 2 are on disk
+    again = FeatureStoreBuilder(tmp_path / "store", 2, index, "fp")
+    assert again.resumed and again.pending("image").tolist() == [1] and again.pending("answer").tolist() == [0, 1]
+    again.write("image", np.array([1]), np.full((1, 2), 5, np.float32))
+    again.write("question", np.array([0]), np.zeros((1, 2), np.float32))
+    again.write("answer", np.array([0, 1]), np.zeros((2, 2), np.float32))
+    store = again.commit("fp", {}, {})
+    assert store.images(["a", "b", "c"])[:, 0].tolist() == [7, 5, 7]
+    other = FeatureStoreBuilder(tmp_path / "other", 2, index, "fp")
+    other.write("image", np.array([0]), np.ones((1, 2), np.float32))
+    fresh = FeatureStoreBuilder(tmp_path / "other", 2, index, "another-model")
+    assert not fresh.resumed and fresh.pending("image").tolist() == [0, 1, 2]
+
+
 def test_mismatch_error_names_differing_field(tmp_path: Path) -> None:
     from metadiff.features.store import check_existing
 
     index = build_index(["a"], ["q"], {"q": ["x", "y"]})
-    builder = FeatureStoreBuilder(tmp_path / "s", 2, index)
+    builder = FeatureStoreBuilder(tmp_path / "s", 2, index, "fp-a")
     for table, n in (("image", 1), ("question", 1), ("answer", 2)):
         builder.write(table, np.arange(n), np.zeros((n, 2), np.float32))
     builder.commit("fp-a", {"arch": "A", "data": "synthvqa:1"}, {})

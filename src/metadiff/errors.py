@@ -6,3 +6,11 @@
 
 class UserError(Exception):
     """Bad input: the message names the file, key or value and what was expected."""
+
+
+class InputFileError(UserError, ValueError):
+    """A data, config or checkpoint file is malformed (truncated JSON, wrong schema, wrong architecture, ...)."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file or directory the run needs is not where the config says it is."""

@@ -6,13 +6,19 @@ CLIP, feature and meta-learning stages never know which one they run on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import dataclasses
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import Dataset
 
-from metadiff.data.meta_vqa.tasks import Task, answer_prompt
+from metadiff.config import ConfigError
+from metadiff.data.meta_vqa.tasks import Task, answer_prompt, load_prompts, load_task_file
+
+META_SPLITS = ("meta_train", "meta_test")
 
 
 class ImageSource(Protocol):
@@ -51,3 +57,51 @@ def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[
     m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
     return (x - m) / s
+
+
+class TaskFileSource:
+    """Shared part of the sources whose tasks live in `meta_train.json` / `meta_test.json` under `root`.
+
+    Subclasses set `self._root` in `prepare()` and may name a prompt file in `prompt_file()`.
+    """
+
+    _root: Path | None = None
+
+    def prepare(self) -> None:
+        raise NotImplementedError
+
+    def prompt_file(self) -> Path | None:
+        return None
+
+    @property
+    def root(self) -> Path:
+        if self._root is None:
+            self.prepare()
+        assert self._root is not None
+        return self._root
+
+    @cached_property
+    def _tasks(self) -> dict[str, list[Task]]:
+        return {split: load_task_file(self.root / f"{split}.json") for split in META_SPLITS}
+
+    @cached_property
+    def _prompts(self) -> dict[str, str]:
+        path = self.prompt_file()
+        return load_prompts(path) if path is not None else {}
+
+    def tasks(self, split: str) -> list[Task]:
+        if split not in META_SPLITS:
+            raise ValueError(f"unknown meta split '{split}' (expected meta_train or meta_test)")
+        return self._tasks[split]
+
+    def prompt_template(self, question: str) -> str | None:
+        return self._prompts.get(question)
+
+
+def dataclass_from_config(cls: type, values: Mapping[str, Any], key: str) -> Any:
+    """Build a settings dataclass from a config node, naming the offending key on a typo (the YAML mirrors it)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{key}.{unknown[0]}' (valid keys: {sorted(names)})")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

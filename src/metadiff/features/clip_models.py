@@ -7,13 +7,15 @@ does not fit the architecture is reported in one line naming the file and the ar
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
+
+from metadiff.config import ConfigError
+from metadiff.errors import InputFileError, MissingInputError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -39,47 +41,45 @@ class ClipBundle:
     arch: str
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def create_clip(arch: str, checkpoint: str | Path | None = None) -> ClipBundle:
     """Instantiate `arch` (any open_clip architecture) with optional weights from a local checkpoint file."""
     register_model_configs()
     if arch not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture '{arch}' (see open_clip.list_models())")
+        raise ConfigError(f"unknown open_clip architecture '{arch}' (see open_clip.list_models())")
     model = open_clip.create_model(arch, pretrained=None, pretrained_text=False, output_dict=True)
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"CLIP checkpoint not found: {path} (put the open_clip weights for '{arch}' there; no download is attempted)"
             )
         try:  # read once on its own, so a corrupt file and a wrong architecture get different messages
             torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001 - torch.load errors for truncated/corrupt files vary
-            raise ValueError(f"checkpoint {path} could not be read as a torch checkpoint ({type(err).__name__}: {err})") from None
+            raise InputFileError(f"checkpoint {path} could not be read as a torch checkpoint ({type(err).__name__}: {err})") from None
         try:
             open_clip.load_checkpoint(model, str(path))
         except (RuntimeError, AssertionError, KeyError, ValueError) as err:
             lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
             detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
-            raise ValueError(f"checkpoint {path} does not fit architecture '{arch}': {detail}") from None
-    pp = model.visual.preprocess_cfg
-    size = pp.get("size", model.visual.image_size)
+            raise InputFileError(f"checkpoint {path} does not fit architecture '{arch}': {detail}") from None
+    size, mean, std = image_preprocessing(arch)
+    return ClipBundle(model=model, tokenizer=open_clip.get_tokenizer(arch), image_size=size, mean=mean, std=std,
+                      arch=arch)
+
+
+def image_preprocessing(arch: str) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """Input size and normalisation of `arch`'s image tower, from its config (no model is built)."""
+    register_model_configs()
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ConfigError(f"unknown open_clip architecture '{arch}' (see open_clip.list_models())")
+    vision = cfg["vision_cfg"]
+    pp = {**vision.get("preprocess_cfg", {}), **cfg.get("preprocess_cfg", {})}
+    size = pp.get("size", vision.get("image_size", 224))
     size = size[0] if isinstance(size, list | tuple) else size
-    return ClipBundle(
-        model=model,
-        tokenizer=open_clip.get_tokenizer(arch),
-        image_size=int(size),
-        mean=tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-        std=tuple(pp.get("std", open_clip.OPENAI_DATASET_STD)),
-        arch=arch,
-    )
+    return (int(size), tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            tuple(pp.get("std", open_clip.OPENAI_DATASET_STD)))
 
 
 def context_length(arch: str) -> int:

@@ -95,10 +95,12 @@ class FeatureStoreBuilder:
 
     Every process of a DDP run opens the same memmaps (rank 0 creates them, the others attach after a barrier) and
     writes the rows it computed; per-table `filled` markers, also memory-mapped, let the committer check that no row
-    was missed whichever rank computed it.
+    was missed whichever rank computed it. A run that was killed leaves `<root>.partial/` behind with its markers:
+    the next run for the same fingerprint reopens it and computes only the rows still `pending` (a row's values are
+    written before its marker, so a marked row is complete). Nothing under `.partial` is ever read as a store.
     """
 
-    def __init__(self, root: Path, dim: int, index: FeatureIndex, create: bool = True):
+    def __init__(self, root: Path, dim: int, index: FeatureIndex, fingerprint: str, create: bool = True):
         self.root = Path(root)
         self.index = index
         self.partial = self.root.with_name(self.root.name + ".partial")
@@ -107,7 +109,8 @@ class FeatureStoreBuilder:
             "question": len(index.question),
             "answer": sum(n for _, n in index.answer.values()),
         }
-        if create:
+        self.resumed = create and self._resumable(fingerprint, rows, dim)
+        if create and not self.resumed:
             shutil.rmtree(self.partial, ignore_errors=True)
             self.partial.mkdir(parents=True)
             open_table = lambda name, n, dtype, width: np.lib.format.open_memmap(  # noqa: E731
@@ -117,6 +120,22 @@ class FeatureStoreBuilder:
             open_table = lambda name, n, dtype, width: np.load(self.partial / name, mmap_mode="r+")  # noqa: E731
         self.tables = {name: open_table(f"{name}.npy", n, np.float32, dim) for name, n in rows.items()}
         self.filled = {name: open_table(f"filled_{name}.npy", n, np.bool_, 0) for name, n in rows.items()}
+        if create and not self.resumed:  # the marker goes last: without it a leftover folder is never resumed
+            write_json(self.partial / "partial.json", {"fingerprint": fingerprint, "rows": rows, "dim": dim})
+
+    def _resumable(self, fingerprint: str, rows: Mapping[str, int], dim: int) -> bool:
+        marker = self.partial / "partial.json"
+        if not marker.is_file():
+            return False
+        try:
+            meta = read_json(marker, what="partial feature store marker")
+        except UserError:
+            return False
+        return meta == {"fingerprint": fingerprint, "rows": dict(rows), "dim": dim}
+
+    def pending(self, table: str) -> np.ndarray:
+        """Rows of `table` not computed yet (all of them for a fresh store)."""
+        return np.flatnonzero(~np.asarray(self.filled[table]))
 
     def write(self, table: str, rows: np.ndarray, values: np.ndarray) -> None:
         self.tables[table][rows] = values
@@ -138,6 +157,7 @@ class FeatureStoreBuilder:
         self.filled.clear()
         for name in TABLES:
             (self.partial / f"filled_{name}.npy").unlink()
+        (self.partial / "partial.json").unlink()
         write_json(
             self.partial / "index.json",
             {"image": self.index.image, "question": self.index.question, "answer": {q: list(v) for q, v in self.index.answer.items()}},

@@ -16,15 +16,16 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from metadiff.artifacts import Artifact
+from metadiff.config import ConfigError
 from metadiff.data.sources import TaskSource, task_prompts
 from metadiff.eval.baselines import baseline_report
-from metadiff.features.clip_models import create_clip, file_sha256
+from metadiff.features.clip_models import create_clip, image_preprocessing
 from metadiff.features.store import FeatureStore, FeatureStoreBuilder, build_index, check_existing
 from metadiff.stages.clip_pretrain import CLIP_WEIGHTS
-from metadiff.utils.hashing import fingerprint
+from metadiff.utils.hashing import file_sha256, fingerprint
 
 log = logging.getLogger(__name__)
 TABLE_OF_LOADER = ("image", "question", "answer")
@@ -68,21 +69,23 @@ class FeatureSourceDataModule(pl.LightningDataModule):
         from metadiff.features.clip_models import register_model_configs
 
         register_model_configs()
-        vision = open_clip.get_model_config(self.arch)["vision_cfg"]
-        size = vision["image_size"]
-        size = size[0] if isinstance(size, list | tuple) else size
+        size, mean, std = image_preprocessing(self.arch)
         tokenizer = open_clip.get_tokenizer(self.arch)
         images, questions, answers = store_contents(self.source)
         self.datasets = [
-            self.source.image_dataset(images, size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD),
+            self.source.image_dataset(images, size, mean, std),
             TextDataset(questions, tokenizer),
             TextDataset([p for q in questions for p in answers[q]], tokenizer),
         ]
 
     def predict_dataloader(self) -> list[DataLoader]:
+        """One loader per table; after an interrupted run only the rows still pending (asked from the module)."""
         sizes = (self.batch_size, self.text_batch_size, self.text_batch_size)
+        pending = getattr(self.trainer.lightning_module, "pending_rows", None) if self.trainer else None
+        datasets = [Subset(ds, pending[table].tolist()) if pending is not None else ds
+                    for ds, table in zip(self.datasets, TABLE_OF_LOADER, strict=True)]
         return [DataLoader(ds, batch_size=bs, num_workers=self.num_workers, persistent_workers=False)
-                for ds, bs in zip(self.datasets, sizes, strict=True)]
+                for ds, bs in zip(datasets, sizes, strict=True)]
 
 
 class FeatureExtractor(pl.LightningModule):
@@ -93,7 +96,7 @@ class FeatureExtractor(pl.LightningModule):
         super().__init__()
         if checkpoint is None:
             if not upstream or "clip" not in upstream:
-                raise ValueError(
+                raise ConfigError(
                     "features: no CLIP weights. Set model.checkpoint=/path/to/open_clip_weights.pt (with model.arch) "
                     "or keep the 'upstream.clip' entry that trains the small embedded CLIP."
                 )
@@ -121,18 +124,24 @@ class FeatureExtractor(pl.LightningModule):
             self.summary_metrics.update(baseline_report(self.source.tasks("meta_test"), FeatureStore(self.store_dir), "meta_test"))
         return done
 
-    def on_predict_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        """Open (or resume) the partial store before the dataloaders exist, so they only load pending rows."""
+        if stage != "predict":
+            return
         images, questions, answers = store_contents(self.source)
         index = build_index(images, questions, answers)
-        dim = int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else None
-        if dim is None:
-            with torch.no_grad():
-                dim = int(self.model.encode_text(self.bundle.tokenizer(["x"]).to(self.device)).shape[-1])
+        with torch.no_grad():
+            dim = int(self.model.encode_text(self.bundle.tokenizer(["x"])).shape[-1])
         create = self.trainer.is_global_zero
-        self.builder = FeatureStoreBuilder(self.store_dir, dim, index, create=create) if create else None
+        if create:
+            self.builder = FeatureStoreBuilder(self.store_dir, dim, index, self.store_fingerprint, create=True)
         self.trainer.strategy.barrier()
-        if self.builder is None:
-            self.builder = FeatureStoreBuilder(self.store_dir, dim, index, create=False)
+        if not create:
+            self.builder = FeatureStoreBuilder(self.store_dir, dim, index, self.store_fingerprint, create=False)
+        self.pending_rows = {table: self.builder.pending(table) for table in TABLE_OF_LOADER}
+        if self.builder.resumed:
+            done = {t: len(self.builder.filled[t]) - len(rows) for t, rows in self.pending_rows.items()}
+            log.info("resuming feature extraction in %s: already computed %s", self.builder.partial, done)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         inputs, rows = batch

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from metadiff.errors import InputFileError, MissingInputError
+
 
 def tmp_sibling(path: Path) -> Path:
     """A unique temporary name next to `path` (same filesystem, so `os.replace` is atomic)."""
@@ -55,18 +57,19 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (sorted keys, so equal content gives equal bytes)."""
+def write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
+    """Write JSON atomically (sorted keys by default, so equal content gives equal bytes; `sort_keys=False` where
+    key order is data, as in Meta-VQA task files)."""
     with atomic_path(Path(path)) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, default=str))
 
 
 def read_json(path: Path, what: str = "JSON file") -> Any:
     """Read JSON with an error that names the file instead of a bare decoder trace."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingInputError(f"{what} not found: {path}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{what} {path} is not valid JSON (truncated or corrupt?): {err}") from None
+        raise InputFileError(f"{what} {path} is not valid JSON (truncated or corrupt?): {err}") from None

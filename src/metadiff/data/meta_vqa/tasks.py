@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from metadiff.errors import InputFileError
 from metadiff.utils.io import read_json
 
 FALLBACK_PROMPT = "a photo of {}"
@@ -42,14 +43,14 @@ class Task:
 
 def _parse_examples(raw: object, answers: dict[str, int], path: Path, question: str, split: str) -> tuple:
     if not isinstance(raw, list):
-        raise ValueError(f"{path}: task '{question}': '{split}' must be a list of [image_name, answer] pairs")
+        raise InputFileError(f"{path}: task '{question}': '{split}' must be a list of [image_name, answer] pairs")
     examples = []
     for i, pair in enumerate(raw):
         if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise ValueError(f"{path}: task '{question}': {split}[{i}] = {pair!r}, expected [image_name, answer]")
+            raise InputFileError(f"{path}: task '{question}': {split}[{i}] = {pair!r}, expected [image_name, answer]")
         image, answer = pair
         if answer not in answers:
-            raise ValueError(
+            raise InputFileError(
                 f"{path}: task '{question}': {split}[{i}] has unknown answer '{answer}' "
                 f"(not in the task's answers {sorted(answers)[:10]}...)"
             )
@@ -62,17 +63,17 @@ def load_task_file(path: str | Path) -> list[Task]:
     path = Path(path)
     raw = read_json(path, what="Meta-VQA task file")
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object {{question: task}}, got {type(raw).__name__}")
+        raise InputFileError(f"{path}: expected a JSON object {{question: task}}, got {type(raw).__name__}")
     tasks = []
     for question, body in raw.items():
         if not isinstance(body, dict):
-            raise ValueError(f"{path}: task '{question}' must be an object with answers/train/test")
+            raise InputFileError(f"{path}: task '{question}' must be an object with answers/train/test")
         missing = {"answers", "train", "test"} - set(body)
         if missing:
-            raise ValueError(f"{path}: task '{question}' lacks field(s) {sorted(missing)}")
+            raise InputFileError(f"{path}: task '{question}' lacks field(s) {sorted(missing)}")
         answers_list = body["answers"]
         if not isinstance(answers_list, list) or len(answers_list) < 2:
-            raise ValueError(f"{path}: task '{question}': 'answers' must be a list of >= 2 strings")
+            raise InputFileError(f"{path}: task '{question}': 'answers' must be a list of >= 2 strings")
         answers = {a: i for i, a in enumerate(answers_list)}
         tasks.append(
             Task(
@@ -91,7 +92,7 @@ def load_prompts(path: str | Path) -> dict[str, str]:
     raw = read_json(path, what="prompt template file")
     for question, template in raw.items():
         if not isinstance(template, str) or template.count("{}") != 1:
-            raise ValueError(f"{path}: template for '{question}' must contain exactly one '{{}}', got {template!r}")
+            raise InputFileError(f"{path}: template for '{question}' must contain exactly one '{{}}', got {template!r}")
     return raw
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -13,27 +12,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from metadiff.config import ConfigError
-from metadiff.data.meta_vqa.tasks import Task, load_prompts, load_task_file
-from metadiff.data.sources import normalize_images
+from metadiff.data.sources import TaskFileSource, dataclass_from_config, normalize_images
 from metadiff.data.synthvqa.build import SynthVQAConfig, load_or_build_synthvqa
 from metadiff.data.synthvqa.build import fingerprint as config_fingerprint
 from metadiff.data.synthvqa.scenes import SceneSpec, caption_scene, render_scene, sample_scene
 
 
-def _dataclass_from(cls: type, values: Mapping[str, Any], key: str) -> Any:
-    """Build a config dataclass, naming the offending key on a typo (the YAML mirrors the dataclass)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key '{key}.{unknown[0]}' (valid keys: {sorted(names)})")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
 def generator_config(generator: Mapping[str, Any]) -> SynthVQAConfig:
     values = OmegaConf.to_container(generator, resolve=True) if isinstance(generator, DictConfig) else dict(generator)
-    scene = _dataclass_from(SceneSpec, dict(values.pop("scene", {})), "data.source.generator.scene")
-    return _dataclass_from(SynthVQAConfig, {**values, "scene": scene}, "data.source.generator")
+    scene = dataclass_from_config(SceneSpec, dict(values.pop("scene", {})), "data.source.generator.scene")
+    return dataclass_from_config(SynthVQAConfig, {**values, "scene": scene}, "data.source.generator")
 
 
 class ImageArrayDataset(Dataset):
@@ -72,7 +60,7 @@ class CaptionPairDataset(Dataset):
         return normalize_images(image, self.mean, self.std), self.tokenize([caption])[0]
 
 
-class SynthVQASource:
+class SynthVQASource(TaskFileSource):
     """Meta-VQA-shaped generated benchmark (see `metadiff.data.synthvqa.build` for the rules and statistics)."""
 
     name = "synthvqa"
@@ -88,28 +76,8 @@ class SynthVQASource:
     def prepare(self) -> None:
         self._root = load_or_build_synthvqa(self.config, self.cache_dir)
 
-    @property
-    def root(self) -> Path:
-        if self._root is None:
-            self.prepare()
-        assert self._root is not None
-        return self._root
-
-    @cached_property
-    def _tasks(self) -> dict[str, list[Task]]:
-        return {split: load_task_file(self.root / f"{split}.json") for split in ("meta_train", "meta_test")}
-
-    @cached_property
-    def _prompts(self) -> dict[str, str]:
-        return load_prompts(self.root / "prompt_meta.json")
-
-    def tasks(self, split: str) -> list[Task]:
-        if split not in self._tasks:
-            raise ValueError(f"unknown meta split '{split}' (expected meta_train or meta_test)")
-        return self._tasks[split]
-
-    def prompt_template(self, question: str) -> str | None:
-        return self._prompts.get(question)
+    def prompt_file(self) -> Path:
+        return self.root / "prompt_meta.json"
 
     def image_names(self) -> list[str]:
         n = np.load(self.root / "images.npy", mmap_mode="r").shape[0]
