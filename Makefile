@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo train test test-fast bench sweep lint format clean
+.PHONY: help install demo train test test-fast bench sweep meta-vqa lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ bench: install ## benchmarks -> bench/*.json
 
 sweep: install ## example Hydra multirun: make sweep ARGS="seed=1,2"
 	$(PY) train.py -m experiment=$(EXP) $(or $(ARGS),seed=1,2)
+
+meta-vqa: install ## build Meta-VQA task files from VQA v2: make meta-vqa VQA_DIR=/data/VQA [OUT=dir]
+	$(PY) -m metadiff.data.meta_vqa build --vqa-dir $(VQA_DIR) --out $(or $(OUT),outputs/data/meta_vqa/built)
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check src tests train.py

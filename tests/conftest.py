@@ -28,6 +28,29 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("metadiff-root")
 
 
+@pytest.fixture(scope="session")
+def vqa_tree(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny VQA v2 + COCO tree in the official layout and a tiny open_clip checkpoint file (tests/vqa_fixtures.py)."""
+    import torch
+
+    from metadiff.features.clip_models import create_clip
+    from vqa_fixtures import write_vqa_tree
+
+    root = tmp_path_factory.mktemp("vqa-tree")
+    paths = write_vqa_tree(root)
+    torch.manual_seed(0)
+    paths["checkpoint"] = root / "metadiff-tiny-vit.pt"
+    torch.save(create_clip("metadiff-tiny-vit").model.state_dict(), paths["checkpoint"])
+    return paths
+
+
+def vqa_overrides(tree: dict[str, Path]) -> list[str]:
+    """Point a *_vqa experiment at the fixture tree, with the tiny CLIP instead of ViT-L/14."""
+    return [f"paths.vqa_dir={tree['vqa_dir']}", f"paths.coco_dir={tree['coco_dir']}",
+            f"data.source.prompts={tree['prompts']}", "model.arch=metadiff-tiny-vit",
+            f"model.checkpoint={tree['checkpoint']}", "data.num_workers=0"]
+
+
 def compose_config(overrides: list[str], root: Path, output_dir: Path) -> DictConfig:
     """The real config tree, composed as `train.py` would, with paths redirected into the test's folders."""
     GlobalHydra.instance().clear()

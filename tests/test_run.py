@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXPERIMENTS, parse_summary, run_train
+from conftest import EXPERIMENTS, parse_summary, run_train, vqa_overrides
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_with_fast_dev_run(experiment: str, cache_root: Path) -> None:
-    proc = run_train([f"experiment={experiment}", "debug=fdr"], cache_root)
+def test_every_experiment_runs_with_fast_dev_run(experiment: str, cache_root: Path, vqa_tree: dict) -> None:
+    extra = vqa_overrides(vqa_tree) if experiment.endswith("_vqa") else []
+    proc = run_train([f"experiment={experiment}", "debug=fdr", *extra], cache_root)
     metrics = parse_summary(proc.stdout)
     assert metrics, f"{experiment}: no metrics summary printed"
     assert "time/run_seconds" in metrics

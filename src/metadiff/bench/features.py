@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from metadiff.data.sources import TaskSource
 from metadiff.data.synthvqa.source import SynthVQASource
 from metadiff.features.clip_models import create_clip
 from metadiff.stages.features import FeatureExtractor, FeatureSourceDataModule
@@ -21,7 +22,7 @@ from metadiff.stages.features import FeatureExtractor, FeatureSourceDataModule
 ARCH = "metadiff-tiny-vit"
 
 
-def _bare_images_per_s(model: torch.nn.Module, batches: list[torch.Tensor], device: str) -> float:
+def bare_images_per_s(model: torch.nn.Module, batches: list[torch.Tensor], device: str) -> float:
     with torch.no_grad():
         model.encode_image(batches[0].to(device))
         if device == "cuda":
@@ -34,9 +35,10 @@ def _bare_images_per_s(model: torch.nn.Module, batches: list[torch.Tensor], devi
     return sum(b.shape[0] for b in batches) / (time.perf_counter() - start)
 
 
-def _pipeline_images_per_s(source: SynthVQASource, checkpoint: Path, store: Path, batch_size: int, device: str) -> float:
-    model = FeatureExtractor(source=source, arch=ARCH, store_dir=str(store), checkpoint=str(checkpoint))
-    data = FeatureSourceDataModule(source=source, arch=ARCH, batch_size=batch_size)
+def pipeline_images_per_s(source: TaskSource, arch: str, checkpoint: Path, store: Path, batch_size: int, device: str,
+                          num_workers: int = 0) -> float:
+    model = FeatureExtractor(source=source, arch=arch, store_dir=str(store), checkpoint=str(checkpoint))
+    data = FeatureSourceDataModule(source=source, arch=arch, batch_size=batch_size, num_workers=num_workers)
     trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[])
     trainer.predict(model, datamodule=data, return_predictions=False)
@@ -56,8 +58,8 @@ def bench_feature_extraction(data_dir: Path, device: str, batch_size: int = 512,
         checkpoint = Path(tmp) / "clip.pt"
         torch.save(bundle.model.state_dict(), checkpoint)
         for i in range(repeats):
-            bare.append(_bare_images_per_s(model, batches, device))
-            pipeline.append(_pipeline_images_per_s(source, checkpoint, Path(tmp) / f"store{i}", batch_size, device))
+            bare.append(bare_images_per_s(model, batches, device))
+            pipeline.append(pipeline_images_per_s(source, ARCH, checkpoint, Path(tmp) / f"store{i}", batch_size, device))
     return {
         "benchmark": "feature extraction, synthvqa images (12000 x 48px), metadiff-tiny-vit",
         "batch_size": batch_size,

@@ -92,7 +92,8 @@ class FeatureExtractor(pl.LightningModule):
     """Encodes everything a benchmark needs once; a rerun with the same model and data reuses the store."""
 
     def __init__(self, source: TaskSource, arch: str, store_dir: str, checkpoint: str | None = None,
-                 normalize: bool = False, upstream: dict[str, Artifact] | None = None):
+                 normalize: bool = False, precision: str | int = "32-true",
+                 upstream: dict[str, Artifact] | None = None):
         super().__init__()
         if checkpoint is None:
             if not upstream or "clip" not in upstream:
@@ -109,6 +110,7 @@ class FeatureExtractor(pl.LightningModule):
             "checkpoint_sha256": file_sha256(Path(checkpoint)),
             "data": f"{source.name}:{source.fingerprint()}",
             "normalize": normalize,
+            "precision": str(precision),  # bf16 features differ slightly from fp32 ones: never mix them up
         }
         self.store_fingerprint = fingerprint(self.description)
         self.summary_metrics: dict[str, float] = {}

@@ -1,0 +1,161 @@
+"""The real Meta-VQA as a `TaskSource`: published task files or ones built from VQA v2, with COCO images on disk.
+
+Two ways to get the tasks (conf/data/meta_vqa.yaml):
+- `task_dir`: a folder with the authors' `meta_train.json` / `meta_test.json` (the exact published split);
+- `vqa_dir` (with `task_dir: null`): the official VQA v2 files; the tasks are built once with the paper's rules
+  into `build_dir/meta-vqa-<fingerprint>/` and reused.
+Images are read from `image_dir` (`<image_dir>/train2014/COCO_train2014_000000000009.jpg`, the COCO layout); every
+image a task names is checked before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from metadiff.config import ConfigError
+from metadiff.data.meta_vqa.build import TASK_FILES, MetaVQARules, VQAFiles, build_meta_vqa
+from metadiff.data.sources import META_SPLITS, TaskFileSource, dataclass_from_config
+from metadiff.errors import InputFileError, MissingInputError
+from metadiff.utils.hashing import file_sha256, fingerprint
+from metadiff.utils.io import atomic_dir
+
+RESIZE_MODES = ("squash", "shorter_side_center_crop")
+
+
+def _plain(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    if values is None:
+        return {}
+    return OmegaConf.to_container(values, resolve=True) if isinstance(values, DictConfig) else dict(values)
+
+
+def image_transform(image_size: int, mean: Sequence[float], std: Sequence[float], resize: str) -> transforms.Compose:
+    """`squash`: resize to size x size with bicubic, no aspect ratio, no crop (what the paper's features used,
+    spec §2.4); `shorter_side_center_crop`: CLIP's own preprocessing."""
+    if resize == "squash":
+        sizing = [transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC)]
+    elif resize == "shorter_side_center_crop":
+        sizing = [transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+                  transforms.CenterCrop(image_size)]
+    else:
+        raise ConfigError(f"data.source.resize = '{resize}' is not one of {RESIZE_MODES}")
+    return transforms.Compose([*sizing, transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+class ImageFileDataset(Dataset):
+    """JPEG/PNG files -> normalised tensors, decoded in DataLoader workers; yields (image, position)."""
+
+    def __init__(self, paths: Sequence[Path], transform: transforms.Compose):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        try:
+            with Image.open(self.paths[i]) as image:
+                return self.transform(image.convert("RGB")), i
+        except (OSError, ValueError) as err:
+            raise InputFileError(f"image {self.paths[i]} could not be decoded: {err}") from None
+
+
+class MetaVQASource(TaskFileSource):
+    """Meta-VQA (VQA v2 questions as tasks) over COCO images, from published or freshly built task files."""
+
+    name = "meta_vqa"
+
+    def __init__(self, image_dir: str, task_dir: str | None = None, vqa_dir: str | None = None,
+                 build_dir: str | None = None, prompts: str | None = None, rules: Mapping[str, Any] | None = None,
+                 vqa_files: Mapping[str, Any] | None = None, image_file: str = "{split}/{name}.jpg",
+                 resize: str = "squash", check_images: bool = True):
+        if task_dir is None and vqa_dir is None:
+            raise ConfigError("data.source needs task_dir (published Meta-VQA files) or vqa_dir (official VQA v2 "
+                              "files to build them from); both are null")
+        self.image_dir = Path(image_dir)
+        self.task_dir = Path(task_dir) if task_dir else None
+        self.vqa_dir = Path(vqa_dir) if vqa_dir else None
+        self.build_dir = Path(build_dir) if build_dir else None
+        self.prompts_path = Path(prompts) if prompts else None
+        self.rules = dataclass_from_config(MetaVQARules, _plain(rules), "data.source.rules")
+        self.vqa_files = dataclass_from_config(VQAFiles, _plain(vqa_files), "data.source.vqa_files")
+        if resize not in RESIZE_MODES:
+            raise ConfigError(f"data.source.resize = '{resize}' is not one of {RESIZE_MODES}")
+        self.image_file, self.resize, self.check_images = image_file, resize, check_images
+        self._root: Path | None = None
+
+    # -- task files -------------------------------------------------------------------------------------------
+    def _build_root(self) -> Path:
+        if self.build_dir is None:
+            raise ConfigError("data.source.build_dir must be set to build Meta-VQA from vqa_dir")
+        key = fingerprint({"rules": dataclasses.asdict(self.rules), "files": self._vqa_file_stats()})
+        return self.build_dir / f"meta-vqa-{key[:12]}"
+
+    def _vqa_file_stats(self) -> list[tuple[str, int]]:
+        """Name and size of each VQA file: cheap to compute, changes when a file is replaced."""
+        assert self.vqa_dir is not None
+        stats = []
+        for split in self.rules.splits:
+            for template in (self.vqa_files.questions, self.vqa_files.annotations):
+                path = self.vqa_dir / template.format(split=split)
+                if not path.is_file():
+                    raise MissingInputError(f"VQA v2 file for split '{split}' not found: {path} "
+                                            "(set paths.vqa_dir to the folder with Questions/ and Annotations/)")
+                stats.append((path.name, path.stat().st_size))
+        return stats
+
+    def prepare(self) -> None:
+        if self.task_dir is not None:
+            root = self.task_dir
+            for name in TASK_FILES[:2]:
+                if not (root / name).is_file():
+                    raise MissingInputError(f"Meta-VQA task file not found: {root / name} (data.source.task_dir)")
+        else:
+            root = self._build_root()
+            if not all((root / name).is_file() for name in TASK_FILES):
+                with atomic_dir(root, overwrite=True) as tmp:
+                    build_meta_vqa(self.vqa_dir, tmp, self.rules, self.vqa_files)
+        self._root = root
+        if self.check_images:
+            self._check_images()
+
+    def prompt_file(self) -> Path | None:
+        return self.prompts_path
+
+    def fingerprint(self) -> str:
+        files = [self.root / name for name in TASK_FILES[:2]] + ([self.prompts_path] if self.prompts_path else [])
+        return fingerprint({
+            "tasks": [(p.name, file_sha256(p)) for p in files],
+            "image_dir": str(self.image_dir.resolve()), "image_file": self.image_file, "resize": self.resize,
+        })
+
+    # -- images -----------------------------------------------------------------------------------------------
+    def image_names(self) -> list[str]:
+        """Every image some task uses (sorted), not all of COCO: the store holds what the stages read."""
+        names = {name for split in META_SPLITS for t in self.tasks(split) for name, _ in t.train + t.test}
+        return sorted(names)
+
+    def image_path(self, name: str) -> Path:
+        parts = name.split("_")
+        if len(parts) != 3 or parts[0] != "COCO":
+            raise InputFileError(f"image name '{name}' is not a COCO name like COCO_train2014_000000000009")
+        return self.image_dir / self.image_file.format(split=parts[1], name=name)
+
+    def _check_images(self) -> None:
+        missing = [p for p in map(self.image_path, self.image_names()) if not p.is_file()]
+        if missing:
+            raise MissingInputError(
+                f"{len(missing)} COCO image(s) named by the Meta-VQA tasks are missing under {self.image_dir}, "
+                f"e.g. {missing[0]} (data.source.image_dir / image_file = '{self.image_file}')"
+            )
+
+    def image_dataset(self, names: Sequence[str], image_size: int, mean, std) -> Dataset:
+        return ImageFileDataset([self.image_path(n) for n in names],
+                                image_transform(image_size, mean, std, self.resize))
