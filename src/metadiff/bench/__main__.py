@@ -11,9 +11,12 @@ from pathlib import Path
 import torch
 
 from metadiff.bench.features import bench_feature_extraction
+from metadiff.bench.features_vqa import bench_feature_extraction_vqa
+from metadiff.bench.inner_loop import bench_inner_loop
 from metadiff.utils.io import write_json
 
-BENCHMARKS = {"features": bench_feature_extraction}
+BENCHMARKS = {"features": bench_feature_extraction, "features_vqa": bench_feature_extraction_vqa,
+              "inner_loop": bench_inner_loop}
 
 
 def main(argv: list[str] | None = None) -> None:
