@@ -51,6 +51,21 @@ def vqa_overrides(tree: dict[str, Path]) -> list[str]:
             f"model.checkpoint={tree['checkpoint']}", "data.num_workers=0"]
 
 
+SHORT_CLIP = "upstream.clip.overrides=['trainer.max_steps=2','data.n_train_pairs=512','data.n_val_tasks=5']"
+FEWSHOT_STAGES = ("multitask", "maml", "hnet")
+
+
+def smoke_overrides(experiment: str, tree: dict[str, Path]) -> list[str]:
+    """What a smoke test of `experiment` adds: fixture data for *_vqa, short upstream stages for the rest."""
+    downstream = experiment.split("_")[0] in FEWSHOT_STAGES
+    if experiment.endswith("_vqa"):
+        if not downstream:
+            return vqa_overrides(tree)
+        paths, model = vqa_overrides(tree)[:2], vqa_overrides(tree)[2:]
+        return [*paths, "upstream.features.overrides=[" + ",".join(f"'{o}'" for o in model) + "]"]
+    return [f'upstream.features.overrides=["{SHORT_CLIP}"]'] if downstream else []
+
+
 def compose_config(overrides: list[str], root: Path, output_dir: Path) -> DictConfig:
     """The real config tree, composed as `train.py` would, with paths redirected into the test's folders."""
     GlobalHydra.instance().clear()

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import parse_summary, run_train
+from conftest import SHORT_CLIP, parse_summary, run_train
 from metadiff.features.clip_models import create_clip
 from metadiff.features.store import FeatureStore, FeatureStoreBuilder, FeatureStoreMismatchError, build_index
-
-SHORT_CLIP = "upstream.clip.overrides=['trainer.max_steps=2','data.n_train_pairs=512','data.n_val_tasks=5']"
 
 
 def test_builder_commits_atomically_and_refuses_incomplete(tmp_path: Path) -> None:
@@ -42,7 +40,7 @@ def built_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
 
 def test_store_matches_direct_forward_pass(built_store) -> None:
     root, metrics, _ = built_store
-    store_dir = root / "outputs" / "data" / "features" / "synthvqa-metadiff-tiny-vit"
+    (store_dir,) = (root / "outputs" / "data" / "features").glob("synthvqa-metadiff-tiny-vit-*[!l]")
     store = FeatureStore(store_dir)
     assert metrics["features/n_images"] == store.tables["image"].shape[0] == 12000
     assert store.tables["question"].shape[0] == 1243
@@ -65,7 +63,8 @@ def test_store_matches_direct_forward_pass(built_store) -> None:
 
 def test_second_run_reuses_store(built_store) -> None:
     root, _, _ = built_store
-    manifest = root / "outputs" / "data" / "features" / "synthvqa-metadiff-tiny-vit" / "manifest.json"
+    (store_dir,) = (root / "outputs" / "data" / "features").glob("synthvqa-metadiff-tiny-vit-*[!l]")
+    manifest = store_dir / "manifest.json"
     before = manifest.stat().st_mtime_ns
     proc = run_train(["experiment=features_synthvqa", SHORT_CLIP], root)
     assert "is up to date: reusing it" in proc.stdout + proc.stderr
@@ -77,7 +76,9 @@ def test_other_model_on_same_store_is_an_error(built_store, tmp_path: Path) -> N
     torch.manual_seed(123)
     other = tmp_path / "other_tiny.pt"
     torch.save(create_clip("metadiff-tiny-vit").model.state_dict(), other)
-    proc = run_train(["experiment=features_synthvqa", f"model.checkpoint={other}", "~upstream.clip"], root, check=False)
+    (store_dir,) = (root / "outputs" / "data" / "features").glob("synthvqa-metadiff-tiny-vit-*[!l]")
+    proc = run_train(["experiment=features_synthvqa", f"model.checkpoint={other}", "~upstream.clip",
+                      f"model.store_dir={store_dir}"], root, check=False)  # a fixed folder, built for another model
     assert proc.returncode == 2
     assert "was built for a different model or data" in proc.stderr and "checkpoint_sha256" in proc.stderr
     assert "Traceback" not in proc.stderr

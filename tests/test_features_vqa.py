@@ -21,7 +21,8 @@ ARCH = "metadiff-tiny-vit"
 
 def test_features_vqa_builds_tasks_then_store_and_reuses_it(vqa_tree: dict, tmp_path: Path) -> None:
     proc = run_train(["experiment=features_vqa", *vqa_overrides(vqa_tree)], tmp_path)
-    store = FeatureStore(tmp_path / "outputs" / "data" / "features" / f"meta_vqa-{ARCH}")
+    (store_dir,) = (tmp_path / "outputs" / "data" / "features").glob(f"meta_vqa-{ARCH}-*[!l]")  # not .partial
+    store = FeatureStore(store_dir)
     assert store.tables["image"].shape[0] == 40 and store.tables["question"].shape[0] == 3
     # a stored embedding equals the model applied to the JPEG with the configured preprocessing
     bundle = create_clip(ARCH, vqa_tree["checkpoint"])

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXPERIMENTS, parse_summary, run_train, vqa_overrides
+from conftest import EXPERIMENTS, parse_summary, run_train, smoke_overrides
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_with_fast_dev_run(experiment: str, cache_root: Path, vqa_tree: dict) -> None:
-    extra = vqa_overrides(vqa_tree) if experiment.endswith("_vqa") else []
-    proc = run_train([f"experiment={experiment}", "debug=fdr", *extra], cache_root)
+    proc = run_train([f"experiment={experiment}", "debug=fdr", *smoke_overrides(experiment, vqa_tree)], cache_root)
     metrics = parse_summary(proc.stdout)
     assert metrics, f"{experiment}: no metrics summary printed"
     assert "time/run_seconds" in metrics

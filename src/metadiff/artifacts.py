@@ -149,8 +149,10 @@ def compose_upstream(cfg: DictConfig, name: str) -> DictConfig:
     for group in spec.get("inherit_groups", []):
         if choices.get(group) is not None:
             overrides.append(f"{group}={choices[group]}")
-    for key in ("data_dir", "artifacts_dir"):
-        overrides.append(f"paths.{key}={cfg.paths[key]}")
+    for key in cfg.paths:  # every location the user set (data, artifacts, VQA/COCO, checkpoints) holds upstream too
+        if key != "output_dir":
+            value = cfg.paths[key]
+            overrides.append(f"paths.{key}={'null' if value is None else value}")
     overrides.append(f"paths.output_dir={Path(cfg.paths.output_dir) / 'upstream' / name}")
     overrides += list(spec.get("overrides", []))
     if GlobalHydra.instance().is_initialized():

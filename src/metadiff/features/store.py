@@ -65,13 +65,13 @@ class FeatureStore:
     def question(self, question: str) -> np.ndarray:
         if question not in self.index.question:
             raise KeyError(f"feature store {self.root} has no question {question!r}")
-        return np.asarray(self.tables["question"][self.index.question[question]])
+        return np.array(self.tables["question"][self.index.question[question]])  # a copy: writable, off the memmap
 
     def answers(self, question: str) -> np.ndarray:
         if question not in self.index.answer:
             raise KeyError(f"feature store {self.root} has no answers for question {question!r}")
         first, n = self.index.answer[question]
-        return np.asarray(self.tables["answer"][first : first + n])
+        return np.array(self.tables["answer"][first : first + n])  # a copy: writable, off the memmap
 
 
 def check_existing(root: Path, fingerprint: str, description: Mapping[str, Any]) -> bool:

@@ -102,7 +102,7 @@ class FeatureExtractor(pl.LightningModule):
                     "or keep the 'upstream.clip' entry that trains the small embedded CLIP."
                 )
             checkpoint = str(upstream["clip"].file(CLIP_WEIGHTS))
-        self.source, self.store_dir, self.normalize = source, Path(store_dir), normalize
+        self.source, self.normalize = source, normalize
         self.bundle = create_clip(arch, checkpoint)
         self.model = self.bundle.model.eval()
         self.description = {
@@ -113,6 +113,9 @@ class FeatureExtractor(pl.LightningModule):
             "precision": str(precision),  # bf16 features differ slightly from fp32 ones: never mix them up
         }
         self.store_fingerprint = fingerprint(self.description)
+        # "{fingerprint}" in store_dir keys the folder by model + data + precision, so switching any of them builds
+        # a new store beside the old one; a fixed folder built for something else is an error (check_existing).
+        self.store_dir = Path(store_dir.format(fingerprint=self.store_fingerprint[:12]))
         self.summary_metrics: dict[str, float] = {}
         self.artifact_ready = True
         self._image_clock: list[float] = []

@@ -1,0 +1,74 @@
+"""DataModule of the meta-learning stages: batches of whole tasks over a feature store.
+
+Views follow the spec (§2.5): meta-training uses support = `test` split, query = `train` split; every evaluation
+uses support = `train`, query = `test`. The feature store comes from the upstream `features` stage (or a path).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from metadiff.artifacts import Artifact
+from metadiff.config import ConfigError
+from metadiff.data.meta_vqa.batches import TaskEpisodes, collate_tasks
+from metadiff.data.sources import TaskSource
+from metadiff.features.store import FeatureStore
+
+EVAL_SPLITS = ("meta_train", "meta_test")  # val dataloader order: how well it fits, how well it generalises
+
+
+class MetaTaskDataModule(pl.LightningDataModule):
+    def __init__(self, source: TaskSource, tasks_per_batch: int = 32, eval_tasks_per_batch: int = 64,
+                 train_support_view: str = "test", train_query_view: str = "train", support_shots: int | None = None,
+                 n_shot_seed: int = 42, max_val_tasks: int | None = None, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
+                 store_dir: str | None = None, upstream: dict[str, Artifact] | None = None):
+        super().__init__()
+        self.source = source
+        if store_dir is None:
+            if not upstream or "features" not in upstream:
+                raise ConfigError("data.store_dir is null and there is no upstream 'features' stage: set one of them")
+            store_dir = json.loads(upstream["features"].file("features.json").read_text())["store_dir"]
+        self.store_dir = Path(store_dir)
+        self.tasks_per_batch, self.eval_tasks_per_batch = tasks_per_batch, eval_tasks_per_batch
+        self.train_views = (train_support_view, train_query_view)
+        self.support_shots, self.n_shot_seed, self.seed = support_shots, n_shot_seed, seed
+        self.max_val_tasks, self.num_workers, self.shuffle = max_val_tasks, num_workers, shuffle
+
+    def setup(self, stage: str) -> None:
+        self.store = FeatureStore(self.store_dir)
+        self.tasks = {split: self.source.tasks(split) for split in EVAL_SPLITS}
+        self.embed_dim = self.store.dim
+
+    def episodes(self, split: str, support_view: str = "train", query_view: str = "test",
+                 support_shots: int | None = None, n_shot_seed: int | None = None, limit: int | None = None) -> TaskEpisodes:
+        tasks = self.tasks[split][:limit] if limit else self.tasks[split]
+        return TaskEpisodes(tasks, self.store, support_view, query_view, support_shots,
+                            self.n_shot_seed if n_shot_seed is None else n_shot_seed, seed=self.seed)
+
+    def _loader(self, episodes: TaskEpisodes, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(episodes, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_tasks,
+                          num_workers=self.num_workers, persistent_workers=False)
+
+    def train_dataloader(self) -> DataLoader:
+        episodes = self.episodes("meta_train", *self.train_views, support_shots=self.support_shots)
+        if self.trainer is not None:
+            episodes.set_epoch(self.trainer.current_epoch)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Lightning's automatic DistributedSampler always shuffles training data; ours honours `shuffle`, so a
+            # DDP run can see exactly the tasks of a 1-process run (Lightning keeps a sampler it did not make).
+            sampler = DistributedSampler(episodes, shuffle=self.shuffle, seed=self.seed)
+            return DataLoader(episodes, batch_size=self.tasks_per_batch, sampler=sampler, collate_fn=collate_tasks,
+                              num_workers=self.num_workers)
+        return self._loader(episodes, self.tasks_per_batch, shuffle=self.shuffle)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self.episodes(split, limit=self.max_val_tasks), self.eval_tasks_per_batch, False)
+                for split in EVAL_SPLITS]
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.episodes("meta_test"), self.eval_tasks_per_batch, False)

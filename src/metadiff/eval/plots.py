@@ -1,0 +1,32 @@
+"""Figures saved beside a run (PNG, written atomically) and sent to loggers that take images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metadiff.utils.io import atomic_path
+
+
+def save_shots_plot(curves: dict[str, list[tuple[int, float, float]]], path: Path, title: str) -> Path:
+    """Accuracy vs shots per answer, one line per method with its 95% CI band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for name, points in curves.items():
+        shots = [p[0] for p in points]
+        mean = [p[1] for p in points]
+        ax.plot(shots, mean, marker="o", label=name)
+        ax.fill_between(shots, [m - p[2] for m, p in zip(mean, points, strict=True)],
+                        [m + p[2] for m, p in zip(mean, points, strict=True)], alpha=0.2)
+    ax.set(xlabel="shots per answer", ylabel="query accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,189 @@
+"""Stages `multitask`, `maml` and `hnet`: few-shot pretraining of the HyperCLIP family (spec §3-§5).
+
+One LightningModule; the method is data in conf/ (learner mode + inner steps, spec §4.3):
+multitask = `mnet` with 0 training inner steps, MAML = `mnet` with K steps, HNET = `enet`. Each meta-step adapts a
+whole batch of tasks at once (`metadiff.meta.inner_loop`) and backpropagates the query loss to the meta-parameters;
+Lightning owns the optimiser step, gradient clipping (clipped before the step, fixing the original's B4), precision
+and DDP (each rank's mean query loss over its tasks; DDP averages the meta-gradients across ranks).
+
+Evaluation (support = `train` split, query = `test` split): zero-shot accuracy (the meta-learned init, no
+adaptation), few-shot accuracy after `eval_steps` inner steps, the CLIP zero-shot baseline (identity adapter) on the
+same tasks, and n-shot trials n = 1..N over reruns with their own n-shot seeds, each as mean +- 95% CI over tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torchmetrics import CatMetric
+
+from metadiff.artifacts import Artifact
+from metadiff.config import ConfigError
+from metadiff.data.meta_vqa.batches import TaskBatch, collate_tasks
+from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS
+from metadiff.eval.plots import save_shots_plot
+from metadiff.eval.stats import mean_ci95
+from metadiff.features.store import FeatureStore
+from metadiff.meta.inner_loop import InnerLoop, query_loss
+from metadiff.meta.learner import FewShotLearner
+from metadiff.nets.adapter import masked_task_accuracy
+
+log = logging.getLogger(__name__)
+LEARNER_WEIGHTS = "learner.pt"
+
+
+def store_embed_dim(upstream: dict[str, Artifact] | None) -> int:
+    """Embedding size of the upstream feature store (what the adapter must take)."""
+    if not upstream or "features" not in upstream:
+        raise ConfigError("model.embed_dim is null and there is no upstream 'features' stage to read it from")
+    info = json.loads(upstream["features"].file("features.json").read_text())
+    return FeatureStore(info["store_dir"]).dim
+
+
+def clip_zero_shot_accuracy(batch: TaskBatch) -> torch.Tensor:
+    """Per-task accuracy of raw CLIP: image vs answer-prompt cosine (the identity adapter, spec §3.1)."""
+    x = torch.nn.functional.normalize(batch.query_x.float(), dim=-1)
+    t = torch.nn.functional.normalize(batch.answers.float(), dim=-1)
+    logits = (x @ t.transpose(1, 2)).masked_fill(~batch.answer_mask.unsqueeze(1), float("-inf"))
+    return masked_task_accuracy(logits, batch.query_y, batch.query_mask)
+
+
+class FewShotModule(pl.LightningModule):
+    def __init__(self, method: str, learner: dict[str, Any], inner: dict[str, Any], eval_steps: int,
+                 optimizer: Callable[..., torch.optim.Optimizer], n_shot_max: int = 5, n_shot_reruns: int = 2,
+                 plot: bool = True, embed_dim: int | None = None, upstream: dict[str, Artifact] | None = None):
+        super().__init__()
+        # Hydra partials do not load weights-only; the upstream artifacts are paths, not hyperparameters
+        self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
+        self.optimizer_factory = optimizer
+        self.method = method
+        self.inner_loop = InnerLoop(**inner)
+        self.eval_steps, self.n_shot_max, self.n_shot_reruns, self.plot = eval_steps, n_shot_max, n_shot_reruns, plot
+        # Built here, not in setup(): under ddp_spawn the launching process must own the same parameters to receive
+        # the trained weights back from rank 0.
+        self.learner = FewShotLearner(embed_dim=embed_dim or store_embed_dim(upstream), **learner)
+        self.summary_metrics: dict[str, float] = {}
+        self.eval_acc = torch.nn.ModuleDict({
+            f"{split}_{kind}": CatMetric() for split in EVAL_SPLITS for kind in ("zeroshot", "fewshot", "clip")
+        })
+
+    # -- model ----------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dim = getattr(self.trainer.datamodule, "embed_dim", self.learner.shape.embed_dim)
+        if dim != self.learner.shape.embed_dim:
+            raise ConfigError(f"model.embed_dim = {self.learner.shape.embed_dim} but the feature store holds {dim}-d "
+                              "embeddings (leave model.embed_dim null to take it from the upstream store)")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.learner.parameters())
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
+        initial = self.learner.initial_inner(batch.question)
+        adapted = self.inner_loop.adapt(self.learner, batch, inner=initial)
+        logits = self.learner.query_logits(adapted, initial, batch.question, batch.query_x, batch.answers,
+                                           batch.answer_mask)
+        loss = query_loss(self.learner, batch, adapted, initial)
+        acc = masked_task_accuracy(logits.detach(), batch.query_y, batch.query_mask).mean()
+        self.log_dict({"train/query_loss": loss, "train/query_acc": acc}, prog_bar=True, batch_size=batch.n_tasks)
+        return loss
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    def _accuracies(self, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            initial = self.learner.initial_inner(batch.question)
+            zero = self.learner.logits(initial, batch.question, batch.query_x, batch.answers, batch.answer_mask)
+        adapted = self.inner_loop.adapt(self.learner, batch, inner=initial, steps=steps)
+        with torch.no_grad():
+            few = self.learner.query_logits(adapted, initial, batch.question, batch.query_x, batch.answers,
+                                            batch.answer_mask)
+        return {"zeroshot": masked_task_accuracy(zero, batch.query_y, batch.query_mask),
+                "fewshot": masked_task_accuracy(few, batch.query_y, batch.query_mask),
+                "clip": clip_zero_shot_accuracy(batch)}
+
+    def validation_step(self, batch: TaskBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        split = EVAL_SPLITS[dataloader_idx]
+        for kind, acc in self._accuracies(batch, self.eval_steps).items():
+            self.eval_acc[f"{split}_{kind}"].update(acc)
+
+    def _log_eval(self, prefix: str, splits: tuple[str, ...]) -> dict[str, float]:
+        """Mean +- 95% CI over tasks of each accuracy, and of the paired per-task gains of few-shot adaptation over
+        the zero-shot init and over CLIP (same tasks, so the paired CI is the one that decides "better")."""
+        out = {}
+        for split in splits:
+            values = {}
+            for kind in ("zeroshot", "fewshot", "clip"):
+                metric = self.eval_acc[f"{split}_{kind}"]
+                values[kind] = metric.compute().cpu()
+                metric.reset()
+            head = f"{prefix}/{split}_" if prefix == "val" else f"{prefix}/"
+            for name, per_task in (*((f"{k}_acc", v) for k, v in values.items()),
+                                   ("fewshot_minus_zeroshot", values["fewshot"] - values["zeroshot"]),
+                                   ("fewshot_minus_clip", values["fewshot"] - values["clip"])):
+                mean, ci = mean_ci95(per_task)
+                out[head + name], out[head + name + "_ci95"] = mean, ci
+        self.log_dict(out, sync_dist=False)
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val", EVAL_SPLITS)
+
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        for kind, acc in self._accuracies(batch, self.eval_steps).items():
+            self.eval_acc[f"meta_test_{kind}"].update(acc)
+
+    def on_test_epoch_end(self) -> None:
+        self.summary_metrics.update(self._log_eval("test", ("meta_test",)))
+        if self.n_shot_max > 0:
+            self.summary_metrics.update(self._n_shot_trials())
+
+    def _n_shot_trials(self) -> dict[str, float]:
+        """Accuracy with n support examples per answer, n = 1..N, `n_shot_reruns` n-shot seeds (spec §5.3)."""
+        data = self.trainer.datamodule
+        out: dict[str, float] = {}
+        curve: dict[str, list[tuple[int, float, float]]] = {self.method: [], "CLIP zero-shot": []}
+        for n in range(1, self.n_shot_max + 1):
+            per_task = []
+            for rerun in range(self.n_shot_reruns):
+                episodes = data.episodes("meta_test", support_shots=n, n_shot_seed=data.n_shot_seed + rerun)
+                loader = torch.utils.data.DataLoader(episodes, batch_size=data.eval_tasks_per_batch,
+                                                     collate_fn=collate_tasks)
+                for batch in loader:
+                    batch = self.transfer_batch_to_device(batch, self.device, 0)
+                    per_task.append(self._accuracies(batch, self.eval_steps)["fewshot"])
+            mean, ci = mean_ci95(torch.cat(per_task).cpu())
+            out[f"test/{n}shot_acc"], out[f"test/{n}shot_acc_ci95"] = mean, ci
+            curve[self.method].append((n, mean, ci))
+        clip = (self.summary_metrics["test/clip_acc"], self.summary_metrics["test/clip_acc_ci95"])
+        curve["CLIP zero-shot"] = [(n, *clip) for n in range(1, self.n_shot_max + 1)]
+        self.log_dict(out)
+        if self.plot and self.trainer.is_global_zero:
+            self._save_plot(curve)
+        return out
+
+    def _save_plot(self, curve: dict[str, list[tuple[int, float, float]]]) -> None:
+        out_dir = Path(self.trainer.default_root_dir)
+        path = save_shots_plot(curve, out_dir / "accuracy_vs_shots.png", title=f"{self.method}: meta-test tasks")
+        (out_dir / "accuracy_vs_shots.json").write_text(json.dumps(curve))
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):  # TensorBoard
+                import matplotlib.image
+
+                experiment.add_image("test/accuracy_vs_shots", matplotlib.image.imread(path), dataformats="HWC")
+            elif type(logger).__name__ == "WandbLogger":
+                logger.log_image(key="test/accuracy_vs_shots", images=[str(path)])
+        log.info("accuracy-vs-shots plot: %s", path)
+
+    # -- artifact -------------------------------------------------------------------------------------------------
+    def write_artifact(self, directory: Path) -> None:
+        torch.save(self.learner.state_dict(), directory / LEARNER_WEIGHTS)
+        (directory / "learner.json").write_text(json.dumps({
+            "method": self.method, "embed_dim": self.learner.shape.embed_dim, **dict(self.hparams.learner),
+        }, default=list))
