@@ -9,6 +9,7 @@ upstream config always maps to the same cached artifact and a changed one never 
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import logging
 from collections.abc import Callable, Mapping
@@ -130,12 +131,26 @@ def publish_artifact(
 
 
 # --------------------------------------------------------------------------------------------- upstream stages
+# Config-group choices of the config being resolved. Hydra only knows the top-level run's choices, so while an
+# upstream is resolved or built, its own inherited choices are set here: a grand-upstream then inherits from its
+# parent (e.g. `upstream.features.inherit_groups=[]` really gives the features stage's CLIP the default trainer).
+_CHOICES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("metadiff_choices", default=None)
+
+
 def _hydra_choices() -> dict[str, str | None]:
     from hydra.core.hydra_config import HydraConfig
 
+    nested = _CHOICES.get()
+    if nested is not None:
+        return nested
     if not HydraConfig.initialized():
         return {}
     return dict(HydraConfig.get().runtime.choices)
+
+
+def _inherited_choices(cfg: DictConfig, name: str) -> dict[str, str]:
+    choices = _hydra_choices()
+    return {g: choices[g] for g in cfg.upstream[name].get("inherit_groups", []) if choices.get(g) is not None}
 
 
 def compose_upstream(cfg: DictConfig, name: str) -> DictConfig:
@@ -144,11 +159,8 @@ def compose_upstream(cfg: DictConfig, name: str) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     spec = cfg.upstream[name]
-    choices = _hydra_choices()
     overrides = [f"experiment={spec.experiment}"]
-    for group in spec.get("inherit_groups", []):
-        if choices.get(group) is not None:
-            overrides.append(f"{group}={choices[group]}")
+    overrides += [f"{group}={choice}" for group, choice in _inherited_choices(cfg, name).items()]
     for key in cfg.paths:  # every location the user set (data, artifacts, VQA/COCO, checkpoints) holds upstream too
         if key != "output_dir":
             value = cfg.paths[key]
@@ -171,6 +183,14 @@ def upstream_command(cfg: DictConfig, name: str) -> str:
 def require_upstream(cfg: DictConfig, name: str) -> Artifact:
     """Find upstream `name`'s artifact, building it first when the config allows (embedded data)."""
     up_cfg = compose_upstream(cfg, name)
+    token = _CHOICES.set(_inherited_choices(cfg, name))
+    try:
+        return _find_or_build(cfg, name, up_cfg)
+    finally:
+        _CHOICES.reset(token)
+
+
+def _find_or_build(cfg: DictConfig, name: str, up_cfg: DictConfig) -> Artifact:
     up_upstream = resolve_upstreams(up_cfg)
     up_fps = {k: a.fingerprint for k, a in up_upstream.items()}
     found = find_artifact(up_cfg, up_fps)
