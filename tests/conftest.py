@@ -61,7 +61,8 @@ def smoke_overrides(experiment: str, tree: dict[str, Path]) -> list[str]:
     if experiment.endswith("_vqa"):
         if not downstream:
             return vqa_overrides(tree)
-        paths, model = vqa_overrides(tree)[:2], vqa_overrides(tree)[2:]
+        overrides = vqa_overrides(tree)
+        paths, model = overrides[:2], overrides[2:]
         return [*paths, "upstream.features.overrides=[" + ",".join(f"'{o}'" for o in model) + "]"]
     return [f'upstream.features.overrides=["{SHORT_CLIP}"]'] if downstream else []
 

@@ -25,14 +25,15 @@ from torchmetrics import CatMetric
 
 from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
-from metadiff.data.meta_vqa.batches import TaskBatch, collate_tasks
-from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS
+from metadiff.data.meta_vqa.batches import TaskBatch
+from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS, upstream_store_dir
 from metadiff.eval.plots import save_shots_plot
 from metadiff.eval.stats import mean_ci95
 from metadiff.features.store import FeatureStore
-from metadiff.meta.inner_loop import InnerLoop, query_loss
+from metadiff.meta.inner_loop import InnerLoop
 from metadiff.meta.learner import FewShotLearner
-from metadiff.nets.adapter import masked_task_accuracy
+from metadiff.nets.adapter import masked_task_accuracy, masked_task_losses
+from metadiff.utils.io import write_json
 
 log = logging.getLogger(__name__)
 LEARNER_WEIGHTS = "learner.pt"
@@ -42,8 +43,7 @@ def store_embed_dim(upstream: dict[str, Artifact] | None) -> int:
     """Embedding size of the upstream feature store (what the adapter must take)."""
     if not upstream or "features" not in upstream:
         raise ConfigError("model.embed_dim is null and there is no upstream 'features' stage to read it from")
-    info = json.loads(upstream["features"].file("features.json").read_text())
-    return FeatureStore(info["store_dir"]).dim
+    return FeatureStore(upstream_store_dir(upstream)).dim
 
 
 def clip_zero_shot_accuracy(batch: TaskBatch) -> torch.Tensor:
@@ -89,7 +89,7 @@ class FewShotModule(pl.LightningModule):
         adapted = self.inner_loop.adapt(self.learner, batch, inner=initial)
         logits = self.learner.query_logits(adapted, initial, batch.question, batch.query_x, batch.answers,
                                            batch.answer_mask)
-        loss = query_loss(self.learner, batch, adapted, initial)
+        loss = masked_task_losses(logits, batch.query_y, batch.query_mask).mean()  # = query_loss, logits reused
         acc = masked_task_accuracy(logits.detach(), batch.query_y, batch.query_mask).mean()
         self.log_dict({"train/query_loss": loss, "train/query_acc": acc}, prog_bar=True, batch_size=batch.n_tasks)
         return loss
@@ -152,9 +152,7 @@ class FewShotModule(pl.LightningModule):
             per_task = []
             for rerun in range(self.n_shot_reruns):
                 episodes = data.episodes("meta_test", support_shots=n, n_shot_seed=data.n_shot_seed + rerun)
-                loader = torch.utils.data.DataLoader(episodes, batch_size=data.eval_tasks_per_batch,
-                                                     collate_fn=collate_tasks)
-                for batch in loader:
+                for batch in data.task_loader(episodes, data.eval_tasks_per_batch, shuffle=False):
                     batch = self.transfer_batch_to_device(batch, self.device, 0)
                     per_task.append(self._accuracies(batch, self.eval_steps)["fewshot"])
             mean, ci = mean_ci95(torch.cat(per_task).cpu())
@@ -170,7 +168,7 @@ class FewShotModule(pl.LightningModule):
     def _save_plot(self, curve: dict[str, list[tuple[int, float, float]]]) -> None:
         out_dir = Path(self.trainer.default_root_dir)
         path = save_shots_plot(curve, out_dir / "accuracy_vs_shots.png", title=f"{self.method}: meta-test tasks")
-        (out_dir / "accuracy_vs_shots.json").write_text(json.dumps(curve))
+        write_json(out_dir / "accuracy_vs_shots.json", curve)
         for logger in self.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):  # TensorBoard

@@ -22,6 +22,11 @@ from metadiff.features.store import FeatureStore
 EVAL_SPLITS = ("meta_train", "meta_test")  # val dataloader order: how well it fits, how well it generalises
 
 
+def upstream_store_dir(upstream: dict[str, Artifact]) -> str:
+    """Where the upstream `features` stage wrote its feature store."""
+    return json.loads(upstream["features"].file("features.json").read_text())["store_dir"]
+
+
 class MetaTaskDataModule(pl.LightningDataModule):
     def __init__(self, source: TaskSource, tasks_per_batch: int = 32, eval_tasks_per_batch: int = 64,
                  train_support_view: str = "test", train_query_view: str = "train", support_shots: int | None = None,
@@ -32,7 +37,7 @@ class MetaTaskDataModule(pl.LightningDataModule):
         if store_dir is None:
             if not upstream or "features" not in upstream:
                 raise ConfigError("data.store_dir is null and there is no upstream 'features' stage: set one of them")
-            store_dir = json.loads(upstream["features"].file("features.json").read_text())["store_dir"]
+            store_dir = upstream_store_dir(upstream)
         self.store_dir = Path(store_dir)
         self.tasks_per_batch, self.eval_tasks_per_batch = tasks_per_batch, eval_tasks_per_batch
         self.train_views = (train_support_view, train_query_view)
@@ -50,25 +55,25 @@ class MetaTaskDataModule(pl.LightningDataModule):
         return TaskEpisodes(tasks, self.store, support_view, query_view, support_shots,
                             self.n_shot_seed if n_shot_seed is None else n_shot_seed, seed=self.seed)
 
-    def _loader(self, episodes: TaskEpisodes, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(episodes, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_tasks,
+    def task_loader(self, episodes: TaskEpisodes, batch_size: int, shuffle: bool, split_ranks: bool = False) -> DataLoader:
+        """Batches of whole tasks. `split_ranks` (training) shares the tasks out over DDP ranks with our own sampler:
+        Lightning's automatic one always shuffles training data, and it keeps a sampler it did not make, so `shuffle`
+        is honoured on every rank count. Evaluation loaders get Lightning's (unshuffled) sampler as usual."""
+        sampler = None
+        if split_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler, shuffle = DistributedSampler(episodes, shuffle=shuffle, seed=self.seed), False
+        return DataLoader(episodes, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate_tasks,
                           num_workers=self.num_workers, persistent_workers=False)
 
     def train_dataloader(self) -> DataLoader:
         episodes = self.episodes("meta_train", *self.train_views, support_shots=self.support_shots)
         if self.trainer is not None:
             episodes.set_epoch(self.trainer.current_epoch)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Lightning's automatic DistributedSampler always shuffles training data; ours honours `shuffle`, so a
-            # DDP run can see exactly the tasks of a 1-process run (Lightning keeps a sampler it did not make).
-            sampler = DistributedSampler(episodes, shuffle=self.shuffle, seed=self.seed)
-            return DataLoader(episodes, batch_size=self.tasks_per_batch, sampler=sampler, collate_fn=collate_tasks,
-                              num_workers=self.num_workers)
-        return self._loader(episodes, self.tasks_per_batch, shuffle=self.shuffle)
+        return self.task_loader(episodes, self.tasks_per_batch, shuffle=self.shuffle, split_ranks=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.episodes(split, limit=self.max_val_tasks), self.eval_tasks_per_batch, False)
+        return [self.task_loader(self.episodes(split, limit=self.max_val_tasks), self.eval_tasks_per_batch, False)
                 for split in EVAL_SPLITS]
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.episodes("meta_test"), self.eval_tasks_per_batch, False)
+        return self.task_loader(self.episodes("meta_test"), self.eval_tasks_per_batch, False)

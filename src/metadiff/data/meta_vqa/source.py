@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -25,16 +24,10 @@ from metadiff.config import ConfigError
 from metadiff.data.meta_vqa.build import TASK_FILES, MetaVQARules, VQAFiles, build_meta_vqa
 from metadiff.data.sources import META_SPLITS, TaskFileSource, dataclass_from_config
 from metadiff.errors import InputFileError, MissingInputError
-from metadiff.utils.hashing import file_sha256, fingerprint
+from metadiff.utils.hashing import file_sha256, fingerprint, to_plain
 from metadiff.utils.io import atomic_dir
 
 RESIZE_MODES = ("squash", "shorter_side_center_crop")
-
-
-def _plain(values: Mapping[str, Any] | None) -> dict[str, Any]:
-    if values is None:
-        return {}
-    return OmegaConf.to_container(values, resolve=True) if isinstance(values, DictConfig) else dict(values)
 
 
 def image_transform(image_size: int, mean: Sequence[float], std: Sequence[float], resize: str) -> transforms.Compose:
@@ -84,8 +77,8 @@ class MetaVQASource(TaskFileSource):
         self.vqa_dir = Path(vqa_dir) if vqa_dir else None
         self.build_dir = Path(build_dir) if build_dir else None
         self.prompts_path = Path(prompts) if prompts else None
-        self.rules = dataclass_from_config(MetaVQARules, _plain(rules), "data.source.rules")
-        self.vqa_files = dataclass_from_config(VQAFiles, _plain(vqa_files), "data.source.vqa_files")
+        self.rules = dataclass_from_config(MetaVQARules, dict(to_plain(rules) or {}), "data.source.rules")
+        self.vqa_files = dataclass_from_config(VQAFiles, dict(to_plain(vqa_files) or {}), "data.source.vqa_files")
         if resize not in RESIZE_MODES:
             raise ConfigError(f"data.source.resize = '{resize}' is not one of {RESIZE_MODES}")
         self.image_file, self.resize, self.check_images = image_file, resize, check_images
