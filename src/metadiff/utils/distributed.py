@@ -1,9 +1,28 @@
-"""Gathering rows computed on different ranks (samplers may give ranks unequal shares)."""
+"""DDP helpers: a spawn strategy that exits cleanly, and gathering rows computed on different ranks."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DDPStrategy
+
+
+class SpawnDDPStrategy(DDPStrategy):
+    """`ddp_spawn` that destroys its process group when a phase (fit/validate/test) ends.
+
+    Why: a spawned gloo worker that reaches interpreter exit with its process group alive can abort in the gloo
+    destructor ("terminate called without an active exception", SIGABRT), which fails a run that had finished
+    training. Every phase spawns fresh workers and builds a new group, so nothing needs the old one.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(start_method="spawn", **kwargs)
+
+    def teardown(self) -> None:
+        super().teardown()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def gather_rows(module: pl.LightningModule, index: torch.Tensor, values: torch.Tensor, n_rows: int) -> torch.Tensor:
