@@ -47,6 +47,14 @@ def test_misspelt_key_inside_config_names_it_and_suggests(tmp_path: Path) -> Non
         validate_config(cfg)
 
 
+@pytest.mark.parametrize("key, suggestion", [("latents_per_bach", "latents_per_batch"),   # the subclass's own key
+                                             ("tasks_per_bach", "tasks_per_batch")])     # a key it forwards
+def test_misspelt_key_of_a_datamodule_forwarding_kwargs_is_caught(key: str, suggestion: str, tmp_path: Path) -> None:
+    cfg = compose_config(["experiment=vae_synthvqa", f"+data.{key}=3"], tmp_path, tmp_path / "out")
+    with pytest.raises(ConfigError, match=rf"'data\.{key}'.*did you mean '{suggestion}'"):
+        validate_config(cfg)
+
+
 def test_wrong_type_names_key(tmp_path: Path) -> None:
     cfg = compose_config(["trainer.max_epochs=three"], tmp_path, tmp_path / "out")
     with pytest.raises(ConfigError, match=r"'trainer\.max_epochs' = 'three' has the wrong type"):

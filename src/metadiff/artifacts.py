@@ -35,6 +35,7 @@ DEFAULT_FINGERPRINT_EXCLUDE = (
     "ckpt_path",
     "optimized_metric",
     "upstream",
+    "upstream_overrides",
     "artifact",
     "trainer.enable_progress_bar",
     "trainer.default_root_dir",
@@ -123,6 +124,7 @@ def publish_artifact(
                 "task_name": cfg.task_name,
                 "fingerprint": path.name.rsplit("-", 1)[-1],
                 "upstream": {name: {"path": str(a.path), "fingerprint": a.fingerprint} for name, a in upstream.items()},
+                "lineage": lineage(upstream),
                 "metrics": {k: float(v) for k, v in metrics.items()},
             },
         )
@@ -167,12 +169,18 @@ def compose_upstream(cfg: DictConfig, name: str) -> DictConfig:
             overrides.append(f"paths.{key}={'null' if value is None else value}")
     overrides.append(f"paths.output_dir={Path(cfg.paths.output_dir) / 'upstream' / name}")
     overrides += list(spec.get("overrides", []))
+    # `upstream_overrides.<experiment>=[...]` reaches a stage at any depth of the chain without nested quoting
+    chain = cfg.get("upstream_overrides") or {}
+    overrides += list(chain.get(spec.experiment, []))
     if GlobalHydra.instance().is_initialized():
-        return compose(config_name="train", overrides=overrides)
-    from metadiff.config.paths import CONF_DIR
+        composed = compose(config_name="train", overrides=overrides)
+    else:
+        from metadiff.config.paths import CONF_DIR
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            composed = compose(config_name="train", overrides=overrides)
+    composed.upstream_overrides = chain  # handed down to the upstream's own upstreams
+    return composed
 
 
 def upstream_command(cfg: DictConfig, name: str) -> str:
@@ -181,7 +189,15 @@ def upstream_command(cfg: DictConfig, name: str) -> str:
 
 
 def require_upstream(cfg: DictConfig, name: str) -> Artifact:
-    """Find upstream `name`'s artifact, building it first when the config allows (embedded data)."""
+    """Find upstream `name`'s artifact, building it first when the config allows (embedded data).
+
+    `upstream.<name>.path` names an existing artifact directory instead (e.g. one trained on another machine); its
+    lineage is still checked against the other upstreams (`check_lineage`)."""
+    if cfg.upstream[name].get("path"):
+        path = Path(cfg.upstream[name].path)
+        if not (path / "manifest.json").is_file():
+            raise UpstreamMissingError(f"upstream.{name}.path={path}: no artifact there (manifest.json is missing)")
+        return load_artifact(path)
     up_cfg = compose_upstream(cfg, name)
     token = _CHOICES.set(_inherited_choices(cfg, name))
     try:
@@ -213,6 +229,34 @@ def _find_or_build(cfg: DictConfig, name: str, up_cfg: DictConfig) -> Artifact:
 
 
 def resolve_upstreams(cfg: DictConfig) -> dict[str, Artifact]:
-    """All upstream artifacts a stage names in `cfg.upstream`, built or found, in config order."""
+    """All upstream artifacts a stage names in `cfg.upstream`, built or found, in config order, checked to share
+    one lineage."""
     specs = cfg.get("upstream") or {}
-    return {name: require_upstream(cfg, name) for name in specs}
+    found = {name: require_upstream(cfg, name) for name in specs}
+    check_lineage(found)
+    return found
+
+
+def lineage(upstream: Mapping[str, Artifact]) -> dict[str, str]:
+    """stage -> fingerprint of every artifact this one is built on (the upstreams and all of theirs)."""
+    out: dict[str, str] = {}
+    for art in upstream.values():
+        out.update(art.manifest.get("lineage", {}))
+        out[art.manifest["stage"]] = art.fingerprint
+    return out
+
+
+def check_lineage(upstream: Mapping[str, Artifact]) -> None:
+    """Refuse upstreams built on different versions of a shared stage (e.g. an adaptation dataset made from another
+    feature model or data split than the features this run reads): their tensors would not mean the same thing."""
+    seen: dict[str, tuple[str, str]] = {}
+    for name, art in upstream.items():
+        for stage, fp in lineage({name: art}).items():
+            if stage in seen and seen[stage][0] != fp:
+                other, other_fp = seen[stage][1], seen[stage][0]
+                raise ArtifactMismatchError(
+                    f"upstream '{name}' ({art.path}) was built on {stage} {fp[:12]}, but upstream '{other}' uses "
+                    f"{stage} {other_fp[:12]}: rebuild '{name}' for this run's {stage} (or point "
+                    f"upstream.{name}.path at a matching artifact)"
+                )
+            seen.setdefault(stage, (fp, name))

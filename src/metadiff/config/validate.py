@@ -40,7 +40,8 @@ TOP_LEVEL_TYPES: dict[str, tuple[type, ...]] = {
     "deterministic": (bool,),
     "float32_matmul_precision": (str,),
 }
-GROUP_KEYS = {"data", "model", "trainer", "logger", "callbacks", "paths", "extras", "upstream", "artifact"}
+GROUP_KEYS = {"data", "model", "trainer", "logger", "callbacks", "paths", "extras", "upstream", "upstream_overrides",
+              "artifact"}
 
 
 def _resolve_target(path: str, key: str) -> Callable[..., Any]:
@@ -92,8 +93,17 @@ def _check_target_node(node: DictConfig, key: str) -> None:
         hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
     except Exception:  # noqa: BLE001 - unresolvable hints just mean "no type check"
         hints = {}
-    params = sig.parameters
+    params = dict(sig.parameters)
     has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if has_var_kw and inspect.isclass(target):  # a subclass forwarding **kwargs: its parents' arguments count too
+        for parent in target.__mro__[1:]:
+            if parent is object or "__init__" not in vars(parent):
+                continue
+            parent_params = inspect.signature(parent.__init__).parameters
+            params = {**{k: v for k, v in parent_params.items() if k != "self"}, **params}
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parent_params.values()):
+                has_var_kw = False
+                break
     for name in node.keys():
         name = str(name)
         if name.startswith("_"):
