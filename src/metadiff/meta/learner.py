@@ -18,10 +18,27 @@ from metadiff.nets.adapter import AdapterShape, CLIPAdapter, adapter_logits
 from metadiff.nets.hypernet import Mlp, TaskEmbedding
 
 MODES = ("mnet", "enet", "hnet")
+LEARNER_WEIGHTS = "learner.pt"  # the artifact files of a few-shot stage: state dict + constructor arguments
+LEARNER_SPEC = "learner.json"
 Inner = dict[str, torch.Tensor]
 
 
-class FewShotLearner(nn.Module):
+class AlphaQueryLogits:
+    """`query_logits` shared by every learner that has `logits(inner, ...)` and `alpha`."""
+
+    alpha: float
+
+    def query_logits(self, adapted: Inner, initial: Inner, question: torch.Tensor, x: torch.Tensor,
+                     answers: torch.Tensor, answer_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the adapted model; with alpha != 1, alpha * (f(adapted) - f(init)) + f(init) (spec §3.4)."""
+        out = self.logits(adapted, question, x, answers, answer_mask)
+        if self.alpha != 1.0:
+            start = self.logits(initial, question, x, answers, answer_mask)
+            out = self.alpha * (out - start) + start
+        return out
+
+
+class FewShotLearner(AlphaQueryLogits, nn.Module):
     def __init__(self, mode: str, embed_dim: int, adapter_hidden: int = 256, hnet_hidden: list[int] | tuple = (128,),
                  embedding_dim: int = 128, question_init: bool = False, logit_scale: float = 100.0,
                  adapter_init_std: float = 1.0, zero_init_output: bool = False, alpha: float = 1.0):
@@ -64,12 +81,3 @@ class FewShotLearner(nn.Module):
                answer_mask: torch.Tensor | None = None) -> torch.Tensor:
         return adapter_logits(self.adapter_weights(inner, question), x.float(), answers, answer_mask,
                               scale=self.logit_scale)
-
-    def query_logits(self, adapted: Inner, initial: Inner, question: torch.Tensor, x: torch.Tensor,
-                     answers: torch.Tensor, answer_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the adapted model; with alpha != 1, alpha * (f(adapted) - f(init)) + f(init) (spec §3.4)."""
-        out = self.logits(adapted, question, x, answers, answer_mask)
-        if self.alpha != 1.0:
-            start = self.logits(initial, question, x, answers, answer_mask)
-            out = self.alpha * (out - start) + start
-        return out

@@ -31,12 +31,11 @@ from metadiff.eval.plots import save_shots_plot
 from metadiff.eval.stats import mean_ci95
 from metadiff.features.store import FeatureStore
 from metadiff.meta.inner_loop import InnerLoop
-from metadiff.meta.learner import FewShotLearner
+from metadiff.meta.learner import LEARNER_SPEC, LEARNER_WEIGHTS, FewShotLearner
 from metadiff.nets.adapter import masked_task_accuracy, masked_task_losses
 from metadiff.utils.io import write_json
 
 log = logging.getLogger(__name__)
-LEARNER_WEIGHTS = "learner.pt"
 
 
 def store_embed_dim(upstream: dict[str, Artifact] | None) -> int:
@@ -182,6 +181,6 @@ class FewShotModule(pl.LightningModule):
     # -- artifact -------------------------------------------------------------------------------------------------
     def write_artifact(self, directory: Path) -> None:
         torch.save(self.learner.state_dict(), directory / LEARNER_WEIGHTS)
-        (directory / "learner.json").write_text(json.dumps({
+        (directory / LEARNER_SPEC).write_text(json.dumps({
             "method": self.method, "embed_dim": self.learner.shape.embed_dim, **dict(self.hparams.learner),
         }, default=list))

@@ -1,0 +1,37 @@
+"""Per-task values gathered over an evaluation epoch (all ranks), reported as mean +- 95% CI."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchmetrics import CatMetric
+
+from metadiff.eval.stats import mean_ci95
+
+
+class PerTaskValues(nn.Module):
+    """Named `CatMetric`s: `update(name, values)` per batch, `compute()` the gathered [n_tasks] tensors, then reset."""
+
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.metrics = nn.ModuleDict({name: CatMetric() for name in names})
+
+    def update(self, name: str, values: torch.Tensor) -> None:
+        self.metrics[name].update(values.detach().float())
+
+    def compute(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in names or list(self.metrics):
+            metric = self.metrics[name]
+            out[name] = metric.compute().cpu() if metric.update_count else torch.empty(0)
+            metric.reset()
+        return out
+
+
+def ci_report(prefix: str, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{prefix/name: mean, prefix/name_ci95: half-width} for every non-empty value list."""
+    out = {}
+    for name, per_task in values.items():
+        if per_task.numel():
+            out[f"{prefix}/{name}"], out[f"{prefix}/{name}_ci95"] = mean_ci95(per_task)
+    return out
