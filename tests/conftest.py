@@ -51,13 +51,32 @@ def vqa_overrides(tree: dict[str, Path]) -> list[str]:
             f"model.checkpoint={tree['checkpoint']}", "data.num_workers=0"]
 
 
-SHORT_CLIP = "upstream.clip.overrides=['trainer.max_steps=2','data.n_train_pairs=512','data.n_val_tasks=5']"
+SHORT_CLIP_OVERRIDES = "['trainer.max_steps=2','data.n_train_pairs=512','data.n_val_tasks=5']"
+SHORT_CLIP = f"upstream.clip.overrides={SHORT_CLIP_OVERRIDES}"
 FEWSHOT_STAGES = ("multitask", "maml", "hnet")
+LATENT_STAGES = ("adaptation", "vae", "hyperclip")
+
+
+def short_chain(bench: str, tree: dict[str, Path] | None = None) -> list[str]:
+    """Short versions of every upstream stage of the latent stages (1-epoch HNET, 2 adaptation rows), set at any
+    depth of the chain through `upstream_overrides`."""
+    out = [f"+upstream_overrides.hnet_{bench}=['trainer.max_epochs=1','model.n_shot_max=0']",
+           f"+upstream_overrides.adaptation_{bench}=['model.rows=2','model.inner.steps=3']"]
+    if bench == "synthvqa":
+        return [*out, f"+upstream_overrides.clip_synthvqa={SHORT_CLIP_OVERRIDES}"]
+    assert tree is not None
+    paths, prompts, model = vqa_overrides(tree)[:2], vqa_overrides(tree)[2], vqa_overrides(tree)[3:5]
+    out = [o.replace("=[", f"=['{prompts}',", 1) for o in out]
+    out.append("+upstream_overrides.features_vqa=[" + ",".join(f"'{o}'" for o in (prompts, *model)) + "]")
+    return [*paths, prompts, "data.num_workers=0", *out]
 
 
 def smoke_overrides(experiment: str, tree: dict[str, Path]) -> list[str]:
     """What a smoke test of `experiment` adds: fixture data for *_vqa, short upstream stages for the rest."""
-    downstream = experiment.split("_")[0] in FEWSHOT_STAGES
+    stage, bench = experiment.split("_")[0], experiment.rsplit("_", 1)[1]
+    if stage in LATENT_STAGES:
+        return short_chain(bench, tree)
+    downstream = stage in FEWSHOT_STAGES
     if experiment.endswith("_vqa"):
         if not downstream:
             return vqa_overrides(tree)

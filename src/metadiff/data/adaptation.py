@@ -1,0 +1,118 @@
+"""The adaptation dataset (spec §4.4): task latents fine-tuned from the HNET (or VAE) init, as the training set of the
+VAE, HyperCLIP and HyperLDM stages.
+
+Artifact file `adaptation.pt` (a dict of CPU tensors and lists, loadable with `weights_only=True`):
+- `train_latents` [E, N, d]: E repetitions ("rows") of every meta-train task, each fine-tuned on a fresh random view;
+- `eval_latents` {split: [N_split, d]}: one fine-tune per task on its `train` split (the evaluation protocol);
+- `train_questions` [N, e]: each meta-train task's question embedding (the conditioning signal);
+- `tasks` {split: [question, ...]}: task identity, in the task-file order the rows use;
+- `init_latent` [d], `latent_mean` [d], `latent_std` [d] (over all rows, clipped below: the normalisation of §4.7).
+Consumers draw one random row per epoch and iterate over its tasks (spec §4.4), reproducibly from the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from metadiff.artifacts import Artifact, ArtifactMismatchError
+from metadiff.config import ConfigError
+from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS, MetaTaskDataModule
+from metadiff.data.meta_vqa.tasks import Task
+
+ADAPTATION_FILE = "adaptation.pt"
+
+
+def task_list_hash(questions: list[str]) -> str:
+    return hashlib.sha256("\n".join(questions).encode()).hexdigest()[:12]
+
+
+@dataclass
+class AdaptationData:
+    train_latents: torch.Tensor
+    eval_latents: dict[str, torch.Tensor]
+    train_questions: torch.Tensor
+    tasks: dict[str, list[str]]
+    init_latent: torch.Tensor
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return int(self.train_latents.shape[0])
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.train_latents.shape[-1])
+
+    def save(self, path: Path) -> None:
+        torch.save(self.__dict__, path)
+
+    @classmethod
+    def load(cls, artifact: Artifact) -> AdaptationData:
+        path = artifact.file(ADAPTATION_FILE)
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            return cls(**raw)
+        except (RuntimeError, TypeError, EOFError, KeyError) as err:
+            raise ArtifactMismatchError(f"{path}: not a readable adaptation dataset ({err})") from None
+
+    def check_tasks(self, tasks: dict[str, list[Task]], where: Path) -> None:
+        """Refuse a dataset built for other tasks than this run's data: rows index tasks by position."""
+        for split, mine in tasks.items():
+            built = self.tasks.get(split, [])
+            questions = [t.question for t in mine]
+            if questions != built:
+                raise ArtifactMismatchError(
+                    f"adaptation dataset {where} was built for {len(built)} {split} tasks (hash "
+                    f"{task_list_hash(built)}), but this run's data has {len(questions)} (hash "
+                    f"{task_list_hash(questions)}): rebuild it with this run's data config"
+                )
+
+
+class LatentRows(Dataset):
+    """Item i = (latent of meta-train task i in this epoch's row, its question embedding, i)."""
+
+    def __init__(self, data: AdaptationData, seed: int):
+        self.data, self.seed, self.row = data, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.row = int(np.random.default_rng([self.seed, epoch]).integers(self.data.rows))
+
+    def __len__(self) -> int:
+        return int(self.data.train_latents.shape[1])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.data.train_latents[self.row, i], self.data.train_questions[i], i
+
+
+class AdaptationDataModule(MetaTaskDataModule):
+    """Training batches of (latent, question) pairs from the adaptation dataset; validation/test batches of whole
+    tasks (support = train split, query = test split) whose fine-tuned latents are `data.eval_latents[split]`."""
+
+    def __init__(self, *args, latents_per_batch: int = 32, drop_last: bool = False,
+                 upstream: dict[str, Artifact] | None = None, **kwargs):
+        super().__init__(*args, upstream=upstream, **kwargs)
+        if not upstream or "adaptation" not in upstream:
+            raise ConfigError("this stage needs an upstream 'adaptation' dataset (upstream.adaptation in its config)")
+        self.adaptation_artifact = upstream["adaptation"]
+        self.latents_per_batch, self.drop_last = latents_per_batch, drop_last
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.adaptation = AdaptationData.load(self.adaptation_artifact)
+        self.adaptation.check_tasks({s: self.tasks[s] for s in EVAL_SPLITS}, self.adaptation_artifact.path)
+
+    def train_dataloader(self) -> DataLoader:
+        rows = LatentRows(self.adaptation, self.seed)
+        rows.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        sampler, shuffle = None, self.shuffle
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler, shuffle = DistributedSampler(rows, shuffle=self.shuffle, seed=self.seed), False
+        return DataLoader(rows, batch_size=self.latents_per_batch, shuffle=shuffle, sampler=sampler,
+                          drop_last=self.drop_last, num_workers=self.num_workers)

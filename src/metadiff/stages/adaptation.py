@@ -1,0 +1,227 @@
+"""Stage `adaptation`: the dataset of fine-tuned task latents (spec §4.4, "StoreFewShotLatent").
+
+From the HNET's meta-learned init (or a VAE's encoding of it), every meta-train task's latent is fine-tuned K SGD
+steps on a random view of the task, `rows` times with fresh views; every meta-train and meta-test task is also
+fine-tuned once on its `train` split (the evaluation latents). Batches of tasks are adapted at once by the few-shot
+stage's inner loop.
+
+Runs as Lightning's predict loop over *chunks* (a kind, a row and a slice of tasks). Each chunk is a pure function
+of (seed, row, tasks), written atomically to `work_dir` as soon as it is done, so a killed run resumes with the
+chunks still missing and ends with exactly the tensors of an uninterrupted run (the original re-read and re-wrote
+one growing file per row, §8 B31). Rank 0 assembles the chunks into the artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from metadiff.artifacts import Artifact
+from metadiff.config import ConfigError
+from metadiff.data.adaptation import ADAPTATION_FILE, AdaptationData, task_list_hash
+from metadiff.data.meta_vqa.batches import TaskBatch, TaskEpisodes, collate_tasks
+from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS, MetaTaskDataModule
+from metadiff.data.meta_vqa.tasks import Task
+from metadiff.eval.stats import mean_ci95
+from metadiff.meta.inner_loop import InnerLoop
+from metadiff.meta.latent import LatentLearner, hnet_latent_learner
+from metadiff.nets.adapter import masked_task_accuracy
+from metadiff.utils.hashing import fingerprint
+from metadiff.utils.io import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+TRAIN = "train"  # chunk kind of the training rows; the evaluation kinds are the split names
+
+
+@dataclass(frozen=True)
+class Chunk:
+    kind: str  # "train" or an evaluation split
+    row: int
+    number: int
+    tasks: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-r{self.row:04d}-c{self.number:05d}"
+
+
+def plan_chunks(tasks: dict[str, list[Task]], rows: int, chunk_tasks: int) -> list[Chunk]:
+    """Every chunk of the dataset: evaluation fine-tunes first (the metrics), then the training rows. A chunk holds
+    tasks of similar size (sorted by example count), so padding to the largest task of a chunk wastes little: tasks
+    range from 21 to 1,776 examples, and a random chunk would pad most of them many times over."""
+    out = []
+    for kind, n_rows in [*((split, 1) for split in EVAL_SPLITS), (TRAIN, rows)]:
+        split_tasks = tasks["meta_train" if kind == TRAIN else kind]
+        order = sorted(range(len(split_tasks)), key=lambda i: (len(split_tasks[i].train) + len(split_tasks[i].test), i))
+        groups = [tuple(order[s:s + chunk_tasks]) for s in range(0, len(order), chunk_tasks)]
+        out += [Chunk(kind, r, c, group) for r in range(n_rows) for c, group in enumerate(groups)]
+    return out
+
+
+class ChunkDataset(Dataset):
+    """Item = (chunk name, the chunk's tasks as one padded TaskBatch)."""
+
+    def __init__(self, chunks: list[Chunk], episodes: dict[str, TaskEpisodes]):
+        self.chunks, self.episodes = chunks, episodes
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int) -> tuple[str, TaskBatch]:
+        chunk = self.chunks[k]
+        episodes = self.episodes[chunk.kind]
+        episodes.set_epoch(chunk.row)  # the random view of row r is the one of "epoch" r: reproducible per chunk
+        return chunk.name, collate_tasks([episodes[i] for i in chunk.tasks])
+
+
+class AdaptationChunkDataModule(MetaTaskDataModule):
+    """Predict batches = chunks still missing from the module's work dir."""
+
+    def __init__(self, *args, train_support_view: str = "random", train_query_view: str = "test",
+                 upstream: dict[str, Artifact] | None = None, **kwargs):
+        super().__init__(*args, train_support_view=train_support_view, train_query_view=train_query_view,
+                         upstream=upstream, **kwargs)
+
+    def predict_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module
+        episodes = {TRAIN: self.episodes("meta_train", *self.train_views, support_shots=self.support_shots)}
+        episodes |= {split: self.episodes(split) for split in EVAL_SPLITS}
+        dataset = ChunkDataset(module.pending_chunks(), episodes)
+        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=False)
+
+
+class AdaptationModule(pl.LightningModule):
+    def __init__(self, rows: int, inner: dict[str, Any], chunk_tasks: int, work_dir: str, std_min: float = 1e-3,
+                 seed: int = 0, upstream: dict[str, Artifact] | None = None):
+        super().__init__()
+        if not upstream or "hnet" not in upstream:
+            raise ConfigError("adaptation needs an upstream 'hnet' (a trained HNET artifact) in its config")
+        self.base: LatentLearner = self._latent_base(upstream)
+        lr = inner.get("lr")
+        if lr is None:  # the rate the HNET was meta-trained and evaluated with
+            lr = float(OmegaConf.load(upstream["hnet"].file("config.yaml")).model.inner.lr)
+        self.inner_loop = InnerLoop(steps=int(inner["steps"]), lr=float(lr), second_order=False)
+        self.rows, self.chunk_tasks, self.std_min, self.seed = rows, chunk_tasks, std_min, seed
+        self.description = {"upstream": {k: a.fingerprint for k, a in upstream.items()}, "rows": rows,
+                            "inner": {"steps": self.inner_loop.steps, "lr": self.inner_loop.lr},
+                            "chunk_tasks": chunk_tasks, "chunking": "size-sorted", "seed": seed}
+        self.work_dir = Path(work_dir.format(fingerprint=fingerprint(self.description)[:12]))
+        self.summary_metrics: dict[str, float] = {}
+        self.artifact_ready = False
+        self.result: AdaptationData | None = None
+
+    @staticmethod
+    def _latent_base(upstream: dict[str, Artifact]) -> LatentLearner:
+        if "vae" in upstream:  # the VAE MetaModel (spec §3.5): latents live in the VAE's latent space
+            from metadiff.stages.vae import vae_latent_learner
+
+            return vae_latent_learner(upstream["vae"], hnet_latent_learner(upstream["hnet"]))
+        return hnet_latent_learner(upstream["hnet"])
+
+    # -- work plan ------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule
+        self.tasks = {split: data.tasks[split] for split in EVAL_SPLITS}
+        self.chunks = plan_chunks(self.tasks, self.rows, self.chunk_tasks)
+        if self.trainer.is_global_zero:
+            self._open_work_dir()
+        self.trainer.strategy.barrier()
+
+    def _open_work_dir(self) -> None:
+        marker = self.work_dir / "partial.json"
+        if marker.is_file() and read_json(marker, what="adaptation work marker") != self.description:
+            log.warning("%s holds chunks of another configuration: starting over", self.work_dir)
+            shutil.rmtree(self.work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        write_json(marker, self.description)
+        done = sum((self.work_dir / f"{c.name}.pt").is_file() for c in self.chunks)
+        if done:
+            log.info("resuming adaptation in %s: %d of %d chunks already done", self.work_dir, done, len(self.chunks))
+
+    def pending_chunks(self) -> list[Chunk]:
+        return [c for c in self.chunks if not (self.work_dir / f"{c.name}.pt").is_file()]
+
+    # -- one chunk ------------------------------------------------------------------------------------------------
+    def predict_step(self, item: tuple[str, TaskBatch], batch_idx: int) -> None:
+        name, batch = item
+        initial = self.base.initial_inner(batch.question)
+        adapted = self.inner_loop.adapt(self.base, batch, inner=initial)
+        with torch.no_grad():
+            start = self.base.logits(initial, batch.question, batch.query_x, batch.answers, batch.answer_mask)
+            end = self.base.logits(adapted, batch.question, batch.query_x, batch.answers, batch.answer_mask)
+        record = {
+            "z": adapted["z"].float().cpu(), "task_index": batch.task_index.cpu(),
+            "start_acc": masked_task_accuracy(start, batch.query_y, batch.query_mask).cpu(),
+            "end_acc": masked_task_accuracy(end, batch.query_y, batch.query_mask).cpu(),
+        }
+        with atomic_path(self.work_dir / f"{name}.pt") as tmp:
+            torch.save(record, tmp)
+
+    # -- assembly -------------------------------------------------------------------------------------------------
+    def on_predict_end(self) -> None:
+        self.trainer.strategy.barrier()
+        if self.trainer.fast_dev_run:
+            log.warning("fast_dev_run: adaptation dataset not assembled (only one chunk was computed)")
+            return
+        if not self.trainer.is_global_zero:
+            return
+        missing = self.pending_chunks()
+        if missing:
+            raise RuntimeError(f"adaptation: {len(missing)} chunks missing in {self.work_dir} (first: {missing[0].name})")
+        self.result, metrics = self._assemble()
+        self.summary_metrics.update(metrics)
+        self.artifact_ready = True
+
+    def _assemble(self) -> tuple[AdaptationData, dict[str, float]]:
+        n = {s: len(t) for s, t in self.tasks.items()}
+        d = self.base.latent_dim
+        train = torch.zeros(self.rows, n["meta_train"], d)
+        evals = {s: torch.zeros(n[s], d) for s in EVAL_SPLITS}
+        accs: dict[str, dict[str, list[torch.Tensor]]] = {s: {"start": [], "end": []} for s in EVAL_SPLITS}
+        for chunk in self.chunks:
+            rec = torch.load(self.work_dir / f"{chunk.name}.pt", weights_only=True)
+            if chunk.kind == TRAIN:
+                train[chunk.row, rec["task_index"]] = rec["z"]
+            else:
+                evals[chunk.kind][rec["task_index"]] = rec["z"]
+                accs[chunk.kind]["start"].append(rec["start_acc"])
+                accs[chunk.kind]["end"].append(rec["end_acc"])
+        questions = torch.stack([self._question(t.question) for t in self.tasks["meta_train"]])
+        flat = train.reshape(-1, d)
+        data = AdaptationData(
+            train_latents=train, eval_latents=evals, train_questions=questions,
+            tasks={s: [t.question for t in ts] for s, ts in self.tasks.items()},
+            init_latent=self.base.init_latent.cpu(), latent_mean=flat.mean(0),
+            latent_std=flat.std(0).clamp_min(self.std_min),
+        )
+        metrics = {}
+        for split in EVAL_SPLITS:
+            for kind, label in (("start", "init"), ("end", "finetuned")):
+                mean, ci = mean_ci95(torch.cat(accs[split][kind]))
+                metrics[f"adaptation/{split}_{label}_acc"], metrics[f"adaptation/{split}_{label}_acc_ci95"] = mean, ci
+        metrics["adaptation/latent_std_mean"] = float(data.latent_std.mean())
+        metrics["adaptation/rows"] = float(self.rows)
+        return data, metrics
+
+    def _question(self, question: str) -> torch.Tensor:
+        store = self.trainer.datamodule.store
+        return torch.from_numpy(np.asarray(store.question(question), dtype=np.float32)).reshape(-1)
+
+    def write_artifact(self, directory: Path) -> None:
+        assert self.result is not None
+        self.result.save(directory / ADAPTATION_FILE)
+        (directory / "adaptation.json").write_text(json.dumps({
+            **self.description, "latent_dim": self.result.latent_dim,
+            "tasks": {s: {"n": len(q), "hash": task_list_hash(q)} for s, q in self.result.tasks.items()},
+        }, indent=2))
