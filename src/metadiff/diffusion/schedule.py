@@ -1,0 +1,101 @@
+"""Noise schedules and the forward process, for tensors of any shape (latents [B, D] or images [B, C, H, W]).
+
+`make_beta_schedule` gives the spec's five schedules (hyperclip.md §3.9) in float64; `NoiseSchedule` holds the
+derived quantities and follows the diffusers contract: `add_noise`, `set_timesteps` (respaced, descending
+timesteps), and a sampler `step` (in `metadiff.diffusion.sampling`) that reads the previous timestep from that list,
+so any spacing is handled exactly (the original mixed a respaced alpha-bar with un-respaced alphas, §8 B8). No model
+lives in a schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt", "quad")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def make_beta_schedule(name: str, n_timesteps: int, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                       cosine_s: float = 8e-3) -> torch.Tensor:
+    """Betas [T] in float64 (spec §3.9)."""
+    t = n_timesteps
+    if name == "linear":
+        return torch.linspace(linear_start**0.5, linear_end**0.5, t, dtype=torch.float64) ** 2
+    if name == "cosine":
+        k = torch.arange(t + 1, dtype=torch.float64) / t
+        alpha_bar = torch.cos((k + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+        alpha_bar = alpha_bar / alpha_bar[0]
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(0, 0.999)
+    if name == "sqrt_linear":
+        return torch.linspace(linear_start, linear_end, t, dtype=torch.float64)
+    if name == "sqrt":
+        return torch.linspace(linear_start, linear_end, t, dtype=torch.float64) ** 0.5
+    if name == "quad":
+        return torch.linspace(linear_start**0.25, linear_end**0.25, t, dtype=torch.float64) ** 4
+    raise ValueError(f"beta schedule '{name}' is not one of {SCHEDULES}")
+
+
+def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] per-sample values -> [B, 1, 1, ...] broadcastable against `like`."""
+    return values.to(like.device, like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+@dataclass
+class NoiseSchedule:
+    betas: torch.Tensor  # [T], float64
+
+    @classmethod
+    def make(cls, name: str = "cosine", n_timesteps: int = 1000, linear_start: float = 1e-4,
+             linear_end: float = 2e-2, cosine_s: float = 8e-3) -> NoiseSchedule:
+        return cls(make_beta_schedule(name, n_timesteps, linear_start, linear_end, cosine_s))
+
+    @property
+    def n_timesteps(self) -> int:
+        return int(self.betas.shape[0])
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return torch.exp(torch.cumsum(torch.log1p(-self.betas), 0))
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha-bar at integer timesteps t (any shape); t = -1 means "before step 0" (alpha-bar 1)."""
+        padded = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])
+        return padded[t.long().cpu() + 1]
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Sample of q(x_t | x_0) = sqrt(ab_t) x_0 + sqrt(1 - ab_t) noise, per-sample timesteps t [B]."""
+        ab = _expand(self.alpha_bar(t), x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = _expand(self.alpha_bar(t), x_t)
+        return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+    def predict_eps(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = _expand(self.alpha_bar(t), x_t)
+        return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+    def set_timesteps(self, n_steps: int, spacing: str = "trailing", start_frac: float = 1.0) -> torch.Tensor:
+        """Descending timesteps of a respaced sampler with `n_steps` steps, optionally starting part-way
+        (`start_frac` < 1: SDEdit / init-from-pretrained start at t ~ start_frac * T).
+
+        `trailing` always includes T-1 (the pure-noise end) and is the spacing whose first step sees pure noise;
+        `leading` is the original DDIM/diffusers default (0, k, 2k, ...); `linspace` rounds an even grid."""
+        big_t = self.n_timesteps
+        if not 1 <= n_steps <= big_t:
+            raise ValueError(f"n_steps = {n_steps} must be in [1, {big_t}]")
+        if spacing == "trailing":
+            steps = torch.round(torch.arange(big_t, 0, -big_t / n_steps, dtype=torch.float64)) - 1
+        elif spacing == "leading":
+            steps = torch.arange(0, n_steps, dtype=torch.float64).flip(0) * (big_t // n_steps)
+        elif spacing == "linspace":
+            steps = torch.linspace(0, big_t - 1, n_steps, dtype=torch.float64).round().flip(0)
+        else:
+            raise ValueError(f"timestep spacing '{spacing}' is not one of {SPACINGS}")
+        steps = steps.long()
+        if start_frac < 1.0:
+            steps = steps[steps < max(1, round(start_frac * big_t))]
+        return steps

@@ -1,0 +1,65 @@
+"""Latent denoisers of HyperLDM (spec §3.7): eps_theta(x_t [B, D], t [B], c [B, e]) -> eps [B, D].
+
+The condition c is the task's raw question embedding, or the null token (zeros) for classifier-free dropout.
+`v1` concatenates (x, c, temb) into a stack of FF blocks (Linear -> LayerNorm -> ReLU). `v2` re-injects (c, temb)
+into every block with a linear residual path; `head_on: block` reproduces the original's head on the last block's
+pre-residual activation, `head_on: residual` is the fixed variant that reads the residual stream (§8 B19).
+Hand-written: these are ~160k-parameter MLPs specific to the paper; no library ships them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+VERSIONS = ("v1", "v2")
+HEADS = ("block", "residual")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos(t f_i) | sin(t f_i)], f_i = exp(-ln(1e4) i / (dim/2)), cos first as in the original; odd dim zero-padded."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return nn.functional.pad(emb, (0, dim % 2))
+
+
+def _ff(n_in: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, n_out), nn.LayerNorm(n_out), nn.ReLU())
+
+
+class LatentDenoiser(nn.Module):
+    def __init__(self, latent_dim: int, cond_dim: int, hidden: list[int] | tuple = (128, 128), time_dim: int = 100,
+                 version: str = "v1", head_on: str = "block"):
+        super().__init__()
+        if version not in VERSIONS:
+            raise ValueError(f"denoiser version '{version}' is not one of {VERSIONS}")
+        if head_on not in HEADS:
+            raise ValueError(f"head_on '{head_on}' is not one of {HEADS}")
+        self.version, self.head_on, self.time_dim = version, head_on, time_dim
+        self.latent_dim, self.cond_dim = latent_dim, cond_dim
+        side = cond_dim + time_dim
+        if version == "v1":
+            dims = [latent_dim + side, *hidden]
+            self.blocks = nn.ModuleList(_ff(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        else:
+            dims = [latent_dim, *hidden]
+            self.blocks = nn.ModuleList(_ff(a + side, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+            self.residuals = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.head = nn.Linear(hidden[-1], latent_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        side = torch.cat([c.to(x.dtype), timestep_embedding(t, self.time_dim).to(x.dtype)], dim=-1)
+        if self.version == "v1":
+            h = torch.cat([x, side], dim=-1)
+            for block in self.blocks:
+                h = block(h)
+            return self.head(h)
+        stream, block_out = x, x
+        for block, residual in zip(self.blocks, self.residuals, strict=True):
+            block_out = block(torch.cat([stream, side], dim=-1))
+            stream = block_out + residual(stream)
+        return self.head(block_out if self.head_on == "block" else stream)
