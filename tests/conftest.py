@@ -54,13 +54,14 @@ def vqa_overrides(tree: dict[str, Path]) -> list[str]:
 SHORT_CLIP_OVERRIDES = "['trainer.max_steps=2','data.n_train_pairs=512','data.n_val_tasks=5']"
 SHORT_CLIP = f"upstream.clip.overrides={SHORT_CLIP_OVERRIDES}"
 FEWSHOT_STAGES = ("multitask", "maml", "hnet")
-LATENT_STAGES = ("adaptation", "vae", "hyperclip")
+LATENT_STAGES = ("adaptation", "vae", "hyperclip", "hyperldm")
 
 
 def short_chain(bench: str, tree: dict[str, Path] | None = None) -> list[str]:
-    """Short versions of every upstream stage of the latent stages (1-epoch HNET, 2 adaptation rows), set at any
-    depth of the chain through `upstream_overrides`."""
+    """Short versions of every upstream stage of the latent stages (1-epoch HNET and multitask, 2 adaptation rows),
+    set at any depth of the chain through `upstream_overrides`."""
     out = [f"+upstream_overrides.hnet_{bench}=['trainer.max_epochs=1','model.n_shot_max=0']",
+           f"+upstream_overrides.multitask_{bench}=['trainer.max_epochs=1','model.n_shot_max=0']",
            f"+upstream_overrides.adaptation_{bench}=['model.rows=2','model.inner.steps=3']"]
     if bench == "synthvqa":
         return [*out, f"+upstream_overrides.clip_synthvqa={SHORT_CLIP_OVERRIDES}"]

@@ -221,7 +221,11 @@ def _find_or_build(cfg: DictConfig, name: str, up_cfg: DictConfig) -> Artifact:
     log.info("upstream '%s' missing: building it now (%s)", name, upstream_command(cfg, name))
     from metadiff.run import train
 
-    train(up_cfg)
+    try:
+        train(up_cfg)
+    except UserError as err:  # say which upstream failed and the command that builds it alone
+        raise UpstreamMissingError(f"{err} [while building upstream '{name}'; alone: {upstream_command(cfg, name)}]") \
+            from err
     built = find_artifact(up_cfg, up_fps)
     if built is None:
         raise RuntimeError(f"upstream '{name}' ran but wrote no artifact at {artifact_dir(up_cfg, up_fps)}")

@@ -13,10 +13,11 @@ import torch
 from metadiff.bench.features import bench_feature_extraction
 from metadiff.bench.features_vqa import bench_feature_extraction_vqa
 from metadiff.bench.inner_loop import bench_inner_loop
+from metadiff.bench.sampling import bench_sampling
 from metadiff.utils.io import write_json
 
 BENCHMARKS = {"features": bench_feature_extraction, "features_vqa": bench_feature_extraction_vqa,
-              "inner_loop": bench_inner_loop}
+              "inner_loop": bench_inner_loop, "sampling": bench_sampling}
 
 
 def main(argv: list[str] | None = None) -> None:

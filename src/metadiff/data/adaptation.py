@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from metadiff.artifacts import Artifact, ArtifactMismatchError
 from metadiff.config import ConfigError
@@ -91,6 +91,24 @@ class LatentRows(Dataset):
         return self.data.train_latents[self.row, i], self.data.train_questions[i], i
 
 
+class EpochOrder(Sampler[int]):
+    """The task order of epoch e as a function of (seed, e) only, however often it is iterated: Lightning iterates a
+    fresh loader once more when it resumes from a checkpoint, which made a shuffling generator's order depend on
+    whether the run had been resumed (measured: a different order at epoch 2 after a kill and resume)."""
+
+    def __init__(self, n: int, seed: int, epoch: int, shuffle: bool = True):
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+
 class AdaptationDataModule(MetaTaskDataModule):
     """Training batches of (latent, question) pairs from the adaptation dataset; validation/test batches of whole
     tasks (support = train split, query = test split) whose fine-tuned latents are `data.eval_latents[split]`."""
@@ -109,10 +127,12 @@ class AdaptationDataModule(MetaTaskDataModule):
         self.adaptation.check_tasks({s: self.tasks[s] for s in EVAL_SPLITS}, self.adaptation_artifact.path)
 
     def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
         rows = LatentRows(self.adaptation, self.seed)
-        rows.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
-        sampler, shuffle = None, self.shuffle
+        rows.set_epoch(epoch)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler, shuffle = DistributedSampler(rows, shuffle=self.shuffle, seed=self.seed), False
-        return DataLoader(rows, batch_size=self.latents_per_batch, shuffle=shuffle, sampler=sampler,
-                          drop_last=self.drop_last, num_workers=self.num_workers)
+            sampler: Sampler = DistributedSampler(rows, shuffle=self.shuffle, seed=self.seed)
+        else:
+            sampler = EpochOrder(len(rows), self.seed, epoch, self.shuffle)
+        return DataLoader(rows, batch_size=self.latents_per_batch, sampler=sampler, drop_last=self.drop_last,
+                          num_workers=self.num_workers)

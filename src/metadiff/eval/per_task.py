@@ -14,15 +14,20 @@ class PerTaskValues(nn.Module):
 
     def __init__(self, names: list[str]):
         super().__init__()
-        self.metrics = nn.ModuleDict({name: CatMetric() for name in names})
+        self.metrics = nn.ModuleDict({self._key(name): CatMetric() for name in names})
+        self.names = list(names)
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "_dot_")  # module names may not contain "." (e.g. "cfg1.5")
 
     def update(self, name: str, values: torch.Tensor) -> None:
-        self.metrics[name].update(values.detach().float())
+        self.metrics[self._key(name)].update(values.detach().float())
 
     def compute(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         out = {}
-        for name in names or list(self.metrics):
-            metric = self.metrics[name]
+        for name in names or self.names:
+            metric = self.metrics[self._key(name)]
             out[name] = metric.compute().cpu() if metric.update_count else torch.empty(0)
             metric.reset()
         return out

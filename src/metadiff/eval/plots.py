@@ -9,6 +9,24 @@ from metadiff.utils.io import atomic_path
 
 def save_shots_plot(curves: dict[str, list[tuple[int, float, float]]], path: Path, title: str) -> Path:
     """Accuracy vs shots per answer, one line per method with its 95% CI band."""
+    return save_curve_plot(curves, path, title, xlabel="shots per answer")
+
+
+def log_image(loggers: list, key: str, path: Path) -> None:
+    """Send a saved PNG to every logger that takes images (TensorBoard, W&B)."""
+    for logger in loggers:
+        experiment = getattr(logger, "experiment", None)
+        if type(logger).__name__ == "WandbLogger":
+            logger.log_image(key=key, images=[str(path)])
+        elif hasattr(experiment, "add_image"):  # TensorBoard
+            import matplotlib.image
+
+            experiment.add_image(key, matplotlib.image.imread(path), dataformats="HWC")
+
+
+def save_curve_plot(curves: dict[str, list[tuple[float, float, float]]], path: Path, title: str,
+                    xlabel: str) -> Path:
+    """Accuracy vs a swept value (shots, guidance scale), one line per method with its 95% CI band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +39,7 @@ def save_shots_plot(curves: dict[str, list[tuple[int, float, float]]], path: Pat
         ax.plot(shots, mean, marker="o", label=name)
         ax.fill_between(shots, [m - p[2] for m, p in zip(mean, points, strict=True)],
                         [m + p[2] for m, p in zip(mean, points, strict=True)], alpha=0.2)
-    ax.set(xlabel="shots per answer", ylabel="query accuracy", title=title)
+    ax.set(xlabel=xlabel, ylabel="query accuracy", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -27,7 +27,7 @@ from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS, upstream_store_dir
-from metadiff.eval.plots import save_shots_plot
+from metadiff.eval.plots import log_image, save_shots_plot
 from metadiff.eval.stats import mean_ci95
 from metadiff.features.store import FeatureStore
 from metadiff.meta.inner_loop import InnerLoop
@@ -168,14 +168,7 @@ class FewShotModule(pl.LightningModule):
         out_dir = Path(self.trainer.default_root_dir)
         path = save_shots_plot(curve, out_dir / "accuracy_vs_shots.png", title=f"{self.method}: meta-test tasks")
         write_json(out_dir / "accuracy_vs_shots.json", curve)
-        for logger in self.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):  # TensorBoard
-                import matplotlib.image
-
-                experiment.add_image("test/accuracy_vs_shots", matplotlib.image.imread(path), dataformats="HWC")
-            elif type(logger).__name__ == "WandbLogger":
-                logger.log_image(key="test/accuracy_vs_shots", images=[str(path)])
+        log_image(self.loggers, "test/accuracy_vs_shots", path)
         log.info("accuracy-vs-shots plot: %s", path)
 
     # -- artifact -------------------------------------------------------------------------------------------------

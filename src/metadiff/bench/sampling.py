@@ -1,0 +1,97 @@
+"""HyperLDM sampling: DDIM (50 steps) vs DDPM (1000 steps), and batched classifier-free guidance vs two passes.
+
+Uses the trained `hyperldm_synthvqa` artifact and its held-out tasks (the experiment is built first if missing, like
+any run). Both samplers score the same tasks with the same guidance scale; the CFG comparison times one sampler run
+over the same latents with the cond/uncond predictions from one doubled batch vs two forward passes per step.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from metadiff.diffusion.sampling import sample
+
+EXPERIMENT = "hyperldm_synthvqa"
+
+
+def _module_and_batches(device: str):
+    import hydra
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from metadiff.artifacts import find_artifact, resolve_upstreams
+    from metadiff.config.paths import CONF_DIR
+    from metadiff.stages.hyperldm import DENOISER_WEIGHTS
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=[f"experiment={EXPERIMENT}", "paths.output_dir=outputs/bench/sampling"])
+        HydraConfig.instance().set_config(cfg)
+    upstream = resolve_upstreams(cfg)
+    artifact = find_artifact(cfg, {k: a.fingerprint for k, a in upstream.items()})
+    if artifact is None:
+        from metadiff.run import train
+
+        train(cfg)
+        artifact = find_artifact(cfg, {k: a.fingerprint for k, a in upstream.items()})
+    data = hydra.utils.instantiate(cfg.data, _partial_=True)(upstream=upstream)
+    data.setup("test")
+    module = hydra.utils.instantiate(cfg.model, _partial_=True)(upstream=upstream)
+    state = torch.load(Path(artifact.file(DENOISER_WEIGHTS)), map_location="cpu", weights_only=True)
+    module.denoiser.load_state_dict(state["denoiser"])
+    module.latent_mean.copy_(state["latent_mean"])
+    module.latent_std.copy_(state["latent_std"])
+    module.to(device).eval()
+    batches = list(data.test_dataloader())
+    return module, batches
+
+
+def _accuracy(module, batches, scale: float, method: str, steps: int, device: str) -> tuple[float, float]:
+    module.sampling.update(method=method, steps=steps)
+    accs, start = [], time.perf_counter()
+    for batch in batches:
+        batch = module.transfer_batch_to_device(batch, torch.device(device), 0)
+        gen = torch.Generator().manual_seed(int(batch.task_index[0]))
+        with torch.no_grad():
+            z = module.sample_latents(batch.question, torch.full((batch.n_tasks,), scale, device=device), gen)
+            accs.append(module._accuracy(z, batch))
+    return float(torch.cat(accs).mean()), time.perf_counter() - start
+
+
+def bench_sampling(data_dir: Path, device: str, scale: float = 1.5, repeats: int = 3) -> dict:
+    module, batches = _module_and_batches(device)
+    ddim_acc, ddim_s = _accuracy(module, batches, scale, "ddim", 50, device)
+    ddpm_acc, ddpm_s = _accuracy(module, batches, scale, "ddpm", 1000, device)
+
+    question = torch.cat([b.question for b in batches]).to(device)
+    null = torch.zeros(1, question.shape[-1], device=device)
+    steps = module.schedule.set_timesteps(50)
+
+    def batched(x, t):
+        both = module.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([question, null.expand_as(question)]))
+        c, u = both.chunk(2)
+        return u + scale * (c - u)
+
+    def two_passes(x, t):
+        c, u = module.denoiser(x, t, question), module.denoiser(x, t, null.expand_as(question))
+        return u + scale * (c - u)
+
+    times = {"batched": [], "two_passes": []}
+    for _ in range(repeats):  # alternate, keep the best: this machine is noisy
+        for name, fn in (("batched", batched), ("two_passes", two_passes)):
+            start = time.perf_counter()
+            with torch.no_grad():
+                sample(fn, module.schedule, steps, shape=(question.shape[0], module.base.latent_dim),
+                       generator=torch.Generator().manual_seed(0), device=device)
+            times[name].append(time.perf_counter() - start)
+    return {
+        "experiment": EXPERIMENT, "n_tasks": int(question.shape[0]), "guidance_scale": scale,
+        "ddim50": {"accuracy": ddim_acc, "seconds": ddim_s},
+        "ddpm1000": {"accuracy": ddpm_acc, "seconds": ddpm_s},
+        "ddim_minus_ddpm_accuracy": ddim_acc - ddpm_acc, "ddpm_over_ddim_time": ddpm_s / ddim_s,
+        "cfg_sampler_seconds": {k: min(v) for k, v in times.items()},
+        "two_passes_over_batched_time": min(times["two_passes"]) / min(times["batched"]),
+    }

@@ -1,0 +1,78 @@
+"""HyperLDM stage: classifier-free dropout, the evaluation table, end to end on a short chain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conftest import parse_summary, run_train, short_chain
+
+
+def test_exact_fraction_of_each_batch_gets_the_null_token(monkeypatch) -> None:
+    from metadiff.stages.hyperldm import HyperLDMModule
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x, t, c):
+            seen.append(c.clone())
+            return torch.zeros_like(x, requires_grad=True)
+
+    module = HyperLDMModule.__new__(HyperLDMModule)  # only what training_step needs
+    torch.nn.Module.__init__(module)
+    module.denoiser, module.uncond_rate, module.train_seed, module._trainer = Probe(), 0.2, 0, None
+    from metadiff.diffusion.schedule import NoiseSchedule
+
+    module.schedule = NoiseSchedule.make("cosine", 100)
+    module.register_buffer("latent_mean", torch.zeros(4))
+    module.register_buffer("latent_std", torch.ones(4))
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    question = torch.randn(32, 6) + 5
+    module.training_step((torch.randn(32, 4), question, torch.arange(32)), 0)
+    nulled = (seen[0] == 0).all(-1)
+    assert int(nulled.sum()) == 6  # floor(0.2 * 32), as the original
+    torch.testing.assert_close(seen[0][~nulled], question[~nulled])
+
+
+def test_hyperldm_short_chain_prints_the_guidance_table(cache_root: Path) -> None:
+    proc = run_train(["experiment=hyperldm_synthvqa", *short_chain("synthvqa"), "trainer.max_epochs=3",
+                      "trainer.check_val_every_n_epoch=3", "model.guidance_scales=[0.0,1.0,4.0]",
+                      "model.sampling.steps=10", "trainer.enable_progress_bar=false"], cache_root)
+    m = parse_summary(proc.stdout)
+    assert "zero-shot accuracy on held-out tasks" in proc.stdout
+    for name in ("multitask", "hnet_init", "cfg0", "cfg1", "cfg4"):
+        assert 0.1 < m[f"test/{name}"] < 0.9, name
+    assert m["train/diffusion_loss"] < 1.0  # below the loss of predicting zeros (= E|eps|^2 = 1)
+    run_dir = Path(proc.stdout.rsplit("outputs: ", 1)[1].split()[0])
+    assert (run_dir / "accuracy_vs_guidance.png").stat().st_size > 1000
+
+
+def test_resumed_run_restores_the_ema_exactly(cache_root: Path, tmp_path: Path) -> None:
+    """Kill -9 in epoch 3 of 4, resume from the last checkpoint: the final EMA weights (what sampling and the
+    artifact use) equal those of an uninterrupted run bit for bit, so the EMA was saved and restored, and the
+    training randomness continues where it stopped."""
+    common = ["experiment=hyperldm_synthvqa", *short_chain("synthvqa"), "trainer.max_epochs=4", "test=false",
+              "trainer.check_val_every_n_epoch=100", "trainer.enable_progress_bar=false", "deterministic=true",
+              "callbacks.ema.update_starting_at_step=10", "task_name=ldm_resume"]
+    artifacts = cache_root / "outputs" / "artifacts" / "hyperldm"
+    run_train([*common, f"paths.output_dir={tmp_path / 'straight'}"], cache_root)
+    (straight,) = artifacts.glob("ldm_resume-*/denoiser.pt")
+    expected = torch.load(straight, weights_only=True)["denoiser"]
+    straight.parent.rename(tmp_path / "straight_artifact")
+
+    run_dir = tmp_path / "interrupted"
+    killed = run_train([*common, f"paths.output_dir={run_dir}", "debug=kill", "callbacks.kill.after=70"],
+                       cache_root, check=False)
+    assert killed.returncode == -9
+    assert not list(artifacts.glob("ldm_resume-*"))
+    run_train([*common, f"paths.output_dir={run_dir}", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"],
+              cache_root)
+    (resumed,) = artifacts.glob("ldm_resume-*/denoiser.pt")
+    got = torch.load(resumed, weights_only=True)["denoiser"]
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+    # the checkpoint holds the EMA (as state_dict) apart from the raw weights, and they differ: it averaged something
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    raw, ema = ckpt["current_model_state"], ckpt["state_dict"]
+    assert not torch.equal(raw["denoiser.head.weight"], ema["denoiser.head.weight"])
