@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from metadiff.diffusion.sampling import sample
+from metadiff.diffusion.sampling import cfg_eps, sample
 
 EXPERIMENT = "hyperldm_synthvqa"
 
@@ -70,10 +70,8 @@ def bench_sampling(data_dir: Path, device: str, scale: float = 1.5, repeats: int
     null = torch.zeros(1, question.shape[-1], device=device)
     steps = module.schedule.set_timesteps(50)
 
-    def batched(x, t):
-        both = module.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([question, null.expand_as(question)]))
-        c, u = both.chunk(2)
-        return u + scale * (c - u)
+    def batched(x, t):  # what the stage samples with
+        return cfg_eps(module.denoiser, x, t, question, null, scale)
 
     def two_passes(x, t):
         c, u = module.denoiser(x, t, question), module.denoiser(x, t, null.expand_as(question))

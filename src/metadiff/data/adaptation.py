@@ -123,8 +123,9 @@ class AdaptationDataModule(MetaTaskDataModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        self.adaptation = AdaptationData.load(self.adaptation_artifact)
-        self.adaptation.check_tasks({s: self.tasks[s] for s in EVAL_SPLITS}, self.adaptation_artifact.path)
+        if not hasattr(self, "adaptation"):  # fit then test: read and check the dataset once
+            self.adaptation = AdaptationData.load(self.adaptation_artifact)
+            self.adaptation.check_tasks({s: self.tasks[s] for s in EVAL_SPLITS}, self.adaptation_artifact.path)
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0

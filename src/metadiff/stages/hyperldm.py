@@ -135,8 +135,9 @@ class HyperLDMModule(pl.LightningModule):
     def _evaluate(self, batch: TaskBatch, split: str) -> None:
         n = batch.n_tasks
         gen = torch.Generator().manual_seed(self.eval_seed * 1_000_003 + int(batch.task_index[0]))
+        init = self.base.initial_inner(batch.question)["z"]
         with torch.no_grad():
-            self.values.update(f"{split}/hnet_init", self._accuracy(self.base.initial_inner(batch.question)["z"], batch))
+            self.values.update(f"{split}/hnet_init", self._accuracy(init, batch))
             if self.multitask is not None:
                 logits = self.multitask.logits(self.multitask.initial_inner(batch.question), batch.question,
                                                batch.query_x, batch.answers, batch.answer_mask)
@@ -151,7 +152,7 @@ class HyperLDMModule(pl.LightningModule):
                                     gen, guidance=normalized_gradient_guidance(self._support_loss(batch), float(g)))
             with torch.no_grad():
                 self.values.update(f"{split}/fewshot{g:g}", self._accuracy(z, batch))
-        init = (self.base.initial_inner(batch.question)["z"] - self.latent_mean) / self.latent_std
+        init = (init - self.latent_mean) / self.latent_std
         for frac in self.from_pretrained.get("t_fracs", []):
             with torch.no_grad():
                 z = self.sample_latents(batch.question, torch.full((n,), float(self.from_pretrained["cfg_scale"]),

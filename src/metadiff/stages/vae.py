@@ -117,7 +117,7 @@ class VAEModule(pl.LightningModule):
     def _evaluate(self, batch: TaskBatch, split: str) -> None:
         z = self.trainer.datamodule.adaptation.eval_latents[split][batch.task_index.cpu()].to(self.device)
         w = self.base.decode(z)
-        w_hat = self.weights_of(self.vae.reconstruct(self.vae_input(z)))
+        w_hat = self.weights_of(self.vae.reconstruct(w if self.input == "weights" else z))  # w: decoded once
         acc = {name: masked_task_accuracy(self._weight_logits(weights, batch), batch.query_y, batch.query_mask)
                for name, weights in (("encoded_acc", w), ("decoded_acc", w_hat))}
         self.values.update(f"{split}/encoded_acc", acc["encoded_acc"])
