@@ -72,8 +72,52 @@ def short_chain(bench: str, tree: dict[str, Path] | None = None) -> list[str]:
     return [*paths, prompts, "data.num_workers=0", *out]
 
 
-def smoke_overrides(experiment: str, tree: dict[str, Path]) -> list[str]:
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny few-shot image set in the miniImageNet/CIFAR-FS folder layout: 8/5/5 classes of 20 random images."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("image-tree")
+    rng = np.random.default_rng(0)
+    for split, n_classes in (("meta_train", 8), ("meta_val", 5), ("meta_test", 5)):
+        for c in range(n_classes):
+            folder = root / split / f"n{c:04d}"
+            folder.mkdir(parents=True)
+            for j in range(20):
+                pixels = rng.integers(0, 255, size=(10, 10, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{j}.png")  # CIFAR-FS reads .png only
+    return root
+
+
+def _quoted(overrides: list[str]) -> str:
+    return "[" + ",".join(f"'{o}'" for o in overrides) + "]"
+
+
+def image_smoke_overrides(experiment: str, tree: Path) -> list[str]:
+    """Smoke settings of the data-free stages: tiny UNets and checks, short upstreams; folder sets read `tree`."""
+    bench = experiment.rsplit("_", 1)[1]
+    data = [] if bench == "glyphs" else [f"paths.{bench}_dir={tree}", "data.train.holdout_per_class=2",
+                                         "data.num_workers=0", "data.train.batch_size=4"]
+    grid = ["model.grid.n=2", "model.grid.steps=2"]
+    tiny_unet = [*grid, *([] if bench == "glyphs" else ["model.unet.block_out_channels=[32,32,32,32]",
+                                                        "model.unet.norm_num_groups=8", "model.unet.layers_per_block=1"])]
+    zoo = ["zoo.n_models=2", "zoo.classes_per_model=2"]
+    if experiment.startswith("classifier_"):
+        return data
+    if experiment.startswith("diffusion_unet_"):
+        return [*data, *zoo, *tiny_unet]
+    member = [*data, "trainer.max_steps=1", *tiny_unet]
+    return [*data, *zoo, "model.check.n_per_model=2", "model.check.steps=2", "model.grid.n_per_model=2",
+            f"+upstream_overrides.diffusion_unet_{bench}={_quoted(member)}",
+            f"+upstream_overrides.classifier_{bench}={_quoted([*data, 'trainer.max_steps=1'])}"]
+
+
+def smoke_overrides(experiment: str, tree: dict[str, Path], images: Path | None = None) -> list[str]:
     """What a smoke test of `experiment` adds: fixture data for *_vqa, short upstream stages for the rest."""
+    if experiment.startswith(("classifier_", "diffusion_")):
+        assert images is not None
+        return image_smoke_overrides(experiment, images)
     stage, bench = experiment.split("_")[0], experiment.rsplit("_", 1)[1]
     if stage in LATENT_STAGES:
         return short_chain(bench, tree)

@@ -10,8 +10,10 @@ from conftest import EXPERIMENTS, parse_summary, run_train, smoke_overrides
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_with_fast_dev_run(experiment: str, cache_root: Path, vqa_tree: dict) -> None:
-    proc = run_train([f"experiment={experiment}", "debug=fdr", *smoke_overrides(experiment, vqa_tree)], cache_root)
+def test_every_experiment_runs_with_fast_dev_run(experiment: str, cache_root: Path, vqa_tree: dict,
+                                                 image_tree: Path) -> None:
+    proc = run_train([f"experiment={experiment}", "debug=fdr", *smoke_overrides(experiment, vqa_tree, image_tree)],
+                     cache_root)
     metrics = parse_summary(proc.stdout)
     assert metrics, f"{experiment}: no metrics summary printed"
     assert "time/run_seconds" in metrics

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 DEFAULT_FINGERPRINT_EXCLUDE = (
     "paths",
     "logger",
-    "callbacks",
+    "callbacks.model_checkpoint",  # where and how often checkpoints go, the summary, crash drills: not the result
+    "callbacks.model_summary",
+    "callbacks.kill",
     "tags",
     "task_name",
     "ckpt_path",
@@ -37,6 +39,7 @@ DEFAULT_FINGERPRINT_EXCLUDE = (
     "upstream",
     "upstream_overrides",
     "artifact",
+    "variant",
     "trainer.enable_progress_bar",
     "trainer.default_root_dir",
     "trainer.log_every_n_steps",
@@ -121,6 +124,7 @@ def publish_artifact(
             tmp / "manifest.json",
             {
                 "stage": cfg.stage,
+                "variant": cfg.get("variant"),
                 "task_name": cfg.task_name,
                 "fingerprint": path.name.rsplit("-", 1)[-1],
                 "upstream": {name: {"path": str(a.path), "fingerprint": a.fingerprint} for name, a in upstream.items()},
@@ -152,7 +156,30 @@ def _hydra_choices() -> dict[str, str | None]:
 
 def _inherited_choices(cfg: DictConfig, name: str) -> dict[str, str]:
     choices = _hydra_choices()
-    return {g: choices[g] for g in cfg.upstream[name].get("inherit_groups", []) if choices.get(g) is not None}
+    return {g: choices[g] for g in _spec_of(cfg, name)[0].get("inherit_groups", []) if choices.get(g) is not None}
+
+
+def upstream_names(cfg: DictConfig) -> list[str]:
+    """The upstream artifacts `cfg` needs: one per `upstream` entry, or `count` of them for an entry with
+    `fan_out: {key, count}` (named `<name>0`, `<name>1`, ...; member k gets the override `key=k`). A zoo names its
+    M UNets this way, so each is its own cached artifact and a multirun can train them as M jobs."""
+    names = []
+    for name, spec in (cfg.get("upstream") or {}).items():
+        fan = spec.get("fan_out")
+        names += [f"{name}{k}" for k in range(int(fan.count))] if fan else [name]
+    return names
+
+
+def _spec_of(cfg: DictConfig, name: str) -> tuple[DictConfig, list[str]]:
+    """(the `upstream` entry behind `name`, the fan-out override of its member, if any)."""
+    specs = cfg.get("upstream") or {}
+    if name in specs:
+        return specs[name], []
+    for base, spec in specs.items():
+        fan = spec.get("fan_out")
+        if fan and name.startswith(base) and name[len(base):].isdigit() and int(name[len(base):]) < int(fan.count):
+            return spec, [f"{fan.key}={int(name[len(base):])}"]
+    raise KeyError(f"no upstream '{name}' in this config (upstreams: {upstream_names(cfg)})")
 
 
 def compose_upstream(cfg: DictConfig, name: str) -> DictConfig:
@@ -160,7 +187,7 @@ def compose_upstream(cfg: DictConfig, name: str) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    spec = cfg.upstream[name]
+    spec, member = _spec_of(cfg, name)
     overrides = [f"experiment={spec.experiment}"]
     overrides += [f"{group}={choice}" for group, choice in _inherited_choices(cfg, name).items()]
     for key in cfg.paths:  # every location the user set (data, artifacts, VQA/COCO, checkpoints) holds upstream too
@@ -168,7 +195,7 @@ def compose_upstream(cfg: DictConfig, name: str) -> DictConfig:
             value = cfg.paths[key]
             overrides.append(f"paths.{key}={'null' if value is None else value}")
     overrides.append(f"paths.output_dir={Path(cfg.paths.output_dir) / 'upstream' / name}")
-    overrides += list(spec.get("overrides", []))
+    overrides += list(spec.get("overrides", [])) + member
     # `upstream_overrides.<experiment>=[...]` reaches a stage at any depth of the chain without nested quoting
     chain = cfg.get("upstream_overrides") or {}
     overrides += list(chain.get(spec.experiment, []))
@@ -184,8 +211,8 @@ def compose_upstream(cfg: DictConfig, name: str) -> DictConfig:
 
 
 def upstream_command(cfg: DictConfig, name: str) -> str:
-    spec = cfg.upstream[name]
-    return " ".join(["python train.py", f"experiment={spec.experiment}", *spec.get("overrides", [])])
+    spec, member = _spec_of(cfg, name)
+    return " ".join(["python train.py", f"experiment={spec.experiment}", *spec.get("overrides", []), *member])
 
 
 def require_upstream(cfg: DictConfig, name: str) -> Artifact:
@@ -193,7 +220,7 @@ def require_upstream(cfg: DictConfig, name: str) -> Artifact:
 
     `upstream.<name>.path` names an existing artifact directory instead (e.g. one trained on another machine); its
     lineage is still checked against the other upstreams (`check_lineage`)."""
-    if cfg.upstream[name].get("path"):
+    if name in (cfg.get("upstream") or {}) and cfg.upstream[name].get("path"):
         path = Path(cfg.upstream[name].path)
         if not (path / "manifest.json").is_file():
             raise UpstreamMissingError(f"upstream.{name}.path={path}: no artifact there (manifest.json is missing)")
@@ -213,9 +240,10 @@ def _find_or_build(cfg: DictConfig, name: str, up_cfg: DictConfig) -> Artifact:
     if found is not None:
         log.info("upstream '%s': using %s", name, found.path)
         return found
-    if not cfg.upstream[name].get("build_if_missing", False):
+    spec = _spec_of(cfg, name)[0]
+    if not spec.get("build_if_missing", False):
         raise UpstreamMissingError(
-            f"upstream '{name}' ({cfg.upstream[name].experiment}) has no artifact under "
+            f"upstream '{name}' ({spec.experiment}) has no artifact under "
             f"{Path(up_cfg.paths.artifacts_dir) / up_cfg.stage}; build it first with: {upstream_command(cfg, name)}"
         )
     log.info("upstream '%s' missing: building it now (%s)", name, upstream_command(cfg, name))
@@ -235,8 +263,7 @@ def _find_or_build(cfg: DictConfig, name: str, up_cfg: DictConfig) -> Artifact:
 def resolve_upstreams(cfg: DictConfig) -> dict[str, Artifact]:
     """All upstream artifacts a stage names in `cfg.upstream`, built or found, in config order, checked to share
     one lineage."""
-    specs = cfg.get("upstream") or {}
-    found = {name: require_upstream(cfg, name) for name in specs}
+    found = {name: require_upstream(cfg, name) for name in upstream_names(cfg)}
     check_lineage(found)
     return found
 
@@ -246,8 +273,15 @@ def lineage(upstream: Mapping[str, Artifact]) -> dict[str, str]:
     out: dict[str, str] = {}
     for art in upstream.values():
         out.update(art.manifest.get("lineage", {}))
-        out[art.manifest["stage"]] = art.fingerprint
+        out[lineage_key(art.manifest)] = art.fingerprint
     return out
+
+
+def lineage_key(manifest: Mapping[str, Any]) -> str:
+    """`stage`, or `stage[variant]` for the members of a fan-out (e.g. the UNets of a zoo), which are distinct
+    artifacts of one stage rather than two versions of it."""
+    variant = manifest.get("variant")
+    return manifest["stage"] if variant is None else f"{manifest['stage']}[{variant}]"
 
 
 def check_lineage(upstream: Mapping[str, Artifact]) -> None:

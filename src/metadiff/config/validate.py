@@ -39,9 +39,10 @@ TOP_LEVEL_TYPES: dict[str, tuple[type, ...]] = {
     "tags": (list,),
     "deterministic": (bool,),
     "float32_matmul_precision": (str,),
+    "variant": (str, type(None)),
 }
 GROUP_KEYS = {"data", "model", "trainer", "logger", "callbacks", "paths", "extras", "upstream", "upstream_overrides",
-              "artifact"}
+              "artifact", "zoo"}
 
 
 def _resolve_target(path: str, key: str) -> Callable[..., Any]:

@@ -24,6 +24,7 @@ from metadiff.artifacts import Artifact, ArtifactMismatchError
 from metadiff.config import ConfigError
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS, MetaTaskDataModule
 from metadiff.data.meta_vqa.tasks import Task
+from metadiff.data.samplers import EpochOrder
 
 ADAPTATION_FILE = "adaptation.pt"
 
@@ -89,24 +90,6 @@ class LatentRows(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         return self.data.train_latents[self.row, i], self.data.train_questions[i], i
-
-
-class EpochOrder(Sampler[int]):
-    """The task order of epoch e as a function of (seed, e) only, however often it is iterated: Lightning iterates a
-    fresh loader once more when it resumes from a checkpoint, which made a shuffling generator's order depend on
-    whether the run had been resumed (measured: a different order at epoch 2 after a kill and resume)."""
-
-    def __init__(self, n: int, seed: int, epoch: int, shuffle: bool = True):
-        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.n))
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=gen).tolist())
 
 
 class AdaptationDataModule(MetaTaskDataModule):

@@ -30,11 +30,15 @@ METHODS = {"ddim": None, "ddpm": 1.0}  # method -> forced eta (None: the configu
 
 
 def step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, eta: float = 0.0,
-         generator: torch.Generator | None = None) -> torch.Tensor:
-    """One step from timestep t to t_prev (< t; -1 = the clean end)."""
+         generator: torch.Generator | None = None, clip_x0: float | None = None) -> torch.Tensor:
+    """One step from timestep t to t_prev (< t; -1 = the clean end). `clip_x0`: clamp x0_hat to [-c, c] and use the
+    eps consistent with it (images in [-1, 1]: guided-diffusion's `clip_denoised`)."""
     ab_t = float(schedule.alpha_bar(torch.tensor(t)))
     ab_prev = float(schedule.alpha_bar(torch.tensor(t_prev)))
     x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        eps = (x_t - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
     sigma = eta * ((1 - ab_prev) / (1 - ab_t)) ** 0.5 * (1 - ab_t / ab_prev) ** 0.5
     out = ab_prev**0.5 * x0 + max(1 - ab_prev - sigma**2, 0.0) ** 0.5 * eps
     if sigma > 0:
@@ -94,7 +98,8 @@ def normalized_gradient_guidance(loss: Callable[[torch.Tensor, torch.Tensor], to
 def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor, shape: tuple[int, ...] | None = None,
            method: str = "ddim", eta: float = 0.0, guidance: Guidance | None = None,
            x_start: torch.Tensor | None = None, noise_start: bool = True,
-           generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+           generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+           clip_x0: float | None = None) -> torch.Tensor:
     """Run the reverse process over `timesteps` (descending, from `schedule.set_timesteps`).
 
     From noise (`x_start=None`, `shape` given), or from a clean sample `x_start` at the list's first timestep:
@@ -119,5 +124,5 @@ def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor
             eps = eps_model(x, t_batch)
         if guidance is not None:
             eps = guidance(x, t_batch, eps).detach()
-        x = step(schedule, x, eps, t, steps[i + 1] if i + 1 < len(steps) else -1, eta, generator)
+        x = step(schedule, x, eps, t, steps[i + 1] if i + 1 < len(steps) else -1, eta, generator, clip_x0)
     return x

@@ -1,0 +1,107 @@
+"""DataModule of a many-class image set for the data-free family.
+
+* train: images of the `train.split` classes (optionally one zoo member's class subset), minus `holdout_per_class`
+  images per class that form the validation set (supervised stages: classifier accuracy / diffusion loss on unseen
+  images). The order of epoch e depends only on (seed, e).
+* test: fixed, seeded N-way K-shot episodes of `episodes.split`, one loader per K in `episodes.shots`
+  (`test_on: episodes`), or the held-out images again (`test_on: holdout`, the diffusion stages).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from metadiff.config import ConfigError
+from metadiff.data.images.episodes import EpisodeCollate, EpisodeSampler, EpisodeShape
+from metadiff.data.images.partition import zoo_partition
+from metadiff.data.images.sources import ImageSource
+from metadiff.data.images.splits import ImageSplit
+from metadiff.data.samplers import StepOrder
+
+
+class FewShotImageDataModule(pl.LightningDataModule):
+    def __init__(self, source: ImageSource, train: dict[str, Any], episodes: dict[str, Any], num_workers: int = 0,
+                 seed: int = 0, class_subset: dict[str, int] | None = None, test_on: str = "episodes"):
+        super().__init__()
+        self.source, self.train_cfg, self.episode_cfg = source, dict(train), dict(episodes)
+        self.num_workers, self.seed = num_workers, seed
+        self.class_subset = dict(class_subset) if class_subset else None
+        self.shots = [int(k) for k in self.episode_cfg["shots"]]
+        if test_on not in ("episodes", "holdout"):
+            raise ConfigError(f"data.test_on='{test_on}': expected 'episodes' (fixed few-shot episodes) or 'holdout' "
+                              "(the held-out images of the train classes)")
+        self.test_on = test_on
+        self._splits: dict[str, ImageSplit] = {}
+
+    # ------------------------------------------------------------------ splits
+    def split(self, name: str) -> ImageSplit:
+        if name not in self._splits:
+            self._splits[name] = self.source.split(name)
+        return self._splits[name]
+
+    def train_classes(self) -> list[int]:
+        """The classes this run trains on: all of the train split, or one zoo member's subset."""
+        n = len(self.split(self.train_cfg["split"]).classes)
+        if self.class_subset is None:
+            return list(range(n))
+        sub = self.class_subset
+        parts = zoo_partition(n, sub["n_models"], sub["classes_per_model"])
+        if not 0 <= sub["member"] < len(parts):
+            raise ConfigError(f"data.class_subset.member={sub['member']}: expected 0..{len(parts) - 1}")
+        return parts[sub["member"]]
+
+    def _train_val_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        split = self.split(self.train_cfg["split"])
+        holdout = int(self.train_cfg.get("holdout_per_class", 0))
+        train, val = [], []
+        for c in self.train_classes():
+            idx = torch.nonzero(split.targets == c, as_tuple=True)[0]
+            if holdout >= len(idx):
+                raise ConfigError(f"data.train.holdout_per_class={holdout} leaves no training image of class "
+                                  f"'{split.classes[c]}' ({len(idx)} images)")
+            val.append(idx[:holdout])
+            train.append(idx[holdout:])
+        return torch.cat(train), torch.cat(val)
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        train_idx, _ = self._train_val_indices()
+        data = Subset(self.split(self.train_cfg["split"]), train_idx.tolist())
+        batch_size = int(self.train_cfg["batch_size"])
+        order = StepOrder(len(data), batch_size, self.seed, position=lambda: self._trained_samples(batch_size))
+        return self._loader(data, batch_size=batch_size, sampler=order, drop_last=True)
+
+    def _trained_samples(self, batch_size: int) -> int:
+        """How many samples the run has consumed so far: the stream position its next batch starts at."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.global_step * self.trainer.accumulate_grad_batches * batch_size
+
+    def val_dataloader(self) -> DataLoader | list:
+        _, val_idx = self._train_val_indices()
+        if len(val_idx) == 0:
+            return []
+        data = Subset(self.split(self.train_cfg["split"]), val_idx.tolist())
+        return self._loader(data, batch_size=int(self.train_cfg.get("eval_batch_size", 256)), shuffle=False)
+
+    def episode_loader(self, split: str, k_shot: int, n_episodes: int | None = None) -> DataLoader:
+        """Fixed evaluation episodes of `split`: the same list in every run, process and method."""
+        cfg = self.episode_cfg
+        shape = EpisodeShape(int(cfg["n_way"]), k_shot, int(cfg["n_query"]))
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = EpisodeSampler(self.split(split).targets, shape, int(n_episodes or cfg["n_episodes"]),
+                                 int(cfg["episodes_per_batch"]), seed=int(cfg["seed"]), fixed=True, rank=rank,
+                                 world_size=world, what=f"episodes of {split}")
+        return self._loader(self.split(split), batch_sampler=sampler, collate_fn=EpisodeCollate(shape))
+
+    def test_dataloader(self) -> list[DataLoader] | DataLoader:
+        if self.test_on == "holdout":
+            return self.val_dataloader()
+        return [self.episode_loader(self.episode_cfg["split"], k) for k in self.shots]

@@ -1,0 +1,75 @@
+"""Where a few-shot image set comes from: the embedded glyph set or a folder dataset. A source hands out its three
+splits (`meta_train`, `meta_val`, `meta_test`) and says how classifiers normalise its pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from metadiff.config import ConfigError
+from metadiff.data.images.folders import FolderImageSplit
+from metadiff.data.images.glyphs import GlyphSpec, load_glyphs
+from metadiff.data.images.splits import ImageSplit, TensorImageSplit
+from metadiff.utils.hashing import to_plain
+
+SPLITS = ("meta_train", "meta_val", "meta_test")
+
+
+class ImageSource:
+    """Base: `split(name)`, `channels`, `image_size`, `mean`/`std` (the classifier side's normalisation)."""
+
+    channels: int
+    image_size: int
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+
+    def split(self, name: str) -> ImageSplit:
+        if name not in SPLITS:
+            raise ConfigError(f"split '{name}' is not one of {SPLITS}")
+        return self._split(name)
+
+    def _split(self, name: str) -> ImageSplit:
+        raise NotImplementedError
+
+
+class GlyphSource(ImageSource):
+    """The embedded KanjiVG glyph set; classes are split in their seeded order (64/16/20 by default)."""
+
+    def __init__(self, cache_dir: str, split_sizes: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                 render: dict):
+        super().__init__(mean, std)
+        spec = to_plain(render)  # plain lists: the cached file must load with weights_only
+        self.spec = GlyphSpec(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in spec.items()})
+        if len(split_sizes) != 3 or sum(split_sizes) != self.spec.n_classes:
+            raise ConfigError(f"data.source.split_sizes={list(split_sizes)}: expected 3 class counts summing to "
+                              f"n_classes={self.spec.n_classes}")
+        self.cache_dir, self.split_sizes = Path(cache_dir), [int(s) for s in split_sizes]
+        self.channels, self.image_size = 1, self.spec.image_size
+
+    @cached_property
+    def data(self) -> dict:
+        return load_glyphs(self.spec, self.cache_dir)
+
+    def _split(self, name: str) -> ImageSplit:
+        first = sum(self.split_sizes[: SPLITS.index(name)])
+        classes = list(range(first, first + self.split_sizes[SPLITS.index(name)]))
+        mask = torch.isin(self.data["targets"], torch.tensor(classes))
+        return TensorImageSplit(self.data["images"][mask], self.data["targets"][mask] - first,
+                                [self.data["classes"][c] for c in classes])
+
+
+class FolderSource(ImageSource):
+    """miniImageNet / CIFAR-FS style folders: `<root>/<split>/<class>/*.<ext>` (spec §2.1)."""
+
+    def __init__(self, root: str, image_size: int, extensions: Sequence[str], mean: Sequence[float],
+                 std: Sequence[float], channels: int = 3):
+        super().__init__(mean, std)
+        self.root, self.image_size, self.channels = Path(root), int(image_size), int(channels)
+        self.extensions = [e if e.startswith(".") else f".{e}" for e in extensions]
+
+    def _split(self, name: str) -> ImageSplit:
+        return FolderImageSplit(self.root, name, self.image_size, self.extensions, self.channels)

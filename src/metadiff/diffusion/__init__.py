@@ -1,0 +1,1 @@
+"""One diffusion toolkit for latents and images: schedules, samplers, guidance, and the image zoo."""

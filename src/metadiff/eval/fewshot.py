@@ -1,0 +1,31 @@
+"""Few-shot readouts on episodes (spec §3.4 eval mode, §5): per-episode accuracies for mean ± 95% CI."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+
+def prototype_logits(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int,
+                     scale: float = 1.0) -> torch.Tensor:
+    """scale · cos(query, prototype) [B, Q, N]; prototypes are the class means of the (unnormalised) support
+    features [B, S, D], as the original's eval mode."""
+    onehot = F.one_hot(support_labels, n_way).to(support.dtype)              # [B, S, N]
+    protos = torch.einsum("bsn,bsd->bnd", onehot, support) / onehot.sum(1).unsqueeze(-1)
+    return scale * torch.einsum("bqd,bnd->bqn", F.normalize(query, dim=-1), F.normalize(protos, dim=-1))
+
+
+def episode_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Accuracy of each episode [B] from logits [B, Q, N] and labels [B, Q]."""
+    return (logits.argmax(-1) == labels).float().mean(-1)
+
+
+def embed_episodes(embed, episodes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of support and query images of a batch of episodes through `embed` ([n, C, H, W] -> [n, D])."""
+    b, s = episodes.support.shape[:2]
+    images = torch.cat([rearrange(episodes.support, "b s c h w -> (b s) c h w"),
+                        rearrange(episodes.query, "b q c h w -> (b q) c h w")])
+    feats = embed(images)
+    support, query = feats[: b * s], feats[b * s :]
+    return rearrange(support, "(b s) d -> b s d", b=b), rearrange(query, "(b q) d -> b q d", b=b)

@@ -1,0 +1,116 @@
+"""Stage `diffusion_unet`: one member of a diffusion zoo, an unconditional image diffusion model trained on one
+class subset of the real meta-train images (spec §1.1, §4.1).
+
+eps-prediction MSE on x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t ~ U{0..T-1}, pixels in [-1, 1]. The original's
+learned variance (hybrid VLB loss) is left out: the zoo is sampled with DDIM, which never reads it. A bounded number
+of steps (`trainer.max_steps`), EMA weights (`callbacks=ema`, they are the ones saved), checkpoints every epoch, and
+the randomness of step k a function of (seed, k), so a killed run resumes exactly. Test: the loss on held-out images
+of the subset (fixed t and noise) and a sample grid PNG, both with the EMA weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchvision.utils as vutils
+
+from metadiff.config import ConfigError
+from metadiff.diffusion.schedule import NoiseSchedule
+from metadiff.diffusion.zoo import from_diffusion, to_diffusion
+from metadiff.eval.plots import log_image
+from metadiff.nets.unet import ImageDenoiser
+from metadiff.utils.io import atomic_path
+
+WEIGHTS, SPEC = "unet.pt", "unet.json"
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
+    """A PNG grid of [0, 1] images, written atomically."""
+    with atomic_path(path) as tmp:
+        vutils.save_image(images, tmp, nrow=nrow, padding=1, format="png")
+    return path
+
+
+class DiffusionUNetModule(pl.LightningModule):
+    def __init__(self, image_size: int, channels: int, unet: dict[str, Any], schedule: dict[str, Any],
+                 optimizer: Callable[..., torch.optim.Optimizer], hflip: bool, grid: dict[str, Any],
+                 train_seed: int = 0, eval_seed: int = 0, upstream: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
+        self.unet_cfg, self.schedule_cfg = dict(unet), dict(schedule)
+        self.schedule = NoiseSchedule.make(**schedule)
+        self.optimizer_factory, self.hflip, self.grid = optimizer, hflip, dict(grid)
+        self.train_seed, self.eval_seed = train_seed, eval_seed
+        # built here, not in setup(): the EMA callback copies the module before the module's own setup runs
+        self.denoiser = ImageDenoiser(image_size, channels, self.unet_cfg)
+        self.summary_metrics: dict[str, float] = {}
+        self.test_losses: list[torch.Tensor] = []
+
+    def setup(self, stage: str) -> None:
+        source = self.trainer.datamodule.source
+        config = self.denoiser.config
+        if (source.image_size, source.channels) != (config["image_size"], config["channels"]):
+            raise ConfigError(f"model.image_size/channels = {config['image_size']}/{config['channels']} but the data "
+                              f"gives {source.image_size}x{source.image_size} images with {source.channels} channels")
+        self.classes = self.trainer.datamodule.train_classes()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.denoiser.parameters())
+
+    def _loss(self, images: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
+        x0 = to_diffusion(images)
+        n = x0.shape[0]
+        if flip:  # random horizontal flip p = 0.5 (spec §1.1); off for glyphs, where a mirrored glyph is another one
+            mask = (torch.rand(n, generator=gen) < 0.5).to(x0.device)
+            x0 = torch.where(mask[:, None, None, None], x0.flip(-1), x0)
+        t = torch.randint(0, self.schedule.n_timesteps, (n,), generator=gen).to(x0.device)
+        noise = torch.randn(x0.shape, generator=gen).to(x0)
+        return F.mse_loss(self.denoiser(self.schedule.add_noise(x0, noise, t), t), noise)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.train_seed * 1_000_003 + self.global_step)
+        loss = self._loss(batch[0], gen, self.hflip)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _heldout_loss(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.eval_seed * 1_000_003 + batch_idx)
+        return self._loss(batch[0], gen, flip=False)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.log("val/loss", self._heldout_loss(batch, batch_idx), batch_size=batch[0].shape[0])
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.log("test/heldout_loss", self._heldout_loss(batch, batch_idx), batch_size=batch[0].shape[0])
+
+    @torch.no_grad()
+    def sample_images(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        from metadiff.diffusion.sampling import sample
+
+        timesteps = self.schedule.set_timesteps(int(self.grid["steps"]), self.grid.get("spacing", "trailing"))
+        shape = (n, self.denoiser.config["channels"], self.denoiser.config["image_size"],
+                 self.denoiser.config["image_size"])
+        x = sample(self.denoiser, self.schedule, timesteps, shape=shape, method="ddim", generator=generator,
+                   device=self.device, clip_x0=1.0)
+        return from_diffusion(x)
+
+    def on_test_epoch_end(self) -> None:
+        if not self.trainer.is_global_zero or not self.grid.get("n"):
+            return
+        images = self.sample_images(int(self.grid["n"]), torch.Generator().manual_seed(self.eval_seed))
+        path = save_grid(images.cpu(), Path(self.trainer.default_root_dir) / "samples.png", int(self.grid["nrow"]))
+        log_image(self.loggers, "test/samples", path)
+        self.grid_path = path
+
+    def write_artifact(self, directory: Path) -> None:
+        torch.save(self.denoiser.state_dict(), directory / WEIGHTS)
+        (directory / SPEC).write_text(json.dumps({"config": self.denoiser.config, "schedule": self.schedule_cfg,
+                                                  "classes": self.classes}))
+        if getattr(self, "grid_path", None) is not None:
+            (directory / "samples.png").write_bytes(self.grid_path.read_bytes())

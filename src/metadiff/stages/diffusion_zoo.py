@@ -1,0 +1,150 @@
+"""Stage `diffusion_zoo`: assembles M trained `diffusion_unet` members into one zoo artifact and checks that each
+member learned its classes.
+
+The members are upstreams (`upstream.unet.fan_out`), so each UNet is its own cached artifact: a multirun trains
+them as M jobs, and this stage then only collects them (or trains the missing ones in turn). The check: a classifier
+trained on the real meta-train images (upstream `judge`, stage `classifier`) labels `check.n_per_model` samples of
+every member; a sample counts as right when the judged class belongs to that member's subset. Chance is
+classes_per_model / n_train_classes; the judge's own score on held-out real images of the same classes is the
+ceiling. Sample grids (one per member and one of the whole zoo) are written as PNG and logged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from metadiff.artifacts import Artifact
+from metadiff.config import ConfigError
+from metadiff.data.images.partition import class_map
+from metadiff.diffusion.schedule import NoiseSchedule
+from metadiff.diffusion.zoo import DiffusionZoo
+from metadiff.eval.plots import log_image
+from metadiff.nets.unet import ImageDenoiser
+from metadiff.stages.classifier import load_classifier
+from metadiff.stages.diffusion_unet import SPEC as UNET_SPEC
+from metadiff.stages.diffusion_unet import WEIGHTS as UNET_WEIGHTS
+from metadiff.stages.diffusion_unet import save_grid
+
+UNET_PREFIX = "unet"
+
+
+def member_artifacts(upstream: dict[str, Artifact]) -> list[Artifact]:
+    """The zoo's UNet upstreams in member order (`unet0`, `unet1`, ...)."""
+    names = sorted((n for n in upstream if n.startswith(UNET_PREFIX) and n[len(UNET_PREFIX):].isdigit()),
+                   key=lambda n: int(n[len(UNET_PREFIX):]))
+    if not names:
+        raise ConfigError("diffusion_zoo needs its members as upstream 'unet' with fan_out (see "
+                          "conf/experiment/diffusion_zoo_glyphs.yaml)")
+    return [upstream[n] for n in names]
+
+
+def assemble_zoo(members: list[Artifact], class_names: list[str]) -> DiffusionZoo:
+    """Load the members' (EMA) UNets and build the pseudo class -> (model, local index) map from their subsets."""
+    specs = [json.loads(a.file(UNET_SPEC).read_text()) for a in members]
+    subsets = [s["classes"] for s in specs]
+    flat = [c for sub in subsets for c in sub]
+    if len(set(flat)) != len(flat):
+        raise ConfigError(f"zoo members {[str(a.path) for a in members]} share classes: {subsets}")
+    first = specs[0]
+    for a, s in zip(members, specs, strict=True):
+        if s["schedule"] != first["schedule"] or (s["config"]["image_size"], s["config"]["channels"]) != \
+                (first["config"]["image_size"], first["config"]["channels"]):
+            raise ConfigError(f"zoo member {a.path} has another schedule or image shape than {members[0].path}")
+    models = []
+    for a, s in zip(members, specs, strict=True):
+        model = ImageDenoiser.from_config(s["config"])
+        model.load_state_dict(torch.load(a.file(UNET_WEIGHTS), weights_only=True))
+        models.append(model.eval().requires_grad_(False))
+    mapping = [{**entry, "class": subsets[entry["model"]][entry["local"]]}
+               for entry in class_map([list(range(len(sub))) for sub in subsets])]
+    return DiffusionZoo(models, NoiseSchedule.make(**first["schedule"]), dict(first["schedule"]), mapping,
+                        [class_names[m["class"]] for m in mapping], first["config"]["image_size"],
+                        first["config"]["channels"])
+
+
+class DiffusionZooModule(pl.LightningModule):
+    def __init__(self, check: dict[str, Any], grid: dict[str, Any], eval_seed: int = 0,
+                 upstream: dict[str, Artifact] | None = None):
+        super().__init__()
+        if not upstream or "judge" not in upstream:
+            raise ConfigError("diffusion_zoo needs an upstream 'judge' (a classifier of the meta-train classes)")
+        self.members, self.judge_artifact = member_artifacts(upstream), upstream["judge"]
+        self.check, self.grid, self.eval_seed = dict(check), dict(grid), eval_seed
+        self.judge = load_classifier(self.judge_artifact)
+        self.zoo: DiffusionZoo | None = None
+        self.real_right: list[torch.Tensor] = []
+        self.summary_metrics: dict[str, float] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.zoo is None:
+            split = self.trainer.datamodule.split(self.trainer.datamodule.train_cfg["split"])
+            if self.judge.spec["n_classes"] != len(split.classes):
+                raise ConfigError(f"judge {self.judge_artifact.path} has {self.judge.spec['n_classes']} classes, the "
+                                  f"data's train split {len(split.classes)}")
+            self.zoo = assemble_zoo(self.members, split.classes)
+            self.n_train_classes = len(split.classes)
+            # meta-train class -> zoo model (-1: no model covers it)
+            owner = torch.full((self.n_train_classes,), -1, dtype=torch.long)
+            for entry in self.zoo.class_map:
+                owner[entry["class"]] = entry["model"]
+            self.owner = owner
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """The ceiling: the judge's subset accuracy on held-out real images of the covered classes."""
+        images, labels = batch
+        owner = self.owner.to(self.device)
+        covered = owner[labels] >= 0
+        judged = owner[self.judge.to(self.device)(images).argmax(-1)]
+        self.real_right.append((judged == owner[labels])[covered].float().cpu())
+
+    def on_test_epoch_end(self) -> None:
+        zoo = self.zoo.to(self.device)
+        gen = torch.Generator().manual_seed(self.eval_seed)
+        n, batch = int(self.check["n_per_model"]), int(self.check["batch_size"])
+        owner = self.owner.to(self.device)
+        report: dict[str, float] = {}
+        grids, confusion = [], torch.zeros(zoo.n_models, zoo.n_models + 1)
+        for k in range(zoo.n_models):
+            chunks = [zoo.sample(k, min(batch, n - s), int(self.check["steps"]), gen,
+                                 spacing=self.check.get("spacing", "trailing")) for s in range(0, n, batch)]
+            samples = torch.cat(chunks)
+            judged = owner[self.judge.to(self.device)(samples).argmax(-1)]
+            report[f"test/member{k}_subset_accuracy"] = float((judged == k).float().mean())
+            confusion[k] = torch.bincount(judged.cpu() + 1, minlength=zoo.n_models + 1).roll(-1).float() / n
+            grids.append(samples[: int(self.grid["n_per_model"])].cpu())
+        members = [report[f"test/member{k}_subset_accuracy"] for k in range(zoo.n_models)]
+        report["test/subset_accuracy"] = sum(members) / len(members)
+        report["test/subset_accuracy_chance"] = len(zoo.classes_of(0)) / self.n_train_classes
+        report["test/judge_real_subset_accuracy"] = float(torch.cat(self.real_right).mean())
+        self.log_dict(report)
+        self.summary_metrics.update(report)
+        self.confusion = confusion
+        if self.trainer.is_global_zero:
+            self._write_grids(grids)
+            lines = ["", "zoo check: a classifier of the real meta-train classes judges each member's samples",
+                     f"  samples in their member's class subset   {report['test/subset_accuracy']:.3f}  "
+                     f"(per member {', '.join(f'{m:.2f}' for m in members)})",
+                     f"  chance (classes per model / classes)     {report['test/subset_accuracy_chance']:.3f}",
+                     f"  judge on held-out real images (ceiling)  {report['test/judge_real_subset_accuracy']:.3f}"]
+            print("\n".join(lines), flush=True)
+
+    def _write_grids(self, grids: list[torch.Tensor]) -> None:
+        out = Path(self.trainer.default_root_dir)
+        nrow = int(self.grid["nrow"])
+        self.grid_paths = [save_grid(g, out / f"samples_member{k}.png", nrow) for k, g in enumerate(grids)]
+        rows = torch.cat([g[:nrow] for g in grids])
+        self.grid_paths.append(save_grid(rows, out / "samples_zoo.png", nrow))
+        log_image(self.loggers, "test/samples_zoo", self.grid_paths[-1])
+
+    def write_artifact(self, directory: Path) -> None:
+        self.zoo.save(directory, extra={
+            "member_artifacts": [{"path": str(a.path), "fingerprint": a.fingerprint} for a in self.members],
+            "check": dict(self.summary_metrics),
+            "confusion": self.confusion.tolist()})  # row k: member k's samples judged in subset j (last: none)
+        for path in getattr(self, "grid_paths", []):
+            (directory / path.name).write_bytes(path.read_bytes())
