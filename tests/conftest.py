@@ -110,7 +110,7 @@ def image_smoke_overrides(experiment: str, tree: Path) -> list[str]:
     member = [*data, "trainer.max_steps=1", *tiny_unet]
     return [*data, *zoo, "model.check.n_per_model=2", "model.check.steps=2", "model.grid.n_per_model=2",
             f"+upstream_overrides.diffusion_unet_{bench}={_quoted(member)}",
-            f"+upstream_overrides.classifier_{bench}={_quoted([*data, 'trainer.max_steps=1'])}"]
+            f"+upstream_overrides.classifier_{bench}={_quoted([*data, 'trainer.max_steps=1', 'test=false'])}"]
 
 
 def smoke_overrides(experiment: str, tree: dict[str, Path], images: Path | None = None) -> list[str]:

@@ -30,15 +30,11 @@ METHODS = {"ddim": None, "ddpm": 1.0}  # method -> forced eta (None: the configu
 
 
 def step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, eta: float = 0.0,
-         generator: torch.Generator | None = None, clip_x0: float | None = None) -> torch.Tensor:
-    """One step from timestep t to t_prev (< t; -1 = the clean end). `clip_x0`: clamp x0_hat to [-c, c] and use the
-    eps consistent with it (images in [-1, 1]: guided-diffusion's `clip_denoised`)."""
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """One step from timestep t to t_prev (< t; -1 = the clean end)."""
     ab_t = float(schedule.alpha_bar(torch.tensor(t)))
     ab_prev = float(schedule.alpha_bar(torch.tensor(t_prev)))
     x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
-    if clip_x0 is not None:
-        x0 = x0.clamp(-clip_x0, clip_x0)
-        eps = (x_t - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
     sigma = eta * ((1 - ab_prev) / (1 - ab_t)) ** 0.5 * (1 - ab_t / ab_prev) ** 0.5
     out = ab_prev**0.5 * x0 + max(1 - ab_prev - sigma**2, 0.0) ** 0.5 * eps
     if sigma > 0:
@@ -122,7 +118,10 @@ def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         with torch.no_grad():
             eps = eps_model(x, t_batch)
+        if clip_x0 is not None:  # clamp x0_hat to [-c, c], use the eps consistent with it, guide after (spec §4.4)
+            x0 = schedule.predict_x0(x, eps, t_batch).clamp(-clip_x0, clip_x0)
+            eps = schedule.predict_eps(x, x0, t_batch)
         if guidance is not None:
             eps = guidance(x, t_batch, eps).detach()
-        x = step(schedule, x, eps, t, steps[i + 1] if i + 1 < len(steps) else -1, eta, generator, clip_x0)
+        x = step(schedule, x, eps, t, steps[i + 1] if i + 1 < len(steps) else -1, eta, generator)
     return x
