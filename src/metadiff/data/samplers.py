@@ -16,10 +16,6 @@ class EpochOrder(Sampler[int]):
     def __init__(self, n: int, seed: int, epoch: int = 0, shuffle: bool = True):
         self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
 
-    def set_epoch(self, epoch: int) -> None:
-        """Lightning calls this at every epoch start, so one loader serves every epoch."""
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return self.n
 

@@ -31,6 +31,18 @@ def from_diffusion(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+def sample_images(denoiser: ImageDenoiser, schedule: NoiseSchedule, n: int, steps: int, generator: torch.Generator,
+                  spacing: str = "trailing", method: str = "ddim", eta: float = 0.0, guidance: Guidance | None = None,
+                  clip_x0: float | None = 1.0) -> torch.Tensor:
+    """`n` images in [0, 1] from one image denoiser, x0_hat clipped to the pixel range."""
+    config = denoiser.config
+    timesteps = schedule.set_timesteps(steps, spacing)
+    x = sample(denoiser, schedule, timesteps, shape=(n, config["channels"], config["image_size"], config["image_size"]),
+               method=method, eta=eta, guidance=guidance, generator=generator,
+               device=next(denoiser.parameters()).device, clip_x0=clip_x0)
+    return from_diffusion(x)
+
+
 @dataclass
 class DiffusionZoo:
     models: list[ImageDenoiser]
@@ -57,12 +69,8 @@ class DiffusionZoo:
                method: str = "ddim", eta: float = 0.0, guidance: Guidance | None = None,
                clip_x0: float | None = 1.0) -> torch.Tensor:
         """`n` images in [0, 1] from zoo model `model` (DDIM over `steps` respaced timesteps by default)."""
-        denoiser = self.models[model]
-        device = next(denoiser.parameters()).device
-        timesteps = self.schedule.set_timesteps(steps, spacing)
-        x = sample(denoiser, self.schedule, timesteps, shape=(n, self.channels, self.image_size, self.image_size),
-                   method=method, eta=eta, guidance=guidance, generator=generator, device=device, clip_x0=clip_x0)
-        return from_diffusion(x)
+        return sample_images(self.models[model], self.schedule, n, steps, generator, spacing, method, eta, guidance,
+                             clip_x0)
 
     def save(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
         members = []

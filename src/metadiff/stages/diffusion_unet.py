@@ -22,7 +22,7 @@ import torchvision.utils as vutils
 
 from metadiff.config import ConfigError
 from metadiff.diffusion.schedule import NoiseSchedule
-from metadiff.diffusion.zoo import from_diffusion, to_diffusion
+from metadiff.diffusion.zoo import sample_images, to_diffusion
 from metadiff.eval.plots import log_image
 from metadiff.nets.unet import ImageDenoiser
 from metadiff.utils.io import atomic_path
@@ -50,7 +50,6 @@ class DiffusionUNetModule(pl.LightningModule):
         # built here, not in setup(): the EMA callback copies the module before the module's own setup runs
         self.denoiser = ImageDenoiser(image_size, channels, self.unet_cfg)
         self.summary_metrics: dict[str, float] = {}
-        self.test_losses: list[torch.Tensor] = []
 
     def setup(self, stage: str) -> None:
         source = self.trainer.datamodule.source
@@ -89,21 +88,11 @@ class DiffusionUNetModule(pl.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.log("test/heldout_loss", self._heldout_loss(batch, batch_idx), batch_size=batch[0].shape[0])
 
-    @torch.no_grad()
-    def sample_images(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        from metadiff.diffusion.sampling import sample
-
-        timesteps = self.schedule.set_timesteps(int(self.grid["steps"]), self.grid.get("spacing", "trailing"))
-        shape = (n, self.denoiser.config["channels"], self.denoiser.config["image_size"],
-                 self.denoiser.config["image_size"])
-        x = sample(self.denoiser, self.schedule, timesteps, shape=shape, method="ddim", generator=generator,
-                   device=self.device, clip_x0=1.0)
-        return from_diffusion(x)
-
     def on_test_epoch_end(self) -> None:
         if not self.trainer.is_global_zero or not self.grid.get("n"):
             return
-        images = self.sample_images(int(self.grid["n"]), torch.Generator().manual_seed(self.eval_seed))
+        images = sample_images(self.denoiser, self.schedule, int(self.grid["n"]), int(self.grid["steps"]),
+                               torch.Generator().manual_seed(self.eval_seed), self.grid.get("spacing", "trailing"))
         path = save_grid(images.cpu(), Path(self.trainer.default_root_dir) / "samples.png", int(self.grid["nrow"]))
         log_image(self.loggers, "test/samples", path)
         self.grid_path = path
