@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,7 +103,7 @@ def image_smoke_overrides(experiment: str, tree: Path) -> list[str]:
     grid = ["model.grid.n=2", "model.grid.steps=2"]
     tiny_unet = [*grid, *([] if bench == "glyphs" else ["model.unet.block_out_channels=[32,32,32,32]",
                                                         "model.unet.norm_num_groups=8", "model.unet.layers_per_block=1"])]
-    zoo = ["zoo.n_models=2", "zoo.classes_per_model=2"]
+    zoo = ["zoo.n_models=2", "zoo.classes_per_model=3"]  # 6 pseudo classes: enough for 5-way dfml episodes
     if experiment.startswith("classifier_"):
         return data
     if experiment.startswith("diffusion_unet_"):
@@ -113,8 +114,32 @@ def image_smoke_overrides(experiment: str, tree: Path) -> list[str]:
             f"+upstream_overrides.classifier_{bench}={_quoted([*data, 'trainer.max_steps=1', 'test=false'])}"]
 
 
+def dfml_smoke_overrides(experiment: str, tree: Path) -> list[str]:
+    """Smoke settings of dfml_* / diffusionmix_*: a 2x3 zoo of one-step members, a one-epoch dfml upstream."""
+    bench = experiment.rsplit("_", 1)[1]
+    zoo_run = image_smoke_overrides(f"diffusion_zoo_{bench}", tree)
+    data = [o for o in zoo_run if o.startswith(("paths.", "data."))]
+    nested = [o for o in zoo_run if o.startswith("+upstream_overrides.")]
+    zoo_own = [o for o in zoo_run if o not in data and o not in nested and not o.startswith("zoo.")]
+    zoo = [*data, *zoo_own, "zoo.n_models=2", "zoo.classes_per_model=3"]
+    dfml = [*data, "model.generation.per_class=7", "model.generation.batch_size=32", "model.generation.steps=2",
+            "model.generation.every=1", "model.episodes.per_batch=2", "model.grid.per_class=2",
+            "data.episodes.n_val_episodes=2", "data.episodes.episodes_per_batch=2"]
+    overrides = [*nested, f"+upstream_overrides.diffusion_zoo_{bench}={_quoted(zoo)}", *dfml]
+    if experiment.startswith("dfml_"):
+        return overrides
+    dfml_upstream = [*dfml, "trainer.max_epochs=1", "data.train.steps_per_epoch=2", "test=false"]
+    return [*nested, f"+upstream_overrides.diffusion_zoo_{bench}={_quoted(zoo)}",
+            f"+upstream_overrides.dfml_{bench}={_quoted(dfml_upstream)}", *data, "model.mix.denoise_steps=2",
+            "model.head.clean_steps=2", "model.head.mix_steps=2", "model.head.final_steps=2",
+            "data.episodes.episodes_per_batch=2"]
+
+
 def smoke_overrides(experiment: str, tree: dict[str, Path], images: Path | None = None) -> list[str]:
     """What a smoke test of `experiment` adds: fixture data for *_vqa, short upstream stages for the rest."""
+    if experiment.startswith(("dfml_", "diffusionmix_")):
+        assert images is not None
+        return dfml_smoke_overrides(experiment, images)
     if experiment.startswith(("classifier_", "diffusion_")):
         assert images is not None
         return image_smoke_overrides(experiment, images)
@@ -152,6 +177,14 @@ def run_train(args: list[str], root: Path, timeout: int = 900, check: bool = Tru
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def written_artifact(log: str, stage: str) -> Path:
+    """The artifact of `stage` that a run reports writing (its log line), so tests sharing a cache never pick up an
+    artifact that another test wrote into the same stage dir."""
+    paths = [Path(p) for p in re.findall(r"artifact written: (\S+)", log) if Path(p).parent.name == stage]
+    assert paths, f"the run wrote no {stage} artifact"
+    return paths[-1]
 
 
 def parse_summary(stdout: str) -> dict[str, float]:

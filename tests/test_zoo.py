@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import parse_summary, run_train
+from conftest import parse_summary, run_train, written_artifact
 from metadiff.artifacts import load_artifact
 from metadiff.diffusion.zoo import load_zoo
 
@@ -42,7 +42,7 @@ def test_multirun_members_are_reused_by_the_zoo(cache_root: Path, tmp_path: Path
         assert 0.0 <= m[key] <= 1.0
     assert m["test/judge_real_subset_accuracy"] > 0.5  # the judge recognises real images of the covered classes
 
-    (path,) = (cache_root / "outputs" / "artifacts" / "diffusion_zoo").glob("diffusion_zoo_glyphs-*")
+    path = written_artifact(log, "diffusion_zoo")
     art = load_artifact(path)
     assert {"diffusion_unet[member0]", "diffusion_unet[member1]", "classifier"} <= set(art.manifest["lineage"])
     zoo = load_zoo(art)

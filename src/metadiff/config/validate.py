@@ -42,7 +42,7 @@ TOP_LEVEL_TYPES: dict[str, tuple[type, ...]] = {
     "variant": (str, type(None)),
 }
 GROUP_KEYS = {"data", "model", "trainer", "logger", "callbacks", "paths", "extras", "upstream", "upstream_overrides",
-              "artifact", "zoo"}
+              "artifact", "zoo", "compat"}
 
 
 def _resolve_target(path: str, key: str) -> Callable[..., Any]:

@@ -19,29 +19,39 @@ from metadiff.diffusion.sampling import sample
 from metadiff.diffusion.zoo import DiffusionZoo, from_diffusion, to_diffusion
 
 
-def interpolate(zoo: DiffusionZoo, model: int, x_a: torch.Tensor, x_b: torch.Tensor, t: int, lam: float,
-                compat: str, generator: torch.Generator) -> torch.Tensor:
-    """Mix [0, 1] images x_a, x_b with weight lam on x_b at noise step t, denoise with zoo model `model` by
-    ancestral steps; returns [0, 1] images (fixed) or the model's raw output (faithful)."""
+def denoise_timesteps(start: int, steps: int | None) -> torch.Tensor:
+    """The ancestral chain from step `start` to 0: every step (the original), or `steps` evenly spaced ones."""
+    if steps is None or steps > start:
+        return torch.arange(start, -1, -1)
+    return torch.linspace(start, 0, steps).round().long().unique_consecutive()
+
+
+def interpolate(zoo: DiffusionZoo, model: int, x_a: torch.Tensor, x_b: torch.Tensor, t: int,
+                lam: float | torch.Tensor, compat: str, generator: torch.Generator,
+                denoise_steps: int | None = None) -> torch.Tensor:
+    """Mix [0, 1] images x_a, x_b [N, C, H, W] with weight lam (a float or one per image [N]) on x_b at noise step
+    t, denoise with zoo model `model` by ancestral (DDPM) steps, all t of them or `denoise_steps` respaced ones;
+    returns [0, 1] images (fixed) or the model's raw output (faithful)."""
     check_compat(compat)
     fixed = compat == "fixed"
     a, b = (to_diffusion(x_a), to_diffusion(x_b)) if fixed else (x_a, x_b)
+    lam = torch.as_tensor(lam, dtype=a.dtype, device=a.device).reshape(-1, *[1] * (a.dim() - 1))
     ab = float(zoo.schedule.alpha_bar(torch.tensor(t)))
     eps_a = torch.randn(a.shape, generator=generator).to(a)
     eps_b = torch.randn(b.shape, generator=generator).to(b)
     noise = (1 - lam) * eps_a + lam * eps_b
     if fixed:
-        noise = noise / ((1 - lam) ** 2 + lam**2) ** 0.5
+        noise = noise / ((1 - lam) ** 2 + lam**2).sqrt()
     x_t = ab**0.5 * ((1 - lam) * a + lam * b) + (1 - ab) ** 0.5 * noise
     start = t if fixed else t - 1
-    timesteps = torch.arange(start, -1, -1)
+    timesteps = denoise_timesteps(start, denoise_steps)
     denoiser = zoo.models[model]
     out = sample(denoiser, zoo.schedule, timesteps, x_start=x_t, noise_start=False, method="ddpm",
                  generator=generator, device=x_t.device, clip_x0=1.0)
     return from_diffusion(out) if fixed else out
 
 
-def mixup_label_weights(lam: float, compat: str) -> tuple[float, float]:
+def mixup_label_weights(lam: float | torch.Tensor, compat: str) -> tuple[float | torch.Tensor, float | torch.Tensor]:
     """(weight of y_a, weight of y_b) in the mixup loss."""
     check_compat(compat)
     return (1 - lam, lam) if compat == "fixed" else (lam, 1 - lam)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from metadiff.data.images.episodes import EpisodeShape, Episodes, draw_episode, group_by_class
 from metadiff.dfml.guidance import check_compat, class_log_prob, guidance_target
 from metadiff.diffusion.sampling import classifier_guidance
 from metadiff.diffusion.zoo import DiffusionZoo
+from metadiff.utils.io import atomic_path
 
 
 def lexicographic_labels(n_classes: int) -> list[int]:
@@ -52,6 +55,30 @@ class PseudoData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def episodes(self, shape: EpisodeShape, n: int, generator: torch.Generator,
+                 device: torch.device | str = "cpu") -> Episodes:
+        """`n` random training episodes (spec §2.5: N classes, K support + Q queries each) as [0, 1] images;
+        `query_classes` are the queries' pseudo labels for the global head."""
+        by_class = group_by_class(self.labels, shape, f"pseudo data of round {self.round}")
+        idx = torch.stack([draw_episode(by_class, shape, generator) for _ in range(n)])      # [n, N*(K+Q)]
+        images = self.images[idx].to(device).float().div_(255)
+        n_support = shape.n_way * shape.k_shot
+        ways = torch.arange(shape.n_way, device=device)
+        return Episodes(images[:, :n_support], ways.repeat_interleave(shape.k_shot).expand(n, -1),
+                        images[:, n_support:], ways.repeat_interleave(shape.n_query).expand(n, -1),
+                        self.labels[idx[:, n_support:]].to(device))
+
+    def save(self, path: Path) -> None:
+        """Tensors plus the explicit label manifest, written atomically."""
+        with atomic_path(path) as tmp:
+            torch.save({"images": self.images, "labels": self.labels, "classes": self.classes, "models": self.models,
+                        "round": self.round}, tmp)
+
+    @classmethod
+    def load(cls, path: Path) -> PseudoData:
+        state = torch.load(path, weights_only=True)
+        return cls(state["images"], state["labels"], state["classes"], state["models"], int(state["round"]))
+
 
 @torch.no_grad()
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -74,7 +101,10 @@ def generate_pseudo_data(zoo: DiffusionZoo, backbone: torch.nn.Module, class_lea
             targets = torch.tensor([guidance_target(int(c), compat) for c in classes], device=device)
             guide = classifier_guidance(class_log_prob(backbone, class_learner, targets, compat), scale,
                                         zoo.schedule) if scale else None
-            images.append(to_uint8(zoo.sample(k, len(classes), steps, generator, spacing=spacing, guidance=guide)))
+            # fixed: x0_hat clipped after guidance too (else the first `trailing` step explodes, see sample()); the
+            # original did not re-clip and, with its `leading` spacing, never needed to
+            images.append(to_uint8(zoo.sample(k, len(classes), steps, generator, spacing=spacing, guidance=guide,
+                                              reclip_guided=compat == "fixed")))
             asked.append(classes)
             made_by.append(torch.full((len(classes),), k))
     pixels, classes = torch.cat(images), torch.cat(asked)

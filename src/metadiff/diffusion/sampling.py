@@ -95,8 +95,12 @@ def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor
            method: str = "ddim", eta: float = 0.0, guidance: Guidance | None = None,
            x_start: torch.Tensor | None = None, noise_start: bool = True,
            generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-           clip_x0: float | None = None) -> torch.Tensor:
+           clip_x0: float | None = None, reclip_guided: bool = False) -> torch.Tensor:
     """Run the reverse process over `timesteps` (descending, from `schedule.set_timesteps`).
+
+    `reclip_guided`: clip x0_hat again after guidance. Without it (the original), a guidance gradient at a step
+    where alpha-bar is ~0 (t = T - 1, the first step of a `trailing` list) is divided by sqrt(alpha-bar) ~ 3e-5 on its
+    way into x0_hat and the sample explodes into noise; the original's `leading` "ddim25" never visited t > 960.
 
     From noise (`x_start=None`, `shape` given), or from a clean sample `x_start` at the list's first timestep:
     noised to that level first (SDEdit, `noise_start=True`) or used as is (the original's init-from-pretrained,
@@ -123,5 +127,8 @@ def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor
             eps = schedule.predict_eps(x, x0, t_batch)
         if guidance is not None:
             eps = guidance(x, t_batch, eps).detach()
+            if reclip_guided and clip_x0 is not None:
+                x0 = schedule.predict_x0(x, eps, t_batch).clamp(-clip_x0, clip_x0)
+                eps = schedule.predict_eps(x, x0, t_batch)
         x = step(schedule, x, eps, t, steps[i + 1] if i + 1 < len(steps) else -1, eta, generator)
     return x

@@ -33,13 +33,13 @@ def from_diffusion(x: torch.Tensor) -> torch.Tensor:
 
 def sample_images(denoiser: ImageDenoiser, schedule: NoiseSchedule, n: int, steps: int, generator: torch.Generator,
                   spacing: str = "trailing", method: str = "ddim", eta: float = 0.0, guidance: Guidance | None = None,
-                  clip_x0: float | None = 1.0) -> torch.Tensor:
+                  clip_x0: float | None = 1.0, reclip_guided: bool = False) -> torch.Tensor:
     """`n` images in [0, 1] from one image denoiser, x0_hat clipped to the pixel range."""
     config = denoiser.config
     timesteps = schedule.set_timesteps(steps, spacing)
     x = sample(denoiser, schedule, timesteps, shape=(n, config["channels"], config["image_size"], config["image_size"]),
                method=method, eta=eta, guidance=guidance, generator=generator,
-               device=next(denoiser.parameters()).device, clip_x0=clip_x0)
+               device=next(denoiser.parameters()).device, clip_x0=clip_x0, reclip_guided=reclip_guided)
     return from_diffusion(x)
 
 
@@ -67,10 +67,10 @@ class DiffusionZoo:
 
     def sample(self, model: int, n: int, steps: int, generator: torch.Generator, spacing: str = "trailing",
                method: str = "ddim", eta: float = 0.0, guidance: Guidance | None = None,
-               clip_x0: float | None = 1.0) -> torch.Tensor:
+               clip_x0: float | None = 1.0, reclip_guided: bool = False) -> torch.Tensor:
         """`n` images in [0, 1] from zoo model `model` (DDIM over `steps` respaced timesteps by default)."""
         return sample_images(self.models[model], self.schedule, n, steps, generator, spacing, method, eta, guidance,
-                             clip_x0)
+                             clip_x0, reclip_guided)
 
     def save(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
         members = []

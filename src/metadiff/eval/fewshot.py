@@ -29,3 +29,12 @@ def embed_episodes(embed, episodes) -> tuple[torch.Tensor, torch.Tensor]:
     feats = embed(images)
     support, query = feats[: b * s], feats[b * s :]
     return rearrange(support, "(b s) d -> b s d", b=b), rearrange(query, "(b q) d -> b q d", b=b)
+
+
+def prototype_episode_accuracy(features, episodes, scale: float) -> torch.Tensor:
+    """Per-episode accuracy [B] of the prototype readout on unnormalised features (`features`: [n, C, H, W] ->
+    [n, D]), the scoring the baseline, the dfml checkpoint selection and its test share."""
+    support, query = embed_episodes(features, episodes)
+    n_way = int(episodes.support_labels.max()) + 1
+    return episode_accuracy(prototype_logits(support, episodes.support_labels, query, n_way, scale),
+                            episodes.query_labels)

@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from metadiff.artifacts import Artifact
 from metadiff.data.images.episodes import Episodes
-from metadiff.eval.fewshot import embed_episodes, episode_accuracy, prototype_logits
+from metadiff.eval.fewshot import prototype_episode_accuracy
 from metadiff.eval.per_task import PerTaskValues, ci_report
 from metadiff.nets.backbones import build_backbone
 from metadiff.nets.heads import MLPHead
@@ -101,11 +101,8 @@ class ClassifierModule(pl.LightningModule):
 
     def test_step(self, batch: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
         k = self.shots[dataloader_idx]
-        n_way = int(batch.support_labels.max()) + 1
         for name, net in (("trained", self.net), ("random_init", self.random_init.to(self.device))):
-            support, query = embed_episodes(net.gap, batch)
-            logits = prototype_logits(support, batch.support_labels, query, n_way, self.readout_scale)
-            self.values.update(f"{name}_{k}shot", episode_accuracy(logits, batch.query_labels))
+            self.values.update(f"{name}_{k}shot", prototype_episode_accuracy(net.gap, batch, self.readout_scale))
 
     def on_test_epoch_end(self) -> None:
         report = ci_report("test", self.values.compute())

@@ -3,6 +3,10 @@
 * train: images of the `train.split` classes (optionally one zoo member's class subset), minus `holdout_per_class`
   images per class that form the validation set (supervised stages: classifier accuracy / diffusion loss on unseen
   images). The order of epoch e depends only on (seed, e).
+* data-free (`train.split: null`, the dfml stage): no real training image is ever loaded. The train loader only
+  paces the epoch (`train.steps_per_epoch` step indices); the stage draws its episodes from the pseudo data it
+  generates itself. Validation is fixed episodes of `episodes.val_split` (`episodes.n_val_episodes` per shot), the
+  split that selects the checkpoint.
 * test: fixed, seeded N-way K-shot episodes of `episodes.split`, one loader per K in `episodes.shots`
   (`test_on: episodes`), or the held-out images again (`test_on: holdout`, the diffusion stages).
 """
@@ -43,8 +47,14 @@ class FewShotImageDataModule(pl.LightningDataModule):
             self._splits[name] = self.source.split(name)
         return self._splits[name]
 
+    @property
+    def data_free(self) -> bool:
+        return self.train_cfg.get("split") is None
+
     def train_classes(self) -> list[int]:
         """The classes this run trains on: all of the train split, or one zoo member's subset."""
+        if self.data_free:
+            raise ConfigError("data.train.split is null (data-free): this stage has no real training classes")
         n = len(self.split(self.train_cfg["split"]).classes)
         if self.class_subset is None:
             return list(range(n))
@@ -72,6 +82,11 @@ class FewShotImageDataModule(pl.LightningDataModule):
         return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
+        if self.data_free:
+            steps = self.train_cfg.get("steps_per_epoch")
+            if not isinstance(steps, int) or steps < 1:
+                raise ConfigError(f"data.train.steps_per_epoch={steps!r}: a data-free run needs a positive int")
+            return DataLoader(torch.arange(steps), batch_size=1)
         train_idx, _ = self._train_val_indices()
         data = Subset(self.split(self.train_cfg["split"]), train_idx.tolist())
         batch_size = int(self.train_cfg["batch_size"])
@@ -85,6 +100,9 @@ class FewShotImageDataModule(pl.LightningDataModule):
         return self.trainer.global_step * self.trainer.accumulate_grad_batches * batch_size
 
     def val_dataloader(self) -> DataLoader | list:
+        if self.data_free:
+            cfg = self.episode_cfg
+            return [self.episode_loader(cfg["val_split"], k, int(cfg["n_val_episodes"])) for k in self.shots]
         _, val_idx = self._train_val_indices()
         if len(val_idx) == 0:
             return []

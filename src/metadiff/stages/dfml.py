@@ -1,0 +1,296 @@
+"""Stage `dfml`: data-free meta-learning from a diffusion zoo (spec mlwdudm.md §1.2, §4.2–§4.5).
+
+No real training image is read. Every `generation.every` epochs the stage regenerates its pseudo dataset: each zoo
+member samples its pseudo classes, guided by the class-learner on the meta-model's features (round 0 by the untrained
+networks, as the original). Between regenerations, every step (manual optimisation, two optimisers) trains
+1. the meta-model on random pseudo episodes: CE of the global head over all pseudo classes + `episodic_weight` ·
+   spatial episodic CE (spec §4.2);
+2. the class-learner on the noised queries of fresh episodes: CE + KL to the meta-model's clean posterior (§4.3).
+The original ran the two as two passes per epoch; interleaving gives both the same number of updates.
+
+Learning rates follow the epoch look-up table `lr_lut` (the original's 0.1 / 0.006 / 0.0012 / 0.00024); the
+class-learner's is `class_learner_lr_scale` times the meta LR, or constant (`null`, the original, §8 B4).
+Validation (fixed real episodes of `data.episodes.val_split`, prototype readout) runs at the end of every round and
+selects the weights the test uses: meta_val in `fixed` mode, meta_test in `faithful` mode (the original's test-set
+selection, §8 B3). The test scores the selected backbone and a random-init one with the same readout on the fixed
+real meta-test episodes (mean ± 95% CI).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from metadiff.artifacts import Artifact
+from metadiff.config import ConfigError
+from metadiff.data.images.episodes import Episodes, EpisodeShape
+from metadiff.dfml.class_learner import class_learner_loss
+from metadiff.dfml.guidance import check_compat
+from metadiff.dfml.pseudo_data import PseudoData, generate_pseudo_data
+from metadiff.diffusion.zoo import DiffusionZoo, load_zoo
+from metadiff.eval.fewshot import prototype_episode_accuracy
+from metadiff.eval.per_task import PerTaskValues, ci_report
+from metadiff.eval.plots import log_image, save_curve_plot
+from metadiff.nets.backbones import build_backbone
+from metadiff.nets.heads import MLPHead
+from metadiff.nets.meta_model import MetaModel, spatial_episodic_loss
+from metadiff.stages.diffusion_unet import save_grid
+
+WEIGHTS, SPEC = "meta_model.pt", "meta_model.json"
+
+
+def lr_at(lut: list[list[float]], epoch: int) -> float:
+    """The LR of `epoch` from a look-up table [[first_epoch, lr], ...] sorted by epoch."""
+    lr = None
+    for first, value in lut:
+        if epoch >= first:
+            lr = float(value)
+    if lr is None:
+        raise ConfigError(f"model.lr_lut={lut}: no entry covers epoch {epoch} (the first must start at 0)")
+    return lr
+
+
+def build_meta_model(spec: dict[str, Any]) -> MetaModel:
+    return MetaModel(build_backbone(**spec["backbone"]), spec["n_classes"], spec["head_norm"], spec["scale_cls"])
+
+
+def load_meta_model(artifact: Artifact) -> MetaModel:
+    """The selected meta-model of a dfml artifact, frozen (the DiffusionMix stage's feature extractor)."""
+    spec = json.loads(artifact.file(SPEC).read_text())
+    net = build_meta_model(spec)
+    net.load_state_dict(torch.load(artifact.file(WEIGHTS), weights_only=True))
+    return net.eval().requires_grad_(False)
+
+
+class DFMLModule(pl.LightningModule):
+    def __init__(self, backbone: dict[str, Any], head_norm: str, scale_cls: float, class_learner: dict[str, Any],
+                 meta_optimizer: Callable[..., torch.optim.Optimizer],
+                 class_learner_optimizer: Callable[..., torch.optim.Optimizer], lr_lut: list[list[float]],
+                 class_learner_lr_scale: float | None, episodic_weight: float, kl_reduction: str,
+                 episodes: dict[str, int], generation: dict[str, Any], grid: dict[str, int], compat: str,
+                 select_checkpoint: bool = True, seed: int = 0, upstream: dict[str, Artifact] | None = None):
+        super().__init__()
+        check_compat(compat)
+        if not upstream or "zoo" not in upstream:
+            raise ConfigError("dfml needs an upstream 'zoo' (a diffusion_zoo artifact)")
+        self.save_hyperparameters(logger=False, ignore=["meta_optimizer", "class_learner_optimizer", "upstream"])
+        self.automatic_optimization = False
+        self.zoo_artifact = upstream["zoo"]
+        self.zoo: DiffusionZoo = load_zoo(self.zoo_artifact)
+        self.backbone_cfg, self.head_norm, self.scale_cls = dict(backbone), head_norm, scale_cls
+        self.class_learner_cfg = dict(class_learner)
+        self.meta_optimizer_factory, self.class_learner_optimizer_factory = meta_optimizer, class_learner_optimizer
+        self.lr_lut, self.class_learner_lr_scale = [list(e) for e in lr_lut], class_learner_lr_scale
+        self.episodic_weight, self.kl_reduction, self.compat = episodic_weight, kl_reduction, compat
+        self.shape = EpisodeShape(int(episodes["n_way"]), int(episodes["k_shot"]), int(episodes["n_query"]))
+        self.episodes_per_batch = int(episodes["per_batch"])
+        self.generation, self.grid, self.select_checkpoint, self.seed = dict(generation), dict(grid), \
+            select_checkpoint, seed
+        self.n_classes = len(self.zoo.class_map)
+        self.meta: MetaModel | None = None
+        self.pseudo: PseudoData | None = None
+        self.pseudo_path: str | None = None
+        self.best: dict[str, Any] = {"accuracy": -1.0, "epoch": -1, "state": None}
+        self.history: list[dict[str, float]] = []  # one entry per validated round
+        self.summary_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ networks
+    def setup(self, stage: str) -> None:
+        if self.meta is not None:
+            return
+        dm = self.trainer.datamodule
+        source = dm.source
+        if (source.channels, source.image_size) != (self.zoo.channels, self.zoo.image_size):
+            raise ConfigError(f"zoo {self.zoo_artifact.path} makes {self.zoo.channels}x{self.zoo.image_size}px "
+                              f"images, the data's are {source.channels}x{source.image_size}px")
+        self.spec = {"backbone": {**self.backbone_cfg, "in_channels": source.channels, "mean": source.mean,
+                                  "std": source.std},
+                     "n_classes": self.n_classes, "head_norm": self.head_norm, "scale_cls": self.scale_cls}
+        self.meta = build_meta_model(self.spec)
+        self.class_learner = MLPHead(self.meta.backbone.out_dim, self.n_classes,
+                                     norm=self.class_learner_cfg["norm"], time_conditioned=True)
+        # the random-init reference: the same architecture and seed, never trained
+        self.random_init = copy.deepcopy(self.meta.backbone).requires_grad_(False)
+        self.shots = list(dm.shots)
+        names = [f"{m}_{k}shot" for m in ("trained", "random_init") for k in self.shots]
+        self.values = PerTaskValues(names)
+
+    def configure_optimizers(self):
+        return [self.meta_optimizer_factory(self.meta.parameters()),
+                self.class_learner_optimizer_factory(self.class_learner.parameters())]
+
+    # ------------------------------------------------------------------ pseudo data
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir)
+
+    def _round_of(self, epoch: int) -> int:
+        return epoch // int(self.generation["every"])
+
+    def on_train_epoch_start(self) -> None:
+        epoch = self.current_epoch
+        meta_opt, cl_opt = self.optimizers()
+        lr = lr_at(self.lr_lut, epoch)
+        for group in meta_opt.optimizer.param_groups:
+            group["lr"] = lr
+        if self.class_learner_lr_scale is not None:
+            for group in cl_opt.optimizer.param_groups:
+                group["lr"] = lr * self.class_learner_lr_scale
+        self.log("train/lr", lr)
+        wanted = self._round_of(epoch)
+        if self.pseudo is None and self.pseudo_path is not None and Path(self.pseudo_path).exists():
+            self.pseudo = PseudoData.load(Path(self.pseudo_path))  # resumed: the round's data as it was
+        if self.pseudo is None or self.pseudo.round != wanted:
+            self.regenerate(wanted)
+
+    @torch.no_grad()
+    def regenerate(self, round_index: int) -> None:
+        """Sample the zoo, guided by the current meta-model backbone and class-learner (eval mode)."""
+        g = self.generation
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
+        self.meta.eval()
+        self.class_learner.eval()
+        zoo = self.zoo.to(self.device)
+        scale = float(g["scale"]) if round_index > 0 or g.get("guide_round0", True) else 0.0
+        self.pseudo = generate_pseudo_data(zoo, self.meta.backbone, self.class_learner, int(g["per_class"]),
+                                           int(g["batch_size"]), int(g["steps"]), scale, self.compat, gen,
+                                           round_index, g.get("spacing", "trailing"))
+        self.meta.train()
+        self.class_learner.train()
+        self._report_round(round_index)
+
+    def _report_round(self, round_index: int) -> None:
+        """How often the guide and the meta-model agree with the asked pseudo class; a grid of the round."""
+        images = self.pseudo.images.to(self.device).float().div_(255)
+        targets = self.pseudo.labels.to(self.device)
+        with torch.no_grad():
+            self.meta.eval()
+            agree = torch.cat([self.meta.head(self.meta.backbone.embed(chunk)).argmax(-1)
+                               for chunk in images.split(256)]) == targets
+            self.meta.train()
+        self.log("pseudo/round", float(round_index))
+        self.log("pseudo/meta_model_agreement", agree.float().mean())
+        if not self.trainer.is_global_zero:
+            return
+        path = self.run_dir / "pseudo" / f"round{round_index}.pt"
+        self.pseudo.save(path)
+        self.pseudo_path = str(path)
+        per_class = int(self.grid["per_class"])
+        order = torch.argsort(self.pseudo.classes, stable=True)
+        counts = torch.bincount(self.pseudo.classes, minlength=self.n_classes)
+        starts = torch.cumsum(counts, 0) - counts
+        picks = torch.cat([order[s: s + per_class] for s in starts.tolist()])
+        grid = save_grid(self.pseudo.images[picks].float() / 255, self.run_dir / f"pseudo_round{round_index}.png",
+                         per_class)
+        log_image(self.loggers, "pseudo/grid", grid)
+
+    # ------------------------------------------------------------------ training
+    def _generator(self, batch: torch.Tensor) -> torch.Generator:
+        """The episodes and noise of a step depend on (seed, epoch, step, rank) only."""
+        step = self.current_epoch * 1_000_003 + int(batch.flatten()[0])
+        return torch.Generator().manual_seed((self.seed * 7919 + step) * 131 + self.global_rank)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        meta_opt, cl_opt = self.optimizers()
+        gen = self._generator(batch)
+        ep = self.pseudo.episodes(self.shape, self.episodes_per_batch, gen, self.device)
+        global_logits, spatial = self.meta.train_forward(ep.support, ep.support_labels, ep.query, self.shape.n_way)
+        global_loss = F.cross_entropy(global_logits, ep.query_classes.flatten())
+        episodic_loss = spatial_episodic_loss(spatial, ep.query_labels)
+        loss = global_loss + self.episodic_weight * episodic_loss
+        meta_opt.zero_grad()
+        self.manual_backward(loss)
+        meta_opt.step()
+
+        fresh = self.pseudo.episodes(self.shape, self.episodes_per_batch, gen, self.device)
+        self.meta.eval()  # the teacher and the noisy features use running statistics (spec §4.3)
+        cl_loss, ce, kl = class_learner_loss(self.meta.backbone, self.meta.head, self.class_learner,
+                                             fresh.query.flatten(0, 1), fresh.query_classes.flatten(),
+                                             self.zoo.schedule, self.compat, self.kl_reduction, gen)
+        self.meta.train()
+        cl_opt.zero_grad()
+        self.manual_backward(cl_loss)
+        cl_opt.step()
+        for name, value in (("loss", loss), ("global_ce", global_loss), ("episodic_ce", episodic_loss),
+                            ("class_learner_loss", cl_loss), ("class_learner_ce", ce), ("class_learner_kl", kl)):
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"stage dfml: train/{name} is {float(value)} at epoch {self.current_epoch}"
+                                         f", step {self.global_step}")
+            self.log(f"train/{name}", value, prog_bar=name == "loss")
+
+    # ------------------------------------------------------------------ validation: checkpoint selection
+    def _score(self, batch: Episodes, dataloader_idx: int, nets: tuple[str, ...]) -> None:
+        k = self.shots[dataloader_idx]
+        for name in nets:
+            backbone = self.meta.backbone if name == "trained" else self.random_init.to(self.device)
+            self.values.update(f"{name}_{k}shot", prototype_episode_accuracy(
+                lambda x, b=backbone: b(x).mean(dim=(2, 3)), batch, self.scale_cls))
+
+    def validation_step(self, batch: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._score(batch, dataloader_idx, ("trained",))
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.values.compute([f"trained_{k}shot" for k in self.shots])
+        report = ci_report("val", values)
+        accuracy = sum(report[f"val/trained_{k}shot"] for k in self.shots) / len(self.shots)
+        self.log_dict({**report, "val/accuracy": accuracy})
+        if self.trainer.sanity_checking:
+            return
+        self.history.append({"epoch": self.current_epoch, "round": self._round_of(self.current_epoch),
+                             **{f"{k}shot": report[f"val/trained_{k}shot"] for k in self.shots},
+                             **{f"{k}shot_ci95": report[f"val/trained_{k}shot_ci95"] for k in self.shots}})
+        if accuracy > self.best["accuracy"]:
+            self.best = {"accuracy": accuracy, "epoch": self.current_epoch,
+                         "state": {k: v.detach().cpu().clone() for k, v in self.meta.state_dict().items()}}
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and self.history:
+            curves = {f"{k}-shot ({self.trainer.datamodule.episode_cfg['val_split']})":
+                      [(h["round"], h[f"{k}shot"], h[f"{k}shot_ci95"]) for h in self.history] for k in self.shots}
+            path = save_curve_plot(curves, self.run_dir / "accuracy_per_round.png", "dfml: accuracy per round",
+                                   xlabel="regeneration round")
+            log_image(self.loggers, "val/accuracy_per_round", path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dfml"] = {"pseudo_path": self.pseudo_path, "best": self.best, "history": self.history}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["dfml"]
+        self.pseudo_path, self.best, self.history = state["pseudo_path"], state["best"], state["history"]
+
+    # ------------------------------------------------------------------ test: real meta-test episodes
+    def on_test_start(self) -> None:
+        if self.select_checkpoint and self.best["state"] is not None:
+            self.meta.load_state_dict(self.best["state"])
+            self.summary_metrics["val/selected_epoch"] = float(self.best["epoch"])
+        self.meta.eval()
+
+    def test_step(self, batch: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._score(batch, dataloader_idx, ("trained", "random_init"))
+
+    def on_test_epoch_end(self) -> None:
+        report = ci_report("test", self.values.compute())
+        self.log_dict(report)
+        self.summary_metrics.update(report)
+        if self.trainer.is_global_zero:
+            lines = ["", f"dfml ({self.compat}): prototype readout on the fixed real meta-test episodes "
+                         "(mean +- 95% CI):"]
+            for k in self.shots:
+                for name in ("trained", "random_init"):
+                    key = f"test/{name}_{k}shot"
+                    lines.append(f"  {k}-shot  {name:<12s} {report[key]:.3f} +- {report[key + '_ci95']:.3f}")
+            print("\n".join(lines), flush=True)
+
+    def write_artifact(self, directory: Path) -> None:
+        torch.save(self.meta.state_dict(), directory / WEIGHTS)
+        (directory / SPEC).write_text(json.dumps({**self.spec, "compat": self.compat, "history": self.history,
+                                                  "selected_epoch": self.best["epoch"]}))
+        for png in sorted(self.run_dir.glob("pseudo_round*.png")) + sorted(self.run_dir.glob("accuracy_*.png")):
+            (directory / png.name).write_bytes(png.read_bytes())

@@ -1,0 +1,160 @@
+"""Stage `diffusionmix`: meta-test of a dfml meta-model with a per-episode head, with and without DiffusionMix
+(spec mlwdudm.md §1.3, §4.6), on the same fixed real meta-test episodes.
+
+Per episode the frozen backbone embeds support and queries (normalize(GAP)). A fresh MLP head is trained on the
+support features in three phases: `clean_steps` SGD steps on the support set; `mix_steps` steps of a second SGD on
+the DiffusionMix sets, one per zoo model (support images mixed with a permutation of themselves at noise step t,
+denoised by that model; mixup loss with Beta(α, α) weights; averaged over models); `final_steps` more steps of the
+first SGD on the support set. "none" trains the same head with the mix phase left out. The prototype readout of the
+meta-model is reported beside both. All episodes of a batch are trained at once (metadiff.dfml.episode_heads).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metadiff.artifacts import Artifact
+from metadiff.config import ConfigError
+from metadiff.data.images.episodes import Episodes
+from metadiff.dfml.diffusionmix import interpolate, mixup_label_weights
+from metadiff.dfml.episode_heads import EpisodeHeads, train_heads
+from metadiff.dfml.guidance import check_compat
+from metadiff.diffusion.zoo import load_zoo
+from metadiff.eval.fewshot import embed_episodes, episode_accuracy, prototype_episode_accuracy
+from metadiff.eval.per_task import PerTaskValues, ci_report
+from metadiff.stages.dfml import load_meta_model
+from metadiff.stages.diffusion_unet import save_grid
+
+READOUTS = ("prototype", "head", "head_diffusionmix")
+
+
+class DiffusionMixModule(pl.LightningModule):
+    def __init__(self, head: dict[str, Any], mix: dict[str, Any], compat: str, seed: int = 0, upstream: dict[str, Artifact] | None = None):
+        super().__init__()
+        check_compat(compat)
+        for name in ("meta", "zoo"):
+            if not upstream or name not in upstream:
+                raise ConfigError(f"diffusionmix needs an upstream '{name}' (meta: a dfml artifact, zoo: a "
+                                  "diffusion_zoo artifact)")
+        self.meta = load_meta_model(upstream["meta"])
+        self.zoo = load_zoo(upstream["zoo"])
+        self.head_cfg, self.mix, self.compat, self.seed = dict(head), dict(mix), compat, seed
+        self.summary_metrics: dict[str, float] = {}
+
+    def setup(self, stage: str) -> None:
+        self.shots = list(self.trainer.datamodule.shots)
+        self.values = PerTaskValues([f"{r}_{k}shot" for r in READOUTS for k in self.shots])
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.meta.backbone.embed(images)
+
+    def _generator(self, batch_idx: int, dataloader_idx: int) -> torch.Generator:
+        """λ, permutations and noise of a batch depend on (seed, shot, batch, rank) only."""
+        return torch.Generator().manual_seed(((self.seed * 7919 + dataloader_idx) * 1_000_003 + batch_idx) * 131
+                                             + self.global_rank)
+
+    def mixed_support(self, support: torch.Tensor, labels: torch.Tensor, model: int, gen: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One DiffusionMix set per episode from zoo model `model`: (mixed images [B, S, C, H, W], y_a, y_b,
+        λ [B]); one λ ~ Beta(α, α) and one permutation of the support per episode (spec §4.6)."""
+        b, s = support.shape[:2]
+        alpha = float(self.mix["beta_alpha"])
+        lam = beta_draws(alpha, b, gen)
+        perm = torch.stack([torch.randperm(s, generator=gen) for _ in range(b)]).to(support.device)
+        x_b = torch.gather(support, 1, perm.view(b, s, 1, 1, 1).expand_as(support))
+        mixed = interpolate(self.zoo, model, support.flatten(0, 1), x_b.flatten(0, 1), int(self.mix["t"]),
+                            lam.to(support.device).repeat_interleave(s), self.compat, gen,
+                            self.mix.get("denoise_steps"))
+        return mixed.view_as(support), labels, torch.gather(labels, 1, perm), lam.to(support.device)
+
+    def test_step(self, batch: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
+        k = self.shots[dataloader_idx]
+        gen = self._generator(batch_idx, dataloader_idx)
+        zoo = self.zoo.to(self.device)
+        self.meta.to(self.device)
+        self.values.update(f"prototype_{k}shot", prototype_episode_accuracy(
+            lambda x: self.meta.backbone(x).mean(dim=(2, 3)), batch, self.meta.scale_cls))
+        support, query = embed_episodes(self._embed, batch)
+        y_s, y_q = batch.support_labels, batch.query_labels
+        n_way = int(y_s.max()) + 1
+        mixed = [self.mixed_support(batch.support, y_s, j, gen) for j in range(zoo.n_models)]
+        mixed_features = [(self._embed(x.flatten(0, 1)).view(*x.shape[:2], -1), ya, yb, lam)
+                          for x, ya, yb, lam in mixed]
+        if batch_idx == 0 and dataloader_idx == 0 and self.trainer.is_global_zero:
+            self._save_grid(batch.support, [m[0] for m in mixed])
+        for readout, with_mix in (("head", False), ("head_diffusionmix", True)):
+            torch.manual_seed(self.seed + batch_idx)  # both readouts start from the same fresh heads
+            with torch.inference_mode(False), torch.enable_grad():
+                logits = self._fit_and_predict(support.clone(), y_s, query.clone(), n_way,
+                                               [tuple(t.clone() for t in m) for m in mixed_features] if with_mix
+                                               else None)
+            self.values.update(f"{readout}_{k}shot", episode_accuracy(logits, y_q))
+
+    def _fit_and_predict(self, support: torch.Tensor, y_s: torch.Tensor, query: torch.Tensor, n_way: int,
+                         mixed: list[tuple[torch.Tensor, ...]] | None) -> torch.Tensor:
+        h = self.head_cfg
+        heads = EpisodeHeads(len(support), support.shape[-1], n_way, h["norm"], self.device)
+        clean = torch.optim.SGD(heads.parameters(), lr=h["lr_clean"], momentum=h["momentum"],
+                                weight_decay=h["weight_decay"])
+
+        def clean_loss() -> torch.Tensor:
+            return F.cross_entropy(heads(support).transpose(1, 2), y_s, reduction="none").mean(1)
+
+        def mix_loss() -> torch.Tensor:
+            total = 0.0
+            for x, y_a, y_b, lam in mixed:
+                w_a, w_b = mixup_label_weights(lam, self.compat)
+                logits = heads(x).transpose(1, 2)
+                total = total + w_a * F.cross_entropy(logits, y_a, reduction="none").mean(1) \
+                    + w_b * F.cross_entropy(logits, y_b, reduction="none").mean(1)
+            return total / len(mixed)
+
+        train_heads(heads, clean, int(h["clean_steps"]), clean_loss)
+        if mixed is not None:
+            mix_opt = torch.optim.SGD(heads.parameters(), lr=h["lr_mix"], momentum=h["momentum"],
+                                      weight_decay=h["weight_decay"])
+            train_heads(heads, mix_opt, int(h["mix_steps"]), mix_loss)
+        train_heads(heads, clean, int(h["final_steps"]), clean_loss)
+        with torch.no_grad():
+            return heads(query)
+
+    def _save_grid(self, support: torch.Tensor, mixed: list[torch.Tensor]) -> None:
+        """Row 0: the support of the first episode; row j + 1: its DiffusionMix by zoo model j."""
+        first = [support[0]] + [m[0] for m in mixed]
+        images = torch.cat(first)
+        if self.compat == "faithful":
+            images = images.clamp(0, 1)
+        self.grid_path = save_grid(images.float().cpu(), Path(self.trainer.default_root_dir) / "diffusionmix.png",
+                                   support.shape[1])
+
+    def on_test_epoch_end(self) -> None:
+        report = ci_report("test", self.values.compute())
+        for k in self.shots:
+            report[f"test/diffusionmix_gain_{k}shot"] = report[f"test/head_diffusionmix_{k}shot"] - \
+                report[f"test/head_{k}shot"]
+        self.log_dict(report)
+        self.summary_metrics.update(report)
+        if self.trainer.is_global_zero:
+            lines = ["", f"diffusionmix ({self.compat}) on the fixed real meta-test episodes (mean +- 95% CI):"]
+            for k in self.shots:
+                for readout in READOUTS:
+                    key = f"test/{readout}_{k}shot"
+                    lines.append(f"  {k}-shot  {readout:<18s} {report[key]:.3f} +- {report[key + '_ci95']:.3f}")
+            print("\n".join(lines), flush=True)
+
+    def write_artifact(self, directory: Path) -> None:
+        if hasattr(self, "grid_path"):
+            (directory / self.grid_path.name).write_bytes(self.grid_path.read_bytes())
+
+
+def beta_draws(alpha: float, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n draws of Beta(alpha, alpha) that depend only on `gen` (torch.distributions samples from the global RNG, so
+    NumPy's Beta sampler is seeded from `gen` instead)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    return torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, n)).float()
