@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metadiff.data.images.episodes import EpisodeShape, Episodes, draw_episode, group_by_class
+from metadiff.data.images.episodes import Episodes, EpisodeShape, draw_episode, group_by_class
 from metadiff.dfml.guidance import check_compat, class_log_prob, guidance_target
 from metadiff.diffusion.sampling import classifier_guidance
 from metadiff.diffusion.zoo import DiffusionZoo

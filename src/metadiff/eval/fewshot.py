@@ -38,3 +38,15 @@ def prototype_episode_accuracy(features, episodes, scale: float) -> torch.Tensor
     n_way = int(episodes.support_labels.max()) + 1
     return episode_accuracy(prototype_logits(support, episodes.support_labels, query, n_way, scale),
                             episodes.query_labels)
+
+
+def readout_lines(title: str, report: dict[str, float], shots: list[int], readouts: tuple[str, ...],
+                  width: int = 12) -> str:
+    """The printed table of a few-shot test: one `k-shot readout mean +- ci95` line per shot and readout, read from
+    `report` keys `test/{readout}_{k}shot`."""
+    lines = ["", title]
+    for k in shots:
+        for name in readouts:
+            key = f"test/{name}_{k}shot"
+            lines.append(f"  {k}-shot  {name:<{width}s} {report[key]:.3f} +- {report[key + '_ci95']:.3f}")
+    return "\n".join(lines)

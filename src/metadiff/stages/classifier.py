@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from metadiff.artifacts import Artifact
 from metadiff.data.images.episodes import Episodes
-from metadiff.eval.fewshot import prototype_episode_accuracy
+from metadiff.eval.fewshot import prototype_episode_accuracy, readout_lines
 from metadiff.eval.per_task import PerTaskValues, ci_report
 from metadiff.nets.backbones import build_backbone
 from metadiff.nets.heads import MLPHead
@@ -70,8 +70,7 @@ class ClassifierModule(pl.LightningModule):
         dm = self.trainer.datamodule
         source = dm.source
         n_classes = len(dm.train_classes())
-        self.net = ImageClassifier({**self.backbone_cfg, "in_channels": source.channels, "mean": source.mean,
-                                    "std": source.std}, n_classes, self.head_norm)
+        self.net = ImageClassifier(source.backbone_spec(self.backbone_cfg), n_classes, self.head_norm)
         # the random-init reference: the same architecture and seed, never trained
         self.random_init = copy.deepcopy(self.net).requires_grad_(False)
         self.val_acc = MulticlassAccuracy(num_classes=n_classes, average="micro")
@@ -109,12 +108,8 @@ class ClassifierModule(pl.LightningModule):
         self.log_dict(report)
         self.summary_metrics.update(report)
         if self.trainer.is_global_zero:
-            lines = ["", "prototype readout on the fixed meta-test episodes (mean +- 95% CI):"]
-            for k in self.shots:
-                for name in ("trained", "random_init"):
-                    key = f"test/{name}_{k}shot"
-                    lines.append(f"  {k}-shot  {name:<12s} {report[key]:.3f} +- {report[key + '_ci95']:.3f}")
-            print("\n".join(lines), flush=True)
+            print(readout_lines("prototype readout on the fixed meta-test episodes (mean +- 95% CI):", report,
+                                self.shots, ("trained", "random_init")), flush=True)
 
     def write_artifact(self, directory: Path) -> None:
         torch.save(self.net.state_dict(), directory / WEIGHTS)

@@ -35,7 +35,7 @@ from metadiff.dfml.class_learner import class_learner_loss
 from metadiff.dfml.guidance import check_compat
 from metadiff.dfml.pseudo_data import PseudoData, generate_pseudo_data
 from metadiff.diffusion.zoo import DiffusionZoo, load_zoo
-from metadiff.eval.fewshot import prototype_episode_accuracy
+from metadiff.eval.fewshot import prototype_episode_accuracy, readout_lines
 from metadiff.eval.per_task import PerTaskValues, ci_report
 from metadiff.eval.plots import log_image, save_curve_plot
 from metadiff.nets.backbones import build_backbone
@@ -110,8 +110,7 @@ class DFMLModule(pl.LightningModule):
         if (source.channels, source.image_size) != (self.zoo.channels, self.zoo.image_size):
             raise ConfigError(f"zoo {self.zoo_artifact.path} makes {self.zoo.channels}x{self.zoo.image_size}px "
                               f"images, the data's are {source.channels}x{source.image_size}px")
-        self.spec = {"backbone": {**self.backbone_cfg, "in_channels": source.channels, "mean": source.mean,
-                                  "std": source.std},
+        self.spec = {"backbone": source.backbone_spec(self.backbone_cfg),
                      "n_classes": self.n_classes, "head_norm": self.head_norm, "scale_cls": self.scale_cls}
         self.meta = build_meta_model(self.spec)
         self.class_learner = MLPHead(self.meta.backbone.out_dim, self.n_classes,
@@ -280,13 +279,8 @@ class DFMLModule(pl.LightningModule):
         self.log_dict(report)
         self.summary_metrics.update(report)
         if self.trainer.is_global_zero:
-            lines = ["", f"dfml ({self.compat}): prototype readout on the fixed real meta-test episodes "
-                         "(mean +- 95% CI):"]
-            for k in self.shots:
-                for name in ("trained", "random_init"):
-                    key = f"test/{name}_{k}shot"
-                    lines.append(f"  {k}-shot  {name:<12s} {report[key]:.3f} +- {report[key + '_ci95']:.3f}")
-            print("\n".join(lines), flush=True)
+            print(readout_lines(f"dfml ({self.compat}): prototype readout on the fixed real meta-test episodes "
+                                "(mean +- 95% CI):", report, self.shots, ("trained", "random_init")), flush=True)
 
     def write_artifact(self, directory: Path) -> None:
         torch.save(self.meta.state_dict(), directory / WEIGHTS)

@@ -26,7 +26,7 @@ from metadiff.dfml.diffusionmix import interpolate, mixup_label_weights
 from metadiff.dfml.episode_heads import EpisodeHeads, train_heads
 from metadiff.dfml.guidance import check_compat
 from metadiff.diffusion.zoo import load_zoo
-from metadiff.eval.fewshot import embed_episodes, episode_accuracy, prototype_episode_accuracy
+from metadiff.eval.fewshot import embed_episodes, episode_accuracy, prototype_episode_accuracy, readout_lines
 from metadiff.eval.per_task import PerTaskValues, ci_report
 from metadiff.stages.dfml import load_meta_model
 from metadiff.stages.diffusion_unet import save_grid
@@ -141,12 +141,8 @@ class DiffusionMixModule(pl.LightningModule):
         self.log_dict(report)
         self.summary_metrics.update(report)
         if self.trainer.is_global_zero:
-            lines = ["", f"diffusionmix ({self.compat}) on the fixed real meta-test episodes (mean +- 95% CI):"]
-            for k in self.shots:
-                for readout in READOUTS:
-                    key = f"test/{readout}_{k}shot"
-                    lines.append(f"  {k}-shot  {readout:<18s} {report[key]:.3f} +- {report[key + '_ci95']:.3f}")
-            print("\n".join(lines), flush=True)
+            print(readout_lines(f"diffusionmix ({self.compat}) on the fixed real meta-test episodes (mean +- 95% CI):",
+                                report, self.shots, READOUTS, width=18), flush=True)
 
     def write_artifact(self, directory: Path) -> None:
         if hasattr(self, "grid_path"):

@@ -27,6 +27,10 @@ class ImageSource:
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
 
+    def backbone_spec(self, backbone: dict) -> dict:
+        """A backbone config completed with this source's channels and normalisation (it lives in the network)."""
+        return {**backbone, "in_channels": self.channels, "mean": self.mean, "std": self.std}
+
     def split(self, name: str) -> ImageSplit:
         if name not in SPLITS:
             raise ConfigError(f"split '{name}' is not one of {SPLITS}")
