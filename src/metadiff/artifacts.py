@@ -224,7 +224,13 @@ def require_upstream(cfg: DictConfig, name: str) -> Artifact:
         path = Path(cfg.upstream[name].path)
         if not (path / "manifest.json").is_file():
             raise UpstreamMissingError(f"upstream.{name}.path={path}: no artifact there (manifest.json is missing)")
-        return load_artifact(path)
+        found = load_artifact(path)
+        wanted = compose_upstream(cfg, name).stage
+        if found.manifest.get("stage") != wanted:
+            raise ArtifactMismatchError(
+                f"upstream.{name}.path={path} holds a '{found.manifest.get('stage')}' artifact, but upstream "
+                f"'{name}' ({_spec_of(cfg, name)[0].experiment}) must be a '{wanted}' artifact")
+        return found
     up_cfg = compose_upstream(cfg, name)
     token = _CHOICES.set(_inherited_choices(cfg, name))
     try:

@@ -1,12 +1,19 @@
-"""Callbacks of our own. `KillAfterBatches` is for resume tests and drills: it kills the process like `kill -9`."""
+"""Callbacks of our own: the NaN/inf guard every run has, and two drills for reliability tests (`KillAfterBatches`
+kills the process like `kill -9`; `PoisonWeights` makes the next loss NaN)."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from metadiff.errors import UserError
 
 PHASES = ("train", "validation", "test", "predict")
 
@@ -40,3 +47,76 @@ class KillAfterBatches(pl.Callback):
     def on_predict_batch_end(self, *args: Any, **kwargs: Any) -> None:
         if self.phase == "predict":
             self._count()
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+    """A loss became NaN or inf: the run stops at once instead of training on garbage for hours."""
+
+
+class StopOnNonFiniteLoss(pl.Callback):
+    """Raise `TrainingDivergedError` naming the stage, task, epoch, step and batch the moment a loss that is about to
+    be back-propagated is not finite (before the optimiser step, so the weights are still the last finite ones).
+
+    Lightning's own guards do not fit: `detect_anomaly` slows every backward, and `EarlyStopping(check_finite)`
+    watches one logged metric at validation time only. `on_before_backward` sees every loss of automatic and manual
+    optimisation (`manual_backward` calls it too)."""
+
+    def __init__(self, stage: str, task_name: str):
+        self.stage, self.task_name = stage, task_name
+        self.batch_idx = -1
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        value = "nan" if bool(torch.isnan(loss.detach()).any()) else "inf"
+        last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        resume = f"; last good checkpoint: {last}" if last.is_file() else ""
+        raise TrainingDivergedError(
+            f"stage '{self.stage}' ({self.task_name}): the training loss is {value} at epoch {trainer.current_epoch}, "
+            f"global step {trainer.global_step}, batch {self.batch_idx}; lower the learning rate or check the "
+            f"inputs{resume}"
+        )
+
+
+class PoisonWeights(pl.Callback):
+    """Drill for the NaN guard: after `after` training batches, set one weight to NaN (as a bad update would)."""
+
+    def __init__(self, after: int):
+        self.after, self.seen = after, 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        self.seen += 1
+        if self.seen == self.after:
+            with torch.no_grad():
+                next(p for p in pl_module.parameters() if p.requires_grad and p.is_floating_point()).fill_(float("nan"))
+
+
+class RestoreRNGStates(pl.Callback):
+    """Save the global RNG states (torch, CUDA, NumPy, Python) in every checkpoint and restore them on resume.
+
+    Why: Lightning restores weights, optimisers and loop counters but not the global generators, so a resumed run
+    would shuffle its next epoch (RandomSampler), draw dropout and noise differently from the run it continues.
+    Stages that derive per-step randomness from (seed, step) do not need this; the rest do. Stored as plain tensors
+    and lists so that checkpoints stay loadable with `weights_only=True`. Under DDP the checkpoint holds rank 0's
+    states (ranks differ only in what they draw from their own generator)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        version, internal, gauss = random.getstate()
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+                "python": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))

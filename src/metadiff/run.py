@@ -8,8 +8,10 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import multiprocessing
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metadiff.artifacts import Artifact, publish_artifact, resolve_upstreams
 from metadiff.config import validate_config
-from metadiff.errors import UserError
+from metadiff.errors import InputFileError, MissingInputError, UserError
 from metadiff.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,30 @@ def save_resolved_config(cfg: DictConfig) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
+
+
+def checked_ckpt_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path` as Lightning takes it, checked first so a bad one fails in one line before any work.
+
+    `last` resumes from `<paths.output_dir>/checkpoints/last.ckpt` when it exists and starts fresh otherwise
+    (Lightning's own rule), so a crashed job's command line, rerun with `ckpt_path=last`, resumes it. Lightning writes
+    checkpoints through an fsspec transaction (temp file, then move), so a killed run never leaves half a
+    `last.ckpt`; a file truncated in a copy is caught here (a torch checkpoint is a zip whose index is at the end)."""
+    path = cfg.get("ckpt_path")
+    if path in (None, "last", "hpc"):
+        return path
+    file = Path(path)
+    if not file.is_file():
+        raise MissingInputError(f"ckpt_path={path}: no such checkpoint file (use ckpt_path=last to resume the run in "
+                                f"paths.output_dir if it has one)")
+    try:
+        with zipfile.ZipFile(file) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise InputFileError(f"ckpt_path={path}: not a readable checkpoint, truncated or corrupt ({err})") from None
+    if not any(name.endswith("/data.pkl") for name in names):
+        raise InputFileError(f"ckpt_path={path}: a zip file but not a torch checkpoint (no data.pkl inside)")
+    return str(file)
 
 
 def _close_loggers(loggers: list[Logger], status: str) -> None:
@@ -93,10 +119,34 @@ def _route_lightning_logs_to_root() -> None:
         lightning_log.propagate = True
 
 
+def peak_memory() -> dict[str, float]:
+    """Peak memory so far, in MiB, recorded with every run's metrics and artifact manifest (what `make bench`
+    reports per experiment): this process (its upstreams built in-process included), its largest child process
+    (DDP-spawned ranks, DataLoader workers) and the CUDA allocator."""
+    import resource
+
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20  # ru_maxrss: KiB on Linux, bytes on macOS
+    out = {"sys/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+           "sys/peak_child_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["sys/peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _restore_default_start_method() -> None:
+    """A job of the joblib launcher runs in a loky worker, whose default multiprocessing start method is 'loky':
+    DataLoader workers then fail to start ("Got pickle error when attempting to start a worker Process"). The
+    job owns its worker process, so it goes back to the platform's default start method."""
+    if multiprocessing.get_start_method(allow_none=True) == "loky":
+        multiprocessing.set_start_method(None, force=True)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one stage as configured; return its final scalar metrics."""
     _route_lightning_logs_to_root()
+    _restore_default_start_method()
     validate_config(cfg)
+    ckpt_path = checked_ckpt_path(cfg)
     start = time.time()
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     pl.seed_everything(cfg.seed, workers=True)
@@ -120,7 +170,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train", True):
-            trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
             metrics.update(_scalar_metrics(trainer.callback_metrics))
         if cfg.get("test", False):
             trainer.test(model=model, datamodule=datamodule)
@@ -131,6 +181,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 trainer.predict(model=model, datamodule=datamodule, return_predictions=False)
             metrics.update(_scalar_metrics(trainer.callback_metrics))
         metrics.update(getattr(model, "summary_metrics", {}))
+        metrics.update(peak_memory())
         if (
             cfg.get("artifact") is not None
             and trainer.is_global_zero

@@ -1,4 +1,5 @@
-"""`python -m metadiff.bench --out bench [--only NAME ...]`: run benchmarks, write `<out>/<name>.json`."""
+"""`python -m metadiff.bench --out bench [--only NAME ...]`: run benchmarks, write `<out>/<name>.json`, then
+`<out>/summary.json` with every tracked ratio (from all result files in `<out>`) and each experiment's peak memory."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import torch
 from metadiff.bench.features import bench_feature_extraction
 from metadiff.bench.features_vqa import bench_feature_extraction_vqa
 from metadiff.bench.inner_loop import bench_inner_loop
+from metadiff.bench.pseudo_data import bench_pseudo_data
 from metadiff.bench.sampling import bench_sampling
+from metadiff.bench.summary import write_summary
 from metadiff.utils.io import write_json
 
 BENCHMARKS = {"features": bench_feature_extraction, "features_vqa": bench_feature_extraction_vqa,
-              "inner_loop": bench_inner_loop, "sampling": bench_sampling}
+              "inner_loop": bench_inner_loop, "pseudo_data": bench_pseudo_data, "sampling": bench_sampling}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         result.update(machine=machine, wall_seconds=time.time() - start)
         write_json(args.out / f"{name}.json", result)
         print(json.dumps(result, indent=2))
+    summary = write_summary(args.out, args.data_dir.parent / "artifacts", machine)
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -54,3 +54,30 @@ class StepOrder(Sampler[int]):
             stop = min(end, (pass_index + 1) * self.per_pass)
             yield from self._perm(pass_index)[offset : offset + stop - position].tolist()
             position = stop
+
+
+class StepPositionMixin:
+    """For DataModules whose training order is a `StepOrder`: the stream position of the next batch, and its
+    checkpointing.
+
+    Why saved: with DataLoader workers, Lightning creates the train iterator (whose workers prefetch, so the sampler
+    reads its position at once) before it restores the loop counters, when `trainer.global_step` still reads 0
+    (measured with lightning 2.6: a resumed run trained its first epoch on pass 0's order). The DataModule state is
+    restored before that, so the position is the larger of the saved one and the trainer's."""
+
+    _restored_samples: int = 0
+
+    def trained_samples(self, batch_size: int) -> int:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return self._restored_samples
+        return max(self._restored_samples, trainer.global_step * trainer.accumulate_grad_batches * batch_size)
+
+    def train_batch_size(self) -> int:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, int]:
+        return {"trained_samples": self.trained_samples(self.train_batch_size())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._restored_samples = int(state.get("trained_samples", 0))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch.utils.data import DataLoader, Dataset
 
+from metadiff.data.samplers import StepOrder, StepPositionMixin
 from metadiff.data.sources import TaskSource, task_prompts
 from metadiff.eval.stats import mean_ci95
 from metadiff.eval.zeroshot import encode_texts, per_task_accuracy, split_by_task
@@ -40,14 +41,14 @@ class ZeroShotEvalSet:
         self.dataset = source.image_dataset(self.names, image_size, mean, std)
 
 
-class ClipPairsDataModule(pl.LightningDataModule):
+class ClipPairsDataModule(StepPositionMixin, pl.LightningDataModule):
     """Caption pairs for training; zero-shot task sets for validation (meta-train) and test (meta-test)."""
 
     def __init__(self, source: TaskSource, arch: str, batch_size: int = 256, num_workers: int = 0,
                  n_train_pairs: int = 50_000, caption_seed: int = 1, n_val_tasks: int | None = 200,
-                 eval_batch_size: int = 512):
+                 eval_batch_size: int = 512, seed: int = 0):
         super().__init__()
-        self.source, self.arch = source, arch
+        self.source, self.arch, self.seed = source, arch, seed
         self.batch_size, self.num_workers, self.eval_batch_size = batch_size, num_workers, eval_batch_size
         self.n_train_pairs, self.caption_seed, self.n_val_tasks = n_train_pairs, caption_seed, n_val_tasks
         self.eval_sets: dict[str, ZeroShotEvalSet] = {}
@@ -74,7 +75,14 @@ class ClipPairsDataModule(pl.LightningDataModule):
                           persistent_workers=self.num_workers > 0, drop_last=shuffle)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        # the pairs of step k depend on (seed, k) only, so a resumed run trains on the same batches (StepOrder)
+        order = StepOrder(len(self.train_set), self.batch_size, self.seed,
+                          position=lambda: self.trained_samples(self.batch_size))
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=order, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_batch_size(self) -> int:
+        return self.batch_size
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_sets["val"].dataset, self.eval_batch_size, shuffle=False)

@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 
 from metadiff.artifacts import Artifact
-from metadiff.config import ConfigError
+from metadiff.config import ConfigError, cfg_label
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.diffusion.sampling import cfg_eps, normalized_gradient_guidance, sample
 from metadiff.diffusion.schedule import NoiseSchedule
@@ -40,14 +40,12 @@ log = logging.getLogger(__name__)
 DENOISER_WEIGHTS, DENOISER_SPEC = "denoiser.pt", "denoiser.json"
 
 
-def scale_label(g: float) -> str:
-    return f"cfg{g:g}"
 
 
 class HyperLDMModule(pl.LightningModule):
     def __init__(self, denoiser: dict[str, Any], schedule: dict[str, Any], uncond_rate: float,
                  optimizer: Callable[..., torch.optim.Optimizer], sampling: dict[str, Any],
-                 guidance_scales: list[float], fewshot_guidance: dict[str, Any], from_pretrained: dict[str, Any],
+                 guidance_scales: list[float] | float, fewshot_guidance: dict[str, Any], from_pretrained: dict[str, Any],
                  eval_seed: int = 0, train_seed: int = 0, plot: bool = True,
                  upstream: dict[str, Artifact] | None = None):
         super().__init__()
@@ -64,7 +62,9 @@ class HyperLDMModule(pl.LightningModule):
         self.register_buffer("latent_std", torch.ones(self.base.latent_dim))
         self.uncond_rate, self.optimizer_factory = uncond_rate, optimizer
         self.sampling, self.eval_seed, self.train_seed, self.plot = dict(sampling), eval_seed, train_seed, plot
-        self.guidance_scales = [float(g) for g in guidance_scales]
+        # one float = one scale (what a sweep over the scale sets; hparams_search=hyperldm_guidance)
+        scales = guidance_scales if isinstance(guidance_scales, list | tuple) else [guidance_scales]
+        self.guidance_scales = [float(g) for g in scales]
         if uncond_rate == 0 and any(g != 1.0 for g in self.guidance_scales):
             raise ConfigError("guidance scales other than 1 need a model trained with the null token "
                               "(model.uncond_rate > 0); set model.guidance_scales=[1.0] otherwise")
@@ -80,7 +80,7 @@ class HyperLDMModule(pl.LightningModule):
         self.summary_metrics: dict[str, float] = {}
 
     def _variants(self) -> list[str]:
-        names = [scale_label(g) for g in self.guidance_scales]
+        names = [cfg_label(g) for g in self.guidance_scales]
         names += [f"fewshot{g:g}" for g in self.fewshot.get("scales", [])]
         names += [f"pretrained_t{f:g}" for f in self.from_pretrained.get("t_fracs", [])]
         return names
@@ -146,7 +146,7 @@ class HyperLDMModule(pl.LightningModule):
             questions = batch.question.repeat(len(self.guidance_scales), 1)
             z = self.sample_latents(questions, scales, gen)
             for k, g in enumerate(self.guidance_scales):
-                self.values.update(f"{split}/{scale_label(g)}", self._accuracy(z[k * n:(k + 1) * n], batch))
+                self.values.update(f"{split}/{cfg_label(g)}", self._accuracy(z[k * n:(k + 1) * n], batch))
         for g in self.fewshot.get("scales", []):
             z = self.sample_latents(batch.question, torch.full((n,), float(self.fewshot["cfg_scale"]), device=self.device),
                                     gen, guidance=normalized_gradient_guidance(self._support_loss(batch), float(g)))
@@ -197,7 +197,7 @@ class HyperLDMModule(pl.LightningModule):
     def _print_table(self, report: dict[str, float]) -> None:
         rows = [("multitask (one shared adapter)", "multitask")] if self.multitask is not None else []
         rows += [("HNET (meta-learned init latent, no sampling)", "hnet_init")]
-        rows += [(f"HyperLDM, CFG scale {g:g}" + (" (unconditional)" if g == 0 else ""), scale_label(g))
+        rows += [(f"HyperLDM, CFG scale {g:g}" + (" (unconditional)" if g == 0 else ""), cfg_label(g))
                  for g in self.guidance_scales]
         rows += [(f"HyperLDM + few-shot guidance {g:g} (uses support labels)", f"fewshot{g:g}")
                  for g in self.fewshot.get("scales", [])]
@@ -209,7 +209,7 @@ class HyperLDMModule(pl.LightningModule):
 
     def _save_plot(self, report: dict[str, float]) -> None:
         out = Path(self.trainer.default_root_dir)
-        curve = {"HyperLDM (CFG)": [(g, report[f"test/{scale_label(g)}"], report[f"test/{scale_label(g)}_ci95"])
+        curve = {"HyperLDM (CFG)": [(g, report[f"test/{cfg_label(g)}"], report[f"test/{cfg_label(g)}_ci95"])
                                     for g in self.guidance_scales],
                  "HNET init": [(g, report["test/hnet_init"], report["test/hnet_init_ci95"]) for g in self.guidance_scales]}
         path = save_curve_plot(curve, out / "accuracy_vs_guidance.png", xlabel="guidance scale",

@@ -24,10 +24,10 @@ from metadiff.data.images.episodes import EpisodeCollate, EpisodeSampler, Episod
 from metadiff.data.images.partition import zoo_partition
 from metadiff.data.images.sources import ImageSource
 from metadiff.data.images.splits import ImageSplit
-from metadiff.data.samplers import StepOrder
+from metadiff.data.samplers import StepOrder, StepPositionMixin
 
 
-class FewShotImageDataModule(pl.LightningDataModule):
+class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
     def __init__(self, source: ImageSource, train: dict[str, Any], episodes: dict[str, Any], num_workers: int = 0,
                  seed: int = 0, class_subset: dict[str, int] | None = None, test_on: str = "episodes"):
         super().__init__()
@@ -90,14 +90,11 @@ class FewShotImageDataModule(pl.LightningDataModule):
         train_idx, _ = self._train_val_indices()
         data = Subset(self.split(self.train_cfg["split"]), train_idx.tolist())
         batch_size = int(self.train_cfg["batch_size"])
-        order = StepOrder(len(data), batch_size, self.seed, position=lambda: self._trained_samples(batch_size))
+        order = StepOrder(len(data), batch_size, self.seed, position=lambda: self.trained_samples(batch_size))
         return self._loader(data, batch_size=batch_size, sampler=order, drop_last=True)
 
-    def _trained_samples(self, batch_size: int) -> int:
-        """How many samples the run has consumed so far: the stream position its next batch starts at."""
-        if self.trainer is None:
-            return 0
-        return self.trainer.global_step * self.trainer.accumulate_grad_batches * batch_size
+    def train_batch_size(self) -> int:
+        return int(self.train_cfg.get("batch_size") or 1)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.data_free:
