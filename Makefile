@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo train test test-fast bench sweep meta-vqa lint format clean
+.PHONY: help install demo train test test-slow test-all bench sweep meta-vqa lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -28,11 +28,15 @@ demo: install ## set up and run the main embedded experiment end to end (EXP=...
 train: install ## run one experiment: make train EXP=clip_synthvqa ARGS="trainer.max_epochs=1"
 	$(PY) train.py experiment=$(EXP) $(ARGS)
 
-test: install ## the full test suite (what CI runs)
-	$(PY) -m pytest -q tests
+test: install ## the test suite without the slow end-to-end checks (2 workers; CI runs this, then test-slow)
+	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15 tests
 
-test-fast: install ## the tests without the slow end-to-end ones
-	$(PY) -m pytest -q -m "not slow" tests
+test-slow: install ## the slow end-to-end checks (kill/resume, DDP/bf16 parity, Optuna sweeps, the default chain)
+	$(PY) -m pytest -q -n 2 -m slow --durations=15 tests
+
+test-all: install ## both, one after the other (what CI runs)
+	$(MAKE) test
+	$(MAKE) test-slow
 
 bench: install ## benchmarks -> bench/*.json
 	$(PY) -m metadiff.bench --out bench

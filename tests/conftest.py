@@ -18,6 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one torch thread each, also
+    os.environ["OMP_NUM_THREADS"] = "1"   # in the train.py subprocesses (inherited), instead of 4 threads fighting
+    import torch
+
+    torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import parse_summary, run_train, short_chain
@@ -48,6 +49,7 @@ def test_hyperldm_short_chain_prints_the_guidance_table(cache_root: Path) -> Non
     assert (run_dir / "accuracy_vs_guidance.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_resumed_run_restores_the_ema_exactly(cache_root: Path, tmp_path: Path) -> None:
     """Kill -9 in epoch 3 of 4, resume from the last checkpoint: the final EMA weights (what sampling and the
     artifact use) equal those of an uninterrupted run bit for bit, so the EMA was saved and restored, and the

@@ -133,6 +133,7 @@ def _artifact(root: Path, stage: str, task_name: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_adaptation_killed_half_way_resumes_to_the_same_dataset(cache_root: Path) -> None:
     args = ["experiment=adaptation_synthvqa", *CHAIN, "model.rows=3", "model.inner.steps=3", "model.chunk_tasks=128",
             "task_name=adapt_resume", "trainer.enable_progress_bar=false"]

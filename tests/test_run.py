@@ -8,8 +8,12 @@ import pytest
 
 from conftest import EXPERIMENTS, parse_summary, run_train, smoke_overrides
 
+# CIFAR-FS runs the same stages as miniImageNet on the same fixture tree (only the folder reader differs, which
+# tests/test_images.py checks): its smoke runs are in the slow set.
+SMOKE = [pytest.param(e, marks=pytest.mark.slow) if e.endswith("_cifarfs") else e for e in EXPERIMENTS]
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+
+@pytest.mark.parametrize("experiment", SMOKE)
 def test_every_experiment_runs_with_fast_dev_run(experiment: str, cache_root: Path, vqa_tree: dict,
                                                  image_tree: Path) -> None:
     proc = run_train([f"experiment={experiment}", "debug=fdr", *smoke_overrides(experiment, vqa_tree, image_tree)],
@@ -20,9 +24,10 @@ def test_every_experiment_runs_with_fast_dev_run(experiment: str, cache_root: Pa
 
 
 def test_chained_upstream_is_built_once_and_cached(cache_root: Path) -> None:
-    first = run_train(["experiment=features_synthvqa", "debug=fdr"], cache_root)
-    assert "upstream 'clip': using" in first.stdout + first.stderr, "the fdr CLIP artifact was not reused"
-    assert "building it now" not in first.stdout + first.stderr
+    run_train(["experiment=features_synthvqa", "debug=fdr"], cache_root)  # builds the CLIP upstream if missing
+    again = run_train(["experiment=features_synthvqa", "debug=fdr"], cache_root)
+    assert "upstream 'clip': using" in again.stdout + again.stderr, "the CLIP artifact was not reused"
+    assert "building it now" not in again.stdout + again.stderr
 
 
 def test_missing_upstream_without_build_names_the_command(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import parse_summary, run_train, written_artifact
@@ -56,6 +57,7 @@ def test_multirun_members_are_reused_by_the_zoo(cache_root: Path, tmp_path: Path
     assert images.shape == (4, 1, 32, 32) and 0.0 <= images.min() and images.max() <= 1.0
 
 
+@pytest.mark.slow
 def test_killed_member_resumes_to_the_same_ema_weights(cache_root: Path, tmp_path: Path) -> None:
     common = ["experiment=diffusion_unet_glyphs", *ZOO, *MEMBER, "trainer.max_steps=30", "data.train.batch_size=16",
               "deterministic=true", "test=false", "task_name=unet_resume", "data.class_subset.member=1"]
