@@ -14,17 +14,18 @@ SHORT_CLIP = ["experiment=clip_synthvqa", "data.n_train_pairs=128", "data.batch_
               "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
 
 
-def _summaries(stdout: str) -> list[dict[str, float]]:
-    """The metrics block of every job of a multirun, in order."""
+def _summaries(stdout: str, header: str) -> list[dict[str, float]]:
+    """The metrics block of every job of a multirun, in order (`header` = "<task> (<stage>)": not the blocks of
+    upstream stages built along the way)."""
     blocks = stdout.split("== ")[1:]
-    return [parse_summary("== " + block) for block in blocks if "finished: ==" in block]
+    return [parse_summary("== " + block) for block in blocks if block.startswith(f"{header} finished: ==")]
 
 
 def test_multirun_with_ddp_runs_each_job_on_two_processes(cache_root: Path, tmp_path: Path) -> None:
     proc = run_train(["-m", *SHORT_CLIP, "trainer=ddp_sim", "seed=1,2", f"hydra.sweep.dir={tmp_path}"], cache_root)
     out = proc.stdout + proc.stderr
     assert out.count("MEMBER: 2/2") == 4, "each of the 2 jobs should start 2 processes for fit and for test"
-    jobs = _summaries(proc.stdout)
+    jobs = _summaries(proc.stdout, "clip_synthvqa (clip)")
     assert len(jobs) == 2 and jobs[0]["train/loss"] != jobs[1]["train/loss"]
 
 
@@ -49,12 +50,13 @@ def test_optuna_search_of_the_dfml_guidance_scale_returns_val_accuracy(cache_roo
                                                                       tmp_path: Path) -> None:
     proc = run_train(["experiment=dfml_miniimagenet", *dfml_smoke_overrides("dfml_miniimagenet", image_tree),
                       "hparams_search=dfml_guidance", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
-                      "trainer.max_epochs=1", "data.train.steps_per_epoch=2", "trainer.enable_progress_bar=false",
+                      "trainer.max_epochs=1", "data.train.steps_per_epoch=2", "data.episodes.n_episodes=20",
+                      "trainer.enable_progress_bar=false",
                       f"hydra.sweep.dir={tmp_path}"], cache_root, timeout=1200)
-    trials = _summaries(proc.stdout)
+    trials = _summaries(proc.stdout, "dfml_miniimagenet (dfml)")
     assert len(trials) == 2
     result = OmegaConf.load(tmp_path / "optimization_results.yaml")
-    assert result.best_value == pytest.approx(max(t["val/accuracy"] for t in trials), abs=1e-6)
+    assert result.best_value == pytest.approx(max(t["val/accuracy"] for t in trials), abs=1e-4)
     assert 0.1 <= result.best_params["model.generation.scale"] <= 20.0
     scales = [float(OmegaConf.load(tmp_path / job / "resolved_config.yaml").model.generation.scale) for job in "01"]
     assert scales[0] != scales[1], "the two trials tried the same scale"
@@ -66,7 +68,7 @@ def test_optuna_search_of_the_hyperldm_guidance_scale_optimises_that_scale(cache
                       "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=2",
                       "trainer.check_val_every_n_epoch=2", "model.sampling.steps=5", "data.max_val_tasks=16",
                       "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}"], cache_root, timeout=1200)
-    trials = _summaries(proc.stdout)
+    trials = _summaries(proc.stdout, "hyperldm_synthvqa (hyperldm)")
     assert len(trials) == 2
     values = []
     for job, metrics in zip("01", trials, strict=True):
@@ -74,4 +76,4 @@ def test_optuna_search_of_the_hyperldm_guidance_scale_optimises_that_scale(cache
         assert 0.0 <= scale <= 15.0
         values.append(metrics[f"val/cfg{scale:g}"])  # the metric of the scale this trial tried
     result = OmegaConf.load(tmp_path / "optimization_results.yaml")
-    assert result.best_value == pytest.approx(max(values), abs=1e-6)
+    assert result.best_value == pytest.approx(max(values), abs=1e-4)
