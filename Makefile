@@ -29,10 +29,10 @@ train: install ## run one experiment: make train EXP=clip_synthvqa ARGS="trainer
 	$(PY) train.py experiment=$(EXP) $(ARGS)
 
 test: install ## the test suite without the slow end-to-end checks (2 workers; CI runs this, then test-slow)
-	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" --durations=15 tests
 
 test-slow: install ## the slow end-to-end checks (kill/resume, DDP/bf16 parity, Optuna sweeps, the default chain)
-	$(PY) -m pytest -q -n 2 -m slow --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow --durations=15 tests
 
 test-all: install ## both, one after the other (what CI runs)
 	$(MAKE) test

@@ -87,6 +87,7 @@ def test_meta_learner_solves_tasks_raw_clip_cannot(tmp_path: Path, mode: str, tr
     assert 0.25 < m["test/1shot_acc"] <= 1.0 and "test/2shot_acc_ci95" in m
 
 
+@pytest.mark.slow
 def test_ddp_meta_gradients_equal_one_process(cache_root: Path) -> None:
     """One SGD(lr=1) meta-step on the same 8 tasks: 2 processes x 4 tasks == 1 process x 8 tasks, so DDP averages
     the meta-gradients (which flow through `autograd.grad` inner loops) exactly like one process."""

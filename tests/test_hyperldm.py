@@ -9,6 +9,9 @@ import torch
 
 from conftest import parse_summary, run_train, short_chain
 
+# the latent-chain tests share one xdist worker, so its upstream chain is built once (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("synthvqa_latent_chain")
+
 
 def test_exact_fraction_of_each_batch_gets_the_null_token(monkeypatch) -> None:
     from metadiff.stages.hyperldm import HyperLDMModule

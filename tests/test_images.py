@@ -172,3 +172,16 @@ def test_zoo_partition_is_disjoint_and_checked() -> None:
     assert class_map(parts)[5] == {"class": 5, "model": 1, "local": 1}
     with pytest.raises(ConfigError, match="> the 64 meta-train classes"):
         zoo_partition(64, 13, 5 + 1)
+
+
+def test_step_order_ranks_together_take_the_one_process_batches() -> None:
+    """DDP with 2 ranks of batch 4 trains on exactly the batches of 1 process with batch 8, whatever the position."""
+    from metadiff.data.samplers import StepOrder
+
+    for position in (0, 24, 40):
+        single = list(StepOrder(50, 8, seed=3, position=lambda p=position: p))
+        ranks = [list(StepOrder(50, 4, seed=3, position=lambda p=position: p, rank=r, world_size=2)) for r in (0, 1)]
+        assert len(ranks[0]) == len(ranks[1]) == len(single) // 2
+        for step in range(len(single) // 8):
+            together = ranks[0][step * 4:(step + 1) * 4] + ranks[1][step * 4:(step + 1) * 4]
+            assert sorted(together) == sorted(single[step * 8:(step + 1) * 8])

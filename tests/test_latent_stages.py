@@ -18,6 +18,9 @@ from metadiff.nets.hyperclip import HyperCLIPEncoder, contrastive_loss, n_way_ac
 from metadiff.nets.vae import WeightVAE
 from metadiff.stages.adaptation import plan_chunks
 
+# the latent-chain tests share one xdist worker, so its upstream chain is built once (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("synthvqa_latent_chain")
+
 CHAIN = short_chain("synthvqa")
 
 

@@ -21,6 +21,7 @@ def _summaries(stdout: str, header: str) -> list[dict[str, float]]:
     return [parse_summary("== " + block) for block in blocks if block.startswith(f"{header} finished: ==")]
 
 
+@pytest.mark.slow
 def test_multirun_with_ddp_runs_each_job_on_two_processes(cache_root: Path, tmp_path: Path) -> None:
     proc = run_train(["-m", *SHORT_CLIP, "trainer=ddp_sim", "seed=1,2", f"hydra.sweep.dir={tmp_path}"], cache_root)
     out = proc.stdout + proc.stderr

@@ -36,12 +36,16 @@ class StepOrder(Sampler[int]):
     one more batch under the old epoch number and shifts every later epoch by one (measured with lightning 2.6:
     the resumed run drew epoch 2's order for the batches an uninterrupted run took from epoch 1)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, position: Callable[[], int]):
-        self.n, self.batch_size, self.seed, self.position = n, batch_size, seed, position
-        self.per_pass = (n // batch_size) * batch_size
+    def __init__(self, n: int, batch_size: int, seed: int, position: Callable[[], int], rank: int = 0,
+                 world_size: int = 1):
+        # under DDP the stream is cut into global batches of batch_size x world_size, and rank r takes every
+        # world_size-th index of each: together the ranks train on exactly the batches of one process
+        self.n, self.seed, self.position, self.rank, self.world_size = n, seed, position, rank, world_size
+        self.batch_size = batch_size * world_size
+        self.per_pass = (n // self.batch_size) * self.batch_size
 
     def __len__(self) -> int:
-        return self.per_pass
+        return self.per_pass // self.world_size
 
     def _perm(self, pass_index: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + pass_index)
@@ -52,7 +56,8 @@ class StepOrder(Sampler[int]):
         while position < end:
             pass_index, offset = divmod(position, self.per_pass)
             stop = min(end, (pass_index + 1) * self.per_pass)
-            yield from self._perm(pass_index)[offset : offset + stop - position].tolist()
+            chunk = self._perm(pass_index)[offset : offset + stop - position]
+            yield from chunk.view(-1, self.world_size)[:, self.rank].tolist()
             position = stop
 
 
@@ -71,7 +76,8 @@ class StepPositionMixin:
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return self._restored_samples
-        return max(self._restored_samples, trainer.global_step * trainer.accumulate_grad_batches * batch_size)
+        return max(self._restored_samples,
+                   trainer.global_step * trainer.accumulate_grad_batches * batch_size * trainer.world_size)
 
     def train_batch_size(self) -> int:
         raise NotImplementedError

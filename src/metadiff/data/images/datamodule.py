@@ -90,7 +90,9 @@ class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
         train_idx, _ = self._train_val_indices()
         data = Subset(self.split(self.train_cfg["split"]), train_idx.tolist())
         batch_size = int(self.train_cfg["batch_size"])
-        order = StepOrder(len(data), batch_size, self.seed, position=lambda: self.trained_samples(batch_size))
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        order = StepOrder(len(data), batch_size, self.seed, position=lambda: self.trained_samples(batch_size),
+                          rank=rank, world_size=world)
         return self._loader(data, batch_size=batch_size, sampler=order, drop_last=True)
 
     def train_batch_size(self) -> int:
