@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from metadiff.artifacts import Artifact, publish_artifact, resolve_upstreams
-from metadiff.config import validate_config
+from metadiff.config import ConfigError, validate_config
 from metadiff.errors import InputFileError, MissingInputError, UserError
 from metadiff.utils.io import atomic_path
 
@@ -133,6 +133,18 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
+def _refuse_spawn_for_setup_built_models(cfg: DictConfig, model: pl.LightningModule, trainer: pl.Trainer) -> None:
+    """Stages that build their networks from the data in `setup()` (classifier, dfml) cannot run under a *spawn*
+    strategy (`trainer=ddp_sim`, `ddp_spawn`): the launching process never runs `setup()`, so the weights that rank 0
+    sends back have nowhere to go, and the test phase (spawned again from that process) would score untrained
+    networks. Found by tests/test_parity.py; refused in one line instead."""
+    spawned = getattr(trainer.strategy, "_start_method", "popen") != "popen"  # DDPStrategy's launcher choice
+    if spawned and trainer.world_size > 1 and getattr(model, "builds_networks_in_setup", False):
+        raise ConfigError(f"stage '{cfg.stage}' builds its networks in setup() and cannot run under a spawn "
+                          f"strategy (trainer.strategy: {type(trainer.strategy).__name__}, start method "
+                          f"'{trainer.strategy._start_method}'): use trainer=ddp (one process per device)")
+
+
 def _restore_default_start_method() -> None:
     """A job of the joblib launcher runs in a loky worker, whose default multiprocessing start method is 'loky':
     DataLoader workers then fail to start ("Got pickle error when attempting to start a worker Process"). The
@@ -166,6 +178,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
+    _refuse_spawn_for_setup_built_models(cfg, model, trainer)
     status = "failed"
     metrics: dict[str, float] = {}
     try:

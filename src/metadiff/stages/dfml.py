@@ -70,6 +70,8 @@ def load_meta_model(artifact: Artifact) -> MetaModel:
 
 
 class DFMLModule(pl.LightningModule):
+    builds_networks_in_setup = True  # sized from the data: no spawn strategy (see metadiff.run)
+
     def __init__(self, backbone: dict[str, Any], head_norm: str, scale_cls: float, class_learner: dict[str, Any],
                  meta_optimizer: Callable[..., torch.optim.Optimizer],
                  class_learner_optimizer: Callable[..., torch.optim.Optimizer], lr_lut: list[list[float]],
