@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHORT_CLIP, dfml_smoke_overrides, image_smoke_overrides, parse_summary, run_train
+from conftest import dfml_smoke_overrides, image_smoke_overrides, parse_summary, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +21,6 @@ pytestmark = pytest.mark.slow
 FAMILIES: dict[str, tuple[list[str], list[str], str, float]] = {
     "clip": (["experiment=clip_synthvqa", "data.n_train_pairs=256", "data.batch_size=32", "data.n_val_tasks=10",
               "trainer.max_epochs=1"], ["data.batch_size=16"], "test/zeroshot_acc", 0.05),
-    "fewshot": (["experiment=hnet_synthvqa", f'upstream.features.overrides=["{SHORT_CLIP}"]', "trainer.max_epochs=1",
-                 "+trainer.limit_train_batches=4", "trainer.check_val_every_n_epoch=1", "model.n_shot_max=0",
-                 "data.tasks_per_batch=8"], ["data.tasks_per_batch=4"], "test/fewshot_acc", 0.05),
     # conv stages: few steps and 20 episodes, because bf16 convolutions are ~30x slower than fp32 on AVX2-only CPUs
     "image": (["experiment=classifier_glyphs", "trainer.max_steps=4", "data.train.batch_size=32",
                "data.episodes.n_episodes=20"],
