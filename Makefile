@@ -34,9 +34,9 @@ test: install ## the test suite without the slow end-to-end checks (2 workers; C
 test-slow: install ## the slow end-to-end checks (kill/resume, DDP/bf16 parity, Optuna sweeps, the default chain)
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow --durations=15 tests
 
-test-all: install ## both, one after the other (what CI runs)
-	$(MAKE) test
-	$(MAKE) test-slow
+test-all: install ## both, sharing one cache of built upstream chains (what CI runs)
+	cache=$$(mktemp -d -t metadiff-tests-XXXXXX) && trap 'rm -rf "$$cache"' EXIT && \
+	METADIFF_TEST_CACHE=$$cache $(MAKE) test && METADIFF_TEST_CACHE=$$cache $(MAKE) test-slow
 
 bench: install ## benchmarks -> bench/*.json
 	$(PY) -m metadiff.bench --out bench

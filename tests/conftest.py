@@ -29,9 +29,20 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 @pytest.fixture(scope="session")
-def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One root for generated data and artifacts, shared by the whole session (built once, then reused)."""
-    return tmp_path_factory.mktemp("metadiff-root")
+def cache_root(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """One root for generated data and artifacts, shared by the whole session and by every xdist worker: an upstream
+    chain is built once, by whichever worker needs it first, and the others wait for it (`utils.io.build_lock`).
+    `METADIFF_TEST_CACHE=<dir>` shares it between sessions too; only for one checkout of the code (artifacts are
+    keyed by config, not by code), which is how `.ci/run` uses it."""
+    shared = os.environ.get("METADIFF_TEST_CACHE")  # CI: the slow set reuses what the fast set built (same code)
+    if shared:
+        root = Path(shared)
+    elif worker_id == "master":
+        return tmp_path_factory.mktemp("metadiff-root")
+    else:
+        root = tmp_path_factory.getbasetemp().parent / "metadiff-root"  # the workers' basetemps share this parent
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metadiff.errors import UserError
 from metadiff.utils.hashing import fingerprint, to_plain
-from metadiff.utils.io import atomic_dir, read_json, write_json
+from metadiff.utils.io import atomic_dir, build_lock, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,17 @@ def _find_or_build(cfg: DictConfig, name: str, up_cfg: DictConfig) -> Artifact:
     found = find_artifact(up_cfg, up_fps)
     if found is not None:
         log.info("upstream '%s': using %s", name, found.path)
+        return found
+    # Its own upstreams were resolved above, outside this lock; a lock taken inside it can only be an upstream's
+    # (the stage DAG has no cycles), so two builders never wait on each other in a circle.
+    with build_lock(artifact_dir(up_cfg, up_fps)):
+        return _build_unless_present(cfg, name, up_cfg, up_fps)
+
+
+def _build_unless_present(cfg: DictConfig, name: str, up_cfg: DictConfig, up_fps: Mapping[str, str]) -> Artifact:
+    found = find_artifact(up_cfg, up_fps)
+    if found is not None:  # another process built it while this one waited for the lock
+        log.info("upstream '%s': using %s (built by another process)", name, found.path)
         return found
     spec = _spec_of(cfg, name)[0]
     if not spec.get("build_if_missing", False):

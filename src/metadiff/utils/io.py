@@ -7,7 +7,9 @@ never leaves a half-written file that a later run could mistake for a finished o
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,7 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from metadiff.errors import InputFileError, MissingInputError
+
+log = logging.getLogger(__name__)
 
 
 def tmp_sibling(path: Path) -> Path:
@@ -45,16 +51,51 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(path)
     tmp.mkdir()
+    replaced: list[Path] = []
     try:
         yield tmp
-        if path.exists():
-            if not overwrite:
-                raise FileExistsError(f"{path} appeared while it was being built; refusing to overwrite it")
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        for _ in range(3):  # another process may publish the same directory between our check and our rename
+            if path.exists():
+                if not overwrite:
+                    raise FileExistsError(f"{path} appeared while it was being built; refusing to overwrite it")
+                # moved aside, not deleted in place: a reader of the old copy keeps its open files, and the
+                # swap is two renames instead of a slow rmtree with nothing at `path` meanwhile
+                replaced.append(tmp_sibling(path))
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, replaced[-1])
+            try:
+                os.replace(tmp, path)
+                break
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        else:
+            raise FileExistsError(f"{path} kept being replaced by other processes while this one published it")
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for old in (tmp, *replaced):
+            if old.exists():
+                shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_lock(path: Path) -> Iterator[None]:
+    """Hold the build of whatever goes at `path` (an artifact, a generated data set) for this process: processes
+    sharing one outputs dir (sweep jobs, DDP ranks, test workers) then build it once, and the others wait and reuse
+    it instead of rebuilding it. Callers check for `path` again once they hold the lock. An OS file lock (filelock),
+    so a killed builder never leaves it held."""
+    path = Path(path)
+    lock_file = path.parent / ".locks" / f"{path.name}.lock"
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_file)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another process is building %s: waiting for it", path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:

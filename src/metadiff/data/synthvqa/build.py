@@ -57,6 +57,7 @@ import numpy as np
 
 from metadiff.data.synthvqa.questions import Question, SceneTable, enumerate_questions
 from metadiff.data.synthvqa.scenes import Scene, SceneSpec, render_scene, sample_scene
+from metadiff.utils.io import build_lock
 
 #: Bump when generation code changes its output for the same config (invalidates caches).
 FORMAT_VERSION = 1
@@ -356,7 +357,9 @@ def load_or_build_synthvqa(cfg: SynthVQAConfig, cache_root: Path) -> Path:
     fp = fingerprint(cfg)
     out_dir = Path(cache_root) / f"synthvqa-{fp[:12]}"
     if (read_manifest(out_dir) or {}).get("fingerprint") != fp:
-        build_synthvqa(cfg, out_dir)
+        with build_lock(out_dir):
+            if (read_manifest(out_dir) or {}).get("fingerprint") != fp:  # not built by another process meanwhile
+                build_synthvqa(cfg, out_dir)
     return out_dir
 
 
