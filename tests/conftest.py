@@ -114,8 +114,9 @@ def _quoted(overrides: list[str]) -> str:
 def image_smoke_overrides(experiment: str, tree: Path) -> list[str]:
     """Smoke settings of the data-free stages: tiny UNets and checks, short upstreams; folder sets read `tree`."""
     bench = experiment.rsplit("_", 1)[1]
-    data = [] if bench == "glyphs" else [f"paths.{bench}_dir={tree}", "data.train.holdout_per_class=2",
-                                         "data.num_workers=0", "data.train.batch_size=4"]
+    episodes = ["data.episodes.episodes_per_batch=2"]  # fast_dev_run tests 1 batch: 2 episodes, not 20
+    data = episodes if bench == "glyphs" else [f"paths.{bench}_dir={tree}", "data.train.holdout_per_class=2",
+                                               "data.num_workers=0", "data.train.batch_size=4", *episodes]
     grid = ["model.grid.n=2", "model.grid.steps=2"]
     tiny_unet = [*grid, *([] if bench == "glyphs" else ["model.unet.block_out_channels=[32,32,32,32]",
                                                         "model.unet.norm_num_groups=8", "model.unet.layers_per_block=1"])]
@@ -140,15 +141,14 @@ def dfml_smoke_overrides(experiment: str, tree: Path) -> list[str]:
     zoo = [*data, *zoo_own, "zoo.n_models=2", "zoo.classes_per_model=3"]
     dfml = [*data, "model.generation.per_class=7", "model.generation.batch_size=32", "model.generation.steps=2",
             "model.generation.every=1", "model.episodes.per_batch=2", "model.grid.per_class=2",
-            "data.episodes.n_val_episodes=2", "data.episodes.episodes_per_batch=2"]
+            "data.episodes.n_val_episodes=2"]
     overrides = [*nested, f"+upstream_overrides.diffusion_zoo_{bench}={_quoted(zoo)}", *dfml]
     if experiment.startswith("dfml_"):
         return overrides
     dfml_upstream = [*dfml, "trainer.max_epochs=1", "data.train.steps_per_epoch=2", "test=false"]
     return [*nested, f"+upstream_overrides.diffusion_zoo_{bench}={_quoted(zoo)}",
             f"+upstream_overrides.dfml_{bench}={_quoted(dfml_upstream)}", *data, "model.mix.denoise_steps=2",
-            "model.head.clean_steps=2", "model.head.mix_steps=2", "model.head.final_steps=2",
-            "data.episodes.episodes_per_batch=2"]
+            "model.head.clean_steps=2", "model.head.mix_steps=2", "model.head.final_steps=2"]
 
 
 def smoke_overrides(experiment: str, tree: dict[str, Path], images: Path | None = None) -> list[str]:

@@ -13,6 +13,7 @@ same tasks, and n-shot trials n = 1..N over reruns with their own n-shot seeds, 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Callable
@@ -145,13 +146,17 @@ class FewShotModule(pl.LightningModule):
     def _n_shot_trials(self) -> dict[str, float]:
         """Accuracy with n support examples per answer, n = 1..N, `n_shot_reruns` n-shot seeds (spec §5.3)."""
         data = self.trainer.datamodule
+        # each trial covers as many task batches as the test loop did: all of them, unless the run limits them
+        # (`trainer.limit_test_batches`, `fast_dev_run`), so a smoke run stays a smoke run
+        n_batches = int(sum(self.trainer.num_test_batches))
         out: dict[str, float] = {}
         curve: dict[str, list[tuple[int, float, float]]] = {self.method: [], "CLIP zero-shot": []}
         for n in range(1, self.n_shot_max + 1):
             per_task = []
             for rerun in range(self.n_shot_reruns):
                 episodes = data.episodes("meta_test", support_shots=n, n_shot_seed=data.n_shot_seed + rerun)
-                for batch in data.task_loader(episodes, data.eval_tasks_per_batch, shuffle=False):
+                loader = data.task_loader(episodes, data.eval_tasks_per_batch, shuffle=False)
+                for batch in itertools.islice(loader, n_batches):
                     batch = self.transfer_batch_to_device(batch, self.device, 0)
                     per_task.append(self._accuracies(batch, self.eval_steps)["fewshot"])
             mean, ci = mean_ci95(torch.cat(per_task).cpu())

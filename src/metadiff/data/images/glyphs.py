@@ -4,7 +4,7 @@ KanjiVG (the PyPI package `kanjivg`, © Ulrich Apel, CC BY-SA 3.0, https://kanji
 stroke paths per character. A class is one character; each image re-draws its strokes with a random global affine
 (rotation, scale, shear, shift), a random per-stroke shift/rotation/scale and a random pen width, the way different
 people's drawings of one Omniglot character differ. Everything is a function of the config (seed included), rendered
-once (~10 s) and cached under `paths.data_dir/glyphs/` by the config's fingerprint.
+once (~20 s on one CPU core) and cached under `paths.data_dir/glyphs/` by the config's fingerprint.
 
 Why hand-written: no package renders SVG strokes without a system library (cairo); `svg.path` parses the path
 syntax and PIL draws the polylines, so only the jitter model lives here.
@@ -29,7 +29,7 @@ from svg.path import parse_path
 from metadiff.config import ConfigError
 from metadiff.errors import MissingInputError
 from metadiff.utils.hashing import fingerprint
-from metadiff.utils.io import atomic_path
+from metadiff.utils.io import atomic_path, build_lock
 
 log = logging.getLogger(__name__)
 SVG_NS = "{http://www.w3.org/2000/svg}"
@@ -96,13 +96,18 @@ def choose_characters(spec: GlyphSpec, source: Path) -> list[Path]:
                       f"{spec.max_strokes} strokes; n_classes={spec.n_classes} asked")
 
 
+# svg.path measures segment lengths (which pick the segment of each point) to 1e-12 by default: 80% of the render
+# time. 1e-9 renders the default 100-class set bit-identically, 2.9x faster (45.8 s -> 16.0 s, measured).
+ARC_LENGTH_ERROR = 1e-9
+
+
 def sample_strokes(svg_file: Path, n_points: int) -> list[np.ndarray]:
     """Each stroke as an [n_points, 2] polyline in KanjiVG units."""
     ts = np.linspace(0.0, 1.0, n_points)
     out = []
     for d in stroke_paths(svg_file):
         path = parse_path(d)
-        pts = [path.point(float(t)) for t in ts]
+        pts = [path.point(float(t), error=ARC_LENGTH_ERROR) for t in ts]
         out.append(np.array([[p.real, p.imag] for p in pts]))
     return out
 
@@ -165,8 +170,11 @@ def load_glyphs(spec: GlyphSpec, cache_dir: Path) -> dict:
     path = Path(cache_dir) / f"glyphs-{fingerprint(key)[:12]}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
-    log.info("rendering %d glyph classes x %d images (cached at %s)", spec.n_classes, spec.images_per_class, path)
-    data = render_glyphs(spec)
-    with atomic_path(path) as tmp:
-        torch.save(data, tmp)
+    with build_lock(path):
+        if path.is_file():  # rendered by another process while this one waited
+            return torch.load(path, weights_only=True)
+        log.info("rendering %d glyph classes x %d images (cached at %s)", spec.n_classes, spec.images_per_class, path)
+        data = render_glyphs(spec)
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)
     return data
