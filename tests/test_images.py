@@ -166,6 +166,23 @@ def test_prototype_readout_is_exact_on_separable_features() -> None:
     assert logits.abs().max() <= 7.0 + 1e-5
 
 
+def test_prototype_readout_keeps_fp32_under_bf16_autocast() -> None:
+    """Features sharing a large common part (as an untrained or briefly trained Conv4's do): the classes differ only
+    in the cosines' fourth digit, below bf16's resolution near 1. The readout must not round them away."""
+    g = torch.Generator().manual_seed(0)
+    common, offsets = torch.randn(64, generator=g), 0.02 * torch.randn(5, 64, generator=g)
+    labels = torch.arange(5).repeat_interleave(5)[None]
+    support = (common + offsets[labels[0]] + 0.002 * torch.randn(25, 64, generator=g))[None]
+    query_labels = torch.arange(5).repeat(3)[None]
+    query = (common + offsets[query_labels[0]] + 0.002 * torch.randn(15, 64, generator=g))[None]
+    exact = prototype_logits(support, labels, query, n_way=5, scale=7.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = prototype_logits(support.bfloat16(), labels, query.bfloat16(), n_way=5, scale=7.0)
+    assert episode_accuracy(exact, query_labels).item() == 1.0
+    assert mixed.dtype == torch.float32
+    assert episode_accuracy(mixed, query_labels).item() == 1.0
+
+
 def test_zoo_partition_is_disjoint_and_checked() -> None:
     parts = zoo_partition(64, 13, 4)
     assert len(parts) == 13 and sorted(c for p in parts for c in p) == list(range(52))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from metadiff.eval.fewshot import prototype_logits
 from metadiff.nets.heads import MLPHead
 
 
@@ -50,11 +51,9 @@ class MetaModel(nn.Module):
 
     def episode_scores(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
                        n_way: int) -> torch.Tensor:
-        """Eval-mode scores [B, Q, N] = s · cos(GAP(F_q), GAP(P_n))."""
+        """Eval-mode scores [B, Q, N] = s · cos(GAP(F_q), GAP(P_n)), the shared prototype readout (in fp32)."""
         f_s, f_q = self.maps(support, query)
-        protos = class_means(f_s, support_labels, n_way).mean(dim=(3, 4))
-        q = f_q.mean(dim=(3, 4))
-        return self.scale_cls * torch.einsum("bqd,bnd->bqn", F.normalize(q, dim=-1), F.normalize(protos, dim=-1))
+        return prototype_logits(f_s.mean(dim=(3, 4)), support_labels, f_q.mean(dim=(3, 4)), n_way, self.scale_cls)
 
 
 def spatial_episodic_loss(spatial: torch.Tensor, query_labels: torch.Tensor) -> torch.Tensor:
