@@ -133,16 +133,19 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def _refuse_spawn_for_setup_built_models(cfg: DictConfig, model: pl.LightningModule, trainer: pl.Trainer) -> None:
-    """Stages that build their networks from the data in `setup()` (classifier, dfml) cannot run under a *spawn*
-    strategy (`trainer=ddp_sim`, `ddp_spawn`): the launching process never runs `setup()`, so the weights that rank 0
-    sends back have nowhere to go, and the test phase (spawned again from that process) would score untrained
-    networks. Found by tests/test_parity.py; refused in one line instead."""
+def _refuse_spawn_if_incompatible(cfg: DictConfig, model: pl.LightningModule, trainer: pl.Trainer) -> None:
+    """Lightning's spawn launcher (`trainer=ddp_sim`, `ddp_spawn`) hands back to the launching process only rank 0's
+    parameters and `callback_metrics`. Stages whose result also lives in other module state refuse it in one line:
+    classifier and dfml size their networks from the data in `setup()` (never run in the launching process) and keep
+    per-episode values, the selected checkpoint and the round history as plain attributes. Found by
+    tests/test_parity.py: the test phase scored untrained networks. They run under `trainer=ddp` (one process per
+    device, each running the whole stage). Making them spawn-safe means running fit, test and the artifact write
+    inside the launched processes."""
     spawned = getattr(trainer.strategy, "_start_method", "popen") != "popen"  # DDPStrategy's launcher choice
-    if spawned and trainer.world_size > 1 and getattr(model, "builds_networks_in_setup", False):
-        raise ConfigError(f"stage '{cfg.stage}' builds its networks in setup() and cannot run under a spawn "
-                          f"strategy (trainer.strategy: {type(trainer.strategy).__name__}, start method "
-                          f"'{trainer.strategy._start_method}'): use trainer=ddp (one process per device)")
+    if spawned and trainer.world_size > 1 and not getattr(model, "spawn_compatible", True):
+        raise ConfigError(f"stage '{cfg.stage}' keeps state beyond its parameters in the process that runs it and "
+                          f"cannot run under a spawn strategy (trainer.strategy: {type(trainer.strategy).__name__}, "
+                          f"start method '{trainer.strategy._start_method}'): use trainer=ddp (one process per device)")
 
 
 def _restore_default_start_method() -> None:
@@ -178,7 +181,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    _refuse_spawn_for_setup_built_models(cfg, model, trainer)
+    _refuse_spawn_if_incompatible(cfg, model, trainer)
     status = "failed"
     metrics: dict[str, float] = {}
     try:

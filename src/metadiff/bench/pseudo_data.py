@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from metadiff.config.paths import CONF_DIR
 from metadiff.data.images.partition import class_map
@@ -36,7 +37,9 @@ def _configs() -> tuple:
 
 def build_random_zoo(device: str) -> tuple[DiffusionZoo, torch.nn.Module, torch.nn.Module, dict]:
     dfml, unet, zoo_cfg = _configs()
-    size, channels = 32, 1  # the glyph set's images (data/glyphs.yaml: image_size 32, grey)
+    # the experiment's own image source: its shape and normalisation, nothing rendered (throughput needs no data)
+    source = instantiate(dfml.data.source, cache_dir="unused")
+    size, channels = source.image_size, source.channels
     n_models, per_model = int(zoo_cfg.zoo.n_models), int(zoo_cfg.zoo.classes_per_model)
     torch.manual_seed(0)
     models = [ImageDenoiser(size, channels, dict(unet.model.unet)).eval().requires_grad_(False).to(device)
@@ -45,8 +48,7 @@ def build_random_zoo(device: str) -> tuple[DiffusionZoo, torch.nn.Module, torch.
     classes = [list(range(k * per_model, (k + 1) * per_model)) for k in range(n_models)]
     zoo = DiffusionZoo(models, NoiseSchedule.make(**schedule_cfg), schedule_cfg, class_map(classes),
                        [str(c) for c in range(n_models * per_model)], size, channels)
-    backbone = build_backbone(**{**dict(dfml.model.backbone), "in_channels": channels, "mean": [0.5],
-                                 "std": [0.5]}).to(device).eval()
+    backbone = build_backbone(**source.backbone_spec(dict(dfml.model.backbone))).to(device).eval()
     learner = MLPHead(backbone.out_dim, len(zoo.class_map), norm="batch_stats", time_conditioned=True).to(device)
     return zoo, backbone, learner.eval(), dict(dfml.model.generation)
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from metadiff.utils.io import write_json
+
 # benchmark file -> {summary key: path of the value inside that file}
 RATIOS: dict[str, dict[str, tuple[str, ...]]] = {
     "inner_loop": {f"batched_over_per_task_{mode}_{order}_order": ("results", f"{mode}_{order}_order", "speedup")
@@ -51,7 +53,6 @@ def write_summary(out_dir: Path, artifacts_dir: Path, machine: dict[str, Any]) -
     summary = {"machine": machine, "ratios": ratios, "sources": sources,
                "missing": sorted(set(RATIOS) - set(sources)),
                "peak_memory_mib": peak_memory_by_experiment(artifacts_dir)}
-    from metadiff.utils.io import write_json
 
     write_json(out_dir / "summary.json", summary)
     return summary

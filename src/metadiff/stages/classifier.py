@@ -54,7 +54,7 @@ def load_classifier(artifact: Artifact) -> ImageClassifier:
 
 
 class ClassifierModule(pl.LightningModule):
-    builds_networks_in_setup = True  # sized from the data: no spawn strategy (see metadiff.run)
+    spawn_compatible = False  # state beyond parameters lives in this process (see metadiff.run)
 
     def __init__(self, backbone: dict[str, Any], head_norm: str, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, readout_scale: float = 7.0,

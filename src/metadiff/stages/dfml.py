@@ -70,7 +70,7 @@ def load_meta_model(artifact: Artifact) -> MetaModel:
 
 
 class DFMLModule(pl.LightningModule):
-    builds_networks_in_setup = True  # sized from the data: no spawn strategy (see metadiff.run)
+    spawn_compatible = False  # state beyond parameters lives in this process (see metadiff.run)
 
     def __init__(self, backbone: dict[str, Any], head_norm: str, scale_cls: float, class_learner: dict[str, Any],
                  meta_optimizer: Callable[..., torch.optim.Optimizer],
