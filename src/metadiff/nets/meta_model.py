@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from metadiff.eval.fewshot import prototype_logits
 from metadiff.nets.heads import MLPHead
 
 
@@ -51,9 +50,13 @@ class MetaModel(nn.Module):
 
     def episode_scores(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
                        n_way: int) -> torch.Tensor:
-        """Eval-mode scores [B, Q, N] = s · cos(GAP(F_q), GAP(P_n)), the shared prototype readout (in fp32)."""
+        """Eval-mode scores [B, Q, N] = s · cos(GAP(F_q), GAP(P_n)), in fp32 under autocast too, like
+        `eval.fewshot.prototype_logits` (why: there). Its own op order, which the published dfml figures used."""
         f_s, f_q = self.maps(support, query)
-        return prototype_logits(f_s.mean(dim=(3, 4)), support_labels, f_q.mean(dim=(3, 4)), n_way, self.scale_cls)
+        with torch.autocast(device_type=f_s.device.type, enabled=False):
+            protos = class_means(f_s.float(), support_labels, n_way).mean(dim=(3, 4))
+            q = f_q.float().mean(dim=(3, 4))
+            return self.scale_cls * torch.einsum("bqd,bnd->bqn", F.normalize(q, dim=-1), F.normalize(protos, dim=-1))
 
 
 def spatial_episodic_loss(spatial: torch.Tensor, query_labels: torch.Tensor) -> torch.Tensor:
