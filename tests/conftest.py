@@ -185,10 +185,11 @@ def compose_config(overrides: list[str], root: Path, output_dir: Path) -> DictCo
     return cfg
 
 
-def run_train(args: list[str], root: Path, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real entry point `python train.py ...` in a subprocess."""
+def run_train(args: list[str], root: Path, timeout: int = 900, check: bool = True,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real entry point `python train.py ...` in a subprocess (`env`: extra environment variables)."""
     cmd = [sys.executable, str(REPO / "train.py"), *args, f"paths.root_dir={root}", "hydra.job.chdir=false"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -31,6 +31,10 @@ def test_builder_commits_atomically_and_refuses_incomplete(tmp_path: Path) -> No
         store.images(["zz"])
 
 
+# both tests read one module-scoped store: on one xdist worker it is built once (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("feature_store")
+
+
 @pytest.fixture(scope="module")
 def built_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float], str]:
     root = tmp_path_factory.mktemp("features")
