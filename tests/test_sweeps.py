@@ -23,7 +23,8 @@ def _summaries(stdout: str, header: str) -> list[dict[str, float]]:
 
 @pytest.mark.slow
 def test_multirun_with_ddp_runs_each_job_on_two_processes(cache_root: Path, tmp_path: Path) -> None:
-    proc = run_train(["-m", *SHORT_CLIP, "trainer=ddp_sim", "test=false", "seed=1,2", f"hydra.sweep.dir={tmp_path}"],
+    proc = run_train(["-m", *SHORT_CLIP, "trainer=ddp_sim", "test=false",
+                      "optimized_metric=val/zeroshot_acc", "seed=1,2", f"hydra.sweep.dir={tmp_path}"],
                      cache_root)
     out = proc.stdout + proc.stderr
     assert out.count("MEMBER: 2/2") == 2, "each of the 2 jobs should start 2 processes"

@@ -53,7 +53,7 @@ def build_random_zoo(device: str) -> tuple[DiffusionZoo, torch.nn.Module, torch.
     return zoo, backbone, learner.eval(), dict(dfml.model.generation)
 
 
-def bench_pseudo_data(data_dir: Path, device: str, per_class: int = 8, repeats: int = 2) -> dict:
+def bench_pseudo_data(data_dir: Path, device: str, per_class: int = 4, repeats: int = 2) -> dict:
     zoo, backbone, learner, generation = build_random_zoo(device)
     steps, batch = int(generation["steps"]), int(generation["batch_size"])
     n_images = per_class * len(zoo.class_map)
