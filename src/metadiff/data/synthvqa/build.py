@@ -42,9 +42,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -57,7 +55,7 @@ import numpy as np
 
 from metadiff.data.synthvqa.questions import Question, SceneTable, enumerate_questions
 from metadiff.data.synthvqa.scenes import Scene, SceneSpec, render_scene, sample_scene
-from metadiff.utils.io import build_lock
+from metadiff.utils.io import atomic_dir, build_lock
 
 #: Bump when generation code changes its output for the same config (invalidates caches).
 FORMAT_VERSION = 1
@@ -322,33 +320,12 @@ def read_manifest(dataset_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _publish(tmp: Path, out_dir: Path, fp: str) -> None:
-    """Move a finished build into place; an existing stale directory is swapped out first."""
-    if out_dir.exists():
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        # another process published the same dataset in between: keep theirs if it is complete
-        if (read_manifest(out_dir) or {}).get("fingerprint") != fp:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def build_synthvqa(cfg: SynthVQAConfig, out_dir: Path) -> dict[str, Path]:
-    """Generate the dataset into ``out_dir`` atomically (temp sibling dir + rename)."""
+    """Generate the dataset into ``out_dir`` atomically (`utils.io.atomic_dir`: temp sibling dir, then rename; a
+    stale directory is moved aside)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir, overwrite=True) as tmp:
         _write_dataset(cfg, tmp)
-        _publish(tmp, out_dir, fingerprint(cfg))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {key: out_dir / name for key, name in FILES.items()}
 
 
