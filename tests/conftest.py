@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+
+from train_process import run_entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -186,13 +187,15 @@ def compose_config(overrides: list[str], root: Path, output_dir: Path) -> DictCo
 
 
 def run_train(args: list[str], root: Path, timeout: int = 900, check: bool = True,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the real entry point `python train.py ...` in a subprocess (`env`: extra environment variables)."""
-    cmd = [sys.executable, str(REPO / "train.py"), *args, f"paths.root_dir={root}", "hydra.job.chdir=false"]
+              env: dict[str, str] | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run the real entry point `python train.py ...` in its own process (`env`: extra environment variables;
+    `fresh`: a new interpreter instead of a fork of the worker's warm one, see train_process.py)."""
+    argv = [*args, f"paths.root_dir={root}", "hydra.job.chdir=false"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_entry_point(argv, env, timeout, fresh=fresh)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
     return proc
 
 
