@@ -6,7 +6,10 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
+import pytest
+
 from metadiff.utils.io import atomic_dir, build_lock
+from metadiff.utils.ranks import RANK_VARIABLES, launched_as_follower_rank
 
 
 def _build_once(target: str, log: str) -> None:
@@ -53,3 +56,22 @@ def test_concurrent_overwriting_publishes_leave_one_complete_copy(tmp_path: Path
     assert [p.exitcode for p in procs] == [0, 0]
     assert (target / "weights.txt").read_text() in {"a", "b"}
     assert [p.name for p in target.parent.iterdir()] == ["task-abc"]  # no temporary or moved-aside copies left
+
+
+@pytest.mark.parametrize(("env", "follower"), [
+    ({}, False),
+    ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, False),  # rank 0 after Lightning's launcher set its variables
+    ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, True),   # a rank that Lightning's subprocess launcher started
+    ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, True),   # rank 0 of the second node
+    ({"RANK": "3"}, True),                          # torchrun
+    ({"SLURM_PROCID": "2"}, True),
+    ({"SLURM_PROCID": "0"}, False),
+])
+def test_follower_ranks_are_told_apart_before_any_trainer(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                                          follower: bool) -> None:
+    # followers build a missing upstream alongside their rank 0 instead of waiting for the lock it holds
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert launched_as_follower_rank() is follower

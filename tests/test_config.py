@@ -21,7 +21,7 @@ def test_every_experiment_composes_and_validates(experiment: str, tmp_path: Path
         assert "_target_" in cfg[group], f"{experiment}: {group} has no _target_"
 
 
-@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_sim"])
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_sim", "ddp_cpu"])
 @pytest.mark.parametrize("logger", ["csv", "wandb", "tensorboard", "many_loggers"])
 def test_trainer_and_logger_groups_validate(trainer: str, logger: str, tmp_path: Path) -> None:
     cfg = compose_config([f"trainer={trainer}", f"logger={logger}"], tmp_path, tmp_path / "out")

@@ -13,6 +13,7 @@ import contextvars
 import copy
 import logging
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from metadiff.errors import UserError
 from metadiff.utils.hashing import fingerprint, to_plain
 from metadiff.utils.io import atomic_dir, build_lock, read_json, write_json
+from metadiff.utils.ranks import launched_as_follower_rank
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +249,10 @@ def _find_or_build(cfg: DictConfig, name: str, up_cfg: DictConfig) -> Artifact:
         log.info("upstream '%s': using %s", name, found.path)
         return found
     # Its own upstreams were resolved above, outside this lock; a lock taken inside it can only be an upstream's
-    # (the stage DAG has no cycles), so two builders never wait on each other in a circle.
-    with build_lock(artifact_dir(up_cfg, up_fps)):
+    # (the stage DAG has no cycles), so two builders never wait on each other in a circle. The follower ranks of a
+    # DDP job build alongside their rank 0, which holds the lock (see metadiff.utils.ranks).
+    lock = nullcontext() if launched_as_follower_rank() else build_lock(artifact_dir(up_cfg, up_fps))
+    with lock:
         return _build_unless_present(cfg, name, up_cfg, up_fps)
 
 

@@ -19,6 +19,7 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from metadiff.artifacts import Artifact, publish_artifact, resolve_upstreams
@@ -145,7 +146,17 @@ def _refuse_spawn_if_incompatible(cfg: DictConfig, model: pl.LightningModule, tr
     if spawned and trainer.world_size > 1 and not getattr(model, "spawn_compatible", True):
         raise ConfigError(f"stage '{cfg.stage}' keeps state beyond its parameters in the process that runs it and "
                           f"cannot run under a spawn strategy (trainer.strategy: {type(trainer.strategy).__name__}, "
-                          f"start method '{trainer.strategy._start_method}'): use trainer=ddp (one process per device)")
+                          f"start method '{trainer.strategy._start_method}'): use trainer=ddp or trainer=ddp_cpu (one launched "
+                          f"process per rank)")
+
+
+def _let_ddp_skip_unused_parameters(model: pl.LightningModule, trainer: pl.Trainer) -> None:
+    """A stage whose step leaves parameters out of a backward pass (`ddp_find_unused_parameters = True`, e.g. dfml's
+    two optimizers) needs DDP's `find_unused_parameters`. It belongs to the stage, not to the `trainer` group (1-device
+    runs have no reducer), and Lightning takes it only as a strategy argument: set on the strategy before it wraps
+    the model."""
+    if getattr(model, "ddp_find_unused_parameters", False) and isinstance(trainer.strategy, DDPStrategy):
+        trainer.strategy._ddp_kwargs["find_unused_parameters"] = True  # noqa: SLF001 - no public setter
 
 
 def _restore_default_start_method() -> None:
@@ -182,6 +193,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     _refuse_spawn_if_incompatible(cfg, model, trainer)
+    _let_ddp_skip_unused_parameters(model, trainer)
     status = "failed"
     metrics: dict[str, float] = {}
     try:
@@ -205,6 +217,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             and getattr(model, "artifact_ready", True)
         ):
             publish_artifact(cfg, model.write_artifact, metrics, upstream)
+        # ranks that each run the whole command (trainer=ddp) go on only once rank 0 has published: the next stage
+        # of a chain reads this artifact on every rank (a no-op without a process group, e.g. after spawned ranks)
+        trainer.strategy.barrier("artifact published")
         status = "success"
     finally:
         _close_loggers(loggers, status)

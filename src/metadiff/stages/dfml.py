@@ -71,6 +71,9 @@ def load_meta_model(artifact: Artifact) -> MetaModel:
 
 class DFMLModule(pl.LightningModule):
     spawn_compatible = False  # state beyond parameters lives in this process (see metadiff.run)
+    # each step takes two backward passes over disjoint parameter sets (meta-model, then class-learner): DDP's
+    # reducer must not expect every parameter in each (see metadiff.run)
+    ddp_find_unused_parameters = True
 
     def __init__(self, backbone: dict[str, Any], head_norm: str, scale_cls: float, class_learner: dict[str, Any],
                  meta_optimizer: Callable[..., torch.optim.Optimizer],

@@ -80,7 +80,7 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
 @contextlib.contextmanager
 def build_lock(path: Path) -> Iterator[None]:
     """Hold the build of whatever goes at `path` (an artifact, a generated data set) for this process: processes
-    sharing one outputs dir (sweep jobs, DDP ranks, test workers) then build it once, and the others wait and reuse
+    sharing one outputs dir (sweep jobs, test workers, DDP ranks) then build it once, and the others wait and reuse
     it instead of rebuilding it. Callers check for `path` again once they hold the lock. An OS file lock (filelock),
     so a killed builder never leaves it held."""
     path = Path(path)
