@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo train test test-slow test-all bench sweep meta-vqa lint format clean
+.PHONY: help install demo train test test-slow test-demo test-all bench sweep meta-vqa lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -31,8 +31,11 @@ train: install ## run one experiment: make train EXP=clip_synthvqa ARGS="trainer
 test: install ## the test suite without the slow end-to-end checks (2 workers; CI runs this, then test-slow)
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" --durations=15 tests
 
-test-slow: install ## the slow end-to-end checks (kill/resume, DDP/bf16 parity, Optuna sweeps, the default chain)
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow --durations=15 tests
+test-slow: install ## the slow end-to-end checks (kill/resume, DDP/bf16 parity, Optuna sweeps, the default command)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "slow and not demo" --durations=15 tests
+
+test-demo: install ## the exact `make demo` run checked end to end (~10-15 min; not in CI)
+	$(PY) -m pytest -q -m demo tests
 
 test-all: install ## both, sharing one cache of built upstream chains (what CI runs)
 	cache=$$(mktemp -d -t metadiff-tests-XXXXXX) && trap 'rm -rf "$$cache"' EXIT && \
