@@ -13,7 +13,6 @@ import contextvars
 import copy
 import logging
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metadiff.errors import UserError
 from metadiff.utils.hashing import fingerprint, to_plain
-from metadiff.utils.io import atomic_dir, build_lock, read_json, write_json
+from metadiff.utils.io import atomic_dir, build_once, read_json, write_json
 from metadiff.utils.ranks import launched_as_follower_rank
 
 log = logging.getLogger(__name__)
@@ -244,23 +243,19 @@ def require_upstream(cfg: DictConfig, name: str) -> Artifact:
 def _find_or_build(cfg: DictConfig, name: str, up_cfg: DictConfig) -> Artifact:
     up_upstream = resolve_upstreams(up_cfg)
     up_fps = {k: a.fingerprint for k, a in up_upstream.items()}
-    found = find_artifact(up_cfg, up_fps)
-    if found is not None:
-        log.info("upstream '%s': using %s", name, found.path)
-        return found
     # Its own upstreams were resolved above, outside this lock; a lock taken inside it can only be an upstream's
     # (the stage DAG has no cycles), so two builders never wait on each other in a circle. The follower ranks of a
     # DDP job build alongside their rank 0, which holds the lock (see metadiff.utils.ranks).
-    lock = nullcontext() if launched_as_follower_rank() else build_lock(artifact_dir(up_cfg, up_fps))
-    with lock:
-        return _build_unless_present(cfg, name, up_cfg, up_fps)
-
-
-def _build_unless_present(cfg: DictConfig, name: str, up_cfg: DictConfig, up_fps: Mapping[str, str]) -> Artifact:
+    built = build_once(artifact_dir(up_cfg, up_fps), lambda: find_artifact(up_cfg, up_fps) is not None,
+                       lambda: _build(cfg, name, up_cfg), locked=not launched_as_follower_rank())
     found = find_artifact(up_cfg, up_fps)
-    if found is not None:  # another process built it while this one waited for the lock
-        log.info("upstream '%s': using %s (built by another process)", name, found.path)
-        return found
+    if found is None:
+        raise RuntimeError(f"upstream '{name}' ran but wrote no artifact at {artifact_dir(up_cfg, up_fps)}")
+    log.info("upstream '%s': %s %s", name, "built" if built else "using", found.path)
+    return found
+
+
+def _build(cfg: DictConfig, name: str, up_cfg: DictConfig) -> None:
     spec = _spec_of(cfg, name)[0]
     if not spec.get("build_if_missing", False):
         raise UpstreamMissingError(
@@ -275,10 +270,6 @@ def _build_unless_present(cfg: DictConfig, name: str, up_cfg: DictConfig, up_fps
     except UserError as err:  # say which upstream failed and the command that builds it alone
         raise UpstreamMissingError(f"{err} [while building upstream '{name}'; alone: {upstream_command(cfg, name)}]") \
             from err
-    built = find_artifact(up_cfg, up_fps)
-    if built is None:
-        raise RuntimeError(f"upstream '{name}' ran but wrote no artifact at {artifact_dir(up_cfg, up_fps)}")
-    return built
 
 
 def resolve_upstreams(cfg: DictConfig) -> dict[str, Artifact]:

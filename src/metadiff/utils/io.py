@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,18 @@ def build_lock(path: Path) -> Iterator[None]:
     finally:
         lock.release()
 
+
+def build_once(path: Path, is_built: Callable[[], bool], build: Callable[[], object], locked: bool = True) -> bool:
+    """Build what goes at `path` unless `is_built()`: check, take `build_lock(path)`, check again (another process
+    may have built it meanwhile), build. `locked=False` builds without the lock (the follower ranks of a DDP job,
+    which build alongside the rank 0 that holds it). Returns whether this call built it."""
+    if is_built():
+        return False
+    with build_lock(path) if locked else contextlib.nullcontext():
+        if is_built():
+            return False
+        build()
+    return True
 
 def write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
     """Write JSON atomically (sorted keys by default, so equal content gives equal bytes; `sort_keys=False` where

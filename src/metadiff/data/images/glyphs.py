@@ -29,7 +29,7 @@ from svg.path import parse_path
 from metadiff.config import ConfigError
 from metadiff.errors import MissingInputError
 from metadiff.utils.hashing import fingerprint
-from metadiff.utils.io import atomic_path, build_lock
+from metadiff.utils.io import atomic_path, build_once
 
 log = logging.getLogger(__name__)
 SVG_NS = "{http://www.w3.org/2000/svg}"
@@ -168,13 +168,12 @@ def load_glyphs(spec: GlyphSpec, cache_dir: Path) -> dict:
     """The rendered set, from the cache or rendered now and cached atomically."""
     key = {**asdict(spec), "kanjivg": metadata.version("kanjivg")}  # other stroke data = another set
     path = Path(cache_dir) / f"glyphs-{fingerprint(key)[:12]}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    with build_lock(path):
-        if path.is_file():  # rendered by another process while this one waited
-            return torch.load(path, weights_only=True)
-        log.info("rendering %d glyph classes x %d images (cached at %s)", spec.n_classes, spec.images_per_class, path)
-        data = render_glyphs(spec)
-        with atomic_path(path) as tmp:
-            torch.save(data, tmp)
-    return data
+    build_once(path, path.is_file, lambda: _render_to(spec, path))
+    return torch.load(path, weights_only=True)
+
+
+def _render_to(spec: GlyphSpec, path: Path) -> None:
+    log.info("rendering %d glyph classes x %d images (cached at %s)", spec.n_classes, spec.images_per_class, path)
+    data = render_glyphs(spec)
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)

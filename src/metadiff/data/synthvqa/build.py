@@ -55,7 +55,7 @@ import numpy as np
 
 from metadiff.data.synthvqa.questions import Question, SceneTable, enumerate_questions
 from metadiff.data.synthvqa.scenes import Scene, SceneSpec, render_scene, sample_scene
-from metadiff.utils.io import atomic_dir, build_lock
+from metadiff.utils.io import atomic_dir, build_once
 
 #: Bump when generation code changes its output for the same config (invalidates caches).
 FORMAT_VERSION = 1
@@ -333,10 +333,8 @@ def load_or_build_synthvqa(cfg: SynthVQAConfig, cache_root: Path) -> Path:
     """Dataset directory for ``cfg`` under ``cache_root``, built only if no matching one exists."""
     fp = fingerprint(cfg)
     out_dir = Path(cache_root) / f"synthvqa-{fp[:12]}"
-    if (read_manifest(out_dir) or {}).get("fingerprint") != fp:
-        with build_lock(out_dir):
-            if (read_manifest(out_dir) or {}).get("fingerprint") != fp:  # not built by another process meanwhile
-                build_synthvqa(cfg, out_dir)
+    build_once(out_dir, lambda: (read_manifest(out_dir) or {}).get("fingerprint") == fp,
+               lambda: build_synthvqa(cfg, out_dir))
     return out_dir
 
 
