@@ -33,10 +33,11 @@ def assert_default_chain_learns(stdout: str) -> None:
 
 @pytest.mark.slow
 def test_default_command_with_a_shorter_clip_learns_and_builds_features(tmp_path: Path) -> None:
-    assert_default_chain_learns(run_train([SHORTER_CLIP], tmp_path, timeout=1200).stdout)
+    # a cold interpreter, as a newcomer starts it (the other checks fork the worker's warm one: train_process.py)
+    assert_default_chain_learns(run_train([SHORTER_CLIP], tmp_path, timeout=1200, fresh=True).stdout)
 
 
 @pytest.mark.slow
 @pytest.mark.demo
 def test_default_chain_learns_clip_and_builds_features(tmp_path: Path) -> None:
-    assert_default_chain_learns(run_train([], tmp_path, timeout=1800).stdout)
+    assert_default_chain_learns(run_train([], tmp_path, timeout=1800, fresh=True).stdout)

@@ -7,17 +7,27 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXPERIMENTS, LATENT_STAGES, parse_summary, run_train, smoke_overrides
+from conftest import EXPERIMENTS, FEWSHOT_STAGES, LATENT_STAGES, parse_summary, run_train, smoke_overrides
 
 # CIFAR-FS runs the same stages as miniImageNet on the same fixture tree (only the folder reader differs, which
 # tests/test_images.py checks; tests/test_config.py composes and validates its experiments): no smoke run of its own.
 SMOKE = [e for e in EXPERIMENTS if not e.endswith("_cifarfs")]
-# the latent stages' smoke runs share the short synthvqa chain with tests/test_latent_stages.py: same xdist worker
-LATENT_CHAIN = pytest.mark.xdist_group("synthvqa_latent_chain")
+# Smoke runs that share an upstream chain run on one xdist worker, one after the other, instead of one worker idling
+# on the build lock while the other builds it: the few-shot and latent stages on synthvqa share the short CLIP ->
+# features chain with tests/test_latent_stages.py and tests/test_hyperldm.py; the *_vqa runs share the fixture chain.
+SYNTHVQA_CHAIN = pytest.mark.xdist_group("synthvqa_latent_chain")
+VQA_CHAIN = pytest.mark.xdist_group("vqa_chain")
 
 
-@pytest.mark.parametrize("experiment", [pytest.param(e, marks=LATENT_CHAIN) if e.split("_")[0] in LATENT_STAGES
-                                        and e.endswith("_synthvqa") else e for e in SMOKE])
+def _chain_group(experiment: str) -> tuple[pytest.MarkDecorator, ...]:
+    if experiment.endswith("_vqa"):
+        return (VQA_CHAIN,)
+    if experiment.endswith("_synthvqa") and experiment.split("_")[0] in (*LATENT_STAGES, *FEWSHOT_STAGES):
+        return (SYNTHVQA_CHAIN,)
+    return ()
+
+
+@pytest.mark.parametrize("experiment", [pytest.param(e, marks=_chain_group(e)) for e in SMOKE])
 def test_every_experiment_runs_with_fast_dev_run(experiment: str, cache_root: Path, vqa_tree: dict,
                                                  image_tree: Path) -> None:
     proc = run_train([f"experiment={experiment}", "debug=fdr", *smoke_overrides(experiment, vqa_tree, image_tree)],

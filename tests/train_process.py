@@ -4,8 +4,9 @@ Why not `subprocess.run([python, "train.py", ...])`: each fresh interpreter spen
 importing torch, lightning (torchvision, scipy via torchmetrics), hydra and open_clip before the run starts, and the
 suite starts ~90 runs. The standard library's forkserver imports them once per test worker (`set_forkserver_preload`)
 and forks a clean child for each run. The child is still a separate process: its own Hydra state, logging, seeds,
-exit code (`sys.exit(2)` reads 2, a SIGKILL reads -9), stdout and stderr; it only skips the import. Checks of the
-command line itself that must not share anything (module-level environment reads at import) keep `fresh=True`.
+exit code (`sys.exit(2)` reads 2, a SIGKILL reads -9), stdout and stderr; it only skips the import. What it shares
+with the worker: environment variables read at import time are those the worker had when the forkserver started.
+The newcomer's command (tests/test_default_run.py) runs with `fresh=True`: a cold interpreter, as a user starts it.
 """
 
 from __future__ import annotations
