@@ -146,8 +146,8 @@ def _refuse_spawn_if_incompatible(cfg: DictConfig, model: pl.LightningModule, tr
     if spawned and trainer.world_size > 1 and not getattr(model, "spawn_compatible", True):
         raise ConfigError(f"stage '{cfg.stage}' keeps state beyond its parameters in the process that runs it and "
                           f"cannot run under a spawn strategy (trainer.strategy: {type(trainer.strategy).__name__}, "
-                          f"start method '{trainer.strategy._start_method}'): use trainer=ddp or trainer=ddp_cpu (one launched "
-                          f"process per rank)")
+                          f"start method '{trainer.strategy._start_method}'): use trainer=ddp or trainer=ddp_cpu "
+                          f"(one launched process per rank)")
 
 
 def _let_ddp_skip_unused_parameters(model: pl.LightningModule, trainer: pl.Trainer) -> None:

@@ -110,6 +110,7 @@ def build_once(path: Path, is_built: Callable[[], bool], build: Callable[[], obj
         build()
     return True
 
+
 def write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
     """Write JSON atomically (sorted keys by default, so equal content gives equal bytes; `sort_keys=False` where
     key order is data, as in Meta-VQA task files)."""
