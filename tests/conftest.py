@@ -207,11 +207,10 @@ def written_artifact(log: str, stage: str) -> Path:
     return paths[-1]
 
 
-def parse_summary(stdout: str) -> dict[str, float]:
-    """The metrics block that `metadiff.run` prints at the end of a run (the last one, for chained runs)."""
-    blocks = stdout.split("== ")
+def _metrics(block: str) -> dict[str, float]:
+    """The `name value` lines of one printed metrics block (its first line is the header)."""
     metrics: dict[str, float] = {}
-    for line in blocks[-1].splitlines()[1:]:
+    for line in block.splitlines()[1:]:
         parts = line.split()
         if len(parts) == 2:
             try:
@@ -219,3 +218,14 @@ def parse_summary(stdout: str) -> dict[str, float]:
             except ValueError:
                 pass
     return metrics
+
+
+def parse_summary(stdout: str) -> dict[str, float]:
+    """The metrics block that `metadiff.run` prints at the end of a run (the last one, for chained runs)."""
+    return _metrics(stdout.split("== ")[-1])
+
+
+def summaries(stdout: str, task: str) -> list[dict[str, float]]:
+    """Every metrics block printed for task `task` (`== <task> (<stage>) finished: ==`), in order: one per job of a
+    multirun, one per rank under ddp_cpu; not the blocks of upstream stages built along the way."""
+    return [_metrics(block) for block in stdout.split("== ")[1:] if block.startswith(f"{task} (")]

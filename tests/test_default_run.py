@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import parse_summary, run_train
+from conftest import run_train, summaries
 
 SHORTER_CLIP = "upstream.clip.overrides=['data.n_train_pairs=10000','trainer.max_epochs=1']"
 
 
 def assert_default_chain_learns(stdout: str) -> None:
-    clip = parse_summary(stdout.split("== features_synthvqa")[0])
-    features = parse_summary(stdout)
+    (clip,), (features,) = summaries(stdout, "clip_synthvqa"), summaries(stdout, "features_synthvqa")
     # the small CLIP learned to answer: zero-shot accuracy on meta-test tasks far above chance
     assert clip["test/zeroshot_acc"] > 1.5 * clip["test/chance"], clip
     assert clip["test/zeroshot_acc"] - 3 * clip["test/zeroshot_acc_ci95"] > clip["test/chance"], clip

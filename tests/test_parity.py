@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dfml_smoke_overrides, image_smoke_overrides, parse_summary, run_train
+from conftest import dfml_smoke_overrides, image_smoke_overrides, parse_summary, run_train, summaries
 
 pytestmark = pytest.mark.slow
 
@@ -48,12 +48,6 @@ def _overrides(family: str, images: Path) -> list[str]:
     return base
 
 
-def _rank_summaries(stdout: str, task: str) -> list[dict[str, float]]:
-    """The metrics block of `task` from every rank that printed one (under ddp_cpu each rank runs the whole command,
-    upstream builds included)."""
-    return [parse_summary("== " + block) for block in stdout.split("== ")[1:] if block.startswith(f"{task} (")]
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_ddp_and_bf16_match_one_process(family: str, cache_root: Path, image_tree: Path) -> None:
     _, per_rank, metric, tolerance = FAMILIES[family]
@@ -62,7 +56,7 @@ def test_ddp_and_bf16_match_one_process(family: str, cache_root: Path, image_tre
     ddp = run_train([*common, *per_rank, f"trainer={DDP_TRAINER[family]}", f"task_name=parity_{family}_ddp"],
                     cache_root)
     assert "MEMBER: 2/2" in ddp.stdout + ddp.stderr
-    ranks = _rank_summaries(ddp.stdout, f"parity_{family}_ddp")
+    ranks = summaries(ddp.stdout, f"parity_{family}_ddp")  # every rank runs the whole command
     # every rank that reports agrees on the evaluation: the episodes/tasks were gathered before the metric
     assert ranks and len({r[metric] for r in ranks}) == 1, [r[metric] for r in ranks]
     runs["ddp"] = ranks[-1]

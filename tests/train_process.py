@@ -29,10 +29,12 @@ _context: multiprocessing.context.ForkServerContext | None = None
 
 
 def _metadiff_modules() -> list[str]:
-    """Every module of the package, so the stages that Hydra instantiates by name are already imported too."""
+    """Every module of the package that a run can import, so the stages that Hydra instantiates by name are already
+    imported too (not `metadiff.bench`: `make bench` is its own entry point, never a train.py run)."""
     import metadiff
 
-    return ["metadiff", *(m.name for m in pkgutil.walk_packages(metadiff.__path__, "metadiff."))]
+    modules = (m.name for m in pkgutil.walk_packages(metadiff.__path__, "metadiff."))
+    return ["metadiff", *(m for m in modules if m != "metadiff.bench" and not m.startswith("metadiff.bench."))]
 
 
 def _forkserver() -> multiprocessing.context.ForkServerContext:
@@ -49,6 +51,10 @@ def _run_entry_point(argv: list[str], env: dict[str, str], stdout_path: str, std
     os.environ.clear()
     os.environ.update(env)
     os.chdir(REPO)
+    # A forkserver child inherits "forkserver" as its default start method (multiprocessing.spawn.prepare sets it),
+    # so the run's DataLoader workers would each be started through a forkserver and re-import torch & co. (~20 s a
+    # run, measured). `python train.py` starts with the platform's default: restore it.
+    multiprocessing.set_start_method(None, force=True)
     for fd, path in ((1, stdout_path), (2, stderr_path)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(target, fd)
