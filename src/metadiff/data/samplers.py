@@ -71,6 +71,13 @@ class StepPositionMixin:
     restored before that, so the position is the larger of the saved one and the trainer's."""
 
     _restored_samples: int = 0
+    _step_batch_size: int = 0  # per rank; set by step_order(), so the batch size is stated once, where it is used
+
+    def step_order(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> StepOrder:
+        """The training order, starting at the position of the trainer's next step."""
+        self._step_batch_size = batch_size
+        return StepOrder(n, batch_size, seed, position=lambda: self.trained_samples(batch_size), rank=rank,
+                         world_size=world_size)
 
     def trained_samples(self, batch_size: int) -> int:
         trainer = getattr(self, "trainer", None)
@@ -79,11 +86,8 @@ class StepPositionMixin:
         return max(self._restored_samples,
                    trainer.global_step * trainer.accumulate_grad_batches * batch_size * trainer.world_size)
 
-    def train_batch_size(self) -> int:
-        raise NotImplementedError
-
     def state_dict(self) -> dict[str, int]:
-        return {"trained_samples": self.trained_samples(self.train_batch_size())}
+        return {"trained_samples": self.trained_samples(self._step_batch_size)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._restored_samples = int(state.get("trained_samples", 0))

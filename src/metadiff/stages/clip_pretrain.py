@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch.utils.data import DataLoader, Dataset
 
-from metadiff.data.samplers import StepOrder, StepPositionMixin
+from metadiff.data.samplers import StepPositionMixin
 from metadiff.data.sources import TaskSource, task_prompts
 from metadiff.eval.stats import mean_ci95
 from metadiff.eval.zeroshot import encode_texts, per_task_accuracy, split_by_task
@@ -76,13 +76,9 @@ class ClipPairsDataModule(StepPositionMixin, pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # the pairs of step k depend on (seed, k) only, so a resumed run trains on the same batches (StepOrder)
-        order = StepOrder(len(self.train_set), self.batch_size, self.seed,
-                          position=lambda: self.trained_samples(self.batch_size))
+        order = self.step_order(len(self.train_set), self.batch_size, self.seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=order, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_batch_size(self) -> int:
-        return self.batch_size
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_sets["val"].dataset, self.eval_batch_size, shuffle=False)

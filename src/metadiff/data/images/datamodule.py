@@ -24,7 +24,7 @@ from metadiff.data.images.episodes import EpisodeCollate, EpisodeSampler, Episod
 from metadiff.data.images.partition import zoo_partition
 from metadiff.data.images.sources import ImageSource
 from metadiff.data.images.splits import ImageSplit
-from metadiff.data.samplers import StepOrder, StepPositionMixin
+from metadiff.data.samplers import StepPositionMixin
 
 
 class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
@@ -91,12 +91,8 @@ class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
         data = Subset(self.split(self.train_cfg["split"]), train_idx.tolist())
         batch_size = int(self.train_cfg["batch_size"])
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        order = StepOrder(len(data), batch_size, self.seed, position=lambda: self.trained_samples(batch_size),
-                          rank=rank, world_size=world)
+        order = self.step_order(len(data), batch_size, self.seed, rank=rank, world_size=world)
         return self._loader(data, batch_size=batch_size, sampler=order, drop_last=True)
-
-    def train_batch_size(self) -> int:
-        return int(self.train_cfg.get("batch_size") or 1)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.data_free:
