@@ -29,17 +29,29 @@ Guidance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  #
 METHODS = {"ddim": None, "ddpm": 1.0}  # method -> forced eta (None: the configured eta)
 
 
+def _noise(shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype, device: torch.device | str,
+           repeats: int = 1) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU (the same numbers on every device); `repeats` > 1 draws shape[0] //
+    repeats rows and tiles them, so the r groups of a batch (e.g. one per guidance scale) share their noise."""
+    if shape[0] % repeats:
+        raise ValueError(f"noise_repeats = {repeats} does not divide the batch of {shape[0]}")
+    rows = torch.randn((shape[0] // repeats, *shape[1:]), generator=generator, dtype=dtype, device="cpu")
+    return rows.repeat(repeats, *([1] * (len(shape) - 1))).to(device)
+
+
 def step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, eta: float = 0.0,
-         generator: torch.Generator | None = None) -> torch.Tensor:
-    """One step from timestep t to t_prev (< t; -1 = the clean end)."""
+         generator: torch.Generator | None = None, x0: torch.Tensor | None = None,
+         noise_repeats: int = 1) -> torch.Tensor:
+    """One step from timestep t to t_prev (< t; -1 = the clean end). `x0`: the x0_hat that goes with `eps`, when the
+    caller has it without dividing by sqrt(alpha-bar) (v- or x0-prediction, a clipped x0_hat)."""
     ab_t = float(schedule.alpha_bar(torch.tensor(t)))
     ab_prev = float(schedule.alpha_bar(torch.tensor(t_prev)))
-    x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
+    if x0 is None:
+        x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
     sigma = eta * ((1 - ab_prev) / (1 - ab_t)) ** 0.5 * (1 - ab_t / ab_prev) ** 0.5
     out = ab_prev**0.5 * x0 + max(1 - ab_prev - sigma**2, 0.0) ** 0.5 * eps
     if sigma > 0:
-        noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device="cpu").to(x_t.device)
-        out = out + sigma * noise
+        out = out + sigma * _noise(tuple(x_t.shape), generator, x_t.dtype, x_t.device, noise_repeats)
     return out
 
 
@@ -95,8 +107,13 @@ def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor
            method: str = "ddim", eta: float = 0.0, guidance: Guidance | None = None,
            x_start: torch.Tensor | None = None, noise_start: bool = True,
            generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-           clip_x0: float | None = None, reclip_guided: bool = False) -> torch.Tensor:
+           clip_x0: float | None = None, reclip_guided: bool = False, prediction: str = "eps",
+           noise_repeats: int = 1) -> torch.Tensor:
     """Run the reverse process over `timesteps` (descending, from `schedule.set_timesteps`).
+
+    `eps_model` outputs the `prediction` parameterisation ('eps', 'v' or 'x0'; classifier-free guidance is linear in
+    any of them, so `cfg_eps` combines them alike). `clip_x0` clamps x0_hat to [-c, c] (diffusers' `clip_sample`),
+    in the units the model denoises (normalised latents for HyperLDM, [-1, 1] pixels for images).
 
     `reclip_guided`: clip x0_hat again after guidance. Without it (the original), a guidance gradient at a step
     where alpha-bar is ~0 (t = T - 1, the first step of a `trailing` list) is divided by sqrt(alpha-bar) ~ 3e-5 on its
@@ -104,7 +121,7 @@ def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor
 
     From noise (`x_start=None`, `shape` given), or from a clean sample `x_start` at the list's first timestep:
     noised to that level first (SDEdit, `noise_start=True`) or used as is (the original's init-from-pretrained,
-    §8 B9)."""
+    §8 B9). `noise_repeats` = r: the r consecutive blocks of the batch get the same noise (paired comparisons)."""
     if method not in METHODS:
         raise ValueError(f"sampling method '{method}' is not one of {sorted(METHODS)}")
     eta = METHODS[method] if METHODS[method] is not None else eta
@@ -112,23 +129,67 @@ def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor
     if x_start is None:
         if shape is None:
             raise ValueError("sample() needs a shape or an x_start")
-        x = torch.randn(shape, generator=generator).to(device)
+        x = _noise(tuple(shape), generator, torch.float32, device, noise_repeats)
     else:
         x = x_start.to(device)
         if noise_start:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(device)
+            noise = _noise(tuple(x.shape), generator, x.dtype, device, noise_repeats)
             x = schedule.add_noise(x, noise, torch.full((x.shape[0],), steps[0]))
     for i, t in enumerate(steps):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         with torch.no_grad():
-            eps = eps_model(x, t_batch)
+            out = eps_model(x, t_batch)
+        # eps-prediction keeps x0_hat implicit (step() derives it), as every earlier figure of the project did
+        x0, eps = (None, out) if prediction == "eps" else schedule.split_prediction(x, out, t_batch, prediction)
         if clip_x0 is not None:  # clamp x0_hat to [-c, c], use the eps consistent with it, guide after (spec §4.4)
-            x0 = schedule.predict_x0(x, eps, t_batch).clamp(-clip_x0, clip_x0)
+            x0 = (schedule.predict_x0(x, eps, t_batch) if x0 is None else x0).clamp(-clip_x0, clip_x0)
             eps = schedule.predict_eps(x, x0, t_batch)
         if guidance is not None:
-            eps = guidance(x, t_batch, eps).detach()
+            eps, x0 = guidance(x, t_batch, eps).detach(), None
             if reclip_guided and clip_x0 is not None:
                 x0 = schedule.predict_x0(x, eps, t_batch).clamp(-clip_x0, clip_x0)
                 eps = schedule.predict_eps(x, x0, t_batch)
-        x = step(schedule, x, eps, t, steps[i + 1] if i + 1 < len(steps) else -1, eta, generator)
+        x = step(schedule, x, eps, t, steps[i + 1] if i + 1 < len(steps) else -1, eta, generator,
+                 x0=None if prediction == "eps" else x0, noise_repeats=noise_repeats)
     return x
+
+
+def sample_original(eps_model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], respacing: int = 1,
+                    start_frac: float = 1.0, x_start: torch.Tensor | None = None,
+                    guidance: Guidance | None = None, generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu", noise_repeats: int = 1) -> torch.Tensor:
+    """The original HyperLDM sampler, formula for formula (spec §4.8), kept for `compat=faithful`:
+
+        ab' = ab[::k], ab'_prev = [1, ab'[:-1]], beta' = 1 - ab' / ab'_prev, sigma'^2 = beta' (1 - ab'_prev) / (1 - ab')
+        x  <- (x - (1 - alpha_t) / sqrt(1 - ab'_t) * eps_theta(x, t * k)) / sqrt(alpha_t) + sigma'_t z,   z = 0 at t = 0
+
+    with alpha_t the UN-respaced schedule's alpha at index t (§8 B8: inconsistent for k > 1), from
+    t = floor(len(ab') * t_frac) - 1 down to 0, and a start latent used as is, not noised to its level (§8 B9).
+    With k = 1 it is the textbook DDPM ancestral sampler. eps-prediction only, as the original."""
+    ab = schedule.alphas_cumprod
+    alphas = 1 - schedule.betas
+    ab_k = ab[::respacing]
+    ab_k_prev = torch.cat([ab_k.new_ones(1), ab_k[:-1]])
+    beta_k = 1 - ab_k / ab_k_prev
+    sigma_k = (beta_k * (1 - ab_k_prev) / (1 - ab_k)).sqrt()
+    x = _noise(tuple(shape), generator, torch.float32, device, noise_repeats) if x_start is None else x_start.to(device)
+    for t in range(int(len(ab_k) * start_frac) - 1, -1, -1):
+        t_model = torch.full((x.shape[0],), t * respacing, device=x.device, dtype=torch.long)
+        with torch.no_grad():
+            eps = eps_model(x, t_model)
+        if guidance is not None:
+            eps = guidance(x, t_model, eps).detach()
+        a_t, ab_t = float(alphas[t]), float(ab_k[t])
+        x = (x - (1 - a_t) / (1 - ab_t) ** 0.5 * eps) / a_t**0.5
+        if t > 0:
+            x = x + float(sigma_k[t]) * _noise(tuple(x.shape), generator, x.dtype, x.device, noise_repeats)
+    return x
+
+
+def sample_health(x: torch.Tensor, bound: float = 5.0) -> dict[str, float]:
+    """How far samples in normalised units (the data has per-dimension std ~1) are from the data's range: the mean
+    per-dimension std, the largest |x|, and the share of entries outside +-bound. A diverged sampler shows std in
+    the thousands; a collapsed one std near 0."""
+    x = x.detach().float()
+    return {"std": float(x.std(0).mean()) if x.shape[0] > 1 else float("nan"),
+            "max_abs": float(x.abs().max()), "outside": float((x.abs() > bound).float().mean())}

@@ -16,6 +16,7 @@ import torch
 
 SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt", "quad")
 SPACINGS = ("leading", "trailing", "linspace")
+PREDICTIONS = ("eps", "v", "x0")  # what a denoiser outputs (diffusers' `prediction_type`: epsilon, v_prediction, sample)
 
 
 def make_beta_schedule(name: str, n_timesteps: int, linear_start: float = 1e-4, linear_end: float = 2e-2,
@@ -77,6 +78,35 @@ class NoiseSchedule:
     def predict_eps(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = _expand(self.alpha_bar(t), x_t)
         return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(ab_t) noise - sqrt(1 - ab_t) x_0 (Salimans & Ho's v-prediction target, diffusers' `get_velocity`)."""
+        ab = _expand(self.alpha_bar(t), x0)
+        return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction: str) -> torch.Tensor:
+        """What a denoiser of the given parameterisation is trained to output for x_t = add_noise(x0, noise, t)."""
+        if prediction == "eps":
+            return noise
+        if prediction == "v":
+            return self.velocity(x0, noise, t)
+        if prediction == "x0":
+            return x0
+        raise ValueError(f"prediction '{prediction}' is not one of {PREDICTIONS}")
+
+    def split_prediction(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor,
+                         prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) of a denoiser output. Why both: at the cosine schedule's last steps alpha-bar is ~2e-9,
+        and x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab) multiplies any eps error by ~2e4; a v- or x0-prediction
+        gives x0_hat directly, with no division by sqrt(ab)."""
+        ab = _expand(self.alpha_bar(t), x_t)
+        if prediction == "eps":
+            return self.predict_x0(x_t, out, t), out
+        if prediction == "v":
+            return ab.sqrt() * x_t - (1 - ab).sqrt() * out, (1 - ab).sqrt() * x_t + ab.sqrt() * out
+        if prediction == "x0":
+            return out, self.predict_eps(x_t, out, t)
+        raise ValueError(f"prediction '{prediction}' is not one of {PREDICTIONS}")
 
     def set_timesteps(self, n_steps: int, spacing: str = "trailing", start_frac: float = 1.0) -> torch.Tensor:
         """Descending timesteps of a respaced sampler with `n_steps` steps, optionally starting part-way
