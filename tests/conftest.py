@@ -76,11 +76,13 @@ LATENT_STAGES = ("adaptation", "vae", "hyperclip", "hyperldm")
 
 
 def short_chain(bench: str, tree: dict[str, Path] | None = None) -> list[str]:
-    """Short versions of every upstream stage of the latent stages (1-epoch HNET and multitask, 2 adaptation rows),
+    """Short versions of every upstream stage of the latent stages (1-epoch HNET and multitask, 2 adaptation rows,
+    2-epoch HyperCLIP),
     set at any depth of the chain through `upstream_overrides`."""
     out = [f"+upstream_overrides.hnet_{bench}=['trainer.max_epochs=1','model.n_shot_max=0']",
            f"+upstream_overrides.multitask_{bench}=['trainer.max_epochs=1','model.n_shot_max=0']",
-           f"+upstream_overrides.adaptation_{bench}=['model.rows=2','model.inner.steps=3']"]
+           f"+upstream_overrides.adaptation_{bench}=['model.rows=2','model.inner.steps=3']",
+           f"+upstream_overrides.hyperclip_{bench}=['trainer.max_epochs=2','model.guidance.steps=2']"]
     if bench == "synthvqa":
         return [*out, f"+upstream_overrides.clip_synthvqa={SHORT_CLIP_OVERRIDES}"]
     assert tree is not None

@@ -42,12 +42,21 @@ def test_exact_fraction_of_each_batch_gets_the_null_token(monkeypatch) -> None:
 def test_hyperldm_short_chain_prints_the_guidance_table(cache_root: Path) -> None:
     proc = run_train(["experiment=hyperldm_synthvqa", *short_chain("synthvqa"), "trainer.max_epochs=3",
                       "trainer.check_val_every_n_epoch=3", "model.guidance_scales=[0.0,1.0,4.0]",
-                      "model.sampling.steps=10", "trainer.enable_progress_bar=false"], cache_root)
+                      "model.sampling.steps=10", "model.ensemble.size=2", "model.hyperclip_guidance.scales=[10.0]",
+                      "trainer.enable_progress_bar=false"], cache_root)
     m = parse_summary(proc.stdout)
-    assert "zero-shot accuracy on held-out tasks" in proc.stdout
-    for name in ("multitask", "hnet_init", "cfg0", "cfg1", "cfg4"):
+    assert "zero-shot accuracy on meta-test tasks" in proc.stdout
+    for name in ("multitask", "hnet_init", "oracle", "ridge", "cfg0", "cfg1", "cfg4", "cfg_selected", "ensemble2",
+                 "hyperclip10", "fewshot1"):
         assert 0.1 < m[f"test/{name}"] < 0.9, name
-    assert m["train/diffusion_loss"] < 1.0  # below the loss of predicting zeros (= E|eps|^2 = 1)
+    # the scale chosen on meta-val is one of the scales, and its row is that scale's row
+    assert m["test/selected_scale"] in (0.0, 1.0, 4.0)
+    assert m["test/cfg_selected"] == m[f"test/cfg{m['test/selected_scale']:g}"]
+    assert m["train/diffusion_loss"] < 1.0  # below the loss of predicting zeros (v-target variance = 1)
+    for name in ("cfg0", "cfg1", "cfg4", "ensemble2", "hyperclip10"):  # health of every sampling run, logged
+        assert 0.0 < m[f"test/health/{name}_std"] < 1e3 and 0.0 <= m[f"test/health/{name}_outside"] <= 1.0
+    assert "diag/eps_mse_t900-1000" in m and "diag/cond_effect_t0-100" in m
+    assert "cfg_selected_minus_hnet_init" in proc.stdout and "cfg_selected_minus_cfg0" in proc.stdout
     run_dir = Path(proc.stdout.rsplit("outputs: ", 1)[1].split()[0])
     assert (run_dir / "accuracy_vs_guidance.png").stat().st_size > 1000
 

@@ -406,8 +406,10 @@ def true_statements(
     n: int,
     families: Sequence[QuestionTemplate] = FAMILIES,
     max_tries_per_statement: int = 10,
+    question_prob: float = 0.0,
 ) -> list[str]:
-    """Up to ``n`` distinct true prompt sentences about ``scene`` (fewer only if retries run out)."""
+    """Up to ``n`` distinct true prompt sentences about ``scene`` (fewer only if retries run out); with probability
+    ``question_prob`` a statement is the question followed by its answer ("What color is the circle? red")."""
     out: list[str] = []
     for _ in range(n * max_tries_per_statement):
         if len(out) == n:
@@ -415,6 +417,10 @@ def true_statements(
         obj = scene.objects[int(rng.integers(len(scene.objects)))]
         q = _random_question(obj, rng, families)
         ans = q.answer(scene)
-        if ans is not None and (s := q.prompt.format(ans)) not in out:
+        if ans is None:
+            continue
+        # no rng draw when question_prob = 0: captions of the earlier configurations stay exactly as they were
+        s = f"{q.text} {ans}" if question_prob > 0 and rng.random() < question_prob else q.prompt.format(ans)
+        if s not in out:
             out.append(s)
     return out

@@ -75,6 +75,13 @@ class SceneSpec:
     background_max: float = 0.22
     #: Zipf exponent for colour/shape frequencies (0 = uniform); long tails as in real VQA answers
     attribute_skew: float = 1.0
+    #: Zipf exponent of colour and size GIVEN the shape, over a shape-specific order (0 = independent of the shape,
+    #: the marginal ``attribute_skew`` law). > 0 makes answer priors depend on the question, as in real VQA
+    #: ("What color is the banana?"): a task's prior is then something its question tells and a shared model cannot
+    conditional_skew: float = 0.0
+    #: share of caption statements written as "<question> <answer>" instead of the declarative prompt, so the CLIP
+    #: text tower also reads question forms (the task condition is the question's embedding)
+    question_caption_prob: float = 0.0
     #: Beta(c, c) law of object centres along each axis (1 = uniform, > 1 = photographer's centre bias)
     position_concentration: float = 1.0
     #: minimal centre distance, as a fraction of the two objects' summed radii
@@ -95,6 +102,10 @@ class SceneSpec:
             raise ValueError("size_diameters must have one entry per size")
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError("need 1 <= min_objects <= max_objects")
+        if self.conditional_skew < 0:
+            raise ValueError(f"conditional_skew = {self.conditional_skew}: expected >= 0")
+        if not 0 <= self.question_caption_prob <= 1:
+            raise ValueError(f"question_caption_prob = {self.question_caption_prob}: expected a probability")
 
     def diameter(self, size: str) -> float:
         """Relative diameter of a size name."""
@@ -148,6 +159,12 @@ def zipf_weights(n: int, exponent: float) -> np.ndarray:
     return w / w.sum()
 
 
+def conditional_weights(n: int, shape_index: int, exponent: float) -> np.ndarray:
+    """Zipf weights over n values in an order that starts at value ``shape_index mod n``: each shape favours its
+    own colour (and size), and the favourites differ between shapes."""
+    return np.roll(zipf_weights(n, exponent), shape_index % n)
+
+
 def _fits(x: float, y: float, r: float, placed: list[tuple[float, float, float]], sep: float) -> bool:
     return all(math.hypot(x - px, y - py) >= sep * (r + pr) for px, py, pr in placed)
 
@@ -163,8 +180,16 @@ def sample_scene(rng: np.random.Generator, spec: SceneSpec) -> Scene:
     for _ in range(spec.max_placement_tries):
         n = int(rng.integers(spec.min_objects, spec.max_objects + 1))
         shapes = rng.choice(len(spec.shapes), size=n, p=shape_p)
-        colors = rng.choice(len(spec.colors), size=n, p=color_p)
-        sizes = rng.integers(0, len(spec.sizes), size=n)
+        if spec.conditional_skew > 0:
+            colors = np.array([rng.choice(len(spec.colors), p=conditional_weights(len(spec.colors), int(s),
+                                                                                  spec.conditional_skew))
+                               for s in shapes])
+            sizes = np.array([rng.choice(len(spec.sizes), p=conditional_weights(len(spec.sizes), int(s),
+                                                                                spec.conditional_skew))
+                              for s in shapes])
+        else:
+            colors = rng.choice(len(spec.colors), size=n, p=color_p)
+            sizes = rng.integers(0, len(spec.sizes), size=n)
         objects: list[SceneObject] = []
         placed: list[tuple[float, float, float]] = []
         for sh, co, sz in zip(shapes, colors, sizes, strict=True):
@@ -278,7 +303,7 @@ def caption_scene(
     from metadiff.data.synthvqa.questions import true_statements  # questions builds on this module
 
     n = int(rng.integers(1, max_statements + 1))
-    parts = true_statements(scene, rng, n)
+    parts = true_statements(scene, rng, n, question_prob=spec.question_caption_prob)
     if rng.random() < object_list_prob:
         order = rng.permutation(len(scene.objects))
         parts.append(", ".join(describe_object(scene.objects[i]) for i in order))
