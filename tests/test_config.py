@@ -77,11 +77,13 @@ def test_generator_typo_names_nested_key(tmp_path: Path) -> None:
     generator = OmegaConf.to_container(cfg.data.source.generator)
     generator["n_scene"] = 10
     with pytest.raises(ConfigError, match=r"data\.source\.generator\.n_scene"):
-        SynthVQASource(cache_dir=str(tmp_path), generator=generator)
+        SynthVQASource(cache_dir=str(tmp_path), generator=generator,
+                       meta_val={"fraction": 0.0, "seed": 0})
     generator.pop("n_scene")
     generator["scene"]["colour"] = "red"
     with pytest.raises(ConfigError, match=r"data\.source\.generator\.scene\.colour"):
-        SynthVQASource(cache_dir=str(tmp_path), generator=generator)
+        SynthVQASource(cache_dir=str(tmp_path), generator=generator,
+                       meta_val={"fraction": 0.0, "seed": 0})
 
 
 def test_unimportable_target_is_named(tmp_path: Path) -> None:

@@ -152,14 +152,14 @@ def test_missing_image_is_named(vqa_tree: dict, built: Path, tmp_path: Path) -> 
     shutil.copytree(vqa_tree["coco_dir"], coco)
     gone = coco / "val2014" / "COCO_val2014_000000000103.jpg"
     gone.unlink()
-    source = MetaVQASource(image_dir=str(coco), task_dir=str(built))
+    source = MetaVQASource(image_dir=str(coco), task_dir=str(built), meta_val={"fraction": 0.0, "seed": 0})
     with pytest.raises(MissingInputError, match=r"1 COCO image\(s\) .* missing .*COCO_val2014_000000000103.jpg"):
         source.prepare()
 
 
 def test_source_needs_tasks_or_vqa(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="task_dir .* or vqa_dir"):
-        MetaVQASource(image_dir=str(tmp_path))
+        MetaVQASource(image_dir=str(tmp_path), meta_val={"fraction": 0.0, "seed": 0})
 
 
 # ---- views, n-shot, task batches ------------------------------------------------------------------------------

@@ -49,7 +49,9 @@ def bench_feature_extraction_vqa(data_dir: Path, device: str, arch: str = "ViT-B
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         names = write_coco_like(root, n_images)
-        source = MetaVQASource(image_dir=str(root / "coco"), task_dir=str(root / "tasks"))
+        # one meta-train task, and timing only: no meta-val split
+        source = MetaVQASource(image_dir=str(root / "coco"), task_dir=str(root / "tasks"),
+                               meta_val={"fraction": 0.0, "seed": 0})
         source.prepare()
         dataset = source.image_dataset(names, bundle.image_size, bundle.mean, bundle.std)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)

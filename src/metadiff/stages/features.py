@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
-from metadiff.data.sources import TaskSource, task_prompts
+from metadiff.data.sources import META_SPLITS, TaskSource, task_prompts
 from metadiff.eval.baselines import baseline_report
 from metadiff.features.clip_models import create_clip, image_preprocessing
 from metadiff.features.store import FeatureStore, FeatureStoreBuilder, build_index, check_existing
@@ -45,8 +45,9 @@ class TextDataset(Dataset):
 
 
 def store_contents(source: TaskSource) -> tuple[list[str], list[str], dict[str, list[str]]]:
-    """What a store holds for a benchmark: all images, every task question, every task's answer prompts."""
-    tasks = source.tasks("meta_train") + source.tasks("meta_test")
+    """What a store holds for a benchmark: all images, every task question, every task's answer prompts (the tasks of
+    every split, meta-val included: the same contents whatever the meta-val split)."""
+    tasks = [task for split in META_SPLITS for task in source.tasks(split)]
     questions = [t.question for t in tasks]
     return source.image_names(), questions, {t.question: task_prompts(source, t) for t in tasks}
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from metadiff.config import ConfigError
 from metadiff.config.paths import CONF_DIR
 from metadiff.data.meta_vqa.build import MetaVQARules, VQAFiles, build_meta_vqa
 from metadiff.data.meta_vqa.tasks import load_task_file, task_statistics
-from metadiff.data.sources import META_SPLITS, dataclass_from_config
+from metadiff.data.sources import TASK_FILE_SPLITS, MetaValSplit, dataclass_from_config
 from metadiff.errors import UserError
 from metadiff.utils.io import atomic_dir
 
@@ -33,10 +34,20 @@ def configured_rules() -> tuple[MetaVQARules, VQAFiles]:
 def print_stats(task_dir: Path) -> None:
     keys = ("tasks", "answers_median", "answers_mean", "examples_median", "examples_mean", "examples_total",
             "distinct_images", "majority_test_accuracy", "chance_accuracy")
-    stats = {split: task_statistics(load_task_file(task_dir / f"{split}.json")) for split in META_SPLITS}
+    files = {split: load_task_file(task_dir / f"{split}.json") for split in TASK_FILE_SPLITS}
+    stats = {split: task_statistics(tasks) for split, tasks in files.items()}
     print(f"{'':24s} {'meta_train':>12s} {'meta_test':>12s}")
     for key in keys:
         print(f"{key:24s} {stats['meta_train'][key]:12.3f} {stats['meta_test'][key]:12.3f}")
+    # the split the runs make of these files (conf/data/meta_vqa.yaml source.meta_val)
+    meta_val = MetaValSplit.from_config(OmegaConf.load(CONF_DIR / "data" / "meta_vqa.yaml").source.meta_val)
+    try:
+        train, val = meta_val.carve(files["meta_train"])
+    except ConfigError as err:  # too few meta-train tasks for a meta-val split: the statistics above still hold
+        print(f"meta-val: {err}")
+        return
+    print(f"meta-val (conf/data/meta_vqa.yaml source.meta_val {meta_val.describe()}): {len(val)} of the "
+          f"{len(files['meta_train'])} meta-train tasks, leaving {len(train)} for meta-training")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,8 @@ Two ways to get the tasks (conf/data/meta_vqa.yaml):
 - `task_dir`: a folder with the authors' `meta_train.json` / `meta_test.json` (the exact published split);
 - `vqa_dir` (with `task_dir: null`): the official VQA v2 files; the tasks are built once with the paper's rules
   into `build_dir/meta-vqa-<fingerprint>/` and reused.
+Either way `meta_val` ({fraction, seed}) holds a share of the meta-train tasks out as meta-validation when the files
+are read (`metadiff.data.sources.MetaValSplit`); the files stay as published or built.
 Images are read from `image_dir` (`<image_dir>/train2014/COCO_train2014_000000000009.jpg`, the COCO layout); every
 image a task names is checked before any work starts.
 """
@@ -22,7 +24,7 @@ from torchvision import transforms
 
 from metadiff.config import ConfigError
 from metadiff.data.meta_vqa.build import TASK_FILES, MetaVQARules, VQAFiles, build_meta_vqa
-from metadiff.data.sources import META_SPLITS, TaskFileSource, dataclass_from_config
+from metadiff.data.sources import META_SPLITS, MetaValSplit, TaskFileSource, dataclass_from_config
 from metadiff.errors import InputFileError, MissingInputError
 from metadiff.utils.hashing import file_sha256, fingerprint, to_plain
 from metadiff.utils.io import atomic_dir
@@ -65,8 +67,9 @@ class MetaVQASource(TaskFileSource):
 
     name = "meta_vqa"
 
-    def __init__(self, image_dir: str, task_dir: str | None = None, vqa_dir: str | None = None,
-                 build_dir: str | None = None, prompts: str | None = None, rules: Mapping[str, Any] | None = None,
+    def __init__(self, image_dir: str, meta_val: Mapping[str, Any], task_dir: str | None = None,
+                 vqa_dir: str | None = None, build_dir: str | None = None, prompts: str | None = None,
+                 rules: Mapping[str, Any] | None = None,
                  vqa_files: Mapping[str, Any] | None = None, image_file: str = "{split}/{name}.jpg",
                  resize: str = "squash", check_images: bool = True):
         if task_dir is None and vqa_dir is None:
@@ -82,6 +85,7 @@ class MetaVQASource(TaskFileSource):
         if resize not in RESIZE_MODES:
             raise ConfigError(f"data.source.resize = '{resize}' is not one of {RESIZE_MODES}")
         self.image_file, self.resize, self.check_images = image_file, resize, check_images
+        self.meta_val = MetaValSplit.from_config(meta_val)
         self._root: Path | None = None
 
     # -- task files -------------------------------------------------------------------------------------------
@@ -123,10 +127,13 @@ class MetaVQASource(TaskFileSource):
         return self.prompts_path
 
     def fingerprint(self) -> str:
+        """Task files, prompts, images and the meta-val split (recorded only when there is one, so fraction 0 keeps
+        the fingerprint of the published split from before meta-val existed)."""
         files = [self.root / name for name in TASK_FILES[:2]] + ([self.prompts_path] if self.prompts_path else [])
         return fingerprint({
             "tasks": [(p.name, file_sha256(p)) for p in files],
             "image_dir": str(self.image_dir.resolve()), "image_file": self.image_file, "resize": self.resize,
+            **({"meta_val": self.meta_val.describe()} if self.meta_val.enabled else {}),
         })
 
     # -- images -----------------------------------------------------------------------------------------------

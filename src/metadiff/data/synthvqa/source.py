@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from metadiff.data.sources import TaskFileSource, dataclass_from_config, normalize_images
+from metadiff.data.sources import MetaValSplit, TaskFileSource, dataclass_from_config, normalize_images
 from metadiff.data.synthvqa.build import SynthVQAConfig, load_or_build_synthvqa
 from metadiff.data.synthvqa.build import fingerprint as config_fingerprint
 from metadiff.data.synthvqa.scenes import SceneSpec, caption_scene, render_scene, sample_scene
@@ -65,13 +65,20 @@ class SynthVQASource(TaskFileSource):
 
     name = "synthvqa"
 
-    def __init__(self, cache_dir: str, generator: dict[str, Any]):
+    def __init__(self, cache_dir: str, generator: dict[str, Any], meta_val: dict[str, Any]):
+        """`meta_val`: {fraction, seed} of the meta-train tasks held out for validation (`MetaValSplit`)."""
         self.cache_dir = Path(cache_dir)
         self.config = generator_config(generator)
+        self.meta_val = MetaValSplit.from_config(meta_val)
         self._root: Path | None = None
 
     def fingerprint(self) -> str:
-        return config_fingerprint(self.config)
+        """The generated data and the meta-val split (fraction 0 keeps the fingerprint the benchmark had before
+        meta-val existed: the same tasks in the same splits)."""
+        data = config_fingerprint(self.config)
+        if self.meta_val.enabled:
+            data = f"{data}-metaval{self.meta_val.fraction:g}s{self.meta_val.seed}"
+        return data
 
     def prepare(self) -> None:
         self._root = load_or_build_synthvqa(self.config, self.cache_dir)
