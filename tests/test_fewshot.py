@@ -57,7 +57,8 @@ def rotated_answer_store(root: Path, n_tasks: int = 48, seed: int = 0) -> _Tasks
     builder.write("question", np.arange(len(questions)), rng.normal(size=(len(questions), E)).astype(np.float32))
     builder.write("answer", np.arange(4 * n_tasks), np.concatenate(answer_rows).astype(np.float32))
     builder.commit("fp", {}, {})
-    return _Tasks({"meta_train": tasks[: n_tasks * 3 // 4], "meta_test": tasks[n_tasks * 3 // 4:]})
+    # no meta-val split (validation falls back to meta-test, as with data.source.meta_val.fraction = 0)
+    return _Tasks({"meta_train": tasks[: n_tasks * 3 // 4], "meta_val": [], "meta_test": tasks[n_tasks * 3 // 4:]})
 
 
 def _fit(tmp_path: Path, mode: str, train_steps: int) -> dict[str, float]:

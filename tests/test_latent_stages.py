@@ -75,9 +75,10 @@ def _task(i: int, size: int) -> Task:
 
 def test_chunks_cover_every_task_of_every_row_once_and_group_by_size() -> None:
     tasks = {"meta_train": [_task(i, s) for i, s in enumerate([50, 3, 700, 9, 40])],
+             "meta_val": [_task(i, s) for i, s in enumerate([30, 5])],
              "meta_test": [_task(i, s) for i, s in enumerate([8, 80, 2])]}
     chunks = plan_chunks(tasks, rows=3, chunk_tasks=2)
-    for kind, n_rows, n in (("train", 3, 5), ("meta_train", 1, 5), ("meta_test", 1, 3)):
+    for kind, n_rows, n in (("train", 3, 5), ("meta_train", 1, 5), ("meta_val", 1, 2), ("meta_test", 1, 3)):
         for row in range(n_rows):
             got = sorted(i for c in chunks if c.kind == kind and c.row == row for i in c.tasks)
             assert got == list(range(n)), (kind, row)
@@ -148,7 +149,8 @@ def test_adaptation_killed_half_way_resumes_to_the_same_dataset(cache_root: Path
     assert not list((cache_root / "outputs" / "artifacts" / "adaptation").glob("adapt_resume-*"))
 
     resumed = run_train(args, cache_root)
-    assert "9 of 24 chunks already done" in resumed.stdout + resumed.stderr
+    # 783 meta-train tasks in 7 chunks of 128 (x 2 rows + 1 evaluation), 87 meta-val in 1, 373 meta-test in 3
+    assert "9 of 25 chunks already done" in resumed.stdout + resumed.stderr
     metrics = parse_summary(resumed.stdout)
     # the fine-tuned latents must beat the HNET init on held-out tasks: adaptation does something
     assert metrics["adaptation/meta_test_finetuned_acc"] > metrics["adaptation/meta_test_init_acc"]
@@ -158,7 +160,7 @@ def test_adaptation_killed_half_way_resumes_to_the_same_dataset(cache_root: Path
     shutil.rmtree(_artifact(cache_root, "adaptation", "adapt_resume"))
     run_train(args, cache_root)
     fresh = torch.load(_artifact(cache_root, "adaptation", "adapt_resume") / "adaptation.pt", weights_only=True)
-    assert resumed_data["train_latents"].shape == (2, 870, 128)
+    assert resumed_data["train_latents"].shape == (2, 783, 128)  # meta-train without the 87 meta-val tasks
     assert resumed_data["tasks"] == fresh["tasks"]
     for key in ("train_latents", "train_questions", "init_latent", "latent_mean", "latent_std"):
         torch.testing.assert_close(resumed_data[key], fresh[key], rtol=0, atol=0)

@@ -3,7 +3,8 @@ VAE, HyperCLIP and HyperLDM stages.
 
 Artifact file `adaptation.pt` (a dict of CPU tensors and lists, loadable with `weights_only=True`):
 - `train_latents` [E, N, d]: E repetitions ("rows") of every meta-train task, each fine-tuned on a fresh random view;
-- `eval_latents` {split: [N_split, d]}: one fine-tune per task on its `train` split (the evaluation protocol);
+- `eval_latents` {split: [N_split, d]} for meta_train, meta_val, meta_test: one fine-tune per task on its `train`
+  split (the evaluation protocol; meta_val holds the meta-test latents when there is no meta-val split);
 - `train_questions` [N, e]: each meta-train task's question embedding (the conditioning signal);
 - `tasks` {split: [question, ...]}: task identity, in the task-file order the rows use;
 - `init_latent` [d], `latent_mean` [d], `latent_std` [d] (over all rows, clipped below: the normalisation of §4.7).
@@ -22,9 +23,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from metadiff.artifacts import Artifact, ArtifactMismatchError
 from metadiff.config import ConfigError
-from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS, MetaTaskDataModule
+from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.samplers import EpochOrder
+from metadiff.data.sources import META_SPLITS
 
 ADAPTATION_FILE = "adaptation.pt"
 
@@ -108,7 +110,7 @@ class AdaptationDataModule(MetaTaskDataModule):
         super().setup(stage)
         if not hasattr(self, "adaptation"):  # fit then test: read and check the dataset once
             self.adaptation = AdaptationData.load(self.adaptation_artifact)
-            self.adaptation.check_tasks({s: self.tasks[s] for s in EVAL_SPLITS}, self.adaptation_artifact.path)
+            self.adaptation.check_tasks({s: self.tasks[s] for s in META_SPLITS}, self.adaptation_artifact.path)
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0

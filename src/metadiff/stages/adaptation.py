@@ -1,8 +1,9 @@
 """Stage `adaptation`: the dataset of fine-tuned task latents (spec §4.4, "StoreFewShotLatent").
 
 From the HNET's meta-learned init (or a VAE's encoding of it), every meta-train task's latent is fine-tuned K SGD
-steps on a random view of the task, `rows` times with fresh views; every meta-train and meta-test task is also
-fine-tuned once on its `train` split (the evaluation latents). Batches of tasks are adapted at once by the few-shot
+steps on a random view of the task, `rows` times with fresh views; every meta-train, meta-val and meta-test task is
+also fine-tuned once on its `train` split (the evaluation latents: validation of the downstream stages reads
+meta-val's, their test meta-test's). Batches of tasks are adapted at once by the few-shot
 stage's inner loop.
 
 Runs as Lightning's predict loop over *chunks* (a kind, a row and a slice of tasks). Each chunk is a pure function
@@ -30,8 +31,9 @@ from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.adaptation import ADAPTATION_FILE, AdaptationData, task_list_hash
 from metadiff.data.meta_vqa.batches import TaskBatch, TaskEpisodes, collate_tasks
-from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS, MetaTaskDataModule
+from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
 from metadiff.data.meta_vqa.tasks import Task
+from metadiff.data.sources import META_SPLITS
 from metadiff.eval.stats import mean_ci95
 from metadiff.meta.inner_loop import InnerLoop
 from metadiff.meta.latent import LatentLearner, hnet_latent_learner
@@ -60,7 +62,7 @@ def plan_chunks(tasks: dict[str, list[Task]], rows: int, chunk_tasks: int) -> li
     tasks of similar size (sorted by example count), so padding to the largest task of a chunk wastes little: tasks
     range from 21 to 1,776 examples, and a random chunk would pad most of them many times over."""
     out = []
-    for kind, n_rows in [*((split, 1) for split in EVAL_SPLITS), (TRAIN, rows)]:
+    for kind, n_rows in [*((split, 1) for split in META_SPLITS), (TRAIN, rows)]:
         split_tasks = tasks["meta_train" if kind == TRAIN else kind]
         order = sorted(range(len(split_tasks)), key=lambda i: (len(split_tasks[i].train) + len(split_tasks[i].test), i))
         groups = [tuple(order[s:s + chunk_tasks]) for s in range(0, len(order), chunk_tasks)]
@@ -95,7 +97,7 @@ class AdaptationChunkDataModule(MetaTaskDataModule):
     def predict_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module
         episodes = {TRAIN: self.episodes("meta_train", *self.train_views, support_shots=self.support_shots)}
-        episodes |= {split: self.episodes(split) for split in EVAL_SPLITS}
+        episodes |= {split: self.episodes(split) for split in META_SPLITS}
         dataset = ChunkDataset(module.pending_chunks(), episodes)
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
                           persistent_workers=False)
@@ -132,7 +134,7 @@ class AdaptationModule(pl.LightningModule):
     # -- work plan ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
-        self.tasks = {split: data.tasks[split] for split in EVAL_SPLITS}
+        self.tasks = {split: data.tasks[split] for split in META_SPLITS}
         self.chunks = plan_chunks(self.tasks, self.rows, self.chunk_tasks)
         if self.trainer.is_global_zero:
             self._open_work_dir()
@@ -187,8 +189,8 @@ class AdaptationModule(pl.LightningModule):
         n = {s: len(t) for s, t in self.tasks.items()}
         d = self.base.latent_dim
         train = torch.zeros(self.rows, n["meta_train"], d)
-        evals = {s: torch.zeros(n[s], d) for s in EVAL_SPLITS}
-        accs: dict[str, dict[str, list[torch.Tensor]]] = {s: {"start": [], "end": []} for s in EVAL_SPLITS}
+        evals = {s: torch.zeros(n[s], d) for s in META_SPLITS}
+        accs: dict[str, dict[str, list[torch.Tensor]]] = {s: {"start": [], "end": []} for s in META_SPLITS}
         for chunk in self.chunks:
             rec = torch.load(self.work_dir / f"{chunk.name}.pt", weights_only=True)
             if chunk.kind == TRAIN:
@@ -206,7 +208,7 @@ class AdaptationModule(pl.LightningModule):
             latent_std=flat.std(0).clamp_min(self.std_min),
         )
         metrics = {}
-        for split in EVAL_SPLITS:
+        for split in META_SPLITS:
             for kind, label in (("start", "init"), ("end", "finetuned")):
                 mean, ci = mean_ci95(torch.cat(accs[split][kind]))
                 metrics[f"adaptation/{split}_{label}_acc"], metrics[f"adaptation/{split}_{label}_acc_ci95"] = mean, ci

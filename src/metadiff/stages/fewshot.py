@@ -9,6 +9,7 @@ and DDP (each rank's mean query loss over its tasks; DDP averages the meta-gradi
 Evaluation (support = `train` split, query = `test` split): zero-shot accuracy (the meta-learned init, no
 adaptation), few-shot accuracy after `eval_steps` inner steps, the CLIP zero-shot baseline (identity adapter) on the
 same tasks, and n-shot trials n = 1..N over reruns with their own n-shot seeds, each as mean +- 95% CI over tasks.
+Validation logs `val/meta_train_*` (fit) and `val/meta_val_*` (what selection reads); only the test reads meta-test.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class FewShotModule(pl.LightningModule):
         self.learner = FewShotLearner(embed_dim=embed_dim or store_embed_dim(upstream), **learner)
         self.summary_metrics: dict[str, float] = {}
         self.eval_acc = torch.nn.ModuleDict({
-            f"{split}_{kind}": CatMetric() for split in EVAL_SPLITS for kind in ("zeroshot", "fewshot", "clip")
+            f"{split}_{kind}": CatMetric() for split in (*EVAL_SPLITS, "meta_test")
+            for kind in ("zeroshot", "fewshot", "clip")
         })
 
     # -- model ----------------------------------------------------------------------------------------------------

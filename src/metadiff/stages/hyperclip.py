@@ -5,8 +5,9 @@ Training pairs come from the adaptation dataset: one row per epoch, each task la
 (`input`): the flat adapter weights the HNET decodes (`weights`, the spec's choice), the latent itself (`latent`,
 the cheaper encoding §8 B16 suggests), or the VAE reconstruction of the weights (`vae`, the spec's `train_on_vae`).
 
-Evaluation on held-out tasks: each task's fine-tuned weights must retrieve its own question among all the split's
-questions (top-1 / top-5, chance 1/N) and in the original's 1-of-10 test (chance 0.1), plus the contrastive loss.
+Evaluation on held-out tasks (meta-val at validation, meta-test at test): each task's fine-tuned weights must
+retrieve its own question among all the split's questions (top-1 / top-5, chance 1/N) and in the original's 1-of-10
+test (chance 0.1), plus the contrastive loss.
 At test time, HyperCLIP guidance optimises each meta-test task's latent from the HNET init towards its question
 (Adam on -cos, no labels: zero-shot) and reports the accuracy of the guided weights next to the init's.
 """
@@ -54,7 +55,7 @@ class HyperCLIPModule(pl.LightningModule):
         self.encoder = HyperCLIPEncoder(in_dim, embed_dim or self.base.shape.embed_dim, **encoder)
         self.input, self.normalize, self.loss_reduction = input, normalize, loss_reduction
         self.optimizer_factory, self.retrieval, self.guidance = optimizer, dict(retrieval), dict(guidance)
-        self.values = PerTaskValues([f"{s}/{v}" for s in EVAL_SPLITS for v in ("emb", "question")]
+        self.values = PerTaskValues([f"{s}/{v}" for s in (*EVAL_SPLITS, "meta_test") for v in ("emb", "question")]
                                     + ["guided_acc", "init_acc", "guided_minus_init"])
         self.summary_metrics: dict[str, float] = {}
 

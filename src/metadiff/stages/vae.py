@@ -79,7 +79,7 @@ class VAEModule(pl.LightningModule):
         self.base, self.input = adaptation_base(upstream), input
         self.vae = WeightVAE(self.base.shape.n_params if input == "weights" else self.base.latent_dim, **vae)
         self.kld_weight, self.normalize, self.optimizer_factory = kld_weight, normalize, optimizer
-        self.values = PerTaskValues([f"{s}/{v}" for s in EVAL_SPLITS for v in EVAL_VALUES])
+        self.values = PerTaskValues([f"{s}/{v}" for s in (*EVAL_SPLITS, "meta_test") for v in EVAL_VALUES])
         self.summary_metrics: dict[str, float] = {}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -2,11 +2,16 @@
 
 Views follow the spec (§2.5): meta-training uses support = `test` split, query = `train` split; every evaluation
 uses support = `train`, query = `test`. The feature store comes from the upstream `features` stage (or a path).
+
+Validation loaders are [meta_train (how well it fits), meta_val (what selection may read)]; only the test loader
+reads meta_test. A source without meta-val (`data.source.meta_val.fraction: 0`, the authors' split) validates on
+meta-test as the original did (spec §8 B24): `tasks["meta_val"]` is then the meta-test tasks, with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,10 +21,25 @@ from torch.utils.data import DataLoader, DistributedSampler
 from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.meta_vqa.batches import TaskEpisodes, collate_tasks
-from metadiff.data.sources import TaskSource
+from metadiff.data.meta_vqa.tasks import Task
+from metadiff.data.sources import META_SPLITS, TaskSource
 from metadiff.features.store import FeatureStore
 
-EVAL_SPLITS = ("meta_train", "meta_test")  # val dataloader order: how well it fits, how well it generalises
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("meta_train", "meta_val")  # val dataloader order: how well it fits, how well it generalises
+
+
+def split_tasks(source: TaskSource) -> dict[str, list[Task]]:
+    """The tasks of every split as the stages see them: `meta_val` falls back to the meta-test tasks when the source
+    has no meta-val split (fraction 0), the original's protocol, chosen in the config and said in the log."""
+    tasks = {split: source.tasks(split) for split in META_SPLITS}
+    if not tasks["meta_val"]:
+        log.warning("data.source.meta_val.fraction = 0: no meta-val split, validation reads the %d META-TEST tasks "
+                    "(the original's protocol): val/* metrics and anything selected on them have seen meta-test",
+                    len(tasks["meta_test"]))
+        tasks["meta_val"] = tasks["meta_test"]
+    return tasks
 
 
 def upstream_store_dir(upstream: dict[str, Artifact]) -> str:
@@ -46,7 +66,7 @@ class MetaTaskDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.store = FeatureStore(self.store_dir)
-        self.tasks = {split: self.source.tasks(split) for split in EVAL_SPLITS}
+        self.tasks = split_tasks(self.source)
         self.embed_dim = self.store.dim
 
     def episodes(self, split: str, support_view: str = "train", query_view: str = "test",
