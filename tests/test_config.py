@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from conftest import EXPERIMENTS, compose_config, run_train
+from conftest import CONF_DIR, EXPERIMENTS, compose_config, run_train
 from metadiff.config import ConfigError, validate_config
 
 
@@ -99,3 +100,29 @@ def test_config_error_from_cli_is_one_clear_line(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "unknown config key 'model.learning_rat'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------- selection reads validation, never test (spec §8 B24)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_optimises_a_validation_metric(experiment: str, tmp_path: Path) -> None:
+    """What a sweep ranks runs by is a `val/*` metric (meta-val tasks, or held-out images of the training classes);
+    only a stage that does not train may leave it null (it has nothing to select)."""
+    cfg = compose_config([f"experiment={experiment}"], tmp_path, tmp_path / "out")
+    metric = cfg.optimized_metric
+    if metric is None:
+        assert not cfg.train, f"{experiment} trains but names no optimized_metric"
+    else:
+        assert metric.startswith("val/"), f"{experiment}: optimized_metric = {metric}"
+
+
+def test_every_sweep_optimises_a_validation_metric(tmp_path: Path) -> None:
+    """Each hparams_search config, composed with the experiment its usage line names, optimises a `val/*` metric."""
+    sweeps = sorted((CONF_DIR / "hparams_search").glob("*.yaml"))
+    assert sweeps
+    for path in sweeps:
+        usage = re.search(r"python train\.py -m experiment=(\S+) hparams_search=" + path.stem, path.read_text())
+        assert usage, f"{path}: no usage line 'python train.py -m experiment=... hparams_search={path.stem}'"
+        cfg = compose_config([f"experiment={usage[1]}", f"hparams_search={path.stem}"], tmp_path, tmp_path / "out")
+        assert str(cfg.optimized_metric).startswith("val/"), f"{path.stem}: optimized_metric = {cfg.optimized_metric}"
