@@ -78,12 +78,12 @@ def test_generator_typo_names_nested_key(tmp_path: Path) -> None:
     generator = OmegaConf.to_container(cfg.data.source.generator)
     generator["n_scene"] = 10
     with pytest.raises(ConfigError, match=r"data\.source\.generator\.n_scene"):
-        SynthVQASource(cache_dir=str(tmp_path), generator=generator,
+        SynthVQASource(cache_dir=str(tmp_path), generator=generator, answer_prompt=None,
                        meta_val={"fraction": 0.0, "seed": 0})
     generator.pop("n_scene")
     generator["scene"]["colour"] = "red"
     with pytest.raises(ConfigError, match=r"data\.source\.generator\.scene\.colour"):
-        SynthVQASource(cache_dir=str(tmp_path), generator=generator,
+        SynthVQASource(cache_dir=str(tmp_path), generator=generator, answer_prompt=None,
                        meta_val={"fraction": 0.0, "seed": 0})
 
 

@@ -300,3 +300,55 @@ def test_build_is_atomic_on_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(RuntimeError):
         B.build_synthvqa(SMALL, tmp_path / "ds")
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ question-dependent priors, prompts
+
+
+def _colour_given_shape(spec: SceneSpec, n_scenes: int = 600) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    counts = np.zeros((len(spec.shapes), len(spec.colors)))
+    for _ in range(n_scenes):
+        for obj in sample_scene(rng, spec).objects:
+            counts[spec.shapes.index(obj.shape), spec.colors.index(obj.color)] += 1
+    return counts / counts.sum(1, keepdims=True)
+
+
+def test_conditional_skew_makes_each_shape_favour_its_own_colour() -> None:
+    """With conditional_skew, P(colour | shape) peaks at a shape-specific colour (the favourites differ), so the
+    answer prior of "What color is the <shape>?" depends on the question; with 0 every shape has the same law."""
+    dependent = _colour_given_shape(SceneSpec(conditional_skew=1.5))
+    favourites = dependent.argmax(1)
+    assert list(favourites) == list(range(len(favourites)))  # shape i favours colour i
+    assert dependent.max(1).min() > 0.4  # Zipf(1.5) over 8 colours: 0.52 expected
+    independent = _colour_given_shape(SceneSpec(conditional_skew=0.0))
+    assert np.abs(independent - independent.mean(0)).max() < 0.08
+    assert len(set(independent.argmax(1))) == 1
+
+
+def test_question_captions_are_question_then_true_answer() -> None:
+    spec = SceneSpec(question_caption_prob=1.0)
+    by_text = {q.text: q for q in enumerate_questions(spec)}
+    rng = np.random.default_rng(2)
+    seen = 0
+    for _ in range(20):
+        scene = sample_scene(rng, spec)
+        for statement in true_statements(scene, rng, 3, question_prob=1.0):
+            question, answer = statement.split("? ", 1)
+            assert by_text[question + "?"].answer(scene) == answer
+            seen += 1
+    assert seen >= 20
+
+
+def test_generic_answer_prompt_replaces_every_template(tmp_path: Path) -> None:
+    from metadiff.data.synthvqa.source import SynthVQASource
+
+    declarative = SynthVQASource(cache_dir=str(tmp_path), generator={}, answer_prompt=None,
+                                 meta_val={"fraction": 0.0, "seed": 0})
+    generic = SynthVQASource(cache_dir=str(tmp_path), generator={}, answer_prompt="{}",
+                             meta_val={"fraction": 0.0, "seed": 0})
+    assert generic.prompt_template("What color is the circle?") == "{}"
+    assert generic.fingerprint() != declarative.fingerprint()  # the feature store must not be shared
+    with pytest.raises(ValueError, match="answer_prompt = 'a photo'"):
+        SynthVQASource(cache_dir=str(tmp_path), generator={}, answer_prompt="a photo",
+                       meta_val={"fraction": 0.0, "seed": 0})

@@ -46,7 +46,7 @@ def pipeline_images_per_s(source: TaskSource, arch: str, checkpoint: Path, store
 
 
 def bench_feature_extraction(data_dir: Path, device: str, batch_size: int = 512, repeats: int = 2) -> dict:
-    source = SynthVQASource(cache_dir=str(Path(data_dir) / "synthvqa"), generator={},
+    source = SynthVQASource(cache_dir=str(Path(data_dir) / "synthvqa"), generator={}, answer_prompt=None,
                             meta_val={"fraction": 0.0, "seed": 0})  # timing only: the split is irrelevant
     source.prepare()
     bundle = create_clip(ARCH)

@@ -191,5 +191,7 @@ def sample_health(x: torch.Tensor, bound: float = 5.0) -> dict[str, float]:
     per-dimension std, the largest |x|, and the share of entries outside +-bound. A diverged sampler shows std in
     the thousands; a collapsed one std near 0."""
     x = x.detach().float()
-    return {"std": float(x.std(0).mean()) if x.shape[0] > 1 else float("nan"),
-            "max_abs": float(x.abs().max()), "outside": float((x.abs() > bound).float().mean())}
+    out = {"max_abs": float(x.abs().max()), "outside": float((x.abs() > bound).float().mean())}
+    if x.shape[0] > 1:  # a spread needs two samples (a one-task split has none to report)
+        out["std"] = float(x.std(0).mean())
+    return out

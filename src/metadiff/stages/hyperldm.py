@@ -315,10 +315,11 @@ class HyperLDMModule(pl.LightningModule):
             h = sample_health(x, float(self.health["bound"]))
             variant = name.split("/", 1)[1]
             out |= {f"{split}/health/{variant}_{key}": value for key, value in h.items()}
-            if not lo <= h["std"] <= hi or h["outside"] > float(self.health["max_outside"]):
+            std = h.get("std", 1.0)  # no spread from one sample: judged by its range alone
+            if not lo <= std <= hi or h["outside"] > float(self.health["max_outside"]):
                 log.warning("SAMPLER HEALTH %s/%s: per-dimension std %.3g (data: 1, expected in [%g, %g]), "
                             "%.1f%% of entries outside +-%g, max |x| %.3g: the samples left the data's range",
-                            split, variant, h["std"], lo, hi, 100 * h["outside"], self.health["bound"], h["max_abs"])
+                            split, variant, std, lo, hi, 100 * h["outside"], self.health["bound"], h["max_abs"])
         return out
 
     def _selected_scale(self) -> float | None:

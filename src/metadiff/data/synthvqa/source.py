@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -16,6 +17,11 @@ from metadiff.data.sources import MetaValSplit, TaskFileSource, dataclass_from_c
 from metadiff.data.synthvqa.build import SynthVQAConfig, load_or_build_synthvqa
 from metadiff.data.synthvqa.build import fingerprint as config_fingerprint
 from metadiff.data.synthvqa.scenes import SceneSpec, caption_scene, render_scene, sample_scene
+
+
+def hash_text(text: str) -> int:
+    """A stable (not per-process salted) short hash of a string, for fingerprints."""
+    return zlib.crc32(text.encode())
 
 
 def generator_config(generator: Mapping[str, Any]) -> SynthVQAConfig:
@@ -65,20 +71,32 @@ class SynthVQASource(TaskFileSource):
 
     name = "synthvqa"
 
-    def __init__(self, cache_dir: str, generator: dict[str, Any], meta_val: dict[str, Any]):
-        """`meta_val`: {fraction, seed} of the meta-train tasks held out for validation (`MetaValSplit`)."""
+    def __init__(self, cache_dir: str, generator: dict[str, Any], answer_prompt: str | None,
+                 meta_val: dict[str, Any]):
+        """`answer_prompt`: null = each question's declarative template ("the circle is {}", as Meta-VQA's
+        prompt_meta.json); a string with one '{}' = that prompt for every question, so that the answer texts of two
+        questions with the same answers are the same and only the task's condition (its question) tells them apart.
+        `meta_val`: {fraction, seed} of the meta-train tasks held out for validation (`MetaValSplit`)."""
+        if answer_prompt is not None and answer_prompt.count("{}") != 1:
+            raise ValueError(f"data.source.answer_prompt = {answer_prompt!r}: expected null or one '{{}}'")
         self.cache_dir = Path(cache_dir)
         self.config = generator_config(generator)
+        self.answer_prompt = answer_prompt
         self.meta_val = MetaValSplit.from_config(meta_val)
         self._root: Path | None = None
 
     def fingerprint(self) -> str:
-        """The generated data and the meta-val split (fraction 0 keeps the fingerprint the benchmark had before
-        meta-val existed: the same tasks in the same splits)."""
+        """The generated data, the answer prompt and the meta-val split (fraction 0 keeps the fingerprint the
+        benchmark had before meta-val existed: the same tasks in the same splits)."""
         data = config_fingerprint(self.config)
+        if self.answer_prompt is not None:
+            data = f"{data}-prompt{hash_text(self.answer_prompt):08x}"
         if self.meta_val.enabled:
             data = f"{data}-metaval{self.meta_val.fraction:g}s{self.meta_val.seed}"
         return data
+
+    def prompt_template(self, question: str) -> str | None:
+        return super().prompt_template(question) if self.answer_prompt is None else self.answer_prompt
 
     def prepare(self) -> None:
         self._root = load_or_build_synthvqa(self.config, self.cache_dir)
