@@ -26,6 +26,7 @@ def test_exact_fraction_of_each_batch_gets_the_null_token(monkeypatch) -> None:
     module = HyperLDMModule.__new__(HyperLDMModule)  # only what training_step needs
     torch.nn.Module.__init__(module)
     module.denoiser, module.uncond_rate, module.train_seed, module._trainer = Probe(), 0.2, 0, None
+    module.prediction = "eps"
     from metadiff.diffusion.schedule import NoiseSchedule
 
     module.schedule = NoiseSchedule.make("cosine", 100)

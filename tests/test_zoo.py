@@ -15,7 +15,8 @@ from metadiff.diffusion.zoo import load_zoo
 
 ZOO = ["zoo.n_models=2", "zoo.classes_per_model=3"]
 MEMBER = ["trainer.max_steps=40", "callbacks.ema.update_starting_at_step=0", "model.grid.n=8", "model.grid.steps=3",
-          "trainer.check_val_every_n_epoch=100", "trainer.enable_progress_bar=false"]
+          "trainer.check_val_every_n_epoch=100", "optimized_metric=null",  # no validation pass: val/loss is not logged
+          "trainer.enable_progress_bar=false"]
 JUDGE = ["trainer.max_epochs=2", "test=false", "trainer.enable_progress_bar=false"]
 
 
