@@ -90,4 +90,4 @@ def test_resumed_run_restores_the_ema_exactly(cache_root: Path, tmp_path: Path) 
     # the checkpoint holds the EMA (as state_dict) apart from the raw weights, and they differ: it averaged something
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     raw, ema = ckpt["current_model_state"], ckpt["state_dict"]
-    assert not torch.equal(raw["denoiser.head.weight"], ema["denoiser.head.weight"])
+    assert not torch.equal(raw["denoiser.head.1.weight"], ema["denoiser.head.1.weight"])
