@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -17,11 +16,7 @@ from metadiff.data.sources import MetaValSplit, TaskFileSource, dataclass_from_c
 from metadiff.data.synthvqa.build import SynthVQAConfig, load_or_build_synthvqa
 from metadiff.data.synthvqa.build import fingerprint as config_fingerprint
 from metadiff.data.synthvqa.scenes import SceneSpec, caption_scene, render_scene, sample_scene
-
-
-def hash_text(text: str) -> int:
-    """A stable (not per-process salted) short hash of a string, for fingerprints."""
-    return zlib.crc32(text.encode())
+from metadiff.utils.hashing import fingerprint as value_fingerprint
 
 
 def generator_config(generator: Mapping[str, Any]) -> SynthVQAConfig:
@@ -90,7 +85,7 @@ class SynthVQASource(TaskFileSource):
         benchmark had before meta-val existed: the same tasks in the same splits)."""
         data = config_fingerprint(self.config)
         if self.answer_prompt is not None:
-            data = f"{data}-prompt{hash_text(self.answer_prompt):08x}"
+            data = f"{data}-prompt{value_fingerprint(self.answer_prompt)[:8]}"
         if self.meta_val.enabled:
             data = f"{data}-metaval{self.meta_val.fraction:g}s{self.meta_val.seed}"
         return data
