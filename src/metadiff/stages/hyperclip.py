@@ -161,3 +161,16 @@ class HyperCLIPModule(pl.LightningModule):
             "input": self.input, "in_dim": self.encoder.mlp.layers[0].in_features,
             "embed_dim": self.encoder.mlp.layers[-1].out_features, **dict(self.hparams.encoder),
         }, default=list))
+
+
+def load_hyperclip_encoder(artifact: Artifact) -> tuple[HyperCLIPEncoder, str]:
+    """The trained HyperCLIP encoder of a `hyperclip` artifact and what it reads ('latent' or 'weights')."""
+    spec = json.loads(artifact.file(HYPERCLIP_SPEC).read_text())
+    if spec["input"] not in ("latent", "weights"):
+        raise ConfigError(f"{artifact.path}: HyperCLIP guidance reads encoders of latents or weights, "
+                          f"not input={spec['input']!r}")
+    encoder = HyperCLIPEncoder(spec["in_dim"], spec["embed_dim"], hidden=spec["hidden"],
+                               nonlinearity=spec["nonlinearity"], logit_scale=spec["logit_scale"],
+                               learn_logit_scale=spec["learn_logit_scale"])
+    encoder.load_state_dict(torch.load(artifact.file(HYPERCLIP_WEIGHTS), map_location="cpu", weights_only=True))
+    return encoder.requires_grad_(False).eval(), spec["input"]

@@ -52,29 +52,14 @@ from metadiff.eval.plots import log_image, save_curve_plot
 from metadiff.eval.ridge import RidgeMap
 from metadiff.meta.latent import load_fewshot_learner
 from metadiff.nets.adapter import masked_task_accuracy, masked_task_losses
-from metadiff.nets.hyperclip import HyperCLIPEncoder
 from metadiff.nets.latent_denoiser import LatentDenoiser
+from metadiff.stages.hyperclip import load_hyperclip_encoder
 from metadiff.stages.vae import adaptation_base
 from metadiff.utils.io import write_json
 
 log = logging.getLogger(__name__)
 DENOISER_WEIGHTS, DENOISER_SPEC = "denoiser.pt", "denoiser.json"
 SAMPLERS = ("ddim", "ddpm", "original")
-
-
-def load_hyperclip_encoder(artifact: Artifact) -> tuple[HyperCLIPEncoder, str]:
-    """The trained HyperCLIP encoder of a `hyperclip` artifact and what it reads ('latent' or 'weights')."""
-    from metadiff.stages.hyperclip import HYPERCLIP_SPEC, HYPERCLIP_WEIGHTS
-
-    spec = json.loads(artifact.file(HYPERCLIP_SPEC).read_text())
-    if spec["input"] not in ("latent", "weights"):
-        raise ConfigError(f"{artifact.path}: HyperCLIP guidance reads encoders of latents or weights, "
-                          f"not input={spec['input']!r}")
-    encoder = HyperCLIPEncoder(spec["in_dim"], spec["embed_dim"], hidden=spec["hidden"],
-                               nonlinearity=spec["nonlinearity"], logit_scale=spec["logit_scale"],
-                               learn_logit_scale=spec["learn_logit_scale"])
-    encoder.load_state_dict(torch.load(artifact.file(HYPERCLIP_WEIGHTS), map_location="cpu", weights_only=True))
-    return encoder.requires_grad_(False).eval(), spec["input"]
 
 
 class HyperLDMModule(pl.LightningModule):
