@@ -12,6 +12,7 @@ import torch
 
 from conftest import parse_summary, run_train, short_chain
 from metadiff.artifacts import Artifact, ArtifactMismatchError, check_lineage
+from metadiff.config import ConfigError
 from metadiff.data.adaptation import AdaptationData, LatentRows
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.nets.hyperclip import HyperCLIPEncoder, contrastive_loss, n_way_accuracy, retrieval_accuracy
@@ -107,6 +108,23 @@ def test_latent_rows_pick_one_reproducible_row_per_epoch() -> None:
         torch.testing.assert_close(z, data.train_latents[a.row, 2])
         assert i == 2
     assert len(set(picked)) > 1, "every epoch used the same row"
+
+
+def test_latent_rows_can_cover_several_rows_per_epoch_each_item_once() -> None:
+    data = _adaptation(rows=8)
+    n = data.train_latents.shape[1]
+    rows = LatentRows(data, seed=1, rows_per_epoch=None)  # every row
+    rows.set_epoch(3)
+    assert len(rows) == 8 * n and sorted(rows.epoch_rows.tolist()) == list(range(8))
+    seen = {(int(rows.epoch_rows[j // n]), rows[j][2]) for j in range(len(rows))}
+    assert seen == {(r, i) for r in range(8) for i in range(n)}
+    some = LatentRows(data, seed=1, rows_per_epoch=3)
+    some.set_epoch(0)
+    z, _, i = some[n + 1]  # second row of the epoch, task 1
+    torch.testing.assert_close(z, data.train_latents[int(some.epoch_rows[1]), 1])
+    assert i == 1 and len(set(some.epoch_rows.tolist())) == 3
+    with pytest.raises(ConfigError, match="rows_per_epoch = 9"):
+        LatentRows(data, seed=1, rows_per_epoch=9)
 
 
 def test_adaptation_for_other_tasks_is_refused() -> None:

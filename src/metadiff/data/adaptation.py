@@ -79,32 +79,48 @@ class AdaptationData:
 
 
 class LatentRows(Dataset):
-    """Item i = (latent of meta-train task i in this epoch's row, its question embedding, i)."""
+    """Item j = (latent, question embedding, task index) of the epoch's rows: `rows_per_epoch` rows drawn without
+    replacement per epoch (spec §4.4: 1, each epoch one fresh fine-tune of every task), items row-major."""
 
-    def __init__(self, data: AdaptationData, seed: int):
-        self.data, self.seed, self.row = data, seed, 0
+    def __init__(self, data: AdaptationData, seed: int, rows_per_epoch: int | None = 1):
+        rows_per_epoch = data.rows if rows_per_epoch is None else rows_per_epoch  # None: every row, every epoch
+        if not 1 <= rows_per_epoch <= data.rows:
+            raise ConfigError(f"data.rows_per_epoch = {rows_per_epoch}: expected 1 to the dataset's {data.rows} rows")
+        self.data, self.seed, self.rows_per_epoch = data, seed, rows_per_epoch
+        self.epoch_rows = torch.arange(rows_per_epoch)
+
+    @property
+    def row(self) -> int:
+        """The epoch's first row (its only one when rows_per_epoch = 1)."""
+        return int(self.epoch_rows[0])
 
     def set_epoch(self, epoch: int) -> None:
-        self.row = int(np.random.default_rng([self.seed, epoch]).integers(self.data.rows))
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.rows_per_epoch == 1:  # the draw of earlier versions: the same row for the same (seed, epoch)
+            self.epoch_rows = torch.tensor([int(rng.integers(self.data.rows))])
+        else:
+            self.epoch_rows = torch.from_numpy(rng.permutation(self.data.rows)[:self.rows_per_epoch])
 
     def __len__(self) -> int:
-        return int(self.data.train_latents.shape[1])
+        return int(self.data.train_latents.shape[1]) * self.rows_per_epoch
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return self.data.train_latents[self.row, i], self.data.train_questions[i], i
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        n = int(self.data.train_latents.shape[1])
+        row, i = int(self.epoch_rows[j // n]), j % n
+        return self.data.train_latents[row, i], self.data.train_questions[i], i
 
 
 class AdaptationDataModule(MetaTaskDataModule):
     """Training batches of (latent, question) pairs from the adaptation dataset; validation/test batches of whole
     tasks (support = train split, query = test split) whose fine-tuned latents are `data.eval_latents[split]`."""
 
-    def __init__(self, *args, latents_per_batch: int = 32, drop_last: bool = False,
+    def __init__(self, *args, latents_per_batch: int = 32, drop_last: bool = False, rows_per_epoch: int | None = 1,
                  upstream: dict[str, Artifact] | None = None, **kwargs):
         super().__init__(*args, upstream=upstream, **kwargs)
         if not upstream or "adaptation" not in upstream:
             raise ConfigError("this stage needs an upstream 'adaptation' dataset (upstream.adaptation in its config)")
         self.adaptation_artifact = upstream["adaptation"]
-        self.latents_per_batch, self.drop_last = latents_per_batch, drop_last
+        self.latents_per_batch, self.drop_last, self.rows_per_epoch = latents_per_batch, drop_last, rows_per_epoch
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -114,7 +130,7 @@ class AdaptationDataModule(MetaTaskDataModule):
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        rows = LatentRows(self.adaptation, self.seed)
+        rows = LatentRows(self.adaptation, self.seed, self.rows_per_epoch)
         rows.set_epoch(epoch)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             sampler: Sampler = DistributedSampler(rows, shuffle=self.shuffle, seed=self.seed)

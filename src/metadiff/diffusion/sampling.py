@@ -57,9 +57,13 @@ def step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, 
 
 def cfg_eps(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
             t: torch.Tensor, cond: torch.Tensor, null_cond: torch.Tensor,
-            scale: float | torch.Tensor) -> torch.Tensor:
+            scale: float | torch.Tensor, rescale: float = 0.0) -> torch.Tensor:
     """Classifier-free guided eps with conditional and unconditional predictions from ONE forward pass over the
-    doubled batch. `scale` may be a tensor [B]: several guidance scales evaluated in the same batch."""
+    doubled batch. `scale` may be a tensor [B]: several guidance scales evaluated in the same batch.
+
+    `rescale` (phi, Lin et al. 2024, diffusers' `guidance_rescale`): the guided output is scaled to the per-row std
+    of the conditional one and mixed, phi * rescaled + (1 - phi) * guided, so that large scales sharpen the condition
+    without inflating the sample's spread (0 = plain CFG). A no-op where the scale is 0 or 1."""
     if isinstance(scale, int | float) and scale == 1.0:
         return model(x, t, cond)
     if isinstance(scale, int | float) and scale == 0.0:
@@ -67,7 +71,12 @@ def cfg_eps(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
     both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond.expand_as(cond)]))
     eps_c, eps_u = both.chunk(2)
     g = _expand(torch.as_tensor(scale, dtype=x.dtype).expand(x.shape[0]), x) if torch.is_tensor(scale) else scale
-    return eps_u + g * (eps_c - eps_u)
+    guided = eps_u + g * (eps_c - eps_u)
+    if not rescale:
+        return guided
+    dims = tuple(range(1, x.ndim))
+    ratio = eps_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
+    return rescale * guided * ratio + (1 - rescale) * guided
 
 
 def _grad(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

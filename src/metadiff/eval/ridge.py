@@ -2,7 +2,9 @@
 
 A diagnostic beside the generative methods: if a linear map recovers part of the fine-tuned latents' gain on held-out
 tasks, the question carries the task and a conditional model has something to learn; if not, no guidance can show.
-Closed form (no library needed for a [n, e] x [e, d] solve): W = (Q'Q + alpha I)^-1 Q'Z on centred Q, Z.
+Closed form (no library needed for a [n, e] x [e, d] solve): W = (Q'Q + alpha I)^-1 Q'Z on centred Z and on Q
+standardised per dimension, so that alpha does not shrink the small directions that tell questions apart (question
+embeddings share almost all of their direction).
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ import torch
 class RidgeMap:
     weight: torch.Tensor  # [e, d]
     q_mean: torch.Tensor  # [e]
+    q_scale: torch.Tensor  # [e]
     z_mean: torch.Tensor  # [d]
 
     @classmethod
     def fit(cls, questions: torch.Tensor, latents: torch.Tensor, alpha: float) -> RidgeMap:
         q, z = questions.double(), latents.double()
-        q_mean, z_mean = q.mean(0), z.mean(0)
-        qc, zc = q - q_mean, z - z_mean
+        q_mean, q_scale, z_mean = q.mean(0), q.std(0).clamp_min(1e-12), z.mean(0)
+        qc, zc = (q - q_mean) / q_scale, z - z_mean
         gram = qc.T @ qc + alpha * torch.eye(q.shape[1], dtype=q.dtype)
         weight = torch.linalg.solve(gram, qc.T @ zc)
-        return cls(weight.float(), q_mean.float(), z_mean.float())
+        return cls(weight.float(), q_mean.float(), q_scale.float(), z_mean.float())
 
     def __call__(self, questions: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(questions.device)
-        return (questions.float() - self.q_mean.to(questions.device)) @ w + self.z_mean.to(questions.device)
+        d = questions.device
+        q = (questions.float() - self.q_mean.to(d)) / self.q_scale.to(d)
+        return q @ self.weight.to(d) + self.z_mean.to(d)

@@ -135,6 +135,8 @@ class HyperLDMModule(pl.LightningModule):
         data = self.trainer.datamodule.adaptation
         self.latent_mean.copy_(data.latent_mean)
         self.latent_std.copy_(data.latent_std)
+        if self.denoiser.cond_norm == "standard":
+            self.denoiser.set_condition_stats(data.train_questions)
 
     # -- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -156,7 +158,8 @@ class HyperLDMModule(pl.LightningModule):
     # -- sampling -------------------------------------------------------------------------------------------------
     def _model(self, question: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         null = torch.zeros(1, question.shape[-1], device=question.device)
-        return lambda x, t: cfg_eps(self.denoiser, x, t, question.float(), null, scales)
+        rescale = float(self.sampling["guidance_rescale"])
+        return lambda x, t: cfg_eps(self.denoiser, x, t, question.float(), null, scales, rescale=rescale)
 
     def sample_latents(self, question: torch.Tensor, scales: torch.Tensor, generator: torch.Generator,
                        guidance: Callable | None = None, x_start: torch.Tensor | None = None,
