@@ -41,8 +41,8 @@ def test_exact_fraction_of_each_batch_gets_the_null_token(monkeypatch) -> None:
 
 
 def test_hyperldm_short_chain_prints_the_guidance_table(cache_root: Path) -> None:
-    proc = run_train(["experiment=hyperldm_synthvqa", *short_chain("synthvqa"), "trainer.max_epochs=3",
-                      "trainer.check_val_every_n_epoch=3", "model.guidance_scales=[0.0,1.0,4.0]",
+    proc = run_train(["experiment=hyperldm_synthvqa", *short_chain("synthvqa"), "trainer.max_epochs=10",
+                      "trainer.check_val_every_n_epoch=10", "model.guidance_scales=[0.0,1.0,4.0]",
                       "model.sampling.steps=10", "model.ensemble.size=2", "model.hyperclip_guidance.scales=[10.0]",
                       "trainer.enable_progress_bar=false"], cache_root)
     m = parse_summary(proc.stdout)
@@ -67,7 +67,9 @@ def test_resumed_run_restores_the_ema_exactly(cache_root: Path, tmp_path: Path) 
     """Kill -9 in epoch 3 of 4, resume from the last checkpoint: the final EMA weights (what sampling and the
     artifact use) equal those of an uninterrupted run bit for bit, so the EMA was saved and restored, and the
     training randomness continues where it stopped."""
+    # one 2-row adaptation row of 783 latents per epoch in batches of 32: 25 steps per epoch, 100 in all
     common = ["experiment=hyperldm_synthvqa", *short_chain("synthvqa"), "trainer.max_epochs=4", "test=false",
+              "data.rows_per_epoch=1", "data.latents_per_batch=32",
               "trainer.check_val_every_n_epoch=100", "trainer.enable_progress_bar=false", "deterministic=true",
               "callbacks.ema.update_starting_at_step=10", "task_name=ldm_resume"]
     artifacts = cache_root / "outputs" / "artifacts" / "hyperldm"

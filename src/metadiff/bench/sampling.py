@@ -18,7 +18,7 @@ from metadiff.diffusion.sampling import cfg_eps, sample
 EXPERIMENT = "hyperldm_synthvqa"
 
 
-def _module_and_batches(device: str):
+def _module_and_batches(device: str, overrides: list[str]):
     import hydra
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
@@ -29,7 +29,7 @@ def _module_and_batches(device: str):
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True,
-                      overrides=[f"experiment={EXPERIMENT}", "paths.output_dir=outputs/bench/sampling"])
+                      overrides=[f"experiment={EXPERIMENT}", "paths.output_dir=outputs/bench/sampling", *overrides])
         HydraConfig.instance().set_config(cfg)
     upstream = resolve_upstreams(cfg)
     artifact = find_artifact(cfg, {k: a.fingerprint for k, a in upstream.items()})
@@ -77,10 +77,11 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def bench_sampling(data_dir: Path, device: str, scale: float = 1.0, repeats: int = 5,
-                   ddim_steps: tuple[int, ...] = (10, 25, 50)) -> dict:
+                   ddim_steps: tuple[int, ...] = (10, 25, 50), overrides: tuple[str, ...] = ()) -> dict:
     """DDIM at several step counts vs DDPM-1000 on the same tasks and noise: accuracy (deterministic given the seeds)
-    and sampler time, the ways alternated `repeats` times (median and range; this machine is noisy)."""
-    module, batches = _module_and_batches(device)
+    and sampler time, the ways alternated `repeats` times (median and range; this machine is noisy). `overrides`
+    of the experiment (e.g. `seed=1`) pick which chain's artifact is measured (built first if missing)."""
+    module, batches = _module_and_batches(device, list(overrides))
     ways = [("ddpm", 1000)] + [("ddim", k) for k in ddim_steps]
     seconds: dict[str, list[float]] = {f"{m}{k}": [] for m, k in ways}
     accuracy: dict[str, float] = {}
@@ -117,7 +118,7 @@ def bench_sampling(data_dir: Path, device: str, scale: float = 1.0, repeats: int
                        generator=torch.Generator().manual_seed(0), device=device)
             times[name].append(time.perf_counter() - start)
     return {
-        "experiment": EXPERIMENT, "n_tasks": int(question.shape[0]), "guidance_scale": scale, "repeats": repeats,
+        "experiment": EXPERIMENT, "overrides": list(overrides), "n_tasks": int(question.shape[0]), "guidance_scale": scale, "repeats": repeats,
         "samplers": rows, "fastest_within_1pt_of_ddpm1000": fastest_close,
         "ddim_minus_ddpm_accuracy": rows["ddim50"]["accuracy_minus_ddpm1000"],
         "ddpm_over_ddim_time": rows["ddim50"]["speedup_over_ddpm1000"],
