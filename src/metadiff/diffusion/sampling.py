@@ -63,7 +63,9 @@ def cfg_eps(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 
     `rescale` (phi, Lin et al. 2024, diffusers' `guidance_rescale`): the guided output is scaled to the per-row std
     of the conditional one and mixed, phi * rescaled + (1 - phi) * guided, so that large scales sharpen the condition
-    without inflating the sample's spread (0 = plain CFG). A no-op where the scale is 0 or 1."""
+    without inflating the sample's spread (0 = plain CFG). Applied only to rows whose scale is above 1 (as diffusers,
+    which rescales only when it extrapolates past the conditional prediction): the unconditional rows of a batched
+    evaluation (g = 0) stay unconditional."""
     if isinstance(scale, int | float) and scale == 1.0:
         return model(x, t, cond)
     if isinstance(scale, int | float) and scale == 0.0:
@@ -72,11 +74,12 @@ def cfg_eps(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
     eps_c, eps_u = both.chunk(2)
     g = _expand(torch.as_tensor(scale, dtype=x.dtype).expand(x.shape[0]), x) if torch.is_tensor(scale) else scale
     guided = eps_u + g * (eps_c - eps_u)
-    if not rescale:
+    extrapolates = torch.as_tensor(g > 1, device=x.device)  # [B, 1, ...] or a scalar
+    if not rescale or not extrapolates.any():
         return guided
     dims = tuple(range(1, x.ndim))
     ratio = eps_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
-    return rescale * guided * ratio + (1 - rescale) * guided
+    return torch.where(extrapolates, rescale * guided * ratio + (1 - rescale) * guided, guided)
 
 
 def _grad(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
