@@ -23,7 +23,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from metadiff.artifacts import resolve_upstreams
+from metadiff.artifacts import find_artifact, resolve_upstreams
 from metadiff.config.paths import CONF_DIR
 from metadiff.data.adaptation import AdaptationData
 from metadiff.eval.ridge import RidgeMap
@@ -57,13 +57,7 @@ def main(overrides: list[str]) -> None:
     batches = list(loader)
 
     def accuracy(predict) -> tuple[float, float]:
-        accs = []
-        with torch.no_grad():
-            for b in batches:
-                z = predict(b)
-                logits = base.latent_logits(z, b.query_x, b.answers, b.answer_mask)
-                accs.append(masked_task_accuracy(logits, b.query_y, b.query_mask))
-        return mean_ci95(torch.cat(accs))
+        return accuracy_on(batches, base, predict)
 
     q_train, z_train = adaptation.train_questions, adaptation.eval_latents["meta_train"]
     z_rows = adaptation.train_latents.mean(0)
@@ -114,7 +108,7 @@ def main(overrides: list[str]) -> None:
     sim_val = torch.nn.functional.normalize(q_val.float(), dim=-1) @ qn.T
     print(f"rows: within-task variance {within:.3f}, between-task variance of the row means {between:.3f}; "
           f"meta-val question -> nearest meta-train question cosine: median {float(sim_val.max(-1).values.median()):.4f}")
-    rows |= sampled_rows(cfg, upstream, data, base, adaptation, accuracy)
+    rows |= sampled_rows(cfg, upstream, data, base, adaptation)
     width = max(map(len, rows))
     print(f"meta-val ({len(idx_val)} tasks): accuracy +- 95% CI; latent R^2 on meta-val for the ridge maps")
     for name, (mean, ci) in rows.items():
@@ -122,9 +116,9 @@ def main(overrides: list[str]) -> None:
         print(f"  {name:<{width}}  {mean:.4f} +- {ci:.4f}{extra}")
 
 
-def sampled_rows(cfg, upstream, data, base, adaptation, accuracy) -> dict[str, tuple[float, float]]:
-    """The newest hyperldm artifact of this config's upstreams (if any): its samples at g = 0, 1, 4 for meta-train
-    and meta-val questions, and each sample's distance to its own task's fine-tuned latent vs the other tasks'."""
+def sampled_rows(cfg, upstream, data, base, adaptation) -> dict[str, tuple[float, float]]:
+    """This config's hyperldm artifact (if built): its samples at g = 0, 1, 4 for the first 128 meta-train and the
+    meta-val questions, and each sample's distance to its own task's fine-tuned latent vs the other tasks'."""
     import json
     from pathlib import Path
 
@@ -132,11 +126,11 @@ def sampled_rows(cfg, upstream, data, base, adaptation, accuracy) -> dict[str, t
     from metadiff.diffusion.schedule import NoiseSchedule
     from metadiff.nets.latent_denoiser import LatentDenoiser
 
-    found = sorted(Path(cfg.paths.artifacts_dir, "hyperldm").glob("hyperldm_synthvqa-*"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    artifact = find_artifact(cfg, {k: a.fingerprint for k, a in upstream.items()})
+    if artifact is None:
         return {}
-    spec = json.loads((found[-1] / "denoiser.json").read_text())
-    state = torch.load(found[-1] / "denoiser.pt", weights_only=True)
+    spec = json.loads(Path(artifact.file("denoiser.json")).read_text())
+    state = torch.load(artifact.file("denoiser.pt"), weights_only=True)
     keys = ("hidden", "time_dim", "version", "head_on", "cond_norm")
     net = LatentDenoiser(spec["latent_dim"], spec["cond_dim"], **{k: spec[k] for k in keys if k in spec})
     net.load_state_dict(state["denoiser"])
@@ -144,7 +138,8 @@ def sampled_rows(cfg, upstream, data, base, adaptation, accuracy) -> dict[str, t
     mean, std = state["latent_mean"], state["latent_std"]
     schedule = NoiseSchedule.make(**spec["schedule"])
     s = cfg.model.sampling
-    print(f"sampling {found[-1].name}: {s.method}-{s.steps} {s.spacing}, clip {s.clip_x0}, prediction {spec['prediction']}")
+    print(f"sampling {artifact.path.name}: {s.method}-{s.steps} {s.spacing}, clip {s.clip_x0}, "
+          f"rescale {s.guidance_rescale}, prediction {spec['prediction']}")
     out = {}
     for split in ("meta_train", "meta_val"):
         batches = list(data.task_loader(data.episodes(split), 128, shuffle=False))[:1]
@@ -152,7 +147,8 @@ def sampled_rows(cfg, upstream, data, base, adaptation, accuracy) -> dict[str, t
         for g in (0.0, 1.0, 4.0):
             def draw(b, g=g, split=split, truth=truth):
                 null = torch.zeros(1, b.question.shape[1])
-                eps = lambda x, t: cfg_eps(net, x, t, b.question.float(), null, g)  # noqa: E731
+                eps = lambda x, t: cfg_eps(net, x, t, b.question.float(), null, g,  # noqa: E731
+                                           rescale=float(s.guidance_rescale))
                 gen = torch.Generator().manual_seed(int(b.task_index[0]))
                 with torch.no_grad():
                     x = sample(eps, schedule, schedule.set_timesteps(int(s.steps), s.spacing), shape=(b.n_tasks, len(mean)),
@@ -164,7 +160,7 @@ def sampled_rows(cfg, upstream, data, base, adaptation, accuracy) -> dict[str, t
                 print(f"  {split} g={g:g}: distance to own task {float(own.median()):.2f}, to others "
                       f"{float(d.median()):.2f}; own task's rank median {float(rank.median()):.0f} of {truth.shape[0]}")
                 return x * std + mean
-            out[f"{split}_sample_g{g:g}"] = accuracy(draw) if split == "meta_val" else accuracy_on(batches, base, draw)
+            out[f"{split}_sample_g{g:g}"] = accuracy_on(batches, base, draw)
         out[f"{split}_hnet_init"] = accuracy_on(batches, base, lambda b: base.initial_inner(b.question)["z"])
         out[f"{split}_oracle"] = accuracy_on(batches, base, lambda b, sp=split: adaptation.eval_latents[sp][b.task_index])
     return out
