@@ -198,3 +198,13 @@ def test_guidance_rescale_matches_the_published_formula_and_bounds_the_spread() 
     plain = eps_u + scales[:, None] * (eps_c - eps_u)
     torch.testing.assert_close(per_row[:3], plain[:3])
     torch.testing.assert_close(per_row[3:], (0.7 * rescaled + 0.3 * guided)[3:])
+
+
+def test_standardised_condition_of_a_single_training_condition_is_finite() -> None:
+    """One meta-train task (a tiny fixture benchmark) has no per-dimension spread: the condition is only centred,
+    not divided by a NaN std (the NaN reached the first training loss of hyperldm_vqa's smoke run)."""
+    net = LatentDenoiser(4, 3, hidden=[8], version="resmlp", cond_norm="standard")
+    c = torch.tensor([[1.0, 2.0, 3.0]])
+    net.set_condition_stats(c)
+    out = net.normalize_condition(torch.tensor([[2.0, 2.0, 2.0], [0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]))

@@ -24,7 +24,9 @@ class RidgeMap:
     @classmethod
     def fit(cls, questions: torch.Tensor, latents: torch.Tensor, alpha: float) -> RidgeMap:
         q, z = questions.double(), latents.double()
-        q_mean, q_scale, z_mean = q.mean(0), q.std(0).clamp_min(1e-12), z.mean(0)
+        # one task has no spread (its std is NaN): its question is only centred
+        q_scale = q.std(0).clamp_min(1e-12) if len(q) > 1 else torch.ones_like(q[0])
+        q_mean, z_mean = q.mean(0), z.mean(0)
         qc, zc = (q - q_mean) / q_scale, z - z_mean
         gram = qc.T @ qc + alpha * torch.eye(q.shape[1], dtype=q.dtype)
         weight = torch.linalg.solve(gram, qc.T @ zc)

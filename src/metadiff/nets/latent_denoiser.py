@@ -91,8 +91,12 @@ class LatentDenoiser(nn.Module):
         """Per-dimension mean and std of the training conditions [N, e], for `cond_norm: standard`."""
         if self.cond_norm != "standard":
             raise ValueError(f"set_condition_stats needs cond_norm 'standard', not '{self.cond_norm}'")
-        self.cond_mean.copy_(conditions.float().mean(0))
-        self.cond_std.copy_(conditions.float().std(0).clamp_min(std_min))
+        c = conditions.float()
+        self.cond_mean.copy_(c.mean(0))
+        if len(c) > 1:  # one condition has no spread (its std is NaN): it is only centred
+            self.cond_std.copy_(c.std(0).clamp_min(std_min))
+        else:
+            self.cond_std.fill_(1.0)
 
     def normalize_condition(self, c: torch.Tensor) -> torch.Tensor:
         """The condition the blocks read; the null token (all zeros) stays zeros in every mode."""
