@@ -26,22 +26,28 @@ def log_image(loggers: list, key: str, path: Path) -> None:
 
 def save_curve_plot(curves: dict[str, list[tuple[float, float, float]]], path: Path, title: str,
                     xlabel: str) -> Path:
-    """Accuracy vs a swept value (shots, guidance scale), one line per method with its 95% CI band."""
+    """Accuracy vs a swept value (shots, guidance scale), one line per method with its 95% CI band.
+
+    A method whose accuracy does not depend on the swept value (a reference row repeated at every x) is drawn as a
+    dashed line without markers or band, and the legend sits outside the axes, so that many rows stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 3.8), dpi=120)
     for name, points in curves.items():
-        shots = [p[0] for p in points]
+        xs = [p[0] for p in points]
         mean = [p[1] for p in points]
-        ax.plot(shots, mean, marker="o", label=name)
-        ax.fill_between(shots, [m - p[2] for m, p in zip(mean, points, strict=True)],
-                        [m + p[2] for m, p in zip(mean, points, strict=True)], alpha=0.2)
+        if len(points) > 1 and len(set(mean)) == 1:
+            ax.plot(xs, mean, linestyle="--", linewidth=1.2, label=name)
+            continue
+        (line,) = ax.plot(xs, mean, marker="o", label=name)
+        ax.fill_between(xs, [m - p[2] for m, p in zip(mean, points, strict=True)],
+                        [m + p[2] for m, p in zip(mean, points, strict=True)], color=line.get_color(), alpha=0.15)
     ax.set(xlabel=xlabel, ylabel="query accuracy", title=title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small", frameon=False)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
