@@ -202,3 +202,82 @@ def test_step_order_ranks_together_take_the_one_process_batches() -> None:
         for step in range(len(single) // 8):
             together = ranks[0][step * 4:(step + 1) * 4] + ranks[1][step * 4:(step + 1) * 4]
             assert sorted(together) == sorted(single[step * 8:(step + 1) * 8])
+
+
+# ------------------------------------------------------------------ pickled miniImageNet / CIFAR-FS distributions
+
+PICKLE_FILES = {"meta_train": ["mini-imagenet-cache-train.pkl", "miniImageNet_category_split_train_phase_train.pickle"],
+                "meta_val": ["mini-imagenet-cache-val.pkl", "miniImageNet_category_split_val.pickle"],
+                "meta_test": ["mini-imagenet-cache-test.pkl", "miniImageNet_category_split_test.pickle"]}
+
+
+def _pickled_source(root: Path, fmt: str = "auto", files: dict | None = None, size: int = 8):
+    from metadiff.data.images.sources import ImageSetSource
+
+    return ImageSetSource(str(root), size, [".png"], [0.5] * 3, [0.25] * 3, format=fmt,
+                          pickle_files=files or PICKLE_FILES)
+
+
+def _solid(values: list[int], side: int) -> np.ndarray:
+    """One constant-colour image per value: a resize keeps each pixel, so the decoded image names its row."""
+    return np.stack([np.full((side, side, 3), v, dtype=np.uint8) for v in values])
+
+
+def test_cache_pickle_reads_classes_by_name_and_resizes(tmp_path: Path) -> None:
+    import pickle
+
+    # rows 0..5; class "n02" owns rows 0, 2, 4 and "n01" rows 5, 1 (listed out of order on purpose)
+    obj = {"image_data": _solid([10, 20, 30, 40, 50, 60], 12), "class_dict": {"n02": [0, 2, 4], "n01": [5, 1]}}
+    (tmp_path / "mini-imagenet-cache-test.pkl").write_bytes(pickle.dumps(obj))
+    split = _pickled_source(tmp_path).split("meta_test")
+    assert split.classes == ["n01", "n02"] and split.targets.tolist() == [0, 0, 1, 1, 1]
+    values = [round(float(split[i][0][0, 4, 4]) * 255) for i in range(len(split))]
+    assert values == [60, 20, 10, 30, 50]
+    image, label = split[2]
+    assert image.shape == (3, 8, 8) and image.dtype == torch.float32 and label == 1
+
+
+def test_metaoptnet_and_cifarfs_pickles_are_read_with_python2_strings(tmp_path: Path) -> None:
+    import pickle
+
+    labels = [70, 64, 70, 99, 64]  # global labels, as MetaOptNet's files hold them
+    obj = {b"data": _solid([1, 2, 3, 4, 5], 32), b"labels": labels}  # Python 2 pickles: bytes keys
+    (tmp_path / "CIFAR_FS_val.pickle").write_bytes(pickle.dumps(obj, protocol=2))
+    files = {"meta_train": ["CIFAR_FS_train.pickle"], "meta_val": ["CIFAR_FS_val.pickle"],
+             "meta_test": ["CIFAR_FS_test.pickle"]}
+    split = _pickled_source(tmp_path, "pickle", files, size=64).split("meta_val")
+    assert split.classes == ["64", "70", "99"] and split.targets.tolist() == [1, 0, 1, 2, 0]
+    assert split[3][0].shape == (3, 64, 64) and round(float(split[3][0].mean()) * 255) == 4
+    assert split.indices_of([0]).tolist() == [1, 4]
+
+
+def test_auto_prefers_folders_and_pickle_errors_name_the_file(tmp_path: Path) -> None:
+    import pickle
+
+    _write_folder_dataset(tmp_path, {"meta_train": {"a": 2, "b": 2}})
+    (tmp_path / "mini-imagenet-cache-train.pkl").write_bytes(b"not a pickle")
+    assert _pickled_source(tmp_path).split("meta_train").classes == ["a", "b"]  # the folder wins under auto
+    with pytest.raises(InputFileError, match=r"unreadable pickle .*mini-imagenet-cache-train\.pkl"):
+        _pickled_source(tmp_path, "pickle").split("meta_train")
+    (tmp_path / "mini-imagenet-cache-val.pkl").write_bytes(pickle.dumps({"images": [], "targets": []}))
+    with pytest.raises(InputFileError, match=r"cache-val\.pkl: expected keys \{image_data, class_dict\} or "
+                                             r"\{data, labels\}, found \['images', 'targets'\]"):
+        _pickled_source(tmp_path).split("meta_val")
+    bad = {"data": _solid([1, 2], 4), "labels": [0]}
+    (tmp_path / "miniImageNet_category_split_test.pickle").write_bytes(pickle.dumps(bad))
+    with pytest.raises(InputFileError, match=r"'labels' must hold one integer per image \(2\)"):
+        _pickled_source(tmp_path).split("meta_test")
+    (tmp_path / "miniImageNet_category_split_test.pickle").write_bytes(
+        pickle.dumps({"data": np.zeros((2, 4, 4), np.uint8), "labels": [0, 1]}))
+    with pytest.raises(InputFileError, match=r"'data' must be uint8 images \[N, H, W, 3\], got uint8 \(2, 4, 4\)"):
+        _pickled_source(tmp_path).split("meta_test")
+
+
+def test_missing_split_names_both_forms_and_bad_format_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(MissingInputError, match=r"split 'meta_val' not found: .*meta_val is not a directory and "
+                                                r"none of \['mini-imagenet-cache-val.pkl', .*\] is in"):
+        _pickled_source(tmp_path).split("meta_val")
+    with pytest.raises(ConfigError, match=r"data.source.format='zip'"):
+        _pickled_source(tmp_path, "zip")
+    with pytest.raises(ConfigError, match=r"pickle_files has no entry for \['meta_test'\]"):
+        _pickled_source(tmp_path, files={"meta_train": [], "meta_val": []})

@@ -83,3 +83,28 @@ def test_same_seed_same_metrics(cache_root: Path) -> None:
     for key in ("train/loss", "val/zeroshot_acc"):
         assert a[key] == b[key], key
     assert a["train/loss"] != c["train/loss"]
+
+
+def test_pickled_cifarfs_gives_the_same_run_as_its_folders(tmp_path: Path, image_tree: Path) -> None:
+    """MetaOptNet's CIFAR_FS_<split>.pickle files holding the folder set's pixels, in its order, are the same data:
+    the classifier's smoke run on them reports the folder run's metrics exactly."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for split, name in (("meta_train", "train"), ("meta_val", "val"), ("meta_test", "test")):
+        _, class_to_idx = find_classes(str(image_tree / split))
+        samples = make_dataset(str(image_tree / split), class_to_idx, extensions=(".png",))
+        data = np.stack([np.asarray(Image.open(p).convert("RGB")) for p, _ in samples])
+        labels = [100 + label for _, label in samples]  # global labels, as MetaOptNet's files hold them
+        (pickled / f"CIFAR_FS_{name}.pickle").write_bytes(pickle.dumps({"data": data, "labels": labels}, protocol=2))
+    base = ["experiment=classifier_cifarfs", "debug=fdr", *smoke_overrides("classifier_cifarfs", {}, image_tree)]
+    folder = parse_summary(run_train(base, tmp_path / "a").stdout)
+    from_pickles = parse_summary(run_train([*base, f"paths.cifarfs_dir={pickled}"], tmp_path / "b").stdout)
+    assert "data.source.format" not in " ".join(base)  # auto: folders there, pickles here
+    scores = {k: v for k, v in folder.items() if k.startswith("test/") and "seconds" not in k}
+    assert scores and scores == {k: from_pickles[k] for k in scores}, (scores, from_pickles)

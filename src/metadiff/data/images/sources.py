@@ -1,4 +1,4 @@
-"""Where a few-shot image set comes from: the embedded glyph set or a folder dataset. A source hands out its three
+"""Where a few-shot image set comes from: the embedded glyph set, a folder dataset or its pickled distribution. A source hands out its three
 splits (`meta_train`, `meta_val`, `meta_test`) and says how classifiers normalise its pixels."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import torch
 from metadiff.config import ConfigError
 from metadiff.data.images.folders import FolderImageSplit
 from metadiff.data.images.glyphs import GlyphSpec, load_glyphs
+from metadiff.data.images.pickled import load_pickled_split
 from metadiff.data.images.splits import ImageSplit, TensorImageSplit
+from metadiff.errors import MissingInputError
 from metadiff.utils.hashing import to_plain
 
 SPLITS = ("meta_train", "meta_val", "meta_test")
@@ -77,3 +79,38 @@ class FolderSource(ImageSource):
 
     def _split(self, name: str) -> ImageSplit:
         return FolderImageSplit(self.root, name, self.image_size, self.extensions, self.channels)
+
+
+class ImageSetSource(FolderSource):
+    """miniImageNet / CIFAR-FS as users have them: the folder layout or one of the pickled distributions.
+
+    `format`: `folder` (`<root>/<split>/<class>/*.<ext>`), `pickle` (the first of `pickle_files[split]` found in
+    `root`; schemas in `metadiff.data.images.pickled`) or `auto` (folder when `<root>/<split>` is a directory, else
+    the pickle files)."""
+
+    FORMATS = ("auto", "folder", "pickle")
+
+    def __init__(self, root: str, image_size: int, extensions: Sequence[str], mean: Sequence[float],
+                 std: Sequence[float], format: str, pickle_files: dict[str, Sequence[str]], channels: int = 3):
+        super().__init__(root, image_size, extensions, mean, std, channels)
+        if format not in self.FORMATS:
+            raise ConfigError(f"data.source.format={format!r}: expected one of {list(self.FORMATS)}")
+        missing = [s for s in SPLITS if s not in pickle_files]
+        if missing:
+            raise ConfigError(f"data.source.pickle_files has no entry for {missing}: expected a list of file names "
+                              f"for each of {list(SPLITS)}")
+        self.format = format
+        self.pickle_files = {s: [str(n) for n in names] for s, names in pickle_files.items()}
+
+    def _pickle_path(self, name: str) -> Path | None:
+        return next((self.root / f for f in self.pickle_files[name] if (self.root / f).is_file()), None)
+
+    def _split(self, name: str) -> ImageSplit:
+        if self.format == "folder" or (self.format == "auto" and (self.root / name).is_dir()):
+            return super()._split(name)
+        path = self._pickle_path(name)
+        if path is None:
+            folder = f"{self.root / name} is not a directory and " if self.format == "auto" else ""
+            raise MissingInputError(f"split '{name}' not found: {folder}none of {self.pickle_files[name]} is in "
+                                    f"{self.root} (data.source.format={self.format})")
+        return load_pickled_split(path, self.image_size, self.channels)
