@@ -138,3 +138,36 @@ def test_diffusionmix_helpers() -> None:
     assert torch.equal(draws, beta_draws(0.4, 4000, torch.Generator().manual_seed(0)))
     # Beta(0.4, 0.4): mean 1/2, variance 1 / (4 (2 * 0.4 + 1)) = 0.139, mass near the ends
     assert abs(float(draws.mean()) - 0.5) < 0.02 and abs(float(draws.var()) - 0.1389) < 0.01
+
+
+def test_resnet12_dropblock_anneals_from_zero_and_resumes_its_schedule() -> None:
+    from metadiff.nets.backbones import AnnealedDropBlock
+
+    block = AnnealedDropBlock(0.1, 2, anneal_calls=100)
+    x = torch.ones(64, 8, 16, 16)
+    assert block.rate() == 0.0 and torch.equal(block(x), x)  # call 0: nothing dropped
+    for _ in range(49):
+        block(x)
+    assert block.rate() == pytest.approx(0.05)  # halfway: half the drop rate
+    resumed = AnnealedDropBlock(0.1, 2, anneal_calls=100)
+    resumed.load_state_dict(block.state_dict())  # the count travels in checkpoints
+    assert resumed.rate() == pytest.approx(0.05)
+    for _ in range(200):
+        block(x)
+    assert block.rate() == pytest.approx(0.1)  # capped at `drop` (keep rate 0.9)
+    torch.manual_seed(0)
+    dropped = (block(x) == 0).float().mean().item()
+    assert 0.06 < dropped < 0.14, dropped  # blocks of a 0.1 rate
+    assert torch.equal(block.eval()(x), x)  # evaluation never drops
+
+
+def test_backbone_keys_of_another_backbone_are_a_config_error() -> None:
+    from metadiff.nets.backbones import build_backbone
+
+    net = build_backbone("resnet12", in_channels=3, mean=[0.5] * 3, std=[0.5] * 3, widths=[8, 8, 8, 16])
+    assert net(torch.rand(2, 3, 64, 64)).shape == (2, 16, 4, 4) and net.out_dim == 16
+    with pytest.raises(ConfigError, match=r"\['depth', 'width'\] are not keys of backbone 'resnet12' .*"
+                                          r"model/backbone=resnet12"):
+        build_backbone("resnet12", in_channels=3, mean=[0.5] * 3, std=[0.5] * 3, width=64, depth=4)
+    with pytest.raises(ConfigError, match=r"model.backbone.name='vit': expected one of \['conv4', 'resnet12'\]"):
+        build_backbone("vit", in_channels=3, mean=[0.5], std=[0.5])

@@ -108,3 +108,20 @@ def test_pickled_cifarfs_gives_the_same_run_as_its_folders(tmp_path: Path, image
     assert "data.source.format" not in " ".join(base)  # auto: folders there, pickles here
     scores = {k: v for k, v in folder.items() if k.startswith("test/") and "seconds" not in k}
     assert scores and scores == {k: from_pickles[k] for k in scores}, (scores, from_pickles)
+
+
+@pytest.mark.parametrize("experiment", ["classifier_miniimagenet", "dfml_miniimagenet"])
+def test_resnet12_backbone_runs_in_the_image_stages(experiment: str, tmp_path: Path, image_tree: Path) -> None:
+    """`model/backbone=resnet12` swaps the whole backbone node (no Conv4 keys left over) and the stage trains and
+    tests with its 512-d (here 16-d) features."""
+    small = ["model/backbone=resnet12", "model.backbone.widths=[8,8,8,16]"]
+    proc = run_train([f"experiment={experiment}", "debug=fdr", *smoke_overrides(experiment, {}, image_tree), *small],
+                     tmp_path)
+    assert any(k.startswith("test/") for k in parse_summary(proc.stdout)), proc.stdout[-2000:]
+    from omegaconf import OmegaConf
+
+    own = min((tmp_path / "outputs" / "logs").rglob("config.yaml"), key=lambda p: len(p.parts))  # not an upstream's
+    config = OmegaConf.load(own)
+    assert config.task_name == experiment
+    assert OmegaConf.to_container(config.model.backbone) == {
+        "name": "resnet12", "widths": [8, 8, 8, 16], "drop": 0.1, "block_size": 4, "anneal_calls": 40000}

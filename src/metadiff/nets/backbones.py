@@ -3,17 +3,19 @@ mean/std itself, so callers never have to remember which domain a tensor is in (
 samples to an ImageNet-normalised classifier, spec §8 B5).
 
 Hand-written: torchvision ships neither Conv4 nor the few-shot ResNet-12, and their layer layouts are the
-benchmark's; DropBlock comes from torchvision.
+benchmark's; so is DropBlock (torchvision's `drop_block2d` takes odd block sizes only, the spec's is 4).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import DropBlock2d
+
+from metadiff.config import ConfigError
 
 
 class Normalize(nn.Module):
@@ -50,10 +52,50 @@ class Conv4(nn.Module):
         return F.normalize(self(x).mean(dim=(2, 3)), dim=-1, eps=1e-12)
 
 
+def drop_block(x: torch.Tensor, rate: float, block_size: int) -> torch.Tensor:
+    """The original's DropBlock (Ghiasi et al. 2018, as in MetaOptNet/CAN): Bernoulli seeds on the positions where a
+    whole `block_size` block fits, each zeroing the block it anchors (top-left), the rest rescaled by
+    numel / kept. gamma turns the drop `rate` into a seed probability so that about `rate` of the map is dropped."""
+    n, c, h, w = x.shape
+    size = min(block_size, h, w)
+    gamma = rate / size**2 * (h * w) / ((h - size + 1) * (w - size + 1))
+    seeds = torch.bernoulli(torch.full((n, c, h - size + 1, w - size + 1), min(gamma, 1.0), device=x.device,
+                                       dtype=x.dtype))
+    blocks = F.max_pool2d(F.pad(seeds, (size - 1,) * 4), kernel_size=size, stride=1)  # seed (i, j) covers i..i+size-1
+    keep = 1.0 - blocks
+    return x * keep * (keep.numel() / keep.sum().clamp_min(1.0))
+
+
+class AnnealedDropBlock(nn.Module):
+    """DropBlock whose drop rate rises linearly from 0 to `drop` over the block's first `anneal_calls` training calls
+    (spec §3.2: keep rate max(1 - 0.1 n / (20 x 2000), 0.9)). The call count is a buffer, so it is checkpointed and a
+    resumed run continues the schedule."""
+
+    def __init__(self, drop: float, block_size: int, anneal_calls: int):
+        super().__init__()
+        if anneal_calls < 0:
+            raise ValueError(f"anneal_calls = {anneal_calls}: expected >= 0")
+        self.drop, self.block_size, self.anneal_calls = float(drop), int(block_size), int(anneal_calls)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def rate(self) -> float:
+        """The drop rate the next training call uses."""
+        if self.anneal_calls == 0:
+            return self.drop
+        return self.drop * min(int(self.calls) / self.anneal_calls, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        rate = self.rate()
+        self.calls += 1
+        return drop_block(x, rate, self.block_size) if rate > 0 else x
+
+
 class ResidualStage(nn.Module):
     """Three 3x3 conv-BN-LeakyReLU(0.1) with a 1x1 conv-BN shortcut, then max-pool, then dropout or DropBlock."""
 
-    def __init__(self, c_in: int, c_out: int, drop: float, drop_block: bool, block_size: int):
+    def __init__(self, c_in: int, c_out: int, drop: float, drop_block: bool, block_size: int, anneal_calls: int):
         super().__init__()
         convs = []
         for i in range(3):
@@ -63,8 +105,7 @@ class ResidualStage(nn.Module):
         self.body = nn.Sequential(*convs)
         self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
         self.pool = nn.MaxPool2d(2, ceil_mode=True)
-        # torchvision's DropBlock2d; the original anneals its keep rate from 1 to 0.9 over training, kept fixed here
-        self.drop = DropBlock2d(drop, block_size) if drop_block else nn.Dropout(drop)
+        self.drop = AnnealedDropBlock(drop, block_size, anneal_calls) if drop_block else nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.pool(F.leaky_relu(self.body(x) + self.shortcut(x), 0.1)))
@@ -75,11 +116,12 @@ class ResNet12(nn.Module):
     last two; 64x64 -> 512x4x4 with the default widths. Kaiming-normal (fan_out) init."""
 
     def __init__(self, in_channels: int, mean: Sequence[float], std: Sequence[float],
-                 widths: Sequence[int] = (64, 128, 256, 512), drop: float = 0.1, block_size: int = 4):
+                 widths: Sequence[int] = (64, 128, 256, 512), drop: float = 0.1, block_size: int = 4,
+                 anneal_calls: int = 40000):
         super().__init__()
         self.normalize = Normalize(mean, std)
         chans = [in_channels, *widths]
-        self.stages = nn.Sequential(*[ResidualStage(chans[i], chans[i + 1], drop, i >= 2, block_size)
+        self.stages = nn.Sequential(*[ResidualStage(chans[i], chans[i + 1], drop, i >= 2, block_size, anneal_calls)
                                       for i in range(len(widths))])
         self.out_dim = int(widths[-1])
         for m in self.modules():
@@ -96,6 +138,13 @@ BACKBONES = {"conv4": Conv4, "resnet12": ResNet12}
 
 
 def build_backbone(name: str, **kwargs) -> nn.Module:
+    """The backbone `name` from its config keys; keys of another backbone are a one-line error (not a TypeError)."""
     if name not in BACKBONES:
-        raise ValueError(f"backbone '{name}' is not one of {sorted(BACKBONES)}")
+        raise ConfigError(f"model.backbone.name={name!r}: expected one of {sorted(BACKBONES)}")
+    params = inspect.signature(BACKBONES[name]).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        own = [k for k in params if k not in ("in_channels", "mean", "std")]
+        raise ConfigError(f"model.backbone: {unknown} are not keys of backbone '{name}' (it takes {own}); choose the "
+                          f"backbone as a whole with model/backbone={name}")
     return BACKBONES[name](**kwargs)
