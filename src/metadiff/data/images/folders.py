@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import find_classes, make_dataset
-from torchvision.transforms import v2
 
-from metadiff.data.images.splits import ImageSplit
+from metadiff.data.images.splits import ImageSplit, ResizeToUnit
 from metadiff.errors import InputFileError, MissingInputError
 
 
@@ -41,11 +40,7 @@ class FolderImageSplit(ImageSplit):
         self.classes = classes
         self.targets = torch.tensor([s[1] for s in samples], dtype=torch.long)
         self.channels, self.image_size = channels, image_size
-        self.transform = v2.Compose([
-            v2.ToImage(),
-            v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-        ])
+        self.transform = ResizeToUnit(image_size)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -57,4 +52,4 @@ class FolderImageSplit(ImageSplit):
                 image = img.convert("RGB" if self.channels == 3 else "L")
         except (UnidentifiedImageError, OSError) as err:
             raise InputFileError(f"unreadable image {path}: {err}") from None
-        return self.transform(image).clamp_(0.0, 1.0), label
+        return self.transform(image), label

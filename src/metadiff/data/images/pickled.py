@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
 
-from metadiff.data.images.splits import ImageSplit
+from metadiff.data.images.splits import ImageSplit, ResizeToUnit
 from metadiff.errors import InputFileError
 
 #: schema name -> the keys that identify it (and that a file must hold)
@@ -82,17 +81,14 @@ class ArrayImageSplit(ImageSplit):
     def __init__(self, images: np.ndarray, targets: torch.Tensor, classes: list[str], image_size: int):
         self.images, self.targets, self.classes = images, targets, classes
         self.channels, self.image_size = int(images.shape[-1]), int(image_size)
-        self.transform = v2.Compose([
-            v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-        ])
+        self.transform = ResizeToUnit(image_size)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
-        return self.transform(image).clamp_(0.0, 1.0), int(self.targets[index])
+        return self.transform(image), int(self.targets[index])
 
 
 def load_pickled_split(path: Path, image_size: int, channels: int) -> ArrayImageSplit:

@@ -1,5 +1,6 @@
-"""Where a few-shot image set comes from: the embedded glyph set, a folder dataset or its pickled distribution. A source hands out its three
-splits (`meta_train`, `meta_val`, `meta_test`) and says how classifiers normalise its pixels."""
+"""Where a few-shot image set comes from: the embedded glyph set, a folder dataset or its pickled distribution. A
+source hands out its three splits (`meta_train`, `meta_val`, `meta_test`) and says how classifiers normalise its
+pixels."""
 
 from __future__ import annotations
 

@@ -11,6 +11,22 @@ from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+
+class ResizeToUnit:
+    """A PIL image or uint8 [C, H, W] tensor -> float [C, size, size] in [0, 1], resized bicubic (spec §2.4); the
+    clamp removes bicubic overshoot. One transform for every stored form, so a set reads the same from any of them."""
+
+    def __init__(self, image_size: int):
+        self.transform = v2.Compose([
+            v2.ToImage(),
+            v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+        ])
+
+    def __call__(self, image: object) -> torch.Tensor:
+        return self.transform(image).clamp_(0.0, 1.0)
 
 
 class ImageSplit(Dataset):
