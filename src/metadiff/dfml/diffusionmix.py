@@ -16,7 +16,7 @@ import torch
 
 from metadiff.dfml.guidance import check_compat
 from metadiff.diffusion.sampling import sample
-from metadiff.diffusion.zoo import DiffusionZoo, from_diffusion, to_diffusion
+from metadiff.diffusion.zoo import DiffusionZoo, eps_model_of, from_diffusion, to_diffusion
 
 
 def denoise_timesteps(start: int, steps: int | None) -> torch.Tensor:
@@ -30,7 +30,8 @@ def interpolate(zoo: DiffusionZoo, model: int, x_a: torch.Tensor, x_b: torch.Ten
                 lam: float | torch.Tensor, compat: str, generator: torch.Generator,
                 denoise_steps: int | None = None) -> torch.Tensor:
     """Mix [0, 1] images x_a, x_b [N, C, H, W] with weight lam (a float or one per image [N]) on x_b at noise step
-    t, denoise with zoo model `model` by ancestral (DDPM) steps, all t of them or `denoise_steps` respaced ones;
+    t, denoise with zoo model `model` by ancestral (DDPM) steps, all t of them or `denoise_steps` respaced ones, with
+    the model's learned variance when it has one (respaced betas between the kept steps);
     returns [0, 1] images (fixed) or the model's raw output (faithful)."""
     check_compat(compat)
     fixed = compat == "fixed"
@@ -45,8 +46,8 @@ def interpolate(zoo: DiffusionZoo, model: int, x_a: torch.Tensor, x_b: torch.Ten
     x_t = ab**0.5 * ((1 - lam) * a + lam * b) + (1 - ab) ** 0.5 * noise
     start = t if fixed else t - 1
     timesteps = denoise_timesteps(start, denoise_steps)
-    denoiser = zoo.models[model]
-    out = sample(denoiser, zoo.schedule, timesteps, x_start=x_t, noise_start=False, method="ddpm",
+    denoiser = zoo.models[model]  # a learned variance (spec §4.6) is used by these ancestral steps
+    out = sample(eps_model_of(denoiser), zoo.schedule, timesteps, x_start=x_t, noise_start=False, method="ddpm",
                  generator=generator, device=x_t.device, clip_x0=1.0)
     return from_diffusion(out) if fixed else out
 

@@ -9,7 +9,11 @@ itself is the closed form below; the tests compare it with diffusers where diffu
     sigma   = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev)
     x_prev  = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps + sigma z
 
-eta = 0 is DDIM; eta = 1 is the (respaced) DDPM ancestral step with the posterior variance.
+eta = 0 is DDIM; eta = 1 is the (respaced) DDPM ancestral step with the posterior variance. A model with a
+learned variance (improved DDPM, `metadiff.nets.unet.ImageDenoiser.sampling_model`) returns (eps, v); its ancestral
+steps then draw x_prev ~ N(posterior mean, sigma^2) with log sigma^2 = frac log beta + (1 - frac) log beta_tilde,
+frac = (v + 1) / 2, beta and beta_tilde of the step's own pair t -> t_prev (the respaced betas, as guided-diffusion's
+respacing). DDIM ignores v.
 
 Guidance convention (one, documented): eps_hat = eps_u + g * (eps_c - eps_u). g = 1 is the conditional model, g = 0
 the unconditional one, g > 1 extrapolates. This equals the original's (1 - g) eps_u + g eps_c and diffusers'
@@ -22,9 +26,15 @@ from collections.abc import Callable
 
 import torch
 
-from metadiff.diffusion.schedule import NoiseSchedule, _expand
+from metadiff.diffusion.schedule import (
+    NoiseSchedule,
+    _expand,
+    learned_range_log_variance,
+    posterior_coefficients,
+)
 
-EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t [B]) -> eps
+# (x_t, t [B]) -> eps (or the `prediction` parameterisation), or (eps, v) with a learned variance (see above)
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 Guidance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, eps) -> guided eps
 METHODS = {"ddim": None, "ddpm": 1.0}  # method -> forced eta (None: the configured eta)
 
@@ -41,13 +51,22 @@ def _noise(shape: tuple[int, ...], generator: torch.Generator | None, dtype: tor
 
 def step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, eta: float = 0.0,
          generator: torch.Generator | None = None, x0: torch.Tensor | None = None,
-         noise_repeats: int = 1) -> torch.Tensor:
+         noise_repeats: int = 1, v: torch.Tensor | None = None) -> torch.Tensor:
     """One step from timestep t to t_prev (< t; -1 = the clean end). `x0`: the x0_hat that goes with `eps`, when the
-    caller has it without dividing by sqrt(alpha-bar) (v- or x0-prediction, a clipped x0_hat)."""
+    caller has it without dividing by sqrt(alpha-bar) (v- or x0-prediction, a clipped x0_hat). `v`: a learned
+    variance's raw output, used by the ancestral step (eta = 1) to t_prev >= 0 (the step to -1 adds no noise)."""
     ab_t = float(schedule.alpha_bar(torch.tensor(t)))
     ab_prev = float(schedule.alpha_bar(torch.tensor(t_prev)))
     if x0 is None:
         x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
+    if v is not None and eta > 0 and t_prev >= 0:
+        if eta != 1.0:
+            raise ValueError(f"a learned variance defines the ancestral step (eta = 1), not eta = {eta}")
+        c0, ct, beta, beta_tilde = posterior_coefficients(torch.tensor(ab_t, dtype=torch.float64),
+                                                          torch.tensor(ab_prev, dtype=torch.float64))
+        log_var = learned_range_log_variance(v, float(beta.log()), float(beta_tilde.log()))
+        z = _noise(tuple(x_t.shape), generator, x_t.dtype, x_t.device, noise_repeats)
+        return float(c0) * x0 + float(ct) * x_t + torch.exp(0.5 * log_var) * z
     sigma = eta * ((1 - ab_prev) / (1 - ab_t)) ** 0.5 * (1 - ab_t / ab_prev) ** 0.5
     out = ab_prev**0.5 * x0 + max(1 - ab_prev - sigma**2, 0.0) ** 0.5 * eps
     if sigma > 0:
@@ -124,8 +143,9 @@ def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor
     """Run the reverse process over `timesteps` (descending, from `schedule.set_timesteps`).
 
     `eps_model` outputs the `prediction` parameterisation ('eps', 'v' or 'x0'; classifier-free guidance is linear in
-    any of them, so `cfg_eps` combines them alike). `clip_x0` clamps x0_hat to [-c, c] (diffusers' `clip_sample`),
-    in the units the model denoises (normalised latents for HyperLDM, [-1, 1] pixels for images).
+    any of them, so `cfg_eps` combines them alike), or a pair (that, v) with a learned variance v, which the
+    ancestral steps (method 'ddpm') use and DDIM ignores. `clip_x0` clamps x0_hat to [-c, c] (diffusers'
+    `clip_sample`), in the units the model denoises (normalised latents for HyperLDM, [-1, 1] pixels for images).
 
     `reclip_guided`: clip x0_hat again after guidance. Without it (the original), a guidance gradient at a step
     where alpha-bar is ~0 (t = T - 1, the first step of a `trailing` list) is divided by sqrt(alpha-bar) ~ 3e-5 on its
@@ -151,6 +171,7 @@ def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         with torch.no_grad():
             out = eps_model(x, t_batch)
+        out, v = out if isinstance(out, tuple) else (out, None)
         # eps-prediction keeps x0_hat implicit (step() derives it), as every earlier figure of the project did
         x0, eps = (None, out) if prediction == "eps" else schedule.split_prediction(x, out, t_batch, prediction)
         if clip_x0 is not None:  # clamp x0_hat to [-c, c], use the eps consistent with it, guide after (spec §4.4)
@@ -162,7 +183,7 @@ def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor
                 x0 = schedule.predict_x0(x, eps, t_batch).clamp(-clip_x0, clip_x0)
                 eps = schedule.predict_eps(x, x0, t_batch)
         x = step(schedule, x, eps, t, steps[i + 1] if i + 1 < len(steps) else -1, eta, generator,
-                 x0=None if prediction == "eps" else x0, noise_repeats=noise_repeats)
+                 x0=None if prediction == "eps" else x0, noise_repeats=noise_repeats, v=v if eta > 0 else None)
     return x
 
 

@@ -44,6 +44,28 @@ def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.device, like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def posterior_coefficients(ab_t: torch.Tensor, ab_prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(c0, ct, beta, beta_tilde) of q(x_prev | x_t, x0) = N(c0 x0 + ct x_t, beta_tilde) between steps t > prev with
+    alpha-bars ab_t, ab_prev (any shapes that broadcast; prev may be any earlier kept step of a respaced list):
+
+        beta = 1 - ab_t / ab_prev,  beta_tilde = (1 - ab_prev) / (1 - ab_t) beta,
+        c0 = sqrt(ab_prev) beta / (1 - ab_t),  ct = sqrt(1 - beta) (1 - ab_prev) / (1 - ab_t)
+
+    (DDPM eq. 7; respaced as improved DDPM / guided-diffusion, which rebuild the betas from the kept alpha-bars)."""
+    beta = 1 - ab_t / ab_prev
+    c0 = ab_prev.sqrt() * beta / (1 - ab_t)
+    ct = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t)
+    return c0, ct, beta, (1 - ab_prev) / (1 - ab_t) * beta
+
+
+def learned_range_log_variance(v: torch.Tensor, log_beta: torch.Tensor | float,
+                               log_beta_tilde: torch.Tensor | float) -> torch.Tensor:
+    """Improved DDPM's learned-range variance: log sigma^2 = frac log beta + (1 - frac) log beta_tilde with
+    frac = (v + 1) / 2, v the model's raw output (v = 1: beta, the upper bound; v = -1: beta_tilde, the lower)."""
+    frac = (v + 1) / 2
+    return frac * log_beta + (1 - frac) * log_beta_tilde
+
+
 @dataclass
 class NoiseSchedule:
     betas: torch.Tensor  # [T], float64

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from metadiff.artifacts import Artifact
-from metadiff.diffusion.sampling import Guidance, sample
+from metadiff.diffusion.sampling import EpsModel, Guidance, sample
 from metadiff.diffusion.schedule import NoiseSchedule
 from metadiff.nets.unet import ImageDenoiser
 
@@ -31,15 +31,23 @@ def from_diffusion(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+def eps_model_of(denoiser: ImageDenoiser | EpsModel) -> EpsModel:
+    """What `sample` calls for a zoo member: (eps, v) when it learned its variance, so that ancestral steps use it;
+    any other eps callable (a test's oracle) as it is."""
+    return denoiser.sampling_model() if isinstance(denoiser, ImageDenoiser) else denoiser
+
+
 def sample_images(denoiser: ImageDenoiser, schedule: NoiseSchedule, n: int, steps: int, generator: torch.Generator,
                   spacing: str = "trailing", method: str = "ddim", eta: float = 0.0, guidance: Guidance | None = None,
                   clip_x0: float | None = 1.0, reclip_guided: bool = False) -> torch.Tensor:
-    """`n` images in [0, 1] from one image denoiser, x0_hat clipped to the pixel range."""
+    """`n` images in [0, 1] from one image denoiser, x0_hat clipped to the pixel range; ancestral steps
+    (`method='ddpm'`) use the denoiser's learned variance when it has one."""
     config = denoiser.config
     timesteps = schedule.set_timesteps(steps, spacing)
-    x = sample(denoiser, schedule, timesteps, shape=(n, config["channels"], config["image_size"], config["image_size"]),
-               method=method, eta=eta, guidance=guidance, generator=generator,
-               device=next(denoiser.parameters()).device, clip_x0=clip_x0, reclip_guided=reclip_guided)
+    shape = (n, config["channels"], config["image_size"], config["image_size"])
+    x = sample(eps_model_of(denoiser), schedule, timesteps, shape=shape, method=method, eta=eta,
+               guidance=guidance, generator=generator, device=next(denoiser.parameters()).device,
+               clip_x0=clip_x0, reclip_guided=reclip_guided)
     return from_diffusion(x)
 
 
