@@ -114,9 +114,14 @@ def _quoted(overrides: list[str]) -> str:
     return "[" + ",".join(f"'{o}'" for o in overrides) + "]"
 
 
+def image_bench(experiment: str) -> str:
+    """The image set of a data-free experiment: `dfml_glyphs_5shot` -> `glyphs`."""
+    return experiment.removesuffix("_5shot").rsplit("_", 1)[1]
+
+
 def image_smoke_overrides(experiment: str, tree: Path) -> list[str]:
     """Smoke settings of the data-free stages: tiny UNets and checks, short upstreams; folder sets read `tree`."""
-    bench = experiment.rsplit("_", 1)[1]
+    bench = image_bench(experiment)
     episodes = ["data.episodes.episodes_per_batch=2"]  # fast_dev_run tests 1 batch: 2 episodes, not 20
     data = episodes if bench == "glyphs" else [f"paths.{bench}_dir={tree}", "data.train.holdout_per_class=2",
                                                "data.num_workers=0", "data.train.batch_size=4", *episodes]
@@ -136,13 +141,14 @@ def image_smoke_overrides(experiment: str, tree: Path) -> list[str]:
 
 def dfml_smoke_overrides(experiment: str, tree: Path) -> list[str]:
     """Smoke settings of dfml_* / diffusionmix_*: a 2x3 zoo of one-step members, a one-epoch dfml upstream."""
-    bench = experiment.rsplit("_", 1)[1]
+    bench = image_bench(experiment)
+    twin = "_5shot" if experiment.endswith("_5shot") else ""
     zoo_run = image_smoke_overrides(f"diffusion_zoo_{bench}", tree)
     data = [o for o in zoo_run if o.startswith(("paths.", "data."))]
     nested = [o for o in zoo_run if o.startswith("+upstream_overrides.")]
     zoo_own = [o for o in zoo_run if o not in data and o not in nested and not o.startswith("zoo.")]
     zoo = [*data, *zoo_own, "zoo.n_models=2", "zoo.classes_per_model=3"]
-    dfml = [*data, "model.generation.per_class=7", "model.generation.batch_size=32", "model.generation.steps=2",
+    dfml = [*data, f"model.generation.per_class={11 if twin else 7}",  # 5-shot episodes need 5 + 6 per class "model.generation.batch_size=32", "model.generation.steps=2",
             "model.generation.every=1", "model.episodes.per_batch=2", "model.grid.per_class=2",
             "data.episodes.n_val_episodes=2"]
     overrides = [*nested, f"+upstream_overrides.diffusion_zoo_{bench}={_quoted(zoo)}", *dfml]
@@ -150,7 +156,7 @@ def dfml_smoke_overrides(experiment: str, tree: Path) -> list[str]:
         return overrides
     dfml_upstream = [*dfml, "trainer.max_epochs=1", "data.train.steps_per_epoch=2", "test=false"]
     return [*nested, f"+upstream_overrides.diffusion_zoo_{bench}={_quoted(zoo)}",
-            f"+upstream_overrides.dfml_{bench}={_quoted(dfml_upstream)}", *data, "model.mix.denoise_steps=2",
+            f"+upstream_overrides.dfml_{bench}{twin}={_quoted(dfml_upstream)}", *data, "model.mix.denoise_steps=2",
             "model.head.clean_steps=2", "model.head.mix_steps=2", "model.head.final_steps=2"]
 
 
@@ -162,7 +168,7 @@ def smoke_overrides(experiment: str, tree: dict[str, Path], images: Path | None 
     if experiment.startswith(("classifier_", "diffusion_")):
         assert images is not None
         return image_smoke_overrides(experiment, images)
-    stage, bench = experiment.split("_")[0], experiment.rsplit("_", 1)[1]
+    stage, bench = experiment.split("_")[0], image_bench(experiment)
     if stage in LATENT_STAGES:
         return short_chain(bench, tree)
     downstream = stage in FEWSHOT_STAGES

@@ -171,3 +171,18 @@ def test_backbone_keys_of_another_backbone_are_a_config_error() -> None:
         build_backbone("resnet12", in_channels=3, mean=[0.5] * 3, std=[0.5] * 3, width=64, depth=4)
     with pytest.raises(ConfigError, match=r"model.backbone.name='vit': expected one of \['conv4', 'resnet12'\]"):
         build_backbone("vit", in_channels=3, mean=[0.5], std=[0.5])
+
+
+def test_real_pseudo_data_is_the_covered_classes_real_images_under_their_pseudo_labels() -> None:
+    from metadiff.data.images.splits import TensorImageSplit
+    from metadiff.dfml.pseudo_data import real_pseudo_data
+
+    targets = torch.arange(5).repeat_interleave(4)
+    images = (targets * 40).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    split = TensorImageSplit(images, targets, [f"c{i}" for i in range(5)])
+    class_map = [{"class": 3, "model": 0, "local": 0}, {"class": 1, "model": 1, "local": 0}]
+    data = real_pseudo_data(split, class_map, per_class=3, round_index=2)
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1] and data.models.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.images[:3].eq(120).all() and data.images[3:].eq(40).all()   # class 3's pixels, then class 1's
+    with pytest.raises(ValueError, match="per_class=5: meta-train class 3 has only 4"):
+        real_pseudo_data(split, class_map, per_class=5, round_index=0)

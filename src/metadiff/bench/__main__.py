@@ -14,13 +14,14 @@ import torch
 from metadiff.bench.features import bench_feature_extraction
 from metadiff.bench.features_vqa import bench_feature_extraction_vqa
 from metadiff.bench.inner_loop import bench_inner_loop
-from metadiff.bench.pseudo_data import bench_pseudo_data
+from metadiff.bench.pseudo_data import bench_pseudo_data, bench_pseudo_data_ranks
 from metadiff.bench.sampling import bench_sampling
 from metadiff.bench.summary import write_summary
 from metadiff.utils.io import write_json
 
 BENCHMARKS = {"features": bench_feature_extraction, "features_vqa": bench_feature_extraction_vqa,
-              "inner_loop": bench_inner_loop, "pseudo_data": bench_pseudo_data, "sampling": bench_sampling}
+              "inner_loop": bench_inner_loop, "pseudo_data": bench_pseudo_data,
+              "pseudo_data_ranks": bench_pseudo_data_ranks, "sampling": bench_sampling}
 
 
 def main(argv: list[str] | None = None) -> None:

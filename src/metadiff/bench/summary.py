@@ -21,6 +21,7 @@ RATIOS: dict[str, dict[str, tuple[str, ...]]] = {
     "pseudo_data": {"pseudo_data_guided_images_per_s": ("images_per_s", "guided"),
                     "pseudo_data_unguided_images_per_s": ("images_per_s", "unguided"),
                     "pseudo_data_guided_over_unguided_time": ("guided_over_unguided_time",)},
+    "pseudo_data_ranks": {"pseudo_data_two_ranks_over_one_time": ("two_ranks_over_one_time",)},
 }
 
 

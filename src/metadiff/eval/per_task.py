@@ -40,3 +40,16 @@ def ci_report(prefix: str, values: dict[str, torch.Tensor]) -> dict[str, float]:
         if per_task.numel():
             out[f"{prefix}/{name}"], out[f"{prefix}/{name}_ci95"] = mean_ci95(per_task)
     return out
+
+
+def paired_report(prefix: str, values: dict[str, torch.Tensor], pairs: dict[str, tuple[str, str]]) -> dict[str, float]:
+    """{prefix/name: mean of a - b, prefix/name_ci95: half-width} per pair (a, b) of value lists over the same tasks
+    in the same order: the per-task difference, whose CI is what says whether a beats b (two unpaired CIs that
+    overlap can hide a consistent per-task gain)."""
+    out = {}
+    for name, (a, b) in pairs.items():
+        if values[a].numel() and values[a].shape != values[b].shape:
+            raise ValueError(f"paired '{name}': {a} has {values[a].numel()} tasks, {b} {values[b].numel()}")
+        if values[a].numel():
+            out[f"{prefix}/{name}"], out[f"{prefix}/{name}_ci95"] = mean_ci95(values[a] - values[b])
+    return out

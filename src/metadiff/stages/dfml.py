@@ -31,16 +31,18 @@ import torch.nn.functional as F
 from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.images.episodes import Episodes, EpisodeShape
+from metadiff.dfml.augment import AugmentSpec, augment
 from metadiff.dfml.class_learner import class_learner_loss
 from metadiff.dfml.guidance import check_compat
-from metadiff.dfml.pseudo_data import PseudoData, generate_pseudo_data
+from metadiff.dfml.pseudo_data import PseudoData, generate_pseudo_data, real_pseudo_data
 from metadiff.diffusion.zoo import DiffusionZoo, load_zoo
 from metadiff.eval.fewshot import prototype_episode_accuracy, readout_lines
-from metadiff.eval.per_task import PerTaskValues, ci_report
+from metadiff.eval.per_task import PerTaskValues, ci_report, paired_report
 from metadiff.eval.plots import log_image, save_curve_plot
 from metadiff.nets.backbones import build_backbone
 from metadiff.nets.heads import MLPHead
 from metadiff.nets.meta_model import MetaModel, spatial_episodic_loss
+from metadiff.stages.classifier import load_classifier
 from metadiff.stages.diffusion_unet import save_grid
 
 WEIGHTS, SPEC = "meta_model.pt", "meta_model.json"
@@ -79,8 +81,9 @@ class DFMLModule(pl.LightningModule):
                  meta_optimizer: Callable[..., torch.optim.Optimizer],
                  class_learner_optimizer: Callable[..., torch.optim.Optimizer], lr_lut: list[list[float]],
                  class_learner_lr_scale: float | None, episodic_weight: float, kl_reduction: str,
-                 episodes: dict[str, int], generation: dict[str, Any], grid: dict[str, int], compat: str,
-                 select_checkpoint: bool = True, seed: int = 0, upstream: dict[str, Artifact] | None = None):
+                 episodes: dict[str, int], augment: dict[str, Any], generation: dict[str, Any],
+                 grid: dict[str, int], compat: str, select_checkpoint: bool = True, seed: int = 0,
+                 upstream: dict[str, Artifact] | None = None):
         super().__init__()
         check_compat(compat)
         if not upstream or "zoo" not in upstream:
@@ -88,6 +91,9 @@ class DFMLModule(pl.LightningModule):
         self.save_hyperparameters(logger=False, ignore=["meta_optimizer", "class_learner_optimizer", "upstream"])
         self.automatic_optimization = False
         self.zoo_artifact = upstream["zoo"]
+        # optional: a classifier trained on the real meta-train images, scored on the same test episodes (the upper
+        # reference of the gap the data-free model closes)
+        self.reference = load_classifier(upstream["reference"]).backbone if "reference" in upstream else None
         self.zoo: DiffusionZoo = load_zoo(self.zoo_artifact)
         self.backbone_cfg, self.head_norm, self.scale_cls = dict(backbone), head_norm, scale_cls
         self.class_learner_cfg = dict(class_learner)
@@ -96,6 +102,7 @@ class DFMLModule(pl.LightningModule):
         self.episodic_weight, self.kl_reduction, self.compat = episodic_weight, kl_reduction, compat
         self.shape = EpisodeShape(int(episodes["n_way"]), int(episodes["k_shot"]), int(episodes["n_query"]))
         self.episodes_per_batch = int(episodes["per_batch"])
+        self.augment = AugmentSpec.from_config(augment)
         self.generation, self.grid, self.select_checkpoint, self.seed = dict(generation), dict(grid), \
             select_checkpoint, seed
         self.n_classes = len(self.zoo.class_map)
@@ -117,13 +124,22 @@ class DFMLModule(pl.LightningModule):
                               f"images, the data's are {source.channels}x{source.image_size}px")
         self.spec = {"backbone": source.backbone_spec(self.backbone_cfg),
                      "n_classes": self.n_classes, "head_norm": self.head_norm, "scale_cls": self.scale_cls}
-        self.meta = build_meta_model(self.spec)
-        self.class_learner = MLPHead(self.meta.backbone.out_dim, self.n_classes,
-                                     norm=self.class_learner_cfg["norm"], time_conditioned=True)
+        # initialised from the seed alone, not from wherever the global generator got to: Lightning re-seeds it
+        # before setup() under DDP only, and round 0's guide (so its pseudo data) must be that of one process
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.meta = build_meta_model(self.spec)
+            self.class_learner = MLPHead(self.meta.backbone.out_dim, self.n_classes,
+                                         norm=self.class_learner_cfg["norm"], time_conditioned=True)
         # the random-init reference: the same architecture and seed, never trained
         self.random_init = copy.deepcopy(self.meta.backbone).requires_grad_(False)
         self.shots = list(dm.shots)
-        names = [f"{m}_{k}shot" for m in ("trained", "random_init") for k in self.shots]
+        if self.shape.k_shot not in self.shots:
+            raise ConfigError(f"model.episodes.k_shot={self.shape.k_shot} (the shot this meta-model trains for and is "
+                              f"selected on) is not among data.episodes.shots={self.shots}")
+        self.augment_fill = list(source.mean)
+        self.test_nets = ("trained", "random_init") + (("reference",) if self.reference is not None else ())
+        names = [f"{m}_{k}shot" for m in self.test_nets for k in self.shots]
         self.values = PerTaskValues(names)
 
     def configure_optimizers(self):
@@ -156,16 +172,35 @@ class DFMLModule(pl.LightningModule):
 
     @torch.no_grad()
     def regenerate(self, round_index: int) -> None:
-        """Sample the zoo, guided by the current meta-model backbone and class-learner (eval mode)."""
+        """Sample the zoo, guided by the current meta-model backbone and class-learner (eval mode). Under DDP each
+        rank samples its share of the round's batches and the shares are gathered: every rank holds the whole round,
+        the same images as one process with the same seed and guide (`generate_pseudo_data`)."""
         g = self.generation
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
+        if g["source"] == "real":  # the positive control: real images of the covered classes, not data-free
+            self.pseudo = real_pseudo_data(self.trainer.datamodule.split(g["real_split"]), self.zoo.class_map,
+                                           int(g["per_class"]), round_index)
+            self._report_round(round_index)
+            return
+        if g["source"] != "zoo":
+            raise ConfigError(f"model.generation.source='{g['source']}': expected 'zoo' (guided samples, the method) "
+                              "or 'real' (the meta-train images of the zoo's classes: the positive control)")
+        world_size = self.trainer.world_size
+        if world_size > 1:
+            # every chunk guided by rank 0's weights, whichever rank samples it: the batch-norm running statistics
+            # of the ranks differ by their last local step (DDP syncs buffers at the next forward), and a resumed
+            # run, whose ranks all load rank 0's checkpoint, then regenerates the same round
+            for tensor in (*self.meta.backbone.state_dict().values(), *self.class_learner.state_dict().values()):
+                torch.distributed.broadcast(tensor, src=0)
         self.meta.eval()
         self.class_learner.eval()
         zoo = self.zoo.to(self.device)
         scale = float(g["scale"]) if round_index > 0 or g.get("guide_round0", True) else 0.0
         self.pseudo = generate_pseudo_data(zoo, self.meta.backbone, self.class_learner, int(g["per_class"]),
-                                           int(g["batch_size"]), int(g["steps"]), scale, self.compat, gen,
-                                           round_index, g.get("spacing", "trailing"))
+                                           int(g["batch_size"]), int(g["steps"]), scale, self.compat,
+                                           self.seed * 1_000_003 + round_index, round_index,
+                                           g.get("spacing", "trailing"), self.global_rank, world_size,
+                                           self.all_gather if world_size > 1 else None)
+        self.log("pseudo/images_generated", float((self.pseudo.ranks == self.global_rank).sum()))  # this rank's share
         self.meta.train()
         self.class_learner.train()
         self._report_round(round_index)
@@ -205,7 +240,9 @@ class DFMLModule(pl.LightningModule):
         meta_opt, cl_opt = self.optimizers()
         gen = self._generator(batch)
         ep = self.pseudo.episodes(self.shape, self.episodes_per_batch, gen, self.device)
-        global_logits, spatial = self.meta.train_forward(ep.support, ep.support_labels, ep.query, self.shape.n_way)
+        support = augment(ep.support, self.augment, self.augment_fill, gen)
+        query = augment(ep.query, self.augment, self.augment_fill, gen)
+        global_logits, spatial = self.meta.train_forward(support, ep.support_labels, query, self.shape.n_way)
         global_loss = F.cross_entropy(global_logits, ep.query_classes.flatten())
         episodic_loss = spatial_episodic_loss(spatial, ep.query_labels)
         loss = global_loss + self.episodic_weight * episodic_loss
@@ -216,7 +253,8 @@ class DFMLModule(pl.LightningModule):
         fresh = self.pseudo.episodes(self.shape, self.episodes_per_batch, gen, self.device)
         self.meta.eval()  # the teacher and the noisy features use running statistics (spec §4.3)
         cl_loss, ce, kl = class_learner_loss(self.meta.backbone, self.meta.head, self.class_learner,
-                                             fresh.query.flatten(0, 1), fresh.query_classes.flatten(),
+                                             augment(fresh.query.flatten(0, 1), self.augment, self.augment_fill,
+                                                     gen), fresh.query_classes.flatten(),
                                              self.zoo.schedule, self.compat, self.kl_reduction, gen)
         self.meta.train()
         cl_opt.zero_grad()
@@ -233,7 +271,8 @@ class DFMLModule(pl.LightningModule):
     def _score(self, batch: Episodes, dataloader_idx: int, nets: tuple[str, ...]) -> None:
         k = self.shots[dataloader_idx]
         for name in nets:
-            backbone = self.meta.backbone if name == "trained" else self.random_init.to(self.device)
+            backbone = {"trained": self.meta.backbone, "random_init": self.random_init,
+                        "reference": self.reference}[name].to(self.device)
             self.values.update(f"{name}_{k}shot", prototype_episode_accuracy(
                 lambda x, b=backbone: b(x).mean(dim=(2, 3)), batch, self.scale_cls))
 
@@ -243,7 +282,7 @@ class DFMLModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values = self.values.compute([f"trained_{k}shot" for k in self.shots])
         report = ci_report("val", values)
-        accuracy = sum(report[f"val/trained_{k}shot"] for k in self.shots) / len(self.shots)
+        accuracy = report[f"val/trained_{self.shape.k_shot}shot"]  # selection on the shot trained for (one model per K)
         self.log_dict({**report, "val/accuracy": accuracy})
         if self.trainer.sanity_checking:
             return
@@ -277,15 +316,30 @@ class DFMLModule(pl.LightningModule):
         self.meta.eval()
 
     def test_step(self, batch: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._score(batch, dataloader_idx, ("trained", "random_init"))
+        self._score(batch, dataloader_idx, self.test_nets)
 
     def on_test_epoch_end(self) -> None:
-        report = ci_report("test", self.values.compute())
+        values = self.values.compute()
+        report = ci_report("test", values)
+        pairs = {f"trained_minus_random_init_{k}shot": (f"trained_{k}shot", f"random_init_{k}shot") for k in self.shots}
+        if self.reference is not None:
+            pairs |= {f"reference_minus_random_init_{k}shot": (f"reference_{k}shot", f"random_init_{k}shot")
+                      for k in self.shots}
+        report |= paired_report("test", values, pairs)
+        if self.reference is not None:  # the share of the random-init -> real-data gap the data-free model closes
+            for k in self.shots:
+                report[f"test/gap_closed_{k}shot"] = report[f"test/trained_minus_random_init_{k}shot"] / \
+                    report[f"test/reference_minus_random_init_{k}shot"]
         self.log_dict(report)
         self.summary_metrics.update(report)
         if self.trainer.is_global_zero:
-            print(readout_lines(f"dfml ({self.compat}): prototype readout on the fixed real meta-test episodes "
-                                "(mean +- 95% CI):", report, self.shots, ("trained", "random_init")), flush=True)
+            lines = readout_lines(f"dfml ({self.compat}): prototype readout on the fixed real meta-test episodes "
+                                  "(mean +- 95% CI):", report, self.shots, self.test_nets)
+            lines += "".join(f"\n  {k}-shot  trained - random_init (paired) {report[f'test/trained_minus_random_init_{k}shot']:+.3f}"
+                             f" +- {report[f'test/trained_minus_random_init_{k}shot_ci95']:.3f}"
+                             + (f", gap closed {report[f'test/gap_closed_{k}shot']:.1%}" if self.reference is not None
+                                else "") for k in self.shots)
+            print(lines, flush=True)
 
     def write_artifact(self, directory: Path) -> None:
         torch.save(self.meta.state_dict(), directory / WEIGHTS)

@@ -5,8 +5,13 @@ Per episode the frozen backbone embeds support and queries (normalize(GAP)). A f
 support features in three phases: `clean_steps` SGD steps on the support set; `mix_steps` steps of a second SGD on
 the DiffusionMix sets, one per zoo model (support images mixed with a permutation of themselves at noise step t,
 denoised by that model; mixup loss with Beta(α, α) weights; averaged over models); `final_steps` more steps of the
-first SGD on the support set. "none" trains the same head with the mix phase left out. The prototype readout of the
-meta-model is reported beside both. All episodes of a batch are trained at once (metadiff.dfml.episode_heads).
+first SGD on the support set. `head` trains the same head with the mix phase left out, from the same initial weights.
+Each head is trained once per norm of `head.norms` (`none`: the fixed mode's; `batch_stats`: the original's
+transductive batch norm, spec §8 B9), so the B9 comparison sits beside the DiffusionMix one. The prototype readout
+of the meta-model is reported too. All episodes of a batch are trained at once (metadiff.dfml.episode_heads).
+
+Every comparison is also reported *paired*, as the mean and 95% CI of the per-episode difference on the same
+episodes: DiffusionMix vs none (per norm), transductive vs plain head, head vs prototype.
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ from metadiff.dfml.episode_heads import EpisodeHeads, train_heads
 from metadiff.dfml.guidance import check_compat
 from metadiff.diffusion.zoo import load_zoo
 from metadiff.eval.fewshot import embed_episodes, episode_accuracy, prototype_episode_accuracy, readout_lines
-from metadiff.eval.per_task import PerTaskValues, ci_report
+from metadiff.eval.per_task import PerTaskValues, ci_report, paired_report
 from metadiff.stages.dfml import load_meta_model
 from metadiff.stages.diffusion_unet import save_grid
 
-READOUTS = ("prototype", "head", "head_diffusionmix")
+HEAD_NORMS = ("none", "batch_stats")
 
 
 class DiffusionMixModule(pl.LightningModule):
@@ -45,11 +50,20 @@ class DiffusionMixModule(pl.LightningModule):
         self.meta = load_meta_model(upstream["meta"])
         self.zoo = load_zoo(upstream["zoo"])
         self.head_cfg, self.mix, self.compat, self.seed = dict(head), dict(mix), compat, seed
+        self.norms = list(self.head_cfg["norms"])
+        if not self.norms or any(n not in HEAD_NORMS for n in self.norms):
+            raise ConfigError(f"model.head.norms={self.norms}: expected a non-empty list of {HEAD_NORMS}")
+        # the first norm's heads are `head` / `head_diffusionmix`; others get the norm as a suffix
+        self.readouts = ["prototype"] + [f"{r}{self._suffix(n)}" for n in self.norms
+                                         for r in ("head", "head_diffusionmix")]
         self.summary_metrics: dict[str, float] = {}
+
+    def _suffix(self, norm: str) -> str:
+        return "" if norm == self.norms[0] else f"_{norm}"
 
     def setup(self, stage: str) -> None:
         self.shots = list(self.trainer.datamodule.shots)
-        self.values = PerTaskValues([f"{r}_{k}shot" for r in READOUTS for k in self.shots])
+        self.values = PerTaskValues([f"{r}_{k}shot" for r in self.readouts for k in self.shots])
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.meta.backbone.embed(images)
@@ -68,9 +82,12 @@ class DiffusionMixModule(pl.LightningModule):
         lam = beta_draws(alpha, b, gen)
         perm = torch.stack([torch.randperm(s, generator=gen) for _ in range(b)]).to(support.device)
         x_b = torch.gather(support, 1, perm.view(b, s, 1, 1, 1).expand_as(support))
-        mixed = interpolate(self.zoo, model, support.flatten(0, 1), x_b.flatten(0, 1), int(self.mix["t"]),
-                            lam.to(support.device).repeat_interleave(s), self.compat, gen,
-                            self.mix.get("denoise_steps"))
+        x_a, x_b, lam_img = support.flatten(0, 1), x_b.flatten(0, 1), lam.to(support.device).repeat_interleave(s)
+        # UNet calls of at most `mix.batch_size` images: on a CPU one call of 625 glyphs takes 13x one of 125
+        chunk = int(self.mix["batch_size"] or len(x_a))
+        mixed = torch.cat([interpolate(self.zoo, model, x_a[i:i + chunk], x_b[i:i + chunk], int(self.mix["t"]),
+                                       lam_img[i:i + chunk], self.compat, gen, self.mix["denoise_steps"])
+                           for i in range(0, len(x_a), chunk)])
         return mixed.view_as(support), labels, torch.gather(labels, 1, perm), lam.to(support.device)
 
     def test_step(self, batch: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -88,18 +105,19 @@ class DiffusionMixModule(pl.LightningModule):
                           for x, ya, yb, lam in mixed]
         if batch_idx == 0 and dataloader_idx == 0 and self.trainer.is_global_zero:
             self._save_grid(batch.support, [m[0] for m in mixed])
-        for readout, with_mix in (("head", False), ("head_diffusionmix", True)):
-            torch.manual_seed(self.seed + batch_idx)  # both readouts start from the same fresh heads
-            with torch.inference_mode(False), torch.enable_grad():
-                logits = self._fit_and_predict(support.clone(), y_s, query.clone(), n_way,
-                                               [tuple(t.clone() for t in m) for m in mixed_features] if with_mix
-                                               else None)
-            self.values.update(f"{readout}_{k}shot", episode_accuracy(logits, y_q))
+        for norm in self.norms:
+            for readout, with_mix in (("head", False), ("head_diffusionmix", True)):
+                torch.manual_seed(self.seed + batch_idx)  # every readout starts from the same fresh heads
+                with torch.inference_mode(False), torch.enable_grad():
+                    logits = self._fit_and_predict(support.clone(), y_s, query.clone(), n_way, norm,
+                                                   [tuple(t.clone() for t in m) for m in mixed_features]
+                                                   if with_mix else None)
+                self.values.update(f"{readout}{self._suffix(norm)}_{k}shot", episode_accuracy(logits, y_q))
 
-    def _fit_and_predict(self, support: torch.Tensor, y_s: torch.Tensor, query: torch.Tensor, n_way: int,
+    def _fit_and_predict(self, support: torch.Tensor, y_s: torch.Tensor, query: torch.Tensor, n_way: int, norm: str,
                          mixed: list[tuple[torch.Tensor, ...]] | None) -> torch.Tensor:
         h = self.head_cfg
-        heads = EpisodeHeads(len(support), support.shape[-1], n_way, h["norm"], self.device)
+        heads = EpisodeHeads(len(support), support.shape[-1], n_way, norm, self.device)
         clean = torch.optim.SGD(heads.parameters(), lr=h["lr_clean"], momentum=h["momentum"],
                                 weight_decay=h["weight_decay"])
 
@@ -133,16 +151,35 @@ class DiffusionMixModule(pl.LightningModule):
         self.grid_path = save_grid(images.float().cpu(), Path(self.trainer.default_root_dir) / "diffusionmix.png",
                                    support.shape[1])
 
-    def on_test_epoch_end(self) -> None:
-        report = ci_report("test", self.values.compute())
+    def paired_differences(self) -> dict[str, tuple[str, str]]:
+        """name -> (readout a, readout b) of every comparison, per shot: a - b per episode."""
+        pairs = {}
         for k in self.shots:
-            report[f"test/diffusionmix_gain_{k}shot"] = report[f"test/head_diffusionmix_{k}shot"] - \
-                report[f"test/head_{k}shot"]
+            for norm in self.norms:
+                x = self._suffix(norm)
+                pairs[f"diffusionmix_gain{x}_{k}shot"] = (f"head_diffusionmix{x}_{k}shot", f"head{x}_{k}shot")
+                pairs[f"head{x}_minus_prototype_{k}shot"] = (f"head{x}_{k}shot", f"prototype_{k}shot")
+            for other in self.norms[1:]:  # B9: the other norm's heads against the first's
+                x = self._suffix(other)
+                pairs[f"head{x}_minus_head_{k}shot"] = (f"head{x}_{k}shot", f"head_{k}shot")
+                pairs[f"head_diffusionmix{x}_minus_head_diffusionmix_{k}shot"] = (
+                    f"head_diffusionmix{x}_{k}shot", f"head_diffusionmix_{k}shot")
+        return pairs
+
+    def on_test_epoch_end(self) -> None:
+        values = self.values.compute()
+        report = ci_report("test", values)
+        paired = paired_report("test", values, self.paired_differences())
+        report |= paired
         self.log_dict(report)
         self.summary_metrics.update(report)
         if self.trainer.is_global_zero:
-            print(readout_lines(f"diffusionmix ({self.compat}) on the fixed real meta-test episodes (mean +- 95% CI):",
-                                report, self.shots, READOUTS, width=18), flush=True)
+            lines = readout_lines(f"diffusionmix ({self.compat}) on the fixed real meta-test episodes (mean +- 95% CI;"
+                                  f" head norms {self.norms}):", report, self.shots, tuple(self.readouts), width=28)
+            lines += "\n  paired per-episode differences (mean +- 95% CI):" + "".join(
+                f"\n  {key.removeprefix('test/'):<52s} {value:+.3f} +- {paired[key + '_ci95']:.3f}"
+                for key, value in paired.items() if not key.endswith("_ci95"))
+            print(lines, flush=True)
 
     def write_artifact(self, directory: Path) -> None:
         if hasattr(self, "grid_path"):
