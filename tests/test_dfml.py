@@ -14,6 +14,8 @@ from metadiff.dfml.diffusionmix import denoise_timesteps
 from metadiff.dfml.episode_heads import EpisodeHeads, train_heads
 from metadiff.dfml.pseudo_data import PseudoData
 from metadiff.diffusion.schedule import NoiseSchedule
+from metadiff.eval.fewshot import paired_lines
+from metadiff.eval.per_task import paired_report
 from metadiff.nets.backbones import build_backbone
 from metadiff.nets.heads import MLPHead
 from metadiff.stages.dfml import lr_at
@@ -186,3 +188,16 @@ def test_real_pseudo_data_is_the_covered_classes_real_images_under_their_pseudo_
     assert data.images[:3].eq(120).all() and data.images[3:].eq(40).all()   # class 3's pixels, then class 1's
     with pytest.raises(ValueError, match="per_class=5: meta-train class 3 has only 4"):
         real_pseudo_data(split, class_map, per_class=5, round_index=0)
+
+
+def test_paired_report_and_lines_print_the_per_episode_difference() -> None:
+    """The paired difference is the mean of per-episode a - b (not the difference of means' CIs), and the printed
+    line shows it with its CI and note."""
+    values = {"a": torch.tensor([0.5, 0.7, 0.9]), "b": torch.tensor([0.4, 0.5, 0.6])}
+    report = paired_report("test", values, {"a_minus_b": ("a", "b")})
+    assert report["test/a_minus_b"] == pytest.approx(0.2)
+    assert report["test/a_minus_b_ci95"] > 0.0
+    text = paired_lines("paired:", report, ["a_minus_b"], {"a_minus_b": "gap closed 40.0%"}, width=10)
+    assert text.splitlines()[1] == f"  a_minus_b  +0.200 +- {report['test/a_minus_b_ci95']:.3f}, gap closed 40.0%"
+    with pytest.raises(ValueError, match="paired 'a_minus_c'"):
+        paired_report("test", values | {"c": torch.tensor([0.1])}, {"a_minus_c": ("a", "c")})

@@ -56,3 +56,15 @@ def readout_lines(title: str, report: dict[str, float], shots: list[int], readou
             key = f"test/{name}_{k}shot"
             lines.append(f"  {k}-shot  {name:<{width}s} {report[key]:.3f} +- {report[key + '_ci95']:.3f}")
     return "\n".join(lines)
+
+
+def paired_lines(title: str, report: dict[str, float], names: list[str], notes: dict[str, str] | None = None,
+                 width: int = 52) -> str:
+    """The printed paired differences of a few-shot test: one `name mean +- ci95[, note]` line per name, read from
+    `report` keys `test/{name}` (written by `eval.per_task.paired_report`); `notes` appends e.g. a gap share."""
+    lines = [f"  {title}"]
+    for name in names:
+        key = f"test/{name}"
+        note = f", {notes[name]}" if notes and name in notes else ""
+        lines.append(f"  {name:<{width}s} {report[key]:+.3f} +- {report[key + '_ci95']:.3f}{note}")
+    return "\n".join(lines)

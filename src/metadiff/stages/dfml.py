@@ -36,7 +36,7 @@ from metadiff.dfml.class_learner import class_learner_loss
 from metadiff.dfml.guidance import check_compat
 from metadiff.dfml.pseudo_data import PseudoData, generate_pseudo_data, real_pseudo_data
 from metadiff.diffusion.zoo import DiffusionZoo, load_zoo
-from metadiff.eval.fewshot import prototype_episode_accuracy, readout_lines
+from metadiff.eval.fewshot import paired_lines, prototype_episode_accuracy, readout_lines
 from metadiff.eval.per_task import PerTaskValues, ci_report, paired_report
 from metadiff.eval.plots import log_image, save_curve_plot
 from metadiff.nets.backbones import build_backbone
@@ -335,10 +335,10 @@ class DFMLModule(pl.LightningModule):
         if self.trainer.is_global_zero:
             lines = readout_lines(f"dfml ({self.compat}): prototype readout on the fixed real meta-test episodes "
                                   "(mean +- 95% CI):", report, self.shots, self.test_nets)
-            lines += "".join(f"\n  {k}-shot  trained - random_init (paired) {report[f'test/trained_minus_random_init_{k}shot']:+.3f}"
-                             f" +- {report[f'test/trained_minus_random_init_{k}shot_ci95']:.3f}"
-                             + (f", gap closed {report[f'test/gap_closed_{k}shot']:.1%}" if self.reference is not None
-                                else "") for k in self.shots)
+            names = [f"trained_minus_random_init_{k}shot" for k in self.shots]
+            notes = ({name: f"gap closed {report[f'test/gap_closed_{k}shot']:.1%}" for name, k in zip(names, self.shots, strict=True)}
+                     if self.reference is not None else None)
+            lines += "\n" + paired_lines("paired per-episode differences (mean +- 95% CI):", report, names, notes, 34)
             print(lines, flush=True)
 
     def write_artifact(self, directory: Path) -> None:

@@ -31,7 +31,13 @@ from metadiff.dfml.diffusionmix import interpolate, mixup_label_weights
 from metadiff.dfml.episode_heads import EpisodeHeads, train_heads
 from metadiff.dfml.guidance import check_compat
 from metadiff.diffusion.zoo import load_zoo
-from metadiff.eval.fewshot import embed_episodes, episode_accuracy, prototype_episode_accuracy, readout_lines
+from metadiff.eval.fewshot import (
+    embed_episodes,
+    episode_accuracy,
+    paired_lines,
+    prototype_episode_accuracy,
+    readout_lines,
+)
 from metadiff.eval.per_task import PerTaskValues, ci_report, paired_report
 from metadiff.stages.dfml import load_meta_model
 from metadiff.stages.diffusion_unet import save_grid
@@ -79,16 +85,16 @@ class DiffusionMixModule(pl.LightningModule):
         λ [B]); one λ ~ Beta(α, α) and one permutation of the support per episode (spec §4.6)."""
         b, s = support.shape[:2]
         alpha = float(self.mix["beta_alpha"])
-        lam = beta_draws(alpha, b, gen)
+        lam = beta_draws(alpha, b, gen).to(support.device)
         perm = torch.stack([torch.randperm(s, generator=gen) for _ in range(b)]).to(support.device)
         x_b = torch.gather(support, 1, perm.view(b, s, 1, 1, 1).expand_as(support))
-        x_a, x_b, lam_img = support.flatten(0, 1), x_b.flatten(0, 1), lam.to(support.device).repeat_interleave(s)
+        x_a, x_b, lam_img = support.flatten(0, 1), x_b.flatten(0, 1), lam.repeat_interleave(s)
         # UNet calls of at most `mix.batch_size` images: on a CPU one call of 625 glyphs takes 13x one of 125
         chunk = int(self.mix["batch_size"] or len(x_a))
         mixed = torch.cat([interpolate(self.zoo, model, x_a[i:i + chunk], x_b[i:i + chunk], int(self.mix["t"]),
                                        lam_img[i:i + chunk], self.compat, gen, self.mix["denoise_steps"])
                            for i in range(0, len(x_a), chunk)])
-        return mixed.view_as(support), labels, torch.gather(labels, 1, perm), lam.to(support.device)
+        return mixed.view_as(support), labels, torch.gather(labels, 1, perm), lam
 
     def test_step(self, batch: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
         k = self.shots[dataloader_idx]
@@ -176,9 +182,8 @@ class DiffusionMixModule(pl.LightningModule):
         if self.trainer.is_global_zero:
             lines = readout_lines(f"diffusionmix ({self.compat}) on the fixed real meta-test episodes (mean +- 95% CI;"
                                   f" head norms {self.norms}):", report, self.shots, tuple(self.readouts), width=28)
-            lines += "\n  paired per-episode differences (mean +- 95% CI):" + "".join(
-                f"\n  {key.removeprefix('test/'):<52s} {value:+.3f} +- {paired[key + '_ci95']:.3f}"
-                for key, value in paired.items() if not key.endswith("_ci95"))
+            names = [key.removeprefix("test/") for key in paired if not key.endswith("_ci95")]
+            lines += "\n" + paired_lines("paired per-episode differences (mean +- 95% CI):", report, names)
             print(lines, flush=True)
 
     def write_artifact(self, directory: Path) -> None:
