@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo train test test-slow test-demo test-all bench sweep meta-vqa lint format clean
+.PHONY: help install demo train test test-slow test-demo test-all bench report sweep meta-vqa lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ test-all: install ## both, sharing one cache of built upstream chains (what CI r
 
 bench: install ## benchmarks -> bench/*.json
 	$(PY) -m metadiff.bench --out bench
+
+report: install ## one page of every artifact's metrics and plots -> outputs/report/report.{md,html} (OUT=dir)
+	$(PY) -m metadiff.report outputs $(if $(OUT),--out $(OUT))
 
 sweep: install ## example Hydra multirun: make sweep ARGS="seed=1,2"
 	$(PY) train.py -m experiment=$(EXP) $(or $(ARGS),seed=1,2)
