@@ -66,7 +66,7 @@ def vqa_overrides(tree: dict[str, Path]) -> list[str]:
     """Point a *_vqa experiment at the fixture tree, with the tiny CLIP instead of ViT-L/14."""
     return [f"paths.vqa_dir={tree['vqa_dir']}", f"paths.coco_dir={tree['coco_dir']}",
             f"data.source.prompts={tree['prompts']}", "model.arch=metadiff-tiny-vit",
-            f"model.checkpoint={tree['checkpoint']}", "data.num_workers=0"]
+            f"model.pretrained={tree['checkpoint']}", "data.num_workers=0"]
 
 
 SHORT_CLIP_OVERRIDES = "['trainer.max_steps=2','data.n_train_pairs=512','data.n_val_tasks=5']"

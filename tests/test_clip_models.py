@@ -30,7 +30,7 @@ def test_local_checkpoint_roundtrip(tmp_path: Path) -> None:
     path = tmp_path / "tiny.pt"
     torch.save(first.model.state_dict(), path)
     torch.manual_seed(1)
-    second = create_clip("metadiff-tiny-vit", checkpoint=path)
+    second = create_clip("metadiff-tiny-vit", pretrained=path)
     for (name, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
@@ -39,18 +39,18 @@ def test_checkpoint_for_wrong_architecture_is_one_line_naming_file(tmp_path: Pat
     path = tmp_path / "tiny.pt"
     torch.save(create_clip("metadiff-tiny-vit").model.state_dict(), path)
     with pytest.raises(ValueError) as err:
-        create_clip("RN50", checkpoint=path)
+        create_clip("RN50", pretrained=path)
     message = str(err.value)
     assert str(path) in message and "'RN50'" in message and "\n" not in message
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no download is attempted"):
-        create_clip("metadiff-tiny-vit", checkpoint=tmp_path / "absent.pt")
+        create_clip("metadiff-tiny-vit", pretrained=tmp_path / "absent.pt")
     bad = tmp_path / "truncated.pt"
     bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
     with pytest.raises(ValueError, match=str(bad)):
-        create_clip("metadiff-tiny-vit", checkpoint=bad)
+        create_clip("metadiff-tiny-vit", pretrained=bad)
 
 
 def test_unknown_architecture() -> None:

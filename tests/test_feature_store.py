@@ -81,7 +81,7 @@ def test_other_model_on_same_store_is_an_error(built_store, tmp_path: Path) -> N
     other = tmp_path / "other_tiny.pt"
     torch.save(create_clip("metadiff-tiny-vit").model.state_dict(), other)
     (store_dir,) = (root / "outputs" / "data" / "features").glob("synthvqa-metadiff-tiny-vit-*[!l]")
-    proc = run_train(["experiment=features_synthvqa", f"model.checkpoint={other}", "~upstream.clip",
+    proc = run_train(["experiment=features_synthvqa", f"model.pretrained={other}", "~upstream.clip",
                       f"model.store_dir={store_dir}"], root, check=False)  # a fixed folder, built for another model
     assert proc.returncode == 2
     assert "was built for a different model or data" in proc.stderr and "checkpoint_sha256" in proc.stderr

@@ -84,7 +84,7 @@ def _extract(vqa_tree: dict, task_dir: Path, store_dir: Path, callback: pl.Callb
     source = MetaVQASource(image_dir=str(vqa_tree["coco_dir"]), task_dir=str(task_dir),
                            prompts=str(vqa_tree["prompts"]), meta_val={"fraction": 0.1, "seed": 0})
     data = FeatureSourceDataModule(source=source, arch=ARCH, batch_size=8, text_batch_size=4)
-    model = FeatureExtractor(source=source, arch=ARCH, store_dir=str(store_dir), checkpoint=str(vqa_tree["checkpoint"]),
+    model = FeatureExtractor(source=source, arch=ARCH, store_dir=str(store_dir), pretrained=str(vqa_tree["checkpoint"]),
                              precision=precision)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[callback], precision=precision)

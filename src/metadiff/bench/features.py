@@ -37,7 +37,7 @@ def bare_images_per_s(model: torch.nn.Module, batches: list[torch.Tensor], devic
 
 def pipeline_images_per_s(source: TaskSource, arch: str, checkpoint: Path, store: Path, batch_size: int, device: str,
                           num_workers: int = 0) -> float:
-    model = FeatureExtractor(source=source, arch=arch, store_dir=str(store), checkpoint=str(checkpoint))
+    model = FeatureExtractor(source=source, arch=arch, store_dir=str(store), pretrained=str(checkpoint))
     data = FeatureSourceDataModule(source=source, arch=arch, batch_size=batch_size, num_workers=num_workers)
     trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[])

@@ -6,8 +6,10 @@ rows it computed straight into shared memory-mapped tables; rank 0 commits the s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +24,7 @@ from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.sources import META_SPLITS, TaskSource, task_prompts
 from metadiff.eval.baselines import baseline_report
-from metadiff.features.clip_models import create_clip, image_preprocessing
+from metadiff.features.clip_models import ClipBundle, create_clip, image_preprocessing
 from metadiff.features.store import FeatureStore, FeatureStoreBuilder, build_index, check_existing
 from metadiff.stages.clip_pretrain import CLIP_WEIGHTS
 from metadiff.utils.hashing import file_sha256, fingerprint
@@ -52,13 +54,40 @@ def store_contents(source: TaskSource) -> tuple[list[str], list[str], dict[str, 
     return source.image_names(), questions, {t.question: task_prompts(source, t) for t in tasks}
 
 
+def weights_description(bundle: ClipBundle) -> dict[str, Any]:
+    """The weights' part of a store's key: the CONTENT of the file that was read (so a file replaced at the same path
+    gives a new store, and a moved one does not), plus for tags and hub repos the name, which also fixes the image
+    normalisation. A local file's entry is the same as before `model.pretrained` existed, so old stores stay valid."""
+    weights = bundle.weights
+    if weights.path is None:
+        raise ConfigError(f"features: '{bundle.arch}' has random weights (model.pretrained=null and no upstream clip)")
+    description: dict[str, Any] = {"checkpoint_sha256": cached_file_sha256(weights.path)}
+    if weights.kind != "file":
+        description["pretrained"] = weights.name
+        description["image_preprocessing"] = [bundle.image_size, list(bundle.mean), list(bundle.std)]
+    return description
+
+
+def cached_file_sha256(path: Path) -> str:
+    """sha256 of a weights file (GBs for ViT-L), hashed once per (path, inode, size, mtime) in this process."""
+    stat = os.stat(path)
+    return _file_sha256(str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    return file_sha256(Path(path))
+
+
 class FeatureSourceDataModule(pl.LightningDataModule):
     """Three predict loaders (images, questions, answer prompts) over one benchmark."""
 
     def __init__(self, source: TaskSource, arch: str, batch_size: int = 256, text_batch_size: int = 512,
-                 num_workers: int = 0):
+                 num_workers: int = 0, pretrained: str | None = None):
+        """`pretrained`: the model's `model.pretrained`, because tags and hub repos carry their own image
+        normalisation; None (upstream weights, local files) uses the architecture's."""
         super().__init__()
-        self.source, self.arch = source, arch
+        self.source, self.arch, self.pretrained = source, arch, pretrained
         self.batch_size, self.text_batch_size, self.num_workers = batch_size, text_batch_size, num_workers
 
     def prepare_data(self) -> None:
@@ -70,7 +99,7 @@ class FeatureSourceDataModule(pl.LightningDataModule):
         from metadiff.features.clip_models import register_model_configs
 
         register_model_configs()
-        size, mean, std = image_preprocessing(self.arch)
+        size, mean, std = image_preprocessing(self.arch, self.pretrained)
         tokenizer = open_clip.get_tokenizer(self.arch)
         images, questions, answers = store_contents(self.source)
         self.datasets = [
@@ -92,23 +121,24 @@ class FeatureSourceDataModule(pl.LightningDataModule):
 class FeatureExtractor(pl.LightningModule):
     """Encodes everything a benchmark needs once; a rerun with the same model and data reuses the store."""
 
-    def __init__(self, source: TaskSource, arch: str, store_dir: str, checkpoint: str | None = None,
+    def __init__(self, source: TaskSource, arch: str, store_dir: str, pretrained: str | None = None,
                  normalize: bool = False, precision: str | int = "32-true",
                  upstream: dict[str, Artifact] | None = None):
         super().__init__()
-        if checkpoint is None:
+        if pretrained is None:
             if not upstream or "clip" not in upstream:
                 raise ConfigError(
-                    "features: no CLIP weights. Set model.checkpoint=/path/to/open_clip_weights.pt (with model.arch) "
-                    "or keep the 'upstream.clip' entry that trains the small embedded CLIP."
+                    "features: no CLIP weights. Set model.pretrained to an open_clip tag of model.arch (e.g. openai), "
+                    "hf-hub:org/repo or a local weights file, or keep the 'upstream.clip' entry that trains the small "
+                    "embedded CLIP."
                 )
-            checkpoint = str(upstream["clip"].file(CLIP_WEIGHTS))
+            pretrained = str(upstream["clip"].file(CLIP_WEIGHTS))
         self.source, self.normalize = source, normalize
-        self.bundle = create_clip(arch, checkpoint)
+        self.bundle = create_clip(arch, pretrained)
         self.model = self.bundle.model.eval()
         self.description = {
             "arch": arch,
-            "checkpoint_sha256": file_sha256(Path(checkpoint)),
+            **weights_description(self.bundle),
             "data": f"{source.name}:{source.fingerprint()}",
             "normalize": normalize,
             "precision": str(precision),  # bf16 features differ slightly from fp32 ones: never mix them up
