@@ -33,6 +33,7 @@ DEFAULT_FINGERPRINT_EXCLUDE = (
     "callbacks.model_checkpoint",  # where and how often checkpoints go, the summary, crash drills: not the result
     "callbacks.model_summary",
     "callbacks.kill",
+    "callbacks.progress",          # progress lines on a redirected console: never the result
     "tags",
     "task_name",
     "ckpt_path",

@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from metadiff.artifacts import Artifact, publish_artifact, resolve_upstreams
 from metadiff.config import ConfigError, validate_config
 from metadiff.errors import InputFileError, MissingInputError, UserError
+from metadiff.logs import QuietThirdParty, quiet_third_party
+from metadiff.progress import stdout_is_terminal
 from metadiff.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -170,6 +172,7 @@ def _restore_default_start_method() -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one stage as configured; return its final scalar metrics."""
     _route_lightning_logs_to_root()
+    quiet_third_party()
     _restore_default_start_method()
     validate_config(cfg)
     ckpt_path = checked_ckpt_path(cfg)
@@ -179,15 +182,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     save_resolved_config(cfg)
 
     upstream = resolve_upstreams(cfg)
-    pl.seed_everything(cfg.seed, workers=True)  # upstream builds consume RNG state; restart from the seed
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # upstream builds consume RNG state: restart from seed
 
     log.info("stage '%s' (%s): instantiating data <%s>", cfg.stage, cfg.task_name, cfg.data._target_)
     datamodule: pl.LightningDataModule = _instantiate_with_upstream(cfg.data, upstream)
     log.info("instantiating model <%s>", cfg.model._target_)
     model: pl.LightningModule = _instantiate_with_upstream(cfg.model, upstream)
-    callbacks = _instantiate_list(cfg.get("callbacks"))
+    callbacks = [*_instantiate_list(cfg.get("callbacks")), QuietThirdParty()]
     loggers = _instantiate_list(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # Lightning's bar redraws a terminal line; in a file it is carriage-return debris (TQDM) or nothing until the end
+    # (Rich). Off a terminal, callbacks.progress (metadiff.progress.ProgressLines) logs progress lines instead.
+    bar = bool(cfg.trainer.enable_progress_bar) and stdout_is_terminal()
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                  enable_progress_bar=bar)
 
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -233,6 +240,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def _print_summary(cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """The run's metrics block (tests/conftest.py `parse_summary` reads it): printed after loggers are closed and
+    everything else is done, so it is the last thing a run prints (tests/test_logs.py checks)."""
     lines = [f"== {cfg.task_name} ({cfg.stage}) finished: =="]
     lines += [f"  {key:<40s} {value:.4f}" for key, value in sorted(metrics.items())]
     lines.append(f"  outputs: {cfg.paths.output_dir}")
