@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-EXP ?= features_synthvqa
+EXP ?= hyperldm_synthvqa_demo
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 

@@ -1,4 +1,4 @@
-"""Callbacks of our own: the NaN/inf guard every run has, and two drills for reliability tests (`KillAfterBatches`
+"""Callbacks of our own: the NaN/inf guard every run has, the in-place EMA, and two drills for reliability tests (`KillAfterBatches`
 kills the process like `kill -9`; `PoisonWeights` makes the next loss NaN)."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from metadiff.errors import UserError
 
@@ -120,3 +122,25 @@ class RestoreRNGStates(pl.Callback):
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
+
+
+class InPlaceEMA(WeightAveraging):
+    """Lightning's `EMAWeightAveraging` schedule (start step, every n steps) with torch's in-place foreach EMA
+    (`get_ema_multi_avg_fn`) instead of the per-tensor `get_ema_avg_fn` that `EMAWeightAveraging` hard-wires.
+
+    Why by hand: the per-tensor form allocates three temporaries of every weight at each update, the module's frozen
+    upstream nets included (HyperLDM holds an 8.6M-parameter HNET): 37 ms against 5 ms per update for that module
+    on 2 CPU cores, the same averages to 3e-8. `WeightAveraging` is Lightning's public base for custom averaging."""
+
+    def __init__(self, decay: float, update_every_n_steps: int, update_starting_at_step: int,
+                 use_buffers: bool = True):
+        super().__init__(use_buffers=use_buffers, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        if not 0.0 < decay < 1.0 or update_every_n_steps < 1 or update_starting_at_step < 0:
+            raise ValueError(f"callbacks.ema: decay {decay} must be in (0, 1), update_every_n_steps "
+                             f"{update_every_n_steps} >= 1 and update_starting_at_step {update_starting_at_step} >= 0")
+        self.update_every_n_steps, self.update_starting_at_step = update_every_n_steps, update_starting_at_step
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """Step-based only, as the EMA configs use it: from `update_starting_at_step`, every n-th step."""
+        return (step_idx is not None and step_idx >= self.update_starting_at_step
+                and step_idx % self.update_every_n_steps == 0)

@@ -235,15 +235,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not math.isfinite(value):
             raise FloatingPointError(f"stage '{cfg.stage}': metric '{key}' is {value}")
     metrics["time/run_seconds"] = time.time() - start
-    _print_summary(cfg, metrics)
+    _print_summary(cfg, metrics, getattr(model, "results_text", None))
     return metrics
 
 
-def _print_summary(cfg: DictConfig, metrics: dict[str, float]) -> None:
+def _print_summary(cfg: DictConfig, metrics: dict[str, float], results_text: str | None = None) -> None:
     """The run's metrics block (tests/conftest.py `parse_summary` reads it): printed after loggers are closed and
-    everything else is done, so it is the last thing a run prints (tests/test_logs.py checks)."""
+    everything else is done, so it is the last thing a run prints (tests/test_logs.py checks). A stage that sets
+    `results_text` (its results table and plot path, e.g. hyperldm's claims) has it printed after the metrics, so a
+    run ends with what a person reads first."""
     lines = [f"== {cfg.task_name} ({cfg.stage}) finished: =="]
     lines += [f"  {key:<40s} {value:.4f}" for key, value in sorted(metrics.items())]
+    if results_text:
+        lines += ["", results_text.strip("\n"), ""]
     lines.append(f"  outputs: {cfg.paths.output_dir}")
     print("\n".join(lines), flush=True)
 

@@ -34,13 +34,13 @@ class AdapterShape:
         return sum(math.prod(s) for s in self.sizes.values())
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """[..., P] -> {name: [..., *shape]} in the spec's order W1, W2, b1, b2."""
-        out, start = {}, 0
-        for name, shape in self.sizes.items():
-            n = math.prod(shape)
-            out[name] = flat[..., start:start + n].reshape(*flat.shape[:-1], *shape)
-            start += n
-        return out
+        """[..., P] -> {name: [..., *shape]} in the spec's order W1, W2, b1, b2.
+
+        One `split` (views): its backward is one concatenation, where four slices would each allocate and fill a
+        zero tensor of the full [..., P] gradient (measured: 18% of an HNET inner step)."""
+        parts = torch.split(flat, [math.prod(shape) for shape in self.sizes.values()], dim=-1)
+        return {name: part.reshape(*flat.shape[:-1], *shape)
+                for (name, shape), part in zip(self.sizes.items(), parts, strict=True)}
 
     def flatten(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         lead = weights["b1"].shape[:-1]
@@ -56,10 +56,11 @@ def adapter_logits(weights: dict[str, torch.Tensor], x: torch.Tensor, answers: t
     weights were scaled at init ("straight_through"). Padded answers get -inf logits.
     """
     w1, w2, b1, b2 = weights["W1"], weights["W2"], weights["b1"], weights["b2"]
-    if not scaled_init:
-        w1, w2 = w1 / math.sqrt(w1.shape[-1]), w2 / math.sqrt(w2.shape[-1])
-    hidden = torch.relu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
-    u = torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2)) + x
+    # the 1/sqrt(fan-in) scaling as the matmuls' alpha: dividing the [T, h, e] weights would copy them, and their
+    # gradient, in every inner step
+    alpha1, alpha2 = (1.0, 1.0) if scaled_init else (1 / math.sqrt(w1.shape[-1]), 1 / math.sqrt(w2.shape[-1]))
+    hidden = torch.relu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2), alpha=alpha1))
+    u = torch.baddbmm(b2.unsqueeze(1) + x, hidden, w2.transpose(1, 2), alpha=alpha2)
     logits = scale * torch.bmm(F.normalize(u, dim=-1), F.normalize(answers.float(), dim=-1).transpose(1, 2))
     if answer_mask is not None:
         logits = logits.masked_fill(~answer_mask.unsqueeze(1), float("-inf"))

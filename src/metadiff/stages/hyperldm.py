@@ -2,7 +2,8 @@
 
 Training: (z - mu_z) / sigma_z of the adaptation dataset's latents; the denoiser predicts eps, v or x0
 (`prediction`); with classifier-free dropout exactly floor(uncond_rate * B) rows of each batch get the null token
-(zeros), as the original. The EMA of the weights is Lightning's `EMAWeightAveraging` callback (`callbacks=ema`).
+(zeros), as the original. The EMA of the weights is a Lightning `WeightAveraging` callback (`callbacks=ema`,
+`metadiff.callbacks.InPlaceEMA`).
 
 The default (`compat=fixed`) is a residual MLP with v-prediction and a DDIM sampler that clips x0_hat; the original's
 v1 net, eps-prediction and its own DDPM update (`compat=faithful`) diverge at the cosine schedule's last steps, where
@@ -89,6 +90,7 @@ class HyperLDMModule(pl.LightningModule):
         self.register_buffer("latent_std", torch.ones(self.base.latent_dim))
         self.prediction, self.uncond_rate, self.optimizer_factory = prediction, uncond_rate, optimizer
         self.sampling, self.eval_seed, self.train_seed, self.plot = dict(sampling), eval_seed, train_seed, plot
+        self.results_text: str | None = None  # the claims table + plot path, printed at the end of the run
         # one float = one scale (what a sweep over the scale sets; hparams_search=hyperldm_guidance)
         scales = guidance_scales if isinstance(guidance_scales, list | tuple) else [guidance_scales]
         self.guidance_scales = [float(g) for g in scales]
@@ -343,9 +345,9 @@ class HyperLDMModule(pl.LightningModule):
         self.log_dict(report)
         self.summary_metrics.update(report)
         if self.trainer.is_global_zero:
-            self._print_table(report, selected)
-            if self.plot:
-                self._save_plot(report)
+            plot = self._save_plot(report) if self.plot else None
+            # printed by metadiff.run as the end of the run's summary: the claims table is the last thing a run shows
+            self.results_text = self._table(report, selected) + (f"\nplot: {plot}" if plot is not None else "")
 
     def _paired_rows(self, per_task: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
         """(method, reference) pairs whose per-task difference the table reports."""
@@ -377,7 +379,7 @@ class HyperLDMModule(pl.LightningModule):
         rows += [("oracle: latents fine-tuned on the task's train split", "oracle")]
         return rows
 
-    def _print_table(self, report: dict[str, float], selected: float | None) -> None:
+    def _table(self, report: dict[str, float], selected: float | None) -> str:
         lines = ["", "zero-shot accuracy on meta-test tasks (mean +- 95% CI; CFG scale chosen on meta-val"
                  + (f": {selected:g})" if selected is not None else ": no validation ran)")]
         lines += [f"  {label:<58s} {report[f'test/{key}']:.3f} +- {report[f'test/{key}_ci95']:.3f}"
@@ -385,9 +387,9 @@ class HyperLDMModule(pl.LightningModule):
         lines += ["paired per-task differences (same tasks, same sampling noise; mean +- 95% CI):"]
         lines += [f"  {k[5:]:<58s} {v:+.3f} +- {report[k + '_ci95']:.3f}" for k, v in report.items()
                   if "_minus_" in k and not k.endswith("_ci95")]
-        print("\n".join(lines), flush=True)
+        return "\n".join(lines)
 
-    def _save_plot(self, report: dict[str, float]) -> None:
+    def _save_plot(self, report: dict[str, float]) -> Path:
         out = Path(self.trainer.default_root_dir)
         xs = self.guidance_scales
         curve = {"HyperLDM (CFG)": [(g, report[f"test/{cfg_label(g)}"], report[f"test/{cfg_label(g)}_ci95"])
@@ -399,6 +401,7 @@ class HyperLDMModule(pl.LightningModule):
                                title="HyperLDM: meta-test zero-shot accuracy")
         write_json(out / "accuracy_vs_guidance.json", curve)
         log_image(self.loggers, "test/accuracy_vs_guidance", path)
+        return path
 
     def write_artifact(self, directory: Path) -> None:
         torch.save({"denoiser": self.denoiser.state_dict(), "latent_mean": self.latent_mean.cpu(),
