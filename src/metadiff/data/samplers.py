@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import Sampler
 
+from metadiff.utils.rng import keyed_generator
+
 
 class EpochOrder(Sampler[int]):
     """The task order of epoch e as a function of (seed, e) only, however often it is iterated: Lightning iterates a
@@ -22,7 +24,7 @@ class EpochOrder(Sampler[int]):
     def __iter__(self):
         if not self.shuffle:
             return iter(range(self.n))
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        gen = keyed_generator(self.seed, self.epoch)
         return iter(torch.randperm(self.n, generator=gen).tolist())
 
 
@@ -48,7 +50,7 @@ class StepOrder(Sampler[int]):
         return self.per_pass // self.world_size
 
     def _perm(self, pass_index: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + pass_index)
+        gen = keyed_generator(self.seed, pass_index)
         return torch.randperm(self.n, generator=gen)[: self.per_pass]
 
     def __iter__(self) -> Iterator[int]:

@@ -28,7 +28,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.images.episodes import Episodes, EpisodeShape
 from metadiff.dfml.augment import AugmentSpec, augment
@@ -44,6 +43,8 @@ from metadiff.nets.heads import MLPHead
 from metadiff.nets.meta_model import MetaModel, spatial_episodic_loss
 from metadiff.stages.classifier import load_classifier
 from metadiff.stages.diffusion_unet import save_grid
+from metadiff.artifacts import Artifact
+from metadiff.utils.rng import generator, keyed_seed, rank_seed, stream_seed
 
 WEIGHTS, SPEC = "meta_model.pt", "meta_model.json"
 
@@ -197,7 +198,7 @@ class DFMLModule(pl.LightningModule):
         scale = float(g["scale"]) if round_index > 0 or g.get("guide_round0", True) else 0.0
         self.pseudo = generate_pseudo_data(zoo, self.meta.backbone, self.class_learner, int(g["per_class"]),
                                            int(g["batch_size"]), int(g["steps"]), scale, self.compat,
-                                           self.seed * 1_000_003 + round_index, round_index,
+                                           keyed_seed(self.seed, round_index), round_index,
                                            g.get("spacing", "trailing"), self.global_rank, world_size,
                                            self.all_gather if world_size > 1 else None)
         self.log("pseudo/images_generated", float((self.pseudo.ranks == self.global_rank).sum()))  # this rank's share
@@ -233,8 +234,8 @@ class DFMLModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def _generator(self, batch: torch.Tensor) -> torch.Generator:
         """The episodes and noise of a step depend on (seed, epoch, step, rank) only."""
-        step = self.current_epoch * 1_000_003 + int(batch.flatten()[0])
-        return torch.Generator().manual_seed((self.seed * 7919 + step) * 131 + self.global_rank)
+        step = keyed_seed(self.current_epoch, int(batch.flatten()[0]))
+        return generator(rank_seed(stream_seed(self.seed, step), self.global_rank))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         meta_opt, cl_opt = self.optimizers()

@@ -29,6 +29,7 @@ from metadiff.diffusion.zoo import sample_images, to_diffusion
 from metadiff.eval.plots import log_image
 from metadiff.nets.unet import ImageDenoiser
 from metadiff.utils.io import atomic_path
+from metadiff.utils.rng import keyed_generator
 
 WEIGHTS, SPEC = "unet.pt", "unet.json"
 
@@ -84,7 +85,7 @@ class DiffusionUNetModule(pl.LightningModule):
         return hybrid_loss(self.schedule, x0, noise, x_t, t, eps, v)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.train_seed * 1_000_003 + self.global_step)
+        gen = keyed_generator(self.train_seed, self.global_step)
         terms = self._loss(batch[0], gen, self.hflip)
         self.log("train/loss", terms["loss"], prog_bar=True)
         if "vb" in terms:
@@ -93,7 +94,7 @@ class DiffusionUNetModule(pl.LightningModule):
 
     def _log_heldout(self, prefix: str, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """The loss (and its terms) on held-out images, fixed t and noise per batch."""
-        gen = torch.Generator().manual_seed(self.eval_seed * 1_000_003 + batch_idx)
+        gen = keyed_generator(self.eval_seed, batch_idx)
         terms = self._loss(batch[0], gen, flip=False)
         shown = terms if "vb" in terms else {"loss": terms["loss"]}  # eps-only: loss = mse, logged once
         name = "{}" if prefix == "val" else "heldout_{}"  # val/loss, test/heldout_loss as before

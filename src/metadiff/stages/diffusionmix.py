@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.images.episodes import Episodes
 from metadiff.dfml.diffusionmix import interpolate, mixup_label_weights
@@ -41,6 +40,8 @@ from metadiff.eval.fewshot import (
 from metadiff.eval.per_task import PerTaskValues, ci_report, paired_report
 from metadiff.stages.dfml import load_meta_model
 from metadiff.stages.diffusion_unet import save_grid
+from metadiff.artifacts import Artifact
+from metadiff.utils.rng import generator, keyed_seed, rank_seed, stream_seed
 
 HEAD_NORMS = ("none", "batch_stats")
 
@@ -76,8 +77,7 @@ class DiffusionMixModule(pl.LightningModule):
 
     def _generator(self, batch_idx: int, dataloader_idx: int) -> torch.Generator:
         """λ, permutations and noise of a batch depend on (seed, shot, batch, rank) only."""
-        return torch.Generator().manual_seed(((self.seed * 7919 + dataloader_idx) * 1_000_003 + batch_idx) * 131
-                                             + self.global_rank)
+        return generator(rank_seed(keyed_seed(stream_seed(self.seed, dataloader_idx), batch_idx), self.global_rank))
 
     def mixed_support(self, support: torch.Tensor, labels: torch.Tensor, model: int, gen: torch.Generator
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -34,7 +34,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError, cfg_label
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS
@@ -56,7 +55,9 @@ from metadiff.nets.adapter import masked_task_accuracy, masked_task_losses
 from metadiff.nets.latent_denoiser import LatentDenoiser
 from metadiff.stages.hyperclip import load_hyperclip_encoder
 from metadiff.stages.vae import adaptation_base
+from metadiff.artifacts import Artifact
 from metadiff.utils.io import write_json
+from metadiff.utils.rng import keyed_generator
 
 log = logging.getLogger(__name__)
 DENOISER_WEIGHTS, DENOISER_SPEC = "denoiser.pt", "denoiser.json"
@@ -145,7 +146,7 @@ class HyperLDMModule(pl.LightningModule):
         z, question, _ = batch
         z0 = (z - self.latent_mean) / self.latent_std
         # randomness of step k depends only on (seed, k), so a run resumed from a checkpoint continues exactly
-        gen = torch.Generator().manual_seed(self.train_seed * 1_000_003 + self.global_step)
+        gen = keyed_generator(self.train_seed, self.global_step)
         cond = question.float().clone()
         n_null = int(self.uncond_rate * z.shape[0])  # an exact fraction per batch, as the original
         if n_null:
@@ -197,7 +198,7 @@ class HyperLDMModule(pl.LightningModule):
 
     def _generator(self, batch: TaskBatch) -> torch.Generator:
         """The same noise for every variant of a task batch: each variant restarts this generator."""
-        return torch.Generator().manual_seed(self.eval_seed * 1_000_003 + int(batch.task_index[0]))
+        return keyed_generator(self.eval_seed, int(batch.task_index[0]))
 
     def _full(self, n: int, value: float) -> torch.Tensor:
         return torch.full((n,), float(value), device=self.device)

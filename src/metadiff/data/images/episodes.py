@@ -20,6 +20,7 @@ from einops import rearrange
 from torch.utils.data import Sampler
 
 from metadiff.config import ConfigError
+from metadiff.utils.rng import keyed_seed
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class EpisodeSampler(Sampler[list[int]]):
         """[n_episodes, episode size] indices of this epoch (every rank's)."""
         if self.episodes is not None:
             return self.episodes
-        return self._draw(self.seed * 1_000_003 + self.epoch)
+        return self._draw(keyed_seed(self.seed, self.epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
         mine = self.all_episodes()[self.rank :: self.world_size]
