@@ -115,8 +115,9 @@ def _quoted(overrides: list[str]) -> str:
 
 
 def image_bench(experiment: str) -> str:
-    """The image set of a data-free experiment: `dfml_glyphs_5shot` -> `glyphs`."""
-    return experiment.removesuffix("_5shot").rsplit("_", 1)[1]
+    """The benchmark of an experiment, its twins' suffixes aside: `dfml_glyphs_5shot` -> `glyphs`,
+    `hyperldm_synthvqa_demo` -> `synthvqa`."""
+    return experiment.removesuffix("_5shot").removesuffix("_demo").rsplit("_", 1)[1]
 
 
 def image_smoke_overrides(experiment: str, tree: Path) -> list[str]:

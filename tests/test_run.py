@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXPERIMENTS, FEWSHOT_STAGES, LATENT_STAGES, parse_summary, run_train, smoke_overrides
+from conftest import EXPERIMENTS, FEWSHOT_STAGES, LATENT_STAGES, image_bench, parse_summary, run_train, smoke_overrides
 
 # CIFAR-FS runs the same stages as miniImageNet on the same fixture tree (only the folder reader differs, which
 # tests/test_images.py checks; tests/test_config.py composes and validates its experiments): no smoke run of its own.
@@ -22,7 +22,7 @@ VQA_CHAIN = pytest.mark.xdist_group("vqa_chain")
 def _chain_group(experiment: str) -> tuple[pytest.MarkDecorator, ...]:
     if experiment.endswith("_vqa"):
         return (VQA_CHAIN,)
-    if experiment.endswith("_synthvqa") and experiment.split("_")[0] in (*LATENT_STAGES, *FEWSHOT_STAGES):
+    if image_bench(experiment) == "synthvqa" and experiment.split("_")[0] in (*LATENT_STAGES, *FEWSHOT_STAGES):
         return (SYNTHVQA_CHAIN,)
     return ()
 
