@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXPERIMENTS, FEWSHOT_STAGES, LATENT_STAGES, image_bench, parse_summary, run_train, smoke_overrides
+from conftest import (
+    EXPERIMENTS,
+    FEWSHOT_STAGES,
+    LATENT_STAGES,
+    image_bench,
+    parse_summary,
+    run_train,
+    smoke_overrides,
+)
 
 # CIFAR-FS runs the same stages as miniImageNet on the same fixture tree (only the folder reader differs, which
 # tests/test_images.py checks; tests/test_config.py composes and validates its experiments): no smoke run of its own.
