@@ -23,14 +23,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from metadiff.artifacts import find_artifact, resolve_upstreams
 from metadiff.config.paths import CONF_DIR
 from metadiff.data.adaptation import AdaptationData
 from metadiff.eval.ridge import RidgeMap
 from metadiff.eval.stats import mean_ci95
 from metadiff.meta.latent import hnet_latent_learner
 from metadiff.nets.adapter import masked_task_accuracy
-from metadiff.run import _instantiate_with_upstream
+from metadiff.pipeline import instantiate_with_upstream, resolve_upstreams
+from metadiff.store import find_artifact
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 
@@ -49,7 +49,7 @@ def main(overrides: list[str]) -> None:
     for node in cfg.upstream.values():
         node.build_if_missing = False
     upstream = resolve_upstreams(cfg)
-    data = _instantiate_with_upstream(cfg.data, upstream)
+    data = instantiate_with_upstream(cfg.data, upstream)
     data.setup("validate")
     base = hnet_latent_learner(upstream["hnet"])
     adaptation: AdaptationData = data.adaptation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from train_process import run_entry_point
 
@@ -69,27 +70,38 @@ def vqa_overrides(tree: dict[str, Path]) -> list[str]:
             f"model.pretrained={tree['checkpoint']}", "data.num_workers=0"]
 
 
-SHORT_CLIP_OVERRIDES = "['trainer.max_steps=2','data.n_train_pairs=512','data.n_val_tasks=5']"
-SHORT_CLIP = f"upstream.clip.overrides={SHORT_CLIP_OVERRIDES}"
 FEWSHOT_STAGES = ("multitask", "maml", "hnet")
 LATENT_STAGES = ("adaptation", "vae", "hyperclip", "hyperldm")
+SHORT_CHAIN = CONF_DIR / "debug" / "short_chain.yaml"
 
 
-def short_chain(bench: str, tree: dict[str, Path] | None = None) -> list[str]:
-    """Short versions of every upstream stage of the latent stages (1-epoch HNET and multitask, 2 adaptation rows,
-    2-epoch HyperCLIP),
-    set at any depth of the chain through `upstream_overrides`."""
-    out = [f"+upstream_overrides.hnet_{bench}=['trainer.max_epochs=1','model.n_shot_max=0']",
-           f"+upstream_overrides.multitask_{bench}=['trainer.max_epochs=1','model.n_shot_max=0']",
-           f"+upstream_overrides.adaptation_{bench}=['model.rows=2','model.inner.steps=3']",
-           f"+upstream_overrides.hyperclip_{bench}=['trainer.max_epochs=2','model.guidance.steps=2']"]
+def debug(*options: str) -> str:
+    """One `debug=` override selecting every option given: Hydra merges a list of options of a group in order, where a
+    second `debug=` override would replace the first (e.g. the short chain and the kill drill)."""
+    return f"debug=[{','.join(options)}]"
+
+
+def with_debug(args: list[str], *options: str) -> list[str]:
+    """`args` with `options` added to the `debug=` choice they already make, if any (see `debug`)."""
+    chosen = [o for a in args if a.startswith("debug=") for o in a.removeprefix("debug=").strip("[]").split(",") if o]
+    return [*(a for a in args if not a.startswith("debug=")), debug(*chosen, *options)]
+
+
+def short_chain(bench: str, tree: dict[str, Path] | None = None, *also: str) -> list[str]:
+    """Every upstream stage of the latent stages short: `debug=short_chain` (conf/debug/short_chain.yaml holds the
+    budgets), plus the `debug` options in `also`. The VQA fixture chain also needs the fixture's data in every stage
+    and its tiny CLIP in features_vqa: added here to the config's budgets, which stay the source of truth."""
+    choice = debug("short_chain", *also)
     if bench == "synthvqa":
-        return [*out, f"+upstream_overrides.clip_synthvqa={SHORT_CLIP_OVERRIDES}"]
+        return [choice]
     assert tree is not None
-    paths, prompts, model = vqa_overrides(tree)[:2], vqa_overrides(tree)[2], vqa_overrides(tree)[3:5]
-    out = [o.replace("=[", f"=['{prompts}',", 1) for o in out]
-    out.append("+upstream_overrides.features_vqa=[" + ",".join(f"'{o}'" for o in (prompts, *model)) + "]")
-    return [*paths, prompts, "data.num_workers=0", *out]
+    overrides = vqa_overrides(tree)
+    paths, prompts, model = overrides[:2], overrides[2], overrides[3:5]
+    budgets = OmegaConf.load(SHORT_CHAIN).upstream_overrides
+    stages = [f"++upstream_overrides.{name}={_quoted([prompts, *budgets[name]])}"
+              for name in budgets if name.endswith("_vqa")]
+    return [choice, *paths, prompts, "data.num_workers=0", *stages,
+            f"++upstream_overrides.features_vqa={_quoted([prompts, *model])}"]
 
 
 @pytest.fixture(scope="session")
@@ -162,24 +174,25 @@ def dfml_smoke_overrides(experiment: str, tree: Path) -> list[str]:
 
 
 def smoke_overrides(experiment: str, tree: dict[str, Path], images: Path | None = None) -> list[str]:
-    """What a smoke test of `experiment` adds: fixture data for *_vqa, short upstream stages for the rest."""
+    """A smoke run of `experiment`: fast_dev_run (`debug=fdr`) with fixture data (*_vqa, image sets) and short upstream
+    stages (`debug=short_chain` for the few-shot and latent stages)."""
     if experiment.startswith(("dfml_", "diffusionmix_")):
         assert images is not None
-        return dfml_smoke_overrides(experiment, images)
+        return [debug("fdr"), *dfml_smoke_overrides(experiment, images)]
     if experiment.startswith(("classifier_", "diffusion_")):
         assert images is not None
-        return image_smoke_overrides(experiment, images)
+        return [debug("fdr"), *image_smoke_overrides(experiment, images)]
     stage, bench = experiment.split("_")[0], image_bench(experiment)
     if stage in LATENT_STAGES:
-        return short_chain(bench, tree)
+        return short_chain(bench, tree, "fdr")
     downstream = stage in FEWSHOT_STAGES
     if experiment.endswith("_vqa"):
         if not downstream:
-            return vqa_overrides(tree)
+            return [debug("fdr"), *vqa_overrides(tree)]
         overrides = vqa_overrides(tree)
         paths, model = overrides[:2], overrides[2:]
-        return [*paths, "upstream.features.overrides=[" + ",".join(f"'{o}'" for o in model) + "]"]
-    return [f'upstream.features.overrides=["{SHORT_CLIP}"]'] if downstream else []
+        return [debug("fdr"), *paths, f"upstream.features.overrides={_quoted(model)}"]
+    return [debug("short_chain", "fdr") if downstream else debug("fdr")]
 
 
 def compose_config(overrides: list[str], root: Path, output_dir: Path) -> DictConfig:
@@ -208,12 +221,45 @@ def run_train(args: list[str], root: Path, timeout: int = 900, check: bool = Tru
     return proc
 
 
+def written_artifacts(log: str) -> list[Path]:
+    """Every artifact a run reports writing (its `artifact written: <dir>` log lines), in order: the upstreams it built
+    first, its own last; one per job of a multirun. Read from the run's own log, so tests sharing a cache never pick
+    up an artifact that another test wrote into the same stage dir."""
+    return [Path(p) for p in re.findall(r"artifact written: (\S+)", log)]
+
+
 def written_artifact(log: str, stage: str) -> Path:
-    """The artifact of `stage` that a run reports writing (its log line), so tests sharing a cache never pick up an
-    artifact that another test wrote into the same stage dir."""
-    paths = [Path(p) for p in re.findall(r"artifact written: (\S+)", log) if Path(p).parent.name == stage]
+    """The last artifact of `stage` that a run reports writing."""
+    paths = [p for p in written_artifacts(log) if p.parent.name == stage]
     assert paths, f"the run wrote no {stage} artifact"
     return paths[-1]
+
+
+def _log(run: subprocess.CompletedProcess | str) -> str:
+    return run if isinstance(run, str) else run.stdout + run.stderr
+
+
+def _manifest_metrics(path: Path) -> dict[str, float]:
+    return json.loads((path / "manifest.json").read_text())["metrics"]
+
+
+def run_metrics(run: subprocess.CompletedProcess | str, stage: str | None = None) -> dict[str, float]:
+    """A run's final metrics at full precision: `metrics` of the manifest.json of the last artifact it wrote (of
+    `stage`, if given); the top-level stage publishes after every upstream it built, so that is the run's own.
+
+    The source of truth is the artifact: every experiment publishes one (`artifact: {}`) with the metrics `metadiff.run`
+    returns, as floats. The printed summary (`parse_summary`) rounds them to 4 decimals, so it serves only the tests of
+    what a run prints; a run that writes no artifact (a fast_dev_run feature store or adaptation dataset) has only it."""
+    paths = [p for p in written_artifacts(_log(run)) if stage is None or p.parent.name == stage]
+    assert paths, f"the run wrote no {stage or ''} artifact:\n{_log(run)[-3000:]}"
+    return _manifest_metrics(paths[-1])
+
+
+def task_metrics(run: subprocess.CompletedProcess | str, task: str) -> list[dict[str, float]]:
+    """`run_metrics` of every artifact written for task `task` (`<stage>/<task>-<fingerprint>`), in order: one per job
+    of a multirun; not those of upstream stages built along the way. Under `trainer=ddp_cpu` only rank 0 publishes:
+    what every rank printed is `summaries`."""
+    return [_manifest_metrics(p) for p in written_artifacts(_log(run)) if p.name.rsplit("-", 1)[0] == task]
 
 
 def _metrics(block: str) -> dict[str, float]:
@@ -230,11 +276,12 @@ def _metrics(block: str) -> dict[str, float]:
 
 
 def parse_summary(stdout: str) -> dict[str, float]:
-    """The metrics block that `metadiff.run` prints at the end of a run (the last one, for chained runs)."""
+    """The metrics block that `metadiff.run` prints at the end of a run (the last one, for chained runs), rounded to 4
+    decimals: for tests of what a run prints. Metric values: `run_metrics`."""
     return _metrics(stdout.split("== ")[-1])
 
 
 def summaries(stdout: str, task: str) -> list[dict[str, float]]:
-    """Every metrics block printed for task `task` (`== <task> (<stage>) finished: ==`), in order: one per job of a
-    multirun, one per rank under ddp_cpu; not the blocks of upstream stages built along the way."""
+    """Every metrics block printed for task `task` (`== <task> (<stage>) finished: ==`), in order: one per rank under
+    ddp_cpu (each rank runs the whole command, only rank 0 publishes); 4 decimals. Metric values: `task_metrics`."""
     return [_metrics(block) for block in stdout.split("== ")[1:] if block.startswith(f"{task} (")]

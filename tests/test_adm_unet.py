@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import compose_config, parse_summary, run_train, written_artifact
+from conftest import compose_config, run_metrics, run_train, written_artifact
 from metadiff.diffusion.losses import (
     discretized_gaussian_log_likelihood,
     hybrid_loss,
@@ -281,8 +281,8 @@ def test_stage_trains_with_learn_sigma_and_records_it(cache_root: Path) -> None:
                       "trainer.max_steps=2", "test=false", "callbacks.ema.update_starting_at_step=0",
                       "optimized_metric=null", "trainer.check_val_every_n_epoch=100", "task_name=unet_sigma",
                       "trainer.enable_progress_bar=false"], cache_root)
-    m = parse_summary(proc.stdout)
-    assert m["train/loss"] == pytest.approx(m["train/mse"] + m["train/vb"], abs=1e-3)  # the hybrid loss was trained
+    m = run_metrics(proc, "diffusion_unet")
+    assert m["train/loss"] == pytest.approx(m["train/mse"] + m["train/vb"], rel=1e-5)  # the hybrid loss was trained
     path = written_artifact(proc.stdout + proc.stderr, "diffusion_unet")
     config = json.loads((path / "unet.json").read_text())["config"]
     assert config["learn_sigma"] is True and config["attention_heads"] == 4

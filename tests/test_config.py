@@ -30,9 +30,17 @@ def test_trainer_and_logger_groups_validate(trainer: str, logger: str, tmp_path:
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
 
 
-@pytest.mark.parametrize("debug", ["fdr", "overfit", "limit"])
+@pytest.mark.parametrize("debug", ["fdr", "overfit", "limit", "short_chain", "[short_chain,fdr]"])
 def test_debug_configs_validate(debug: str, tmp_path: Path) -> None:
     validate_config(compose_config([f"debug={debug}"], tmp_path, tmp_path / "out"))
+
+
+def test_short_chain_selects_with_other_debug_options(tmp_path: Path) -> None:
+    """`debug=[short_chain,fdr]`: both options apply (a second `debug=` override would replace the first)."""
+    cfg = compose_config(["experiment=hyperldm_synthvqa", "debug=[short_chain,fdr]"], tmp_path, tmp_path / "out")
+    assert cfg.trainer.fast_dev_run is True
+    assert list(cfg.upstream_overrides.clip_synthvqa) == ["trainer.max_steps=2", "data.n_train_pairs=512",
+                                                          "data.n_val_tasks=5"]
 
 
 def test_misspelt_override_fails_before_any_work(tmp_path: Path) -> None:

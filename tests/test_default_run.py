@@ -8,21 +8,23 @@ ordering on meta-test with paired 95% CIs: the figures the README states."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import parse_summary, run_train, short_chain, summaries
+from conftest import run_metrics, run_train, short_chain, task_metrics
 
 UPSTREAMS = ("clip_synthvqa", "features_synthvqa", "hnet_synthvqa", "adaptation_synthvqa", "multitask_synthvqa",
              "hyperclip_synthvqa")
 
 
-def assert_ends_with_the_claims(stdout: str) -> dict[str, float]:
+def assert_ends_with_the_claims(proc: subprocess.CompletedProcess) -> dict[str, float]:
     """Every upstream was built in the run, and the run's last lines are the demo's summary: its metrics, then the
-    claims table and the path of a plot that exists."""
+    claims table and the path of a plot that exists. Returns the run's metrics (its artifact's)."""
+    stdout = proc.stdout
     for task in UPSTREAMS:
-        assert len(summaries(stdout, task)) == 1, task
+        assert len(task_metrics(proc, task)) == 1, task
     last = stdout.rstrip().split("== ")[-1]
     assert last.startswith("hyperldm_synthvqa_demo (hyperldm) finished: ==")
     lines = last.rstrip().splitlines()
@@ -32,7 +34,7 @@ def assert_ends_with_the_claims(stdout: str) -> dict[str, float]:
     assert any("cfg_selected_minus_hnet_init" in line for line in lines[table:])
     plot = next(line.split("plot: ", 1)[1] for line in last.splitlines() if line.startswith("plot: "))
     assert Path(plot).is_file() and plot.endswith("accuracy_vs_guidance.png")
-    return parse_summary(stdout)
+    return run_metrics(proc, "hyperldm")
 
 
 @pytest.mark.slow
@@ -40,7 +42,7 @@ def test_default_command_on_a_short_chain_ends_with_the_claims_table(tmp_path: P
     # a cold interpreter, as a newcomer starts it (the other checks fork the worker's warm one: train_process.py)
     proc = run_train([*short_chain("synthvqa"), "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2",
                       "model.sampling.steps=10", "model.ensemble.size=2"], tmp_path, timeout=1200, fresh=True)
-    m = assert_ends_with_the_claims(proc.stdout)
+    m = assert_ends_with_the_claims(proc)
     assert m["test/selected_scale"] in (0.0, 1.0, 1.5, 4.0, 7.5, 15.0)
 
 
@@ -49,7 +51,7 @@ def test_default_command_on_a_short_chain_ends_with_the_claims_table(tmp_path: P
 def test_demo_shows_the_claims_main_ordering(tmp_path: Path) -> None:
     """The demo budget keeps the table's main ordering: CFG at the scale chosen on meta-val beats the unconditional
     sample, the HNET init and multitask zero-shot, each paired per task with its 95% CI above 0."""
-    m = assert_ends_with_the_claims(run_train([], tmp_path, timeout=1800, fresh=True).stdout)
+    m = assert_ends_with_the_claims(run_train([], tmp_path, timeout=1800, fresh=True))
     for ref in ("cfg0", "hnet_init", "multitask"):
         diff = f"test/cfg_selected_minus_{ref}"
         assert m[diff] - m[diff + "_ci95"] > 0.0, (ref, m[diff], m[diff + "_ci95"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHORT_CLIP, parse_summary, run_train
+from conftest import debug, run_metrics, run_train
 from metadiff.features.clip_models import create_clip
 from metadiff.features.store import FeatureStore, FeatureStoreBuilder, FeatureStoreMismatchError, build_index
 
@@ -38,8 +38,8 @@ pytestmark = pytest.mark.xdist_group("feature_store")
 @pytest.fixture(scope="module")
 def built_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float], str]:
     root = tmp_path_factory.mktemp("features")
-    proc = run_train(["experiment=features_synthvqa", SHORT_CLIP], root)
-    return root, parse_summary(proc.stdout), proc.stdout + proc.stderr
+    proc = run_train(["experiment=features_synthvqa", debug("short_chain")], root)
+    return root, run_metrics(proc, "features"), proc.stdout + proc.stderr
 
 
 def test_store_matches_direct_forward_pass(built_store) -> None:
@@ -70,7 +70,7 @@ def test_second_run_reuses_store(built_store) -> None:
     (store_dir,) = (root / "outputs" / "data" / "features").glob("synthvqa-metadiff-tiny-vit-*[!l]")
     manifest = store_dir / "manifest.json"
     before = manifest.stat().st_mtime_ns
-    proc = run_train(["experiment=features_synthvqa", SHORT_CLIP], root)
+    proc = run_train(["experiment=features_synthvqa", debug("short_chain")], root)
     assert "is up to date: reusing it" in proc.stdout + proc.stderr
     assert manifest.stat().st_mtime_ns == before
 

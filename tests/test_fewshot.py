@@ -1,5 +1,5 @@
-"""The few-shot stage learns on tasks built to be learnable (raw CLIP is at chance on them), and DDP meta-gradients
-equal a 1-process run."""
+"""The few-shot stage learns on tasks built to be learnable (raw CLIP is at chance on them). DDP meta-gradients
+(several MAML steps on 2 processes equal to 1 process): tests/test_parity.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHORT_CLIP, parse_summary, run_train
 from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.features.store import FeatureStoreBuilder, build_index
@@ -85,28 +84,4 @@ def test_meta_learner_solves_tasks_raw_clip_cannot(tmp_path: Path, mode: str, tr
     assert m["test/clip_acc"] < 0.45, m  # raw similarity is near chance (0.25) by construction
     assert m["test/fewshot_acc"] > 0.8, m  # the learned map transfers to unseen tasks
     assert m["test/fewshot_minus_clip"] - m["test/fewshot_minus_clip_ci95"] > 0.3, m
-    assert 0.25 < m["test/1shot_acc"] <= 1.0 and "test/2shot_acc_ci95" in m
-
-
-@pytest.mark.slow
-def test_ddp_meta_gradients_equal_one_process(cache_root: Path) -> None:
-    """One SGD(lr=1) meta-step on the same 8 tasks: 2 processes x 4 tasks == 1 process x 8 tasks, so DDP averages
-    the meta-gradients (which flow through `autograd.grad` inner loops) exactly like one process."""
-    common = ["experiment=maml_synthvqa", f'upstream.features.overrides=["{SHORT_CLIP}"]', "data.shuffle=false",
-              "upstream.features.inherit_groups=[]",  # both runs read the same (1-process) feature store
-              "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0", "trainer.max_steps=1",
-              "trainer.max_epochs=1", "test=false", "model.inner.steps=2", "trainer.enable_progress_bar=false",
-              "callbacks=none"]
-    single = run_train([*common, "data.tasks_per_batch=8", "task_name=maml_single"], cache_root)
-    double = run_train([*common, "trainer=ddp_sim", "data.tasks_per_batch=4", "task_name=maml_ddp"], cache_root)
-    assert "MEMBER: 2/2" in double.stdout + double.stderr
-    weights = {}
-    for name in ("maml_single", "maml_ddp"):
-        (path,) = (cache_root / "outputs" / "artifacts" / "maml").glob(f"{name}-*/learner.pt")
-        weights[name] = torch.load(path)
-    # a grand-upstream inherits from its parent, not from the top-level run: the DDP run built no CLIP of its own
-    assert "upstream 'features': using" in double.stdout + double.stderr
-    # both runs start from the same seeded init, so equal weights after one SGD step = equal meta-gradients
-    for key, value in weights["maml_single"].items():
-        torch.testing.assert_close(weights["maml_ddp"][key], value, rtol=1e-4, atol=1e-5)
-    assert parse_summary(single.stdout)["train/query_loss"] > 0
+    assert m["test/1shot_acc"] > 0.25 and "test/2shot_acc_ci95" in m  # above chance from 1 shot per answer

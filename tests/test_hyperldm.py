@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import parse_summary, run_train, short_chain
+from conftest import run_metrics, run_train, short_chain, with_debug
 
 # the latent-chain tests share one xdist worker, so its upstream chain is built once (make test: --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("synthvqa_latent_chain")
@@ -45,7 +45,7 @@ def test_hyperldm_short_chain_prints_the_guidance_table(cache_root: Path) -> Non
                       "trainer.check_val_every_n_epoch=10", "model.guidance_scales=[0.0,1.0,4.0]",
                       "model.sampling.steps=10", "model.ensemble.size=2", "model.hyperclip_guidance.scales=[10.0]",
                       "trainer.enable_progress_bar=false"], cache_root)
-    m = parse_summary(proc.stdout)
+    m = run_metrics(proc, "hyperldm")
     assert "zero-shot accuracy on meta-test tasks" in proc.stdout
     for name in ("multitask", "hnet_init", "oracle", "ridge", "cfg0", "cfg1", "cfg4", "cfg_selected", "ensemble2",
                  "hyperclip10", "fewshot1"):
@@ -54,8 +54,9 @@ def test_hyperldm_short_chain_prints_the_guidance_table(cache_root: Path) -> Non
     assert m["test/selected_scale"] in (0.0, 1.0, 4.0)
     assert m["test/cfg_selected"] == m[f"test/cfg{m['test/selected_scale']:g}"]
     assert m["train/diffusion_loss"] < 1.0  # below the loss of predicting zeros (v-target variance = 1)
-    for name in ("cfg0", "cfg1", "cfg4", "ensemble2", "hyperclip10"):  # health of every sampling run, logged
-        assert 0.0 < m[f"test/health/{name}_std"] < 1e3 and 0.0 <= m[f"test/health/{name}_outside"] <= 1.0
+    for name in ("cfg0", "cfg1", "cfg4", "ensemble2", "hyperclip10"):  # every sampling run stays in the data's range
+        std, outside = m[f"test/health/{name}_std"], m[f"test/health/{name}_outside"]  # (model.health's thresholds)
+        assert 0.5 <= std <= 2.0 and outside <= 0.01, (name, std, outside)
     assert "diag/eps_mse_t900-1000" in m and "diag/cond_effect_t0-100" in m
     assert "cfg_selected_minus_hnet_init" in proc.stdout and "cfg_selected_minus_cfg0" in proc.stdout
     run_dir = Path(proc.stdout.rsplit("outputs: ", 1)[1].split()[0])
@@ -79,7 +80,7 @@ def test_resumed_run_restores_the_ema_exactly(cache_root: Path, tmp_path: Path) 
     straight.parent.rename(tmp_path / "straight_artifact")
 
     run_dir = tmp_path / "interrupted"
-    killed = run_train([*common, f"paths.output_dir={run_dir}", "debug=kill", "callbacks.kill.after=70"],
+    killed = run_train([*with_debug(common, "kill"), f"paths.output_dir={run_dir}", "callbacks.kill.after=70"],
                        cache_root, check=False)
     assert killed.returncode == -9
     assert not list(artifacts.glob("ldm_resume-*"))

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import parse_summary, run_train, short_chain
-from metadiff.artifacts import Artifact, ArtifactMismatchError, check_lineage
+from conftest import run_metrics, run_train, short_chain, with_debug
 from metadiff.config import ConfigError
 from metadiff.data.adaptation import AdaptationData, LatentRows
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.nets.hyperclip import HyperCLIPEncoder, contrastive_loss, n_way_accuracy, retrieval_accuracy
 from metadiff.nets.vae import WeightVAE
 from metadiff.stages.adaptation import plan_chunks
+from metadiff.store import Artifact, ArtifactMismatchError, check_lineage
 
 # the latent-chain tests share one xdist worker, so its upstream chain is built once (make test: --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("synthvqa_latent_chain")
@@ -159,7 +159,7 @@ def _artifact(root: Path, stage: str, task_name: str) -> Path:
 def test_adaptation_killed_half_way_resumes_to_the_same_dataset(cache_root: Path) -> None:
     args = ["experiment=adaptation_synthvqa", *CHAIN, "model.rows=2", "model.inner.steps=3", "model.chunk_tasks=128",
             "task_name=adapt_resume", "trainer.enable_progress_bar=false"]
-    killed = run_train([*args, "debug=kill", "callbacks.kill.phase=predict", "callbacks.kill.after=9"], cache_root,
+    killed = run_train([*with_debug(args, "kill"), "callbacks.kill.phase=predict", "callbacks.kill.after=9"], cache_root,
                        check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     work = next((cache_root / "outputs" / "artifacts" / "adaptation" / ".work").glob("adapt_resume-*"))
@@ -169,7 +169,7 @@ def test_adaptation_killed_half_way_resumes_to_the_same_dataset(cache_root: Path
     resumed = run_train(args, cache_root)
     # 783 meta-train tasks in 7 chunks of 128 (x 2 rows + 1 evaluation), 87 meta-val in 1, 373 meta-test in 3
     assert "9 of 25 chunks already done" in resumed.stdout + resumed.stderr
-    metrics = parse_summary(resumed.stdout)
+    metrics = run_metrics(resumed, "adaptation")
     # the fine-tuned latents must beat the HNET init on held-out tasks: adaptation does something
     assert metrics["adaptation/meta_test_finetuned_acc"] > metrics["adaptation/meta_test_init_acc"]
     resumed_data = torch.load(_artifact(cache_root, "adaptation", "adapt_resume") / "adaptation.pt", weights_only=True)
@@ -189,7 +189,7 @@ def test_adaptation_killed_half_way_resumes_to_the_same_dataset(cache_root: Path
 def test_vae_decoded_weights_keep_their_task_accuracy(cache_root: Path) -> None:
     proc = run_train(["experiment=vae_synthvqa", *CHAIN, "trainer.max_epochs=40", "trainer.check_val_every_n_epoch=20",
                       "trainer.enable_progress_bar=false"], cache_root)
-    m = parse_summary(proc.stdout)
+    m = run_metrics(proc, "vae")
     assert m["test/encoded_acc"] > 0.2
     assert abs(m["test/decoded_minus_encoded"]) < 0.05, m
     assert m["test/relative_mse"] < 0.5
@@ -200,11 +200,12 @@ def test_vae_decoded_weights_keep_their_task_accuracy(cache_root: Path) -> None:
 def test_hyperclip_retrieves_held_out_tasks_and_refuses_foreign_upstreams(cache_root: Path, tmp_path: Path) -> None:
     args = ["experiment=hyperclip_synthvqa", *CHAIN, "trainer.max_epochs=8", "trainer.check_val_every_n_epoch=4",
             "trainer.enable_progress_bar=false", "model.guidance.steps=10"]
-    m = parse_summary(run_train(args, cache_root).stdout)
+    m = run_metrics(run_train(args, cache_root), "hyperclip")
     assert m["test/retrieval/n_tasks"] == 373
     assert m["test/retrieval/10way"] > 0.2, m  # chance 0.1
     assert m["test/retrieval/top1"] > 3 * m["test/retrieval/chance_top1"], m
-    assert math.isfinite(m["test/guidance/guided_acc"])
+    guided, init = m["test/guidance/guided_acc"], m["test/guidance/init_acc"]  # paired over the same tasks
+    assert m["test/guidance/guided_minus_init"] == pytest.approx(guided - init, abs=1e-6), m
 
     # an adaptation dataset whose lineage names other features than this run's is refused with one line
     foreign = tmp_path / "foreign"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_config, dfml_smoke_overrides, run_train, summaries
+from conftest import compose_config, dfml_smoke_overrides, run_metrics, run_train, summaries
 from metadiff.dfml.pseudo_data import (
     PseudoData,
     assemble_pseudo_data,
@@ -175,6 +175,6 @@ def test_ddp_round_equals_the_one_process_round(cache_root: Path, image_tree: Pa
     assert len(one) == 6 * 7
     assert_same_round(two, one)
     assert one.ranks.tolist() == [0] * 42 and two.ranks.tolist() == [0] * 21 + [1] * 21
-    ranks = summaries(ddp.stdout, "pseudo_ranks_ddp")
+    ranks = summaries(ddp.stdout, "pseudo_ranks_ddp")  # what each rank printed: only rank 0 publishes
     assert sorted(r["pseudo/images_generated"] for r in ranks) == [21.0, 21.0], ranks
-    assert summaries(single.stdout, "pseudo_ranks_1")[-1]["pseudo/images_generated"] == 42.0
+    assert run_metrics(single, "dfml")["pseudo/images_generated"] == 42.0

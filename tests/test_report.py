@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import run_train
-from metadiff.artifacts import Artifact, publish_artifact
 from metadiff.report.__main__ import main, make_report
 from metadiff.report.tables import fmt, headline_metrics, main_columns, spread_cell
+from metadiff.store import Artifact, publish_artifact
 
 HNET_ACC = {1: (0.606, 0.023), 2: (0.620, 0.021), 3: (0.590, 0.025)}
 
@@ -30,7 +30,7 @@ def _png(path: Path) -> None:
 
 def publish(root: Path, stage: str, task: str, seed: int, metrics: dict[str, float], pngs: tuple[str, ...] = (),
             lr: float = 0.01, upstream: dict[str, Artifact] | None = None) -> Artifact:
-    """An artifact written by metadiff.artifacts.publish_artifact (the writer every stage uses), from a small config
+    """An artifact written by metadiff.store.publish_artifact (the writer every stage uses), from a small config
     with the keys a real one has: a seed, keys that follow it (model.train_seed, upstream_overrides), paths."""
     cfg = OmegaConf.create({
         "task_name": task, "stage": stage, "seed": seed, "tags": [stage], "variant": None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHORT_CLIP, dfml_smoke_overrides, parse_summary, run_train
+from conftest import debug, dfml_smoke_overrides, run_metrics, run_train, with_debug
 
 pytestmark = pytest.mark.slow
 
@@ -16,16 +16,15 @@ pytestmark = pytest.mark.slow
 def assert_resume_matches(args: list[str], root: Path, tmp: Path, kill_after: int, keys: list[str]) -> None:
     """Straight run vs killed-then-resumed run (own task names, so each publishes its own artifact)."""
     common = [*args, "deterministic=true", "trainer.enable_progress_bar=false"]
-    straight = parse_summary(run_train([*common, f"paths.output_dir={tmp / 'straight'}", "task_name=straight"],
-                                       root).stdout)
+    straight = run_metrics(run_train([*common, f"paths.output_dir={tmp / 'straight'}", "task_name=straight"], root))
     run_dir = tmp / "interrupted"
     again = [*common, f"paths.output_dir={run_dir}", "task_name=interrupted"]
-    killed = run_train([*again, "debug=kill", f"callbacks.kill.after={kill_after}"], root, check=False)
+    killed = run_train([*with_debug(again, "kill"), f"callbacks.kill.after={kill_after}"], root, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file(), "the killed run left no checkpoint to resume from"
     resumed_proc = run_train([*again, "ckpt_path=last"], root)
     assert "Restoring states from the checkpoint path" in resumed_proc.stdout + resumed_proc.stderr
-    resumed = parse_summary(resumed_proc.stdout)
+    resumed = run_metrics(resumed_proc)  # full precision: a resumed run is the same computation
     for key in keys:
         assert resumed[key] == straight[key], f"{key}: resumed {resumed[key]} vs uninterrupted {straight[key]}"
 
@@ -39,7 +38,7 @@ def test_clip_resumes_to_the_same_metrics(cache_root: Path, tmp_path: Path) -> N
 def test_fewshot_pretraining_resumes_to_the_same_metrics(cache_root: Path, tmp_path: Path) -> None:
     # no validation and one test batch (128 meta-test tasks): evaluation is most of this run's time, and the test
     # metrics of the final weights are what a resumed run must reproduce
-    args = ["experiment=hnet_synthvqa", f'upstream.features.overrides=["{SHORT_CLIP}"]', "trainer.max_epochs=2",
+    args = ["experiment=hnet_synthvqa", debug("short_chain"), "trainer.max_epochs=2",
             "+trainer.limit_train_batches=4", "trainer.check_val_every_n_epoch=3", "+trainer.limit_test_batches=1",
             "model.n_shot_max=0"]
     assert_resume_matches(args, cache_root, tmp_path, 6, ["train/query_loss", "test/fewshot_acc", "test/zeroshot_acc"])

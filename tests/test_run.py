@@ -13,6 +13,7 @@ from conftest import (
     LATENT_STAGES,
     image_bench,
     parse_summary,
+    run_metrics,
     run_train,
     smoke_overrides,
 )
@@ -38,7 +39,7 @@ def _chain_group(experiment: str) -> tuple[pytest.MarkDecorator, ...]:
 @pytest.mark.parametrize("experiment", [pytest.param(e, marks=_chain_group(e)) for e in SMOKE])
 def test_every_experiment_runs_with_fast_dev_run(experiment: str, cache_root: Path, vqa_tree: dict,
                                                  image_tree: Path) -> None:
-    proc = run_train([f"experiment={experiment}", "debug=fdr", *smoke_overrides(experiment, vqa_tree, image_tree)],
+    proc = run_train([f"experiment={experiment}", *smoke_overrides(experiment, vqa_tree, image_tree)],
                      cache_root)
     metrics = parse_summary(proc.stdout)
     assert metrics, f"{experiment}: no metrics summary printed"
@@ -85,9 +86,9 @@ def test_wandb_offline_writes_local_run_and_exits_cleanly(cache_root: Path, tmp_
 
 
 def test_same_seed_same_metrics(cache_root: Path) -> None:
-    a = parse_summary(run_train([*SHORT, "seed=7", "test=false"], cache_root).stdout)
-    b = parse_summary(run_train([*SHORT, "seed=7", "test=false"], cache_root).stdout)
-    c = parse_summary(run_train([*SHORT, "seed=8", "test=false"], cache_root).stdout)
+    a = run_metrics(run_train([*SHORT, "seed=7", "test=false"], cache_root), "clip")
+    b = run_metrics(run_train([*SHORT, "seed=7", "test=false"], cache_root), "clip")
+    c = run_metrics(run_train([*SHORT, "seed=8", "test=false"], cache_root), "clip")
     for key in ("train/loss", "val/zeroshot_acc"):
         assert a[key] == b[key], key
     assert a["train/loss"] != c["train/loss"]
@@ -110,9 +111,9 @@ def test_pickled_cifarfs_gives_the_same_run_as_its_folders(tmp_path: Path, image
         data = np.stack([np.asarray(Image.open(p).convert("RGB")) for p, _ in samples])
         labels = [100 + label for _, label in samples]  # global labels, as MetaOptNet's files hold them
         (pickled / f"CIFAR_FS_{name}.pickle").write_bytes(pickle.dumps({"data": data, "labels": labels}, protocol=2))
-    base = ["experiment=classifier_cifarfs", "debug=fdr", *smoke_overrides("classifier_cifarfs", {}, image_tree)]
-    folder = parse_summary(run_train(base, tmp_path / "a").stdout)
-    from_pickles = parse_summary(run_train([*base, f"paths.cifarfs_dir={pickled}"], tmp_path / "b").stdout)
+    base = ["experiment=classifier_cifarfs", *smoke_overrides("classifier_cifarfs", {}, image_tree)]
+    folder = run_metrics(run_train(base, tmp_path / "a"), "classifier")
+    from_pickles = run_metrics(run_train([*base, f"paths.cifarfs_dir={pickled}"], tmp_path / "b"), "classifier")
     assert "data.source.format" not in " ".join(base)  # auto: folders there, pickles here
     scores = {k: v for k, v in folder.items() if k.startswith("test/") and "seconds" not in k}
     assert scores and scores == {k: from_pickles[k] for k in scores}, (scores, from_pickles)
@@ -123,9 +124,9 @@ def test_resnet12_backbone_runs_in_the_image_stages(experiment: str, tmp_path: P
     """`model/backbone=resnet12` swaps the whole backbone node (no Conv4 keys left over) and the stage trains and
     tests with its 512-d (here 16-d) features."""
     small = ["model/backbone=resnet12", "model.backbone.widths=[8,8,8,16]"]
-    proc = run_train([f"experiment={experiment}", "debug=fdr", *smoke_overrides(experiment, {}, image_tree), *small],
+    proc = run_train([f"experiment={experiment}", *smoke_overrides(experiment, {}, image_tree), *small],
                      tmp_path)
-    assert any(k.startswith("test/") for k in parse_summary(proc.stdout)), proc.stdout[-2000:]
+    assert any(k.startswith("test/") for k in run_metrics(proc, experiment.split("_")[0])), proc.stdout[-2000:]
     from omegaconf import OmegaConf
 
     own = min((tmp_path / "outputs" / "logs").rglob("config.yaml"), key=lambda p: len(p.parts))  # not an upstream's

@@ -1,11 +1,11 @@
 """The run loop: config -> DataModule, LightningModule, callbacks, loggers, Trainer -> fit / test / predict.
 
-`train.py` is a thin Hydra entry point around `train(cfg)`; tests and upstream builds call `train` directly.
+`train.py` is a thin Hydra entry point around `train(cfg)`; tests call `train` directly. Missing upstream stages
+are found or built by `metadiff.pipeline`, which is handed `train` as its stage runner (it never imports this module).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import multiprocessing
@@ -22,11 +22,12 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from metadiff.artifacts import Artifact, publish_artifact, resolve_upstreams
 from metadiff.config import ConfigError, validate_config
 from metadiff.errors import InputFileError, MissingInputError, UserError
 from metadiff.logs import QuietThirdParty, quiet_third_party
+from metadiff.pipeline import instantiate_with_upstream, resolve_upstreams
 from metadiff.progress import stdout_is_terminal
+from metadiff.store import publish_artifact
 from metadiff.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -34,17 +35,6 @@ log = logging.getLogger(__name__)
 
 class OptimizedMetricError(UserError, KeyError):
     """A sweep optimises a metric that the run did not log."""
-
-
-def _instantiate_with_upstream(node: DictConfig, upstream: dict[str, Artifact]) -> Any:
-    """Instantiate `node`, passing the upstream artifacts to constructors that ask for them."""
-    target = hydra.utils.get_class(node._target_) if "_target_" in node else None
-    wants = target is not None and "upstream" in inspect.signature(target).parameters
-    if not wants:
-        return hydra.utils.instantiate(node)
-    # Partial first: kwargs given to `instantiate` are merged into the config, which would turn the Artifact
-    # dataclasses into OmegaConf nodes and lose their methods.
-    return hydra.utils.instantiate(node, _partial_=True)(upstream=upstream)
 
 
 def _instantiate_list(group: DictConfig | None) -> list[Any]:
@@ -181,13 +171,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     save_resolved_config(cfg)
 
-    upstream = resolve_upstreams(cfg)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # upstream builds consume RNG state: restart from seed
+    upstream = resolve_upstreams(cfg, build=train)  # missing ones are built here, by this function, isolated
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the stage starts from its seed, whatever ran first
 
     log.info("stage '%s' (%s): instantiating data <%s>", cfg.stage, cfg.task_name, cfg.data._target_)
-    datamodule: pl.LightningDataModule = _instantiate_with_upstream(cfg.data, upstream)
+    datamodule: pl.LightningDataModule = instantiate_with_upstream(cfg.data, upstream)
     log.info("instantiating model <%s>", cfg.model._target_)
-    model: pl.LightningModule = _instantiate_with_upstream(cfg.model, upstream)
+    model: pl.LightningModule = instantiate_with_upstream(cfg.model, upstream)
     callbacks = [*_instantiate_list(cfg.get("callbacks")), QuietThirdParty()]
     loggers = _instantiate_list(cfg.get("logger"))
     # Lightning's bar redraws a terminal line; in a file it is carriage-return debris (TQDM) or nothing until the end

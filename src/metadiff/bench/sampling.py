@@ -1,8 +1,9 @@
 """HyperLDM sampling: DDIM (10, 25, 50 steps) vs DDPM (1000 steps), and batched classifier-free guidance vs two passes.
 
-Uses the trained `hyperldm_synthvqa` artifact and its held-out tasks (the experiment is built first if missing, like
-any run). Both samplers score the same tasks with the same guidance scale; the CFG comparison times one sampler run
-over the same latents with the cond/uncond predictions from one doubled batch vs two forward passes per step.
+Uses the trained `hyperldm_synthvqa` artifact and its held-out tasks (found, or built first by `metadiff.pipeline` with
+the stage runner that `python -m metadiff.bench` passes in). Both samplers score the same tasks with the same guidance
+scale; the CFG comparison times one sampler run over the same latents with the cond/uncond predictions from one
+doubled batch vs two forward passes per step.
 """
 
 from __future__ import annotations
@@ -10,37 +11,35 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from metadiff.diffusion.sampling import cfg_eps, sample
 
+if TYPE_CHECKING:
+    from metadiff.pipeline import StageRunner
+
 EXPERIMENT = "hyperldm_synthvqa"
 
 
-def _module_and_batches(device: str, overrides: list[str]):
-    import hydra
+def _module_and_batches(device: str, overrides: list[str], build: StageRunner | None):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from metadiff.artifacts import find_artifact, resolve_upstreams
     from metadiff.config.paths import CONF_DIR
+    from metadiff.pipeline import find_or_build, instantiate_with_upstream, resolve_upstreams
     from metadiff.stages.hyperldm import DENOISER_WEIGHTS
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True,
                       overrides=[f"experiment={EXPERIMENT}", "paths.output_dir=outputs/bench/sampling", *overrides])
         HydraConfig.instance().set_config(cfg)
-    upstream = resolve_upstreams(cfg)
-    artifact = find_artifact(cfg, {k: a.fingerprint for k, a in upstream.items()})
-    if artifact is None:
-        from metadiff.run import train
-
-        train(cfg)
-        artifact = find_artifact(cfg, {k: a.fingerprint for k, a in upstream.items()})
-    data = hydra.utils.instantiate(cfg.data, _partial_=True)(upstream=upstream)
+    artifact = find_or_build(cfg, build)
+    upstream = resolve_upstreams(cfg)  # all found now
+    data = instantiate_with_upstream(cfg.data, upstream)
     data.setup("test")
-    module = hydra.utils.instantiate(cfg.model, _partial_=True)(upstream=upstream)
+    module = instantiate_with_upstream(cfg.model, upstream)
     state = torch.load(Path(artifact.file(DENOISER_WEIGHTS)), map_location="cpu", weights_only=True)
     module.denoiser.load_state_dict(state["denoiser"])
     module.latent_mean.copy_(state["latent_mean"])
@@ -77,11 +76,13 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def bench_sampling(data_dir: Path, device: str, scale: float = 1.0, repeats: int = 5,
-                   ddim_steps: tuple[int, ...] = (10, 25, 50), overrides: tuple[str, ...] = ()) -> dict:
+                   ddim_steps: tuple[int, ...] = (10, 25, 50), overrides: tuple[str, ...] = (),
+                   build: StageRunner | None = None) -> dict:
     """DDIM at several step counts vs DDPM-1000 on the same tasks and noise: accuracy (deterministic given the seeds)
     and sampler time, the ways alternated `repeats` times (median and range; this machine is noisy). `overrides`
-    of the experiment (e.g. `seed=1`) pick which chain's artifact is measured (built first if missing)."""
-    module, batches = _module_and_batches(device, list(overrides))
+    of the experiment (e.g. `seed=1`) pick which chain's artifact is measured; `build` (the stage runner, which the
+    entry point passes in) builds it first if missing, `None` requires it to exist."""
+    module, batches = _module_and_batches(device, list(overrides), build)
     ways = [("ddpm", 1000)] + [("ddim", k) for k in ddim_steps]
     seconds: dict[str, list[float]] = {f"{m}{k}": [] for m, k in ways}
     accuracy: dict[str, float] = {}

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from metadiff.artifacts import Artifact, ArtifactMismatchError
 from metadiff.config import ConfigError
 from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.samplers import EpochOrder
 from metadiff.data.sources import META_SPLITS
+from metadiff.store import Artifact, ArtifactMismatchError
 
 ADAPTATION_FILE = "adaptation.pt"
 

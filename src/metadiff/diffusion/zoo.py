@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from metadiff.artifacts import Artifact
 from metadiff.diffusion.sampling import EpsModel, Guidance, sample
 from metadiff.diffusion.schedule import NoiseSchedule
 from metadiff.nets.unet import ImageDenoiser
+from metadiff.store import Artifact
 
 ZOO_SPEC = "zoo.json"
 PIXEL_RANGE = (-1.0, 1.0)

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.meta.learner import LEARNER_SPEC, LEARNER_WEIGHTS, AlphaQueryLogits, FewShotLearner, Inner
 from metadiff.nets.adapter import AdapterShape, adapter_logits
+from metadiff.store import Artifact
 
 
 class LatentLearner(AlphaQueryLogits, nn.Module):

@@ -1,7 +1,7 @@
 """Read every finished artifact under one or more outputs dirs into `Run` records (manifest + config + plots).
 
 An artifact is `<outputs>/artifacts/<stage>/<task_name>-<fingerprint>/` with `manifest.json` and `config.yaml`
-(see metadiff.artifacts). Hidden entries (`.locks`, `.work`, the temporary siblings of an artifact being published)
+(see metadiff.store). Hidden entries (`.locks`, `.work`, the temporary siblings of an artifact being published)
 are never read, so a report taken while jobs are still running only sees complete artifacts.
 """
 

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from metadiff.artifacts import DEFAULT_FINGERPRINT_EXCLUDE
 from metadiff.report.collect import Run
+from metadiff.store import DEFAULT_FINGERPRINT_EXCLUDE
 
 FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("HyperCLIP / HyperLDM", ("clip", "features", "multitask", "maml", "hnet", "adaptation", "vae", "hyperclip",

@@ -27,7 +27,6 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.adaptation import ADAPTATION_FILE, AdaptationData, task_list_hash
 from metadiff.data.meta_vqa.batches import TaskBatch, TaskEpisodes, collate_tasks
@@ -38,6 +37,7 @@ from metadiff.eval.stats import mean_ci95
 from metadiff.meta.inner_loop import InnerLoop
 from metadiff.meta.latent import LatentLearner, hnet_latent_learner
 from metadiff.nets.adapter import masked_task_accuracy
+from metadiff.store import Artifact
 from metadiff.utils.hashing import fingerprint
 from metadiff.utils.io import atomic_path, read_json, write_json
 

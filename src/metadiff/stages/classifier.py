@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from metadiff.artifacts import Artifact
 from metadiff.data.images.episodes import Episodes
 from metadiff.eval.fewshot import prototype_episode_accuracy, readout_lines
 from metadiff.eval.per_task import PerTaskValues, ci_report
 from metadiff.nets.backbones import build_backbone
 from metadiff.nets.heads import MLPHead
+from metadiff.store import Artifact
 
 WEIGHTS, SPEC = "classifier.pt", "classifier.json"
 

@@ -28,7 +28,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.images.episodes import Episodes, EpisodeShape
 from metadiff.dfml.augment import AugmentSpec, augment
@@ -44,6 +43,7 @@ from metadiff.nets.heads import MLPHead
 from metadiff.nets.meta_model import MetaModel, spatial_episodic_loss
 from metadiff.stages.classifier import load_classifier
 from metadiff.stages.diffusion_unet import save_grid
+from metadiff.store import Artifact
 from metadiff.utils.rng import generator, keyed_seed, rank_seed, stream_seed
 
 WEIGHTS, SPEC = "meta_model.pt", "meta_model.json"

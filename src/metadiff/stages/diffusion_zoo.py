@@ -18,7 +18,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.images.partition import class_map
 from metadiff.diffusion.schedule import NoiseSchedule
@@ -29,6 +28,7 @@ from metadiff.stages.classifier import load_classifier
 from metadiff.stages.diffusion_unet import SPEC as UNET_SPEC
 from metadiff.stages.diffusion_unet import WEIGHTS as UNET_WEIGHTS
 from metadiff.stages.diffusion_unet import save_grid
+from metadiff.store import Artifact
 
 UNET_PREFIX = "unet"
 

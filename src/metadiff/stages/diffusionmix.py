@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.images.episodes import Episodes
 from metadiff.dfml.diffusionmix import interpolate, mixup_label_weights
@@ -41,6 +40,7 @@ from metadiff.eval.fewshot import (
 from metadiff.eval.per_task import PerTaskValues, ci_report, paired_report
 from metadiff.stages.dfml import load_meta_model
 from metadiff.stages.diffusion_unet import save_grid
+from metadiff.store import Artifact
 from metadiff.utils.rng import generator, keyed_seed, rank_seed, stream_seed
 
 HEAD_NORMS = ("none", "batch_stats")

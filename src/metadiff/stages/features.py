@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.sources import META_SPLITS, TaskSource, task_prompts
 from metadiff.eval.baselines import baseline_report
 from metadiff.features.clip_models import ClipBundle, create_clip, image_preprocessing
 from metadiff.features.store import FeatureStore, FeatureStoreBuilder, build_index, check_existing
 from metadiff.stages.clip_pretrain import CLIP_WEIGHTS
+from metadiff.store import Artifact
 from metadiff.utils.hashing import file_sha256, fingerprint
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,6 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics import CatMetric
 
-from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS, upstream_store_dir
@@ -35,6 +34,7 @@ from metadiff.features.store import FeatureStore
 from metadiff.meta.inner_loop import InnerLoop
 from metadiff.meta.learner import LEARNER_SPEC, LEARNER_WEIGHTS, FewShotLearner
 from metadiff.nets.adapter import masked_task_accuracy, masked_task_losses
+from metadiff.store import Artifact
 from metadiff.utils.io import write_json
 
 log = logging.getLogger(__name__)

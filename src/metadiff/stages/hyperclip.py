@@ -23,7 +23,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS
@@ -31,6 +30,7 @@ from metadiff.eval.per_task import PerTaskValues, ci_report
 from metadiff.nets.adapter import masked_task_accuracy
 from metadiff.nets.hyperclip import HyperCLIPEncoder, contrastive_loss, n_way_accuracy, retrieval_accuracy
 from metadiff.stages.vae import adaptation_base, load_vae
+from metadiff.store import Artifact
 
 INPUTS = ("weights", "latent", "vae")
 HYPERCLIP_WEIGHTS, HYPERCLIP_SPEC = "hyperclip.pt", "hyperclip.json"

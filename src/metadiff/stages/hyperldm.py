@@ -34,7 +34,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError, cfg_label
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS
@@ -56,6 +55,7 @@ from metadiff.nets.adapter import masked_task_accuracy, masked_task_losses
 from metadiff.nets.latent_denoiser import LatentDenoiser
 from metadiff.stages.hyperclip import load_hyperclip_encoder
 from metadiff.stages.vae import adaptation_base
+from metadiff.store import Artifact
 from metadiff.utils.io import write_json
 from metadiff.utils.rng import keyed_generator
 

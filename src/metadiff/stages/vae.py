@@ -21,7 +21,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from metadiff.artifacts import Artifact, load_artifact
 from metadiff.config import ConfigError
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS
@@ -29,6 +28,7 @@ from metadiff.eval.per_task import PerTaskValues, ci_report
 from metadiff.meta.latent import LatentLearner, hnet_latent_learner
 from metadiff.nets.adapter import adapter_logits, masked_task_accuracy
 from metadiff.nets.vae import WeightVAE
+from metadiff.store import Artifact, load_artifact
 
 VAE_WEIGHTS, VAE_SPEC = "vae.pt", "vae.json"
 EVAL_VALUES = ("encoded_acc", "decoded_acc", "decoded_minus_encoded", "relative_mse")
@@ -63,7 +63,7 @@ def adaptation_base(upstream: dict[str, Artifact]) -> LatentLearner:
     hnet = hnet_latent_learner(upstream["hnet"])
     built_from = upstream["adaptation"].manifest.get("upstream", {}) if "adaptation" in upstream else {}
     if "vae" in built_from:
-        return vae_latent_learner(load_artifact(Path(built_from["vae"]["path"])), hnet)
+        return vae_latent_learner(load_artifact(upstream["adaptation"].upstream_path("vae")), hnet)
     return hnet
 
 

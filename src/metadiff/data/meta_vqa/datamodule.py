@@ -18,12 +18,12 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from metadiff.artifacts import Artifact
 from metadiff.config import ConfigError
 from metadiff.data.meta_vqa.batches import TaskEpisodes, collate_tasks
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.sources import META_SPLITS, TaskSource
 from metadiff.features.store import FeatureStore
+from metadiff.store import Artifact
 
 log = logging.getLogger(__name__)
 
