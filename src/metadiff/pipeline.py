@@ -62,7 +62,19 @@ def _hydra_choices() -> dict[str, str | None]:
         return nested
     if not HydraConfig.initialized():
         return {}
-    return dict(HydraConfig.get().runtime.choices)
+    hydra_cfg = HydraConfig.get()
+    choices = dict(hydra_cfg.runtime.choices)
+    return {**choices, **_list_choices(list(hydra_cfg.overrides.task), choices)}
+
+
+def _list_choices(task_overrides: list[str], choices: dict[str, str | None]) -> dict[str, str]:
+    """Groups chosen as a list (`debug=[short_chain,fdr]`, which Hydra merges in order) as the override value that
+    selects the same list again: Hydra's `runtime.choices` records only single choices."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(task_overrides)
+    return {o.key_or_group: f"[{','.join(map(str, o.value()))}]" for o in parsed
+            if o.key_or_group in choices and choices[o.key_or_group] is None and isinstance(o.value(), list)}
 
 
 def _inherited_choices(cfg: DictConfig, name: str) -> dict[str, str]:

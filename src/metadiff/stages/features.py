@@ -216,4 +216,6 @@ class FeatureExtractor(pl.LightningModule):
         self.builder = None
 
     def write_artifact(self, directory: Path) -> None:
-        (directory / "features.json").write_text(json.dumps({"store_dir": str(self.store_dir.resolve()), "fingerprint": self.store_fingerprint, **self.description}))
+        # relative to the artifact (both live under paths.root_dir), so a copied outputs tree finds its own store
+        store_dir = os.path.relpath(self.store_dir.resolve(), directory.resolve())
+        (directory / "features.json").write_text(json.dumps({"store_dir": store_dir, "fingerprint": self.store_fingerprint, **self.description}))

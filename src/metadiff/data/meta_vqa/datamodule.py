@@ -43,8 +43,11 @@ def split_tasks(source: TaskSource) -> dict[str, list[Task]]:
 
 
 def upstream_store_dir(upstream: dict[str, Artifact]) -> str:
-    """Where the upstream `features` stage wrote its feature store."""
-    return json.loads(upstream["features"].file("features.json").read_text())["store_dir"]
+    """Where the upstream `features` stage wrote its feature store: stored relative to the artifact (absolute in
+    artifacts written before stores were relocatable; joining keeps those)."""
+    features = upstream["features"]
+    stored = json.loads(features.file("features.json").read_text())["store_dir"]
+    return str((features.path / stored).resolve())
 
 
 class MetaTaskDataModule(pl.LightningDataModule):
