@@ -27,9 +27,9 @@ from metadiff.config.paths import CONF_DIR
 from metadiff.data.adaptation import AdaptationData
 from metadiff.eval.ridge import RidgeMap
 from metadiff.eval.stats import mean_ci95
-from metadiff.meta.latent import hnet_latent_learner
 from metadiff.nets.adapter import masked_task_accuracy
 from metadiff.pipeline import instantiate_with_upstream, resolve_upstreams
+from metadiff.stages.fewshot import load_hnet_latent_learner
 from metadiff.store import find_artifact
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
@@ -51,7 +51,7 @@ def main(overrides: list[str]) -> None:
     upstream = resolve_upstreams(cfg)
     data = instantiate_with_upstream(cfg.data, upstream)
     data.setup("validate")
-    base = hnet_latent_learner(upstream["hnet"])
+    base = load_hnet_latent_learner(upstream["hnet"])
     adaptation: AdaptationData = data.adaptation
     loader = data.task_loader(data.episodes("meta_val"), 128, shuffle=False)
     batches = list(loader)

@@ -277,7 +277,7 @@ def test_learned_variance_finds_the_optimal_reverse_variance_of_gaussian_data() 
 
 def test_stage_trains_with_learn_sigma_and_records_it(cache_root: Path) -> None:
     proc = run_train(["experiment=diffusion_unet_glyphs", "model.learn_sigma=true", "model.attention_heads=4",
-                      "~model.unet.attention_head_dim",
+                      "model.unet.attention_head_dim=null",
                       "trainer.max_steps=2", "test=false", "callbacks.ema.update_starting_at_step=0",
                       "optimized_metric=null", "trainer.check_val_every_n_epoch=100", "task_name=unet_sigma",
                       "trainer.enable_progress_bar=false"], cache_root)

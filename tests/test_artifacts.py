@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from build_helpers import build_and_hang, build_slowly, publish
 from conftest import compose_config, run_train
 from metadiff.data.meta_vqa.datamodule import upstream_store_dir
-from metadiff.pipeline import UpstreamMissingError, find_or_build, resolve_upstreams
+from metadiff.pipeline import UpstreamMissingError, compose_upstream, find_or_build, resolve_upstreams
 from metadiff.store import (
     Artifact,
     artifact_dir,
@@ -256,6 +256,14 @@ def test_a_missing_upstream_without_a_runner_names_the_command(tmp_path: Path) -
     with pytest.raises(UpstreamMissingError, match="build it first with: python train.py experiment=clip_synthvqa"):
         resolve_upstreams(cfg)
     assert not [p for p in Path(cfg.paths.artifacts_dir).glob("*/*") if not p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("debug", ["fdr", "[fdr]", "[short_chain,fdr]"])
+def test_an_inherited_group_reaches_the_upstream_also_when_chosen_as_a_list(debug: str, tmp_path: Path) -> None:
+    """features_synthvqa inherits `debug` into its CLIP: a list choice (which Hydra's runtime choices do not record)
+    must reach it too, or a smoke run trains a full CLIP."""
+    cfg = compose_config(["experiment=features_synthvqa", f"debug={debug}"], tmp_path, tmp_path / "out")
+    assert compose_upstream(cfg, "clip").trainer.fast_dev_run is True
 
 
 # --------------------------------------------------------------------------------------- relocation, real chain

@@ -66,8 +66,9 @@ def _fit(tmp_path: Path, mode: str, train_steps: int) -> dict[str, float]:
     data = MetaTaskDataModule(source, tasks_per_batch=8, eval_tasks_per_batch=16, store_dir=str(tmp_path / "store"))
     model = FewShotModule(
         method=mode, learner={"mode": mode, "adapter_hidden": 64, "hnet_hidden": [32], "embedding_dim": 8,
-                              "logit_scale": 10.0, "adapter_init_std": 0.3},
-        inner={"steps": train_steps, "lr": 0.5}, eval_steps=5,
+                              "question_init": False, "logit_scale": 10.0, "adapter_init_std": 0.3,
+                              "zero_init_output": False, "alpha": 1.0},
+        inner={"steps": train_steps, "lr": 0.5, "second_order": False}, eval_steps=5,
         optimizer=functools.partial(torch.optim.Adam, lr=1e-2), n_shot_max=2, n_shot_reruns=1, plot=False,
         embed_dim=E)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=40, logger=False, enable_progress_bar=False,

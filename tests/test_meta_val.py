@@ -190,8 +190,9 @@ def test_fewshot_validation_logs_the_optimised_metric_and_no_meta_test_metric(tm
     data = MetaTaskDataModule(source, tasks_per_batch=8, eval_tasks_per_batch=16, store_dir=str(tmp_path / "store"))
     model = FewShotModule(
         method="hnet", learner={"mode": "enet", "adapter_hidden": 16, "hnet_hidden": [8], "embedding_dim": 4,
-                                "logit_scale": 10.0, "adapter_init_std": 0.3},
-        inner={"steps": 1, "lr": 0.5}, eval_steps=1, optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
+                                "question_init": False, "logit_scale": 10.0, "adapter_init_std": 0.3,
+                                "zero_init_output": False, "alpha": 1.0},
+        inner={"steps": 1, "lr": 0.5, "second_order": False}, eval_steps=1, optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
         n_shot_max=0, n_shot_reruns=1, plot=False, embed_dim=16)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
                          enable_model_summary=False, inference_mode=False, default_root_dir=tmp_path)

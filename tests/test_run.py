@@ -121,8 +121,8 @@ def test_pickled_cifarfs_gives_the_same_run_as_its_folders(tmp_path: Path, image
 
 @pytest.mark.parametrize("experiment", ["classifier_miniimagenet", "dfml_miniimagenet"])
 def test_resnet12_backbone_runs_in_the_image_stages(experiment: str, tmp_path: Path, image_tree: Path) -> None:
-    """`model/backbone=resnet12` swaps the whole backbone node (no Conv4 keys left over) and the stage trains and
-    tests with its 512-d (here 16-d) features."""
+    """`model/backbone=resnet12` swaps the whole backbone node (the Conv4 keys null) and the stage trains and tests
+    with its 512-d (here 16-d) features."""
     small = ["model/backbone=resnet12", "model.backbone.widths=[8,8,8,16]"]
     proc = run_train([f"experiment={experiment}", *smoke_overrides(experiment, {}, image_tree), *small],
                      tmp_path)
@@ -133,4 +133,5 @@ def test_resnet12_backbone_runs_in_the_image_stages(experiment: str, tmp_path: P
     config = OmegaConf.load(own)
     assert config.task_name == experiment
     assert OmegaConf.to_container(config.model.backbone) == {
-        "name": "resnet12", "widths": [8, 8, 8, 16], "drop": 0.1, "block_size": 4, "anneal_calls": 40000}
+        "name": "resnet12", "width": None, "depth": None, "widths": [8, 8, 8, 16], "drop": 0.1, "block_size": 4,
+        "anneal_calls": 40000}

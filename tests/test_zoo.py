@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_metrics, run_train, written_artifact
-from metadiff.diffusion.zoo import load_zoo
+from metadiff.stages.diffusion_zoo import load_zoo
 from metadiff.store import load_artifact
 
 ZOO = ["zoo.n_models=2", "zoo.classes_per_model=3"]

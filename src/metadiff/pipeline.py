@@ -74,7 +74,7 @@ def _list_choices(task_overrides: list[str], choices: dict[str, str | None]) -> 
 
     parsed = OverridesParser.create().parse_overrides(task_overrides)
     return {o.key_or_group: f"[{','.join(map(str, o.value()))}]" for o in parsed
-            if o.key_or_group in choices and choices[o.key_or_group] is None and isinstance(o.value(), list)}
+            if choices.get(o.key_or_group) is None and not o.is_add() and isinstance(o.value(), list)}
 
 
 def _inherited_choices(cfg: DictConfig, name: str) -> dict[str, str]:

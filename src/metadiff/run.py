@@ -19,7 +19,7 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
 from metadiff.config import ConfigError, validate_config
@@ -27,6 +27,7 @@ from metadiff.errors import InputFileError, MissingInputError, UserError
 from metadiff.logs import QuietThirdParty, quiet_third_party
 from metadiff.pipeline import instantiate_with_upstream, resolve_upstreams
 from metadiff.progress import stdout_is_terminal
+from metadiff.stages.base import Stage
 from metadiff.store import publish_artifact
 from metadiff.utils.io import atomic_path
 
@@ -126,7 +127,26 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def _refuse_spawn_if_incompatible(cfg: DictConfig, model: pl.LightningModule, trainer: pl.Trainer) -> None:
+def _check_stage_class(cfg: DictConfig) -> None:
+    """`model._target_` is a stage (`metadiff.stages.base.Stage`, the hooks this loop calls) that can run the stage
+    the experiment names in `stage:`: checked from the config, before any upstream is built."""
+    target = hydra.utils.get_class(cfg.model._target_)
+    if not issubclass(target, Stage):
+        raise ConfigError(f"model._target_ {cfg.model._target_} is not a stage (a subclass of "
+                          f"metadiff.stages.base.Stage)")
+    if cfg.stage not in target.stage_names():
+        raise ConfigError(f"stage: '{cfg.stage}' but model._target_ {cfg.model._target_} runs "
+                          f"{' or '.join(repr(n) for n in target.stage_names())}")
+
+
+def _check_stage(cfg: DictConfig, model: Stage) -> None:
+    """The built module runs the experiment's stage (a class serving several stages derives it from its config)."""
+    if model.stage_name != cfg.stage:
+        raise ConfigError(f"stage: '{cfg.stage}' but model._target_ {cfg.model._target_} runs stage "
+                          f"'{model.stage_name}'")
+
+
+def _refuse_spawn_if_incompatible(cfg: DictConfig, model: Stage, trainer: pl.Trainer) -> None:
     """Lightning's spawn launcher (`trainer=ddp_sim`, `ddp_spawn`) hands back to the launching process only rank 0's
     parameters and `callback_metrics`. Stages whose result also lives in other module state refuse it in one line:
     classifier and dfml size their networks from the data in `setup()` (never run in the launching process) and keep
@@ -135,20 +155,28 @@ def _refuse_spawn_if_incompatible(cfg: DictConfig, model: pl.LightningModule, tr
     device, each running the whole stage). Making them spawn-safe means running fit, test and the artifact write
     inside the launched processes."""
     spawned = getattr(trainer.strategy, "_start_method", "popen") != "popen"  # DDPStrategy's launcher choice
-    if spawned and trainer.world_size > 1 and not getattr(model, "spawn_compatible", True):
+    if spawned and trainer.world_size > 1 and not model.spawn_compatible:
         raise ConfigError(f"stage '{cfg.stage}' keeps state beyond its parameters in the process that runs it and "
                           f"cannot run under a spawn strategy (trainer.strategy: {type(trainer.strategy).__name__}, "
                           f"start method '{trainer.strategy._start_method}'): use trainer=ddp or trainer=ddp_cpu "
                           f"(one launched process per rank)")
 
 
-def _let_ddp_skip_unused_parameters(model: pl.LightningModule, trainer: pl.Trainer) -> None:
-    """A stage whose step leaves parameters out of a backward pass (`ddp_find_unused_parameters = True`, e.g. dfml's
-    two optimizers) needs DDP's `find_unused_parameters`. It belongs to the stage, not to the `trainer` group (1-device
-    runs have no reducer), and Lightning takes it only as a strategy argument: set on the strategy before it wraps
-    the model."""
-    if getattr(model, "ddp_find_unused_parameters", False) and isinstance(trainer.strategy, DDPStrategy):
-        trainer.strategy._ddp_kwargs["find_unused_parameters"] = True  # noqa: SLF001 - no public setter
+def _ddp_strategy_for(cfg: DictConfig, model: Stage) -> dict[str, Any]:
+    """The trainer's `strategy` argument when the stage needs DDP's `find_unused_parameters` (a step that leaves
+    parameters out of a backward pass, e.g. dfml's two optimizers): it belongs to the stage, not to the `trainer`
+    group (1-device runs have no reducer), and Lightning takes it only where the strategy is built. A registered
+    name gets its `_find_unused_parameters_true` twin, a `_target_` DDP strategy the constructor argument; no
+    strategy (1 device) or another kind is left as configured."""
+    strategy = cfg.trainer.get("strategy")
+    if not model.ddp_find_unused_parameters or strategy is None:
+        return {}
+    if isinstance(strategy, str):
+        twin = f"{strategy}_find_unused_parameters_true"
+        return {"strategy": twin} if twin in StrategyRegistry.available_strategies() else {}
+    if "_target_" in strategy and issubclass(hydra.utils.get_class(strategy._target_), DDPStrategy):
+        return {"strategy": hydra.utils.instantiate(strategy, find_unused_parameters=True)}
+    return {}
 
 
 def _restore_default_start_method() -> None:
@@ -165,6 +193,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     quiet_third_party()
     _restore_default_start_method()
     validate_config(cfg)
+    _check_stage_class(cfg)
     ckpt_path = checked_ckpt_path(cfg)
     start = time.time()
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
@@ -177,20 +206,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("stage '%s' (%s): instantiating data <%s>", cfg.stage, cfg.task_name, cfg.data._target_)
     datamodule: pl.LightningDataModule = instantiate_with_upstream(cfg.data, upstream)
     log.info("instantiating model <%s>", cfg.model._target_)
-    model: pl.LightningModule = instantiate_with_upstream(cfg.model, upstream)
+    model = instantiate_with_upstream(cfg.model, upstream)
+    _check_stage(cfg, model)
     callbacks = [*_instantiate_list(cfg.get("callbacks")), QuietThirdParty()]
     loggers = _instantiate_list(cfg.get("logger"))
     # Lightning's bar redraws a terminal line; in a file it is carriage-return debris (TQDM) or nothing until the end
     # (Rich). Off a terminal, callbacks.progress (metadiff.progress.ProgressLines) logs progress lines instead.
     bar = bool(cfg.trainer.enable_progress_bar) and stdout_is_terminal()
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                  enable_progress_bar=bar)
+                                                  enable_progress_bar=bar, **_ddp_strategy_for(cfg, model))
 
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     _refuse_spawn_if_incompatible(cfg, model, trainer)
-    _let_ddp_skip_unused_parameters(model, trainer)
     status = "failed"
     metrics: dict[str, float] = {}
     try:
@@ -202,17 +231,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update(_scalar_metrics(trainer.callback_metrics))
         if cfg.get("predict", False):
             # A stage that can tell its output is already complete and current (e.g. a feature store) skips work.
-            if not (hasattr(model, "stage_complete") and model.stage_complete()):
+            if not model.stage_complete():
                 trainer.predict(model=model, datamodule=datamodule, return_predictions=False)
             metrics.update(_scalar_metrics(trainer.callback_metrics))
-        metrics.update(getattr(model, "summary_metrics", {}))
+        metrics.update(model.summary_metrics)
         metrics.update(peak_memory())
-        if (
-            cfg.get("artifact") is not None
-            and trainer.is_global_zero
-            and hasattr(model, "write_artifact")
-            and getattr(model, "artifact_ready", True)
-        ):
+        if cfg.get("artifact") is not None and trainer.is_global_zero and model.artifact_ready:
             publish_artifact(cfg, model.write_artifact, metrics, upstream)
         # ranks that each run the whole command (trainer=ddp) go on only once rank 0 has published: the next stage
         # of a chain reads this artifact on every rank (a no-op without a process group, e.g. after spawned ranks)
@@ -225,7 +249,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not math.isfinite(value):
             raise FloatingPointError(f"stage '{cfg.stage}': metric '{key}' is {value}")
     metrics["time/run_seconds"] = time.time() - start
-    _print_summary(cfg, metrics, getattr(model, "results_text", None))
+    _print_summary(cfg, metrics, model.results_text)
     return metrics
 
 

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 
 from metadiff.data.sources import TaskSource
+from metadiff.data.synthvqa.build import SynthVQAConfig
 from metadiff.data.synthvqa.source import SynthVQASource
 from metadiff.features.clip_models import create_clip
 from metadiff.stages.features import FeatureExtractor, FeatureSourceDataModule
@@ -46,7 +47,7 @@ def pipeline_images_per_s(source: TaskSource, arch: str, checkpoint: Path, store
 
 
 def bench_feature_extraction(data_dir: Path, device: str, batch_size: int = 512, repeats: int = 2) -> dict:
-    source = SynthVQASource(cache_dir=str(Path(data_dir) / "synthvqa"), generator={}, answer_prompt=None,
+    source = SynthVQASource(cache_dir=str(Path(data_dir) / "synthvqa"), generator=SynthVQAConfig(), answer_prompt=None,
                             meta_val={"fraction": 0.0, "seed": 0})  # timing only: the split is irrelevant
     source.prepare()
     bundle = create_clip(ARCH)

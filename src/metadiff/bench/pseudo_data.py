@@ -23,6 +23,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from metadiff.config.paths import CONF_DIR
+from metadiff.config.typed import as_spec
 from metadiff.data.images.partition import class_map
 from metadiff.dfml.pseudo_data import generate_pseudo_data
 from metadiff.diffusion.schedule import NoiseSchedule
@@ -30,6 +31,7 @@ from metadiff.diffusion.zoo import DiffusionZoo
 from metadiff.nets.backbones import build_backbone
 from metadiff.nets.heads import MLPHead
 from metadiff.nets.unet import ImageDenoiser
+from metadiff.stages.diffusion_unet import UNetSpec
 
 EXPERIMENT = "dfml_glyphs"
 
@@ -49,8 +51,9 @@ def build_random_zoo(device: str) -> tuple[DiffusionZoo, torch.nn.Module, torch.
     size, channels = source.image_size, source.channels
     n_models, per_model = int(zoo_cfg.zoo.n_models), int(zoo_cfg.zoo.classes_per_model)
     torch.manual_seed(0)
-    member = {"image_size": size, "channels": channels, "unet": dict(unet.model.unet),
-              "learn_sigma": unet.model.get("learn_sigma", False), "attention_heads": unet.model.get("attention_heads")}
+    member = {"image_size": size, "channels": channels,
+              "unet": as_spec(UNetSpec, unet.model.unet, "model.unet").kwargs(),  # as the stage builds it
+              "learn_sigma": unet.model.learn_sigma, "attention_heads": unet.model.attention_heads}
     models = [ImageDenoiser.from_config(member).eval().requires_grad_(False).to(device) for _ in range(n_models)]
     schedule_cfg = dict(unet.model.schedule)
     classes = [list(range(k * per_model, (k + 1) * per_model)) for k in range(n_models)]
@@ -70,7 +73,7 @@ def bench_pseudo_data(data_dir: Path, device: str, per_class: int = 4, repeats: 
         for name, scale in (("unguided", 0.0), ("guided", float(generation["scale"]) or 1.0)):
             start = time.perf_counter()
             data = generate_pseudo_data(zoo, backbone, learner, per_class, batch, steps, scale, "fixed", 0,
-                                        spacing=generation.get("spacing", "leading"))
+                                        spacing=generation["spacing"])
             seconds[name].append(time.perf_counter() - start)
             assert len(data.labels) == n_images
     best = {k: min(v) for k, v in seconds.items()}
@@ -103,7 +106,7 @@ def _gloo_all_gather(local: torch.Tensor) -> torch.Tensor:
 def _round(zoo, backbone, learner, generation: dict, per_class: int, rank: int = 0, world_size: int = 1):
     return generate_pseudo_data(zoo, backbone, learner, per_class, int(generation["batch_size"]),
                                 int(generation["steps"]), float(generation["scale"]) or 1.0, "fixed", 0,
-                                spacing=generation.get("spacing", "leading"), rank=rank, world_size=world_size,
+                                spacing=generation["spacing"], rank=rank, world_size=world_size,
                                 all_gather=_gloo_all_gather if world_size > 1 else None)
 
 

@@ -8,6 +8,7 @@ doubled batch vs two forward passes per step.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ def _module_and_batches(device: str, overrides: list[str], build: StageRunner | 
 
     from metadiff.config.paths import CONF_DIR
     from metadiff.pipeline import find_or_build, instantiate_with_upstream, resolve_upstreams
-    from metadiff.stages.hyperldm import DENOISER_WEIGHTS
+    from metadiff.stages.hyperldm import load_denoiser_state
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True,
@@ -40,19 +41,18 @@ def _module_and_batches(device: str, overrides: list[str], build: StageRunner | 
     data = instantiate_with_upstream(cfg.data, upstream)
     data.setup("test")
     module = instantiate_with_upstream(cfg.model, upstream)
-    state = torch.load(Path(artifact.file(DENOISER_WEIGHTS)), map_location="cpu", weights_only=True)
+    state = load_denoiser_state(artifact)
     module.denoiser.load_state_dict(state["denoiser"])
     module.latent_mean.copy_(state["latent_mean"])
     module.latent_std.copy_(state["latent_std"])
     module.to(device).eval()
-    module.sampling = dict(module.sampling)  # the bench switches method and steps
     batches = list(data.test_dataloader())
     return module, batches
 
 
 def _sample_all(module, batches, scale: float, method: str, steps: int, device: str) -> list[torch.Tensor]:
     """Normalised latents of every meta-test batch (the noise of a batch is fixed by its first task)."""
-    module.sampling.update(method=method, steps=steps)
+    module.sampling = dataclasses.replace(module.sampling, method=method, steps=steps)  # the bench switches them
     out = []
     for batch in batches:
         gen = torch.Generator().manual_seed(int(batch.task_index[0]))

@@ -3,8 +3,9 @@
 Hydra already rejects a command-line override of a key that does not exist (`trainer.max_epoch=1`). What it cannot
 see is a misspelt key *inside a YAML file* (an experiment setting `model.lr_warmup` instead of `warmup_steps`), or a
 wrong type passed to a constructor, which would otherwise surface minutes later deep inside a stage. Every node with
-a `_target_` is therefore checked against the signature of the callable it names, and the top level against a
-schema of the known keys.
+a `_target_` is therefore checked against the signature of the callable it names, each nested block a constructor
+annotates with a spec against that dataclass (`metadiff.config.typed`), and the top level against a schema of the
+known keys.
 """
 
 from __future__ import annotations
@@ -12,19 +13,13 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import types
 import typing
 from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from metadiff.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A config key or value that cannot work; the message names the key."""
-
+from metadiff.config.typed import ConfigError, accepts, check_spec, spec_in
 
 # Top-level keys every run config has (beside the config groups) and the types they must hold.
 TOP_LEVEL_TYPES: dict[str, tuple[type, ...]] = {
@@ -54,34 +49,6 @@ def _resolve_target(path: str, key: str) -> Callable[..., Any]:
     except (ImportError, AttributeError, ValueError) as err:
         raise ConfigError(f"config key '{key}._target_': cannot import '{path}' ({err})") from None
     return obj
-
-
-def _accepts(value: Any, annotation: Any) -> bool:
-    """Loose runtime check of a value against a simple annotation; unknown/complex annotations pass."""
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return True
-    if isinstance(annotation, str):  # unevaluated forward reference: cannot check
-        return True
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts(value, arg) for arg in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
-        return isinstance(value, list | tuple | ListConfig)
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict | DictConfig)
-    return True
 
 
 def _check_target_node(node: DictConfig, key: str) -> None:
@@ -122,7 +89,11 @@ def _check_target_node(node: DictConfig, key: str) -> None:
         if isinstance(raw, dict) and "_target_" in raw:
             continue  # nested object: checked on its own
         annotation = hints.get(name, params[name].annotation)
-        if not _accepts(raw, annotation):
+        spec = spec_in(annotation)
+        if spec is not None and raw is not None:  # a nested block with a typed spec: every key checked, by full name
+            check_spec(spec, raw, full)
+            continue
+        if not accepts(raw, annotation):
             raise ConfigError(
                 f"config key '{full}' = {raw!r} has the wrong type: {node['_target_']} expects {annotation}"
             )

@@ -14,31 +14,57 @@ come from the step's generator (resume, DDP). The formulas are torchvision's; th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from metadiff.config.typed import as_spec
+
+
+@dataclass(frozen=True)
+class ColorJitterSpec:
+    """ColorJitter factors: each drawn from U[1 - v, 1 + v]; 0: off."""
+
+    brightness: float
+    contrast: float
+    saturation: float
+
+    def __post_init__(self) -> None:
+        for name in ("brightness", "contrast", "saturation"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class ErasingSpec:
+    """RandomErasing(p, scale, ratio), filled with the set's mean pixel."""
+
+    p: float
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "p", float(self.p))
+        for name in ("scale", "ratio"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+
 
 @dataclass(frozen=True)
 class AugmentSpec:
+    """`model.augment` of the dfml stage."""
+
     enabled: bool
-    crop_padding: int           # RandomCrop(size, padding) with black padding; 0: off
-    hflip: bool                 # RandomHorizontalFlip(0.5)
-    brightness: float           # ColorJitter factors: each drawn from U[1 - v, 1 + v]; 0: off
-    contrast: float
-    saturation: float
-    erasing_p: float            # RandomErasing(p, scale, ratio)
-    erasing_scale: tuple[float, float]
-    erasing_ratio: tuple[float, float]
+    crop_padding: int               # RandomCrop(size, padding) with black padding; 0: off
+    hflip: bool                     # RandomHorizontalFlip(0.5)
+    color_jitter: ColorJitterSpec
+    erasing: ErasingSpec
 
     @classmethod
-    def from_config(cls, cfg: dict) -> AugmentSpec:
-        jitter, erasing = cfg["color_jitter"], cfg["erasing"]
-        return cls(bool(cfg["enabled"]), int(cfg["crop_padding"]), bool(cfg["hflip"]), float(jitter["brightness"]),
-                   float(jitter["contrast"]), float(jitter["saturation"]), float(erasing["p"]),
-                   tuple(float(v) for v in erasing["scale"]), tuple(float(v) for v in erasing["ratio"]))
+    def from_config(cls, cfg: Mapping[str, Any] | AugmentSpec) -> AugmentSpec:
+        """The spec of a `model.augment` mapping (checked: unknown, missing or mistyped keys are a ConfigError)."""
+        return as_spec(cls, cfg, "model.augment")
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
@@ -117,7 +143,8 @@ def augment(images: torch.Tensor, spec: AugmentSpec, fill: Sequence[float], gen:
     if spec.hflip:
         flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device).view(-1, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x)
-    x = color_jitter(x, spec.brightness, spec.contrast, spec.saturation, gen)
-    if spec.erasing_p:
-        x = random_erasing(x, spec.erasing_p, spec.erasing_scale, spec.erasing_ratio, torch.tensor(fill), gen)
+    jitter, erasing = spec.color_jitter, spec.erasing
+    x = color_jitter(x, jitter.brightness, jitter.contrast, jitter.saturation, gen)
+    if erasing.p:
+        x = random_erasing(x, erasing.p, erasing.scale, erasing.ratio, torch.tensor(fill), gen)
     return x.view_as(images)

@@ -1,13 +1,12 @@
 """A zoo of unconditional image diffusion models, each trained on a disjoint subset of the meta-train classes
 (spec §1.1, §2.2), as one object: the denoisers, their shared noise schedule, the class map (pseudo class i ->
 model, local index) and the pixel convention (denoisers work in [-1, 1]; every other part of metadiff in [0, 1]).
+The zoo's artifact (its writer and reader, `load_zoo`) is the diffusion_zoo stage's (`metadiff.stages.diffusion_zoo`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,9 +14,7 @@ import torch
 from metadiff.diffusion.sampling import EpsModel, Guidance, sample
 from metadiff.diffusion.schedule import NoiseSchedule
 from metadiff.nets.unet import ImageDenoiser
-from metadiff.store import Artifact
 
-ZOO_SPEC = "zoo.json"
 PIXEL_RANGE = (-1.0, 1.0)
 
 
@@ -79,24 +76,3 @@ class DiffusionZoo:
         """`n` images in [0, 1] from zoo model `model` (DDIM over `steps` respaced timesteps by default)."""
         return sample_images(self.models[model], self.schedule, n, steps, generator, spacing, method, eta, guidance,
                              clip_x0, reclip_guided)
-
-    def save(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
-        members = []
-        for k, model in enumerate(self.models):
-            torch.save(model.state_dict(), directory / f"unet_{k}.pt")
-            members.append({"weights": f"unet_{k}.pt", "config": model.config})
-        (directory / ZOO_SPEC).write_text(json.dumps({
-            "members": members, "schedule": self.schedule_cfg, "class_map": self.class_map,
-            "class_names": self.class_names, "image_size": self.image_size, "channels": self.channels,
-            "pixel_range": list(PIXEL_RANGE), **(extra or {})}, indent=1))
-
-
-def load_zoo(artifact: Artifact) -> DiffusionZoo:
-    spec = json.loads(artifact.file(ZOO_SPEC).read_text())
-    models = []
-    for member in spec["members"]:
-        model = ImageDenoiser.from_config(member["config"])
-        model.load_state_dict(torch.load(artifact.file(member["weights"]), weights_only=True))
-        models.append(model.eval().requires_grad_(False))
-    return DiffusionZoo(models, NoiseSchedule.make(**spec["schedule"]), spec["schedule"], spec["class_map"],
-                        spec["class_names"], spec["image_size"], spec["channels"])

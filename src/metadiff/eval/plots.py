@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metadiff.utils.io import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 
 def save_shots_plot(curves: dict[str, list[tuple[int, float, float]]], path: Path, title: str) -> Path:
@@ -53,4 +57,13 @@ def save_curve_plot(curves: dict[str, list[tuple[float, float, float]]], path: P
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+    return path
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
+    """A PNG grid of [0, 1] images, written atomically (samples and pseudo data of the image stages)."""
+    import torchvision.utils as vutils
+
+    with atomic_path(path) as tmp:
+        vutils.save_image(images, tmp, nrow=nrow, padding=1, format="png")
     return path

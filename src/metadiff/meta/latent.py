@@ -4,20 +4,16 @@ The stages after the HNET (adaptation, VAE, HyperCLIP, HyperLDM) all treat a tas
 generator turns into adapter weights: the HNET's hypernetwork (spec §3.4 `enet`) or a VAE decoder (the "VAE
 MetaModel", spec §3.5). `LatentLearner` gives both the interface of `FewShotLearner` (`initial_inner`, `logits`,
 `query_logits`), so the batched inner loop of the few-shot stage adapts z for a whole batch of tasks unchanged.
+The HNET of a few-shot artifact is read as one by `metadiff.stages.fewshot.load_hnet_latent_learner`, next to its writer.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from metadiff.config import ConfigError
-from metadiff.meta.learner import LEARNER_SPEC, LEARNER_WEIGHTS, AlphaQueryLogits, FewShotLearner, Inner
+from metadiff.meta.learner import AlphaQueryLogits, Inner
 from metadiff.nets.adapter import AdapterShape, adapter_logits
-from metadiff.store import Artifact
 
 
 class LatentLearner(AlphaQueryLogits, nn.Module):
@@ -55,25 +51,3 @@ class LatentLearner(AlphaQueryLogits, nn.Module):
                       answer_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits({"z": z}, z, x, answers, answer_mask)
 
-
-def load_fewshot_learner(artifact: Artifact) -> tuple[FewShotLearner, dict]:
-    """The trained few-shot model of an `hnet`/`maml`/`multitask` artifact and its description."""
-    spec = json.loads(Path(artifact.file(LEARNER_SPEC)).read_text())
-    kwargs = {k: spec[k] for k in ("mode", "embed_dim", "adapter_hidden", "hnet_hidden", "embedding_dim",
-                                   "question_init", "logit_scale", "adapter_init_std", "zero_init_output", "alpha")
-              if k in spec}
-    learner = FewShotLearner(**kwargs)
-    learner.load_state_dict(torch.load(artifact.file(LEARNER_WEIGHTS), map_location="cpu", weights_only=True))
-    return learner.eval(), spec
-
-
-def hnet_latent_learner(artifact: Artifact) -> LatentLearner:
-    """The HNET of a few-shot artifact as a latent learner: its hypernetwork and its meta-learned task embedding."""
-    learner, spec = load_fewshot_learner(artifact)
-    if learner.mode != "enet":
-        raise ConfigError(
-            f"upstream artifact {artifact.path} is a '{spec.get('method')}' model in '{learner.mode}' mode; the latent "
-            "stages need an HNET (learner.mode=enet), e.g. experiment=hnet_synthvqa"
-        )
-    init = learner.enet.embedding if not learner.question_init else torch.zeros(learner.shape.embed_dim)
-    return LatentLearner(learner.hnet, init, learner.shape, learner.logit_scale, learner.alpha, learner.question_init)

@@ -18,8 +18,6 @@ from metadiff.nets.adapter import AdapterShape, CLIPAdapter, adapter_logits
 from metadiff.nets.hypernet import Mlp, TaskEmbedding
 
 MODES = ("mnet", "enet", "hnet")
-LEARNER_WEIGHTS = "learner.pt"  # the artifact files of a few-shot stage: state dict + constructor arguments
-LEARNER_SPEC = "learner.json"
 Inner = dict[str, torch.Tensor]
 
 

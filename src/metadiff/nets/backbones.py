@@ -8,8 +8,10 @@ benchmark's; so is DropBlock (torchvision's `drop_block2d` takes odd block sizes
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -148,3 +150,35 @@ def build_backbone(name: str, **kwargs) -> nn.Module:
         raise ConfigError(f"model.backbone: {unknown} are not keys of backbone '{name}' (it takes {own}); choose the "
                           f"backbone as a whole with model/backbone={name}")
     return BACKBONES[name](**kwargs)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """`model.backbone` (conf/model/backbone/): one block for every architecture, so that a misspelt key fails before
+    any work whichever is chosen. Each file sets its own keys and leaves the other architectures' null; a non-null key
+    of another architecture, or a null one of its own, is a one-line error."""
+
+    name: str
+    width: int | None              # conv4
+    depth: int | None              # conv4
+    widths: list[int] | None       # resnet12
+    drop: float | None             # resnet12
+    block_size: int | None         # resnet12
+    anneal_calls: int | None       # resnet12
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKBONES:
+            raise ConfigError(f"model.backbone.name={self.name!r}: expected one of {sorted(BACKBONES)}")
+        own = [k for k in inspect.signature(BACKBONES[self.name]).parameters if k not in ("in_channels", "mean", "std")]
+        keys = [f.name for f in dataclasses.fields(self) if f.name != "name"]
+        stray = [k for k in keys if k not in own and getattr(self, k) is not None]
+        unset = [k for k in own if getattr(self, k) is None]
+        if stray or unset:
+            raise ConfigError(f"model.backbone: backbone '{self.name}' takes {own}"
+                              + (f"; {stray} belong to another backbone (null them)" if stray else "")
+                              + (f"; {unset} are null" if unset else "")
+                              + f"; choose the backbone as a whole with model/backbone={self.name}")
+
+    def arguments(self) -> dict:
+        """`build_backbone`'s keys without the other architectures' (null) ones, in the config's order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}

@@ -19,15 +19,14 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from metadiff.config import ConfigError
+from metadiff.config.typed import as_spec
 from metadiff.data.adaptation import ADAPTATION_FILE, AdaptationData, task_list_hash
 from metadiff.data.meta_vqa.batches import TaskBatch, TaskEpisodes, collate_tasks
 from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
@@ -35,14 +34,24 @@ from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.sources import META_SPLITS
 from metadiff.eval.stats import mean_ci95
 from metadiff.meta.inner_loop import InnerLoop
-from metadiff.meta.latent import LatentLearner, hnet_latent_learner
+from metadiff.meta.latent import LatentLearner
 from metadiff.nets.adapter import masked_task_accuracy
+from metadiff.stages.base import Stage
+from metadiff.stages.fewshot import load_hnet_latent_learner
 from metadiff.store import Artifact
 from metadiff.utils.hashing import fingerprint
 from metadiff.utils.io import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 TRAIN = "train"  # chunk kind of the training rows; the evaluation kinds are the split names
+
+
+@dataclass(frozen=True)
+class AdaptationInnerSpec:
+    """`model.inner`: SGD steps per task and their rate (null: the rate the upstream HNET was meta-trained with)."""
+
+    steps: int
+    lr: float | None
 
 
 @dataclass(frozen=True)
@@ -103,33 +112,33 @@ class AdaptationChunkDataModule(MetaTaskDataModule):
                           persistent_workers=False)
 
 
-class AdaptationModule(pl.LightningModule):
-    def __init__(self, rows: int, inner: dict[str, Any], chunk_tasks: int, work_dir: str, std_min: float = 1e-3,
+class AdaptationModule(Stage, name="adaptation"):
+    def __init__(self, rows: int, inner: AdaptationInnerSpec, chunk_tasks: int, work_dir: str, std_min: float = 1e-3,
                  seed: int = 0, upstream: dict[str, Artifact] | None = None):
         super().__init__()
+        self.inner = as_spec(AdaptationInnerSpec, inner, "model.inner")
         if not upstream or "hnet" not in upstream:
             raise ConfigError("adaptation needs an upstream 'hnet' (a trained HNET artifact) in its config")
         self.base: LatentLearner = self._latent_base(upstream)
-        lr = inner.get("lr")
+        lr = self.inner.lr
         if lr is None:  # the rate the HNET was meta-trained and evaluated with
             lr = float(OmegaConf.load(upstream["hnet"].file("config.yaml")).model.inner.lr)
-        self.inner_loop = InnerLoop(steps=int(inner["steps"]), lr=float(lr), second_order=False)
+        self.inner_loop = InnerLoop(steps=int(self.inner.steps), lr=float(lr), second_order=False)
         self.rows, self.chunk_tasks, self.std_min, self.seed = rows, chunk_tasks, std_min, seed
         self.description = {"upstream": {k: a.fingerprint for k, a in upstream.items()}, "rows": rows,
                             "inner": {"steps": self.inner_loop.steps, "lr": self.inner_loop.lr},
                             "chunk_tasks": chunk_tasks, "chunking": "size-sorted", "seed": seed}
         self.work_dir = Path(work_dir.format(fingerprint=fingerprint(self.description)[:12]))
-        self.summary_metrics: dict[str, float] = {}
-        self.artifact_ready = False
+        self.artifact_ready = False  # until on_predict_end has assembled the dataset
         self.result: AdaptationData | None = None
 
     @staticmethod
     def _latent_base(upstream: dict[str, Artifact]) -> LatentLearner:
         if "vae" in upstream:  # the VAE MetaModel (spec §3.5): latents live in the VAE's latent space
-            from metadiff.stages.vae import vae_latent_learner
+            from metadiff.stages.vae import load_vae_latent_learner
 
-            return vae_latent_learner(upstream["vae"], hnet_latent_learner(upstream["hnet"]))
-        return hnet_latent_learner(upstream["hnet"])
+            return load_vae_latent_learner(upstream["vae"], load_hnet_latent_learner(upstream["hnet"]))
+        return load_hnet_latent_learner(upstream["hnet"])
 
     # -- work plan ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -14,16 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from metadiff.config.typed import as_spec
 from metadiff.data.images.episodes import Episodes
 from metadiff.eval.fewshot import prototype_episode_accuracy, readout_lines
 from metadiff.eval.per_task import PerTaskValues, ci_report
-from metadiff.nets.backbones import build_backbone
+from metadiff.nets.backbones import BackboneSpec, build_backbone
 from metadiff.nets.heads import MLPHead
+from metadiff.stages.base import Stage
 from metadiff.store import Artifact
 
 WEIGHTS, SPEC = "classifier.pt", "classifier.json"
@@ -53,18 +54,17 @@ def load_classifier(artifact: Artifact) -> ImageClassifier:
     return net.eval().requires_grad_(False)
 
 
-class ClassifierModule(pl.LightningModule):
+class ClassifierModule(Stage, name="classifier"):
     spawn_compatible = False  # state beyond parameters lives in this process (see metadiff.run)
 
-    def __init__(self, backbone: dict[str, Any], head_norm: str, optimizer: Callable[..., torch.optim.Optimizer],
+    def __init__(self, backbone: BackboneSpec, head_norm: str, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, readout_scale: float = 7.0,
                  upstream: dict[str, Artifact] | None = None):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "scheduler", "upstream"])
-        self.backbone_cfg, self.head_norm = dict(backbone), head_norm
+        self.backbone_cfg, self.head_norm = as_spec(BackboneSpec, backbone, "model.backbone"), head_norm
         self.optimizer_factory, self.scheduler_factory, self.readout_scale = optimizer, scheduler, readout_scale
         self.net: ImageClassifier | None = None
-        self.summary_metrics: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
         if self.net is not None:

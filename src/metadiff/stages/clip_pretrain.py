@@ -23,6 +23,8 @@ from metadiff.data.sources import TaskSource, task_prompts
 from metadiff.eval.stats import mean_ci95
 from metadiff.eval.zeroshot import encode_texts, per_task_accuracy, split_by_task
 from metadiff.features.clip_models import ClipBundle, context_length, create_clip, register_model_configs
+from metadiff.stages.base import Stage
+from metadiff.store import Artifact
 from metadiff.utils.distributed import gather_rows
 
 CLIP_WEIGHTS = "open_clip_model.pt"
@@ -87,7 +89,7 @@ class ClipPairsDataModule(StepPositionMixin, pl.LightningDataModule):
         return self._loader(self.eval_sets["test"].dataset, self.eval_batch_size, shuffle=False)
 
 
-class ClipPretrainModule(pl.LightningModule):
+class ClipPretrainModule(Stage, name="clip"):
     """open_clip model + ClipLoss; zero-shot Meta-VQA answer accuracy as validation/test metric."""
 
     def __init__(self, arch: str, optimizer: Callable[..., torch.optim.Optimizer], warmup_steps: int = 50,
@@ -170,3 +172,8 @@ class ClipPretrainModule(pl.LightningModule):
     def write_artifact(self, directory: Path) -> None:
         torch.save(self.model.state_dict(), directory / CLIP_WEIGHTS)
         (directory / CLIP_INFO).write_text(json.dumps({"arch": self.hparams.arch, "context_length": context_length(self.hparams.arch)}))
+
+
+def load_clip_weights_path(artifact: Artifact) -> Path:
+    """The open_clip state dict a `clip` artifact holds (what `features` loads as its model's weights)."""
+    return artifact.file(CLIP_WEIGHTS)

@@ -21,32 +21,73 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
 from metadiff.config import ConfigError
+from metadiff.config.typed import as_spec
 from metadiff.data.images.episodes import Episodes, EpisodeShape
 from metadiff.dfml.augment import AugmentSpec, augment
 from metadiff.dfml.class_learner import class_learner_loss
 from metadiff.dfml.guidance import check_compat
 from metadiff.dfml.pseudo_data import PseudoData, generate_pseudo_data, real_pseudo_data
-from metadiff.diffusion.zoo import DiffusionZoo, load_zoo
+from metadiff.diffusion.zoo import DiffusionZoo
 from metadiff.eval.fewshot import paired_lines, prototype_episode_accuracy, readout_lines
 from metadiff.eval.per_task import PerTaskValues, ci_report, paired_report
-from metadiff.eval.plots import log_image, save_curve_plot
-from metadiff.nets.backbones import build_backbone
+from metadiff.eval.plots import log_image, save_curve_plot, save_grid
+from metadiff.nets.backbones import BackboneSpec, build_backbone
 from metadiff.nets.heads import MLPHead
 from metadiff.nets.meta_model import MetaModel, spatial_episodic_loss
+from metadiff.stages.base import Stage
 from metadiff.stages.classifier import load_classifier
-from metadiff.stages.diffusion_unet import save_grid
+from metadiff.stages.diffusion_zoo import load_zoo
 from metadiff.store import Artifact
 from metadiff.utils.rng import generator, keyed_seed, rank_seed, stream_seed
 
 WEIGHTS, SPEC = "meta_model.pt", "meta_model.json"
+
+
+@dataclass(frozen=True)
+class ClassLearnerSpec:
+    """`model.class_learner`: the time-conditioned MLP head that guides sampling (spec §4.3)."""
+
+    norm: str           # `MLPHead` norm (compat: none in fixed mode, batch_stats in the original's)
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """`model.episodes`: the training episodes drawn from the pseudo data (spec §2.5)."""
+
+    n_way: int
+    k_shot: int         # the shot this meta-model trains for and is selected on
+    n_query: int
+    per_batch: int      # episodes per step
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """`model.generation`: how and when the pseudo data is regenerated."""
+
+    source: str         # zoo: guided samples (the method); real: real images of the zoo's classes (positive control)
+    real_split: str     # the split `source: real` reads
+    every: int          # epochs per round
+    per_class: int      # images per pseudo class and round
+    batch_size: int
+    steps: int          # DDIM steps
+    spacing: str        # timestep spacing (`NoiseSchedule.set_timesteps`)
+    scale: float        # classifier guidance scale
+    guide_round0: bool  # round 0 guided by the untrained networks (the original) or unguided
+
+
+@dataclass(frozen=True)
+class PseudoGridSpec:
+    """`model.grid`: the grid of each round's pseudo images."""
+
+    per_class: int
 
 
 def lr_at(lut: list[list[float]], epoch: int) -> float:
@@ -72,18 +113,18 @@ def load_meta_model(artifact: Artifact) -> MetaModel:
     return net.eval().requires_grad_(False)
 
 
-class DFMLModule(pl.LightningModule):
+class DFMLModule(Stage, name="dfml"):
     spawn_compatible = False  # state beyond parameters lives in this process (see metadiff.run)
     # each step takes two backward passes over disjoint parameter sets (meta-model, then class-learner): DDP's
     # reducer must not expect every parameter in each (see metadiff.run)
     ddp_find_unused_parameters = True
 
-    def __init__(self, backbone: dict[str, Any], head_norm: str, scale_cls: float, class_learner: dict[str, Any],
+    def __init__(self, backbone: BackboneSpec, head_norm: str, scale_cls: float, class_learner: ClassLearnerSpec,
                  meta_optimizer: Callable[..., torch.optim.Optimizer],
                  class_learner_optimizer: Callable[..., torch.optim.Optimizer], lr_lut: list[list[float]],
                  class_learner_lr_scale: float | None, episodic_weight: float, kl_reduction: str,
-                 episodes: dict[str, int], augment: dict[str, Any], generation: dict[str, Any],
-                 grid: dict[str, int], compat: str, select_checkpoint: bool = True, seed: int = 0,
+                 episodes: EpisodeSpec, augment: AugmentSpec, generation: GenerationSpec,
+                 grid: PseudoGridSpec, compat: str, select_checkpoint: bool = True, seed: int = 0,
                  upstream: dict[str, Artifact] | None = None):
         super().__init__()
         check_compat(compat)
@@ -96,23 +137,25 @@ class DFMLModule(pl.LightningModule):
         # reference of the gap the data-free model closes)
         self.reference = load_classifier(upstream["reference"]).backbone if "reference" in upstream else None
         self.zoo: DiffusionZoo = load_zoo(self.zoo_artifact)
-        self.backbone_cfg, self.head_norm, self.scale_cls = dict(backbone), head_norm, scale_cls
-        self.class_learner_cfg = dict(class_learner)
+        self.backbone_cfg = as_spec(BackboneSpec, backbone, "model.backbone")
+        self.head_norm, self.scale_cls = head_norm, scale_cls
+        self.class_learner_cfg = as_spec(ClassLearnerSpec, class_learner, "model.class_learner")
         self.meta_optimizer_factory, self.class_learner_optimizer_factory = meta_optimizer, class_learner_optimizer
         self.lr_lut, self.class_learner_lr_scale = [list(e) for e in lr_lut], class_learner_lr_scale
         self.episodic_weight, self.kl_reduction, self.compat = episodic_weight, kl_reduction, compat
-        self.shape = EpisodeShape(int(episodes["n_way"]), int(episodes["k_shot"]), int(episodes["n_query"]))
-        self.episodes_per_batch = int(episodes["per_batch"])
-        self.augment = AugmentSpec.from_config(augment)
-        self.generation, self.grid, self.select_checkpoint, self.seed = dict(generation), dict(grid), \
-            select_checkpoint, seed
+        episodes = as_spec(EpisodeSpec, episodes, "model.episodes")
+        self.shape = EpisodeShape(int(episodes.n_way), int(episodes.k_shot), int(episodes.n_query))
+        self.episodes_per_batch = int(episodes.per_batch)
+        self.augment = as_spec(AugmentSpec, augment, "model.augment")
+        self.generation = as_spec(GenerationSpec, generation, "model.generation")
+        self.grid = as_spec(PseudoGridSpec, grid, "model.grid")
+        self.select_checkpoint, self.seed = select_checkpoint, seed
         self.n_classes = len(self.zoo.class_map)
         self.meta: MetaModel | None = None
         self.pseudo: PseudoData | None = None
         self.pseudo_path: str | None = None
         self.best: dict[str, Any] = {"accuracy": -1.0, "epoch": -1, "state": None}
         self.history: list[dict[str, float]] = []  # one entry per validated round
-        self.summary_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ networks
     def setup(self, stage: str) -> None:
@@ -131,7 +174,7 @@ class DFMLModule(pl.LightningModule):
             torch.manual_seed(self.seed)
             self.meta = build_meta_model(self.spec)
             self.class_learner = MLPHead(self.meta.backbone.out_dim, self.n_classes,
-                                         norm=self.class_learner_cfg["norm"], time_conditioned=True)
+                                         norm=self.class_learner_cfg.norm, time_conditioned=True)
         # the random-init reference: the same architecture and seed, never trained
         self.random_init = copy.deepcopy(self.meta.backbone).requires_grad_(False)
         self.shots = list(dm.shots)
@@ -153,7 +196,7 @@ class DFMLModule(pl.LightningModule):
         return Path(self.trainer.default_root_dir)
 
     def _round_of(self, epoch: int) -> int:
-        return epoch // int(self.generation["every"])
+        return epoch // int(self.generation.every)
 
     def on_train_epoch_start(self) -> None:
         epoch = self.current_epoch
@@ -177,13 +220,13 @@ class DFMLModule(pl.LightningModule):
         rank samples its share of the round's batches and the shares are gathered: every rank holds the whole round,
         the same images as one process with the same seed and guide (`generate_pseudo_data`)."""
         g = self.generation
-        if g["source"] == "real":  # the positive control: real images of the covered classes, not data-free
-            self.pseudo = real_pseudo_data(self.trainer.datamodule.split(g["real_split"]), self.zoo.class_map,
-                                           int(g["per_class"]), round_index)
+        if g.source == "real":  # the positive control: real images of the covered classes, not data-free
+            self.pseudo = real_pseudo_data(self.trainer.datamodule.split(g.real_split), self.zoo.class_map,
+                                           int(g.per_class), round_index)
             self._report_round(round_index)
             return
-        if g["source"] != "zoo":
-            raise ConfigError(f"model.generation.source='{g['source']}': expected 'zoo' (guided samples, the method) "
+        if g.source != "zoo":
+            raise ConfigError(f"model.generation.source='{g.source}': expected 'zoo' (guided samples, the method) "
                               "or 'real' (the meta-train images of the zoo's classes: the positive control)")
         world_size = self.trainer.world_size
         if world_size > 1:
@@ -195,11 +238,11 @@ class DFMLModule(pl.LightningModule):
         self.meta.eval()
         self.class_learner.eval()
         zoo = self.zoo.to(self.device)
-        scale = float(g["scale"]) if round_index > 0 or g.get("guide_round0", True) else 0.0
-        self.pseudo = generate_pseudo_data(zoo, self.meta.backbone, self.class_learner, int(g["per_class"]),
-                                           int(g["batch_size"]), int(g["steps"]), scale, self.compat,
+        scale = float(g.scale) if round_index > 0 or g.guide_round0 else 0.0
+        self.pseudo = generate_pseudo_data(zoo, self.meta.backbone, self.class_learner, int(g.per_class),
+                                           int(g.batch_size), int(g.steps), scale, self.compat,
                                            keyed_seed(self.seed, round_index), round_index,
-                                           g.get("spacing", "trailing"), self.global_rank, world_size,
+                                           g.spacing, self.global_rank, world_size,
                                            self.all_gather if world_size > 1 else None)
         self.log("pseudo/images_generated", float((self.pseudo.ranks == self.global_rank).sum()))  # this rank's share
         self.meta.train()
@@ -222,7 +265,7 @@ class DFMLModule(pl.LightningModule):
         path = self.run_dir / "pseudo" / f"round{round_index}.pt"
         self.pseudo.save(path)
         self.pseudo_path = str(path)
-        per_class = int(self.grid["per_class"])
+        per_class = int(self.grid.per_class)
         order = torch.argsort(self.pseudo.classes, stable=True)
         counts = torch.bincount(self.pseudo.classes, minlength=self.n_classes)
         starts = torch.cumsum(counts, 0) - counts
@@ -296,7 +339,7 @@ class DFMLModule(pl.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero and self.history:
-            curves = {f"{k}-shot ({self.trainer.datamodule.episode_cfg['val_split']})":
+            curves = {f"{k}-shot ({self.trainer.datamodule.episode_cfg.val_split})":
                       [(h["round"], h[f"{k}shot"], h[f"{k}shot_ci95"]) for h in self.history] for k in self.shots}
             path = save_curve_plot(curves, self.run_dir / "accuracy_per_round.png", "dfml: accuracy per round",
                                    xlabel="regeneration round")

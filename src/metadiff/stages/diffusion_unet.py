@@ -13,49 +13,94 @@ held-out images of the subset (fixed t and noise) and a sample grid PNG, both wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-import torchvision.utils as vutils
 
 from metadiff.config import ConfigError
+from metadiff.config.typed import as_spec
 from metadiff.diffusion.losses import hybrid_loss
 from metadiff.diffusion.schedule import NoiseSchedule
 from metadiff.diffusion.zoo import sample_images, to_diffusion
-from metadiff.eval.plots import log_image
+from metadiff.eval.plots import log_image, save_grid
 from metadiff.nets.unet import ImageDenoiser
-from metadiff.utils.io import atomic_path
+from metadiff.stages.base import Stage
+from metadiff.store import Artifact
 from metadiff.utils.rng import keyed_generator
 
 WEIGHTS, SPEC = "unet.pt", "unet.json"
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
-    """A PNG grid of [0, 1] images, written atomically."""
-    with atomic_path(path) as tmp:
-        vutils.save_image(images, tmp, nrow=nrow, padding=1, format="png")
-    return path
+@dataclass(frozen=True)
+class UNetSpec:
+    """`model.unet`: the keyword arguments of diffusers' `UNet2DModel` that the zoo sets (null: left out, diffusers'
+    own default)."""
+
+    block_out_channels: list[int]
+    layers_per_block: int
+    down_block_types: list[str]
+    up_block_types: list[str]
+    norm_num_groups: int
+    dropout: float
+    resnet_time_scale_shift: str
+    attention_head_dim: int | None  # one head width for all levels; null with `model.attention_heads` set
+
+    def kwargs(self) -> dict[str, Any]:
+        """The non-null keys, in this order: what `ImageDenoiser` passes on and stores beside the weights."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
-class DiffusionUNetModule(pl.LightningModule):
-    def __init__(self, image_size: int, channels: int, unet: dict[str, Any], attention_heads: int | None,
-                 learn_sigma: bool, schedule: dict[str, Any], optimizer: Callable[..., torch.optim.Optimizer],
-                 hflip: bool, grid: dict[str, Any], train_seed: int = 0, eval_seed: int = 0,
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """`model.schedule`: the noise schedule (`NoiseSchedule.make`), stored beside the weights as it is here."""
+
+    name: str
+    n_timesteps: int
+
+
+@dataclass(frozen=True)
+class SampleGridSpec:
+    """`model.grid`: the sample grid written at test time with the EMA weights; `n: 0` writes none."""
+
+    n: int
+    nrow: int
+    steps: int          # DDIM steps
+    spacing: str        # timestep spacing (`NoiseSchedule.set_timesteps`)
+
+
+def load_unet_spec(artifact: Artifact) -> dict[str, Any]:
+    """{"config" (the denoiser's), "schedule", "classes" (meta-train indices)} of a diffusion_unet artifact."""
+    return json.loads(artifact.file(SPEC).read_text())
+
+
+def load_unet(artifact: Artifact) -> ImageDenoiser:
+    """The (EMA) denoiser of a diffusion_unet artifact, frozen."""
+    model = ImageDenoiser.from_config(load_unet_spec(artifact)["config"])
+    model.load_state_dict(torch.load(artifact.file(WEIGHTS), weights_only=True))
+    return model.eval().requires_grad_(False)
+
+
+class DiffusionUNetModule(Stage, name="diffusion_unet"):
+    def __init__(self, image_size: int, channels: int, unet: UNetSpec, attention_heads: int | None,
+                 learn_sigma: bool, schedule: ScheduleSpec, optimizer: Callable[..., torch.optim.Optimizer],
+                 hflip: bool, grid: SampleGridSpec, train_seed: int = 0, eval_seed: int = 0,
                  upstream: dict | None = None):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
-        self.unet_cfg, self.schedule_cfg = dict(unet), dict(schedule)
-        self.schedule = NoiseSchedule.make(**schedule)
-        self.optimizer_factory, self.hflip, self.grid = optimizer, hflip, dict(grid)
+        self.unet_cfg = as_spec(UNetSpec, unet, "model.unet")
+        self.schedule_cfg = dataclasses.asdict(as_spec(ScheduleSpec, schedule, "model.schedule"))
+        self.schedule = NoiseSchedule.make(**self.schedule_cfg)
+        self.optimizer_factory, self.hflip = optimizer, hflip
+        self.grid = as_spec(SampleGridSpec, grid, "model.grid")
         self.train_seed, self.eval_seed = train_seed, eval_seed
         # built here, not in setup(): the EMA callback copies the module before the module's own setup runs
-        self.denoiser = ImageDenoiser(image_size, channels, self.unet_cfg, learn_sigma=learn_sigma,
+        self.denoiser = ImageDenoiser(image_size, channels, self.unet_cfg.kwargs(), learn_sigma=learn_sigma,
                                       attention_heads=attention_heads)
-        self.summary_metrics: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
         source = self.trainer.datamodule.source
@@ -108,11 +153,11 @@ class DiffusionUNetModule(pl.LightningModule):
         self._log_heldout("test", batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
-        if not self.trainer.is_global_zero or not self.grid.get("n"):
+        if not self.trainer.is_global_zero or not self.grid.n:
             return
-        images = sample_images(self.denoiser, self.schedule, int(self.grid["n"]), int(self.grid["steps"]),
-                               torch.Generator().manual_seed(self.eval_seed), self.grid.get("spacing", "trailing"))
-        path = save_grid(images.cpu(), Path(self.trainer.default_root_dir) / "samples.png", int(self.grid["nrow"]))
+        images = sample_images(self.denoiser, self.schedule, int(self.grid.n), int(self.grid.steps),
+                               torch.Generator().manual_seed(self.eval_seed), self.grid.spacing)
+        path = save_grid(images.cpu(), Path(self.trainer.default_root_dir) / "samples.png", int(self.grid.nrow))
         log_image(self.loggers, "test/samples", path)
         self.grid_path = path
 

@@ -12,25 +12,68 @@ ceiling. Sample grids (one per member and one of the whole zoo) are written as P
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 
 from metadiff.config import ConfigError
+from metadiff.config.typed import as_spec
 from metadiff.data.images.partition import class_map
 from metadiff.diffusion.schedule import NoiseSchedule
-from metadiff.diffusion.zoo import DiffusionZoo
-from metadiff.eval.plots import log_image
+from metadiff.diffusion.zoo import PIXEL_RANGE, DiffusionZoo
+from metadiff.eval.plots import log_image, save_grid
 from metadiff.nets.unet import ImageDenoiser
+from metadiff.stages.base import Stage
 from metadiff.stages.classifier import load_classifier
-from metadiff.stages.diffusion_unet import SPEC as UNET_SPEC
-from metadiff.stages.diffusion_unet import WEIGHTS as UNET_WEIGHTS
-from metadiff.stages.diffusion_unet import save_grid
+from metadiff.stages.diffusion_unet import load_unet, load_unet_spec
 from metadiff.store import Artifact
 
 UNET_PREFIX = "unet"
+ZOO_SPEC = "zoo.json"
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """`model.check`: how many samples of each member the judge classifies, and how they are sampled."""
+
+    n_per_model: int
+    batch_size: int
+    steps: int          # DDIM steps
+    spacing: str        # timestep spacing (`NoiseSchedule.set_timesteps`)
+
+
+@dataclass(frozen=True)
+class ZooGridSpec:
+    """`model.grid`: the sample grids (one per member, one of the whole zoo)."""
+
+    n_per_model: int
+    nrow: int
+
+
+def save_zoo(zoo: DiffusionZoo, directory: Path, extra: dict[str, Any] | None = None) -> None:
+    """The zoo's files: each member's weights and one JSON of their configs, the schedule and the class map."""
+    members = []
+    for k, model in enumerate(zoo.models):
+        torch.save(model.state_dict(), directory / f"unet_{k}.pt")
+        members.append({"weights": f"unet_{k}.pt", "config": model.config})
+    (directory / ZOO_SPEC).write_text(json.dumps({
+        "members": members, "schedule": zoo.schedule_cfg, "class_map": zoo.class_map,
+        "class_names": zoo.class_names, "image_size": zoo.image_size, "channels": zoo.channels,
+        "pixel_range": list(PIXEL_RANGE), **(extra or {})}, indent=1))
+
+
+def load_zoo(artifact: Artifact) -> DiffusionZoo:
+    """The zoo of a diffusion_zoo artifact, its denoisers frozen."""
+    spec = json.loads(artifact.file(ZOO_SPEC).read_text())
+    models = []
+    for member in spec["members"]:
+        model = ImageDenoiser.from_config(member["config"])
+        model.load_state_dict(torch.load(artifact.file(member["weights"]), weights_only=True))
+        models.append(model.eval().requires_grad_(False))
+    return DiffusionZoo(models, NoiseSchedule.make(**spec["schedule"]), spec["schedule"], spec["class_map"],
+                        spec["class_names"], spec["image_size"], spec["channels"])
 
 
 def member_artifacts(upstream: dict[str, Artifact]) -> list[Artifact]:
@@ -45,7 +88,7 @@ def member_artifacts(upstream: dict[str, Artifact]) -> list[Artifact]:
 
 def assemble_zoo(members: list[Artifact], class_names: list[str]) -> DiffusionZoo:
     """Load the members' (EMA) UNets and build the pseudo class -> (model, local index) map from their subsets."""
-    specs = [json.loads(a.file(UNET_SPEC).read_text()) for a in members]
+    specs = [load_unet_spec(a) for a in members]
     subsets = [s["classes"] for s in specs]
     flat = [c for sub in subsets for c in sub]
     if len(set(flat)) != len(flat):
@@ -55,11 +98,7 @@ def assemble_zoo(members: list[Artifact], class_names: list[str]) -> DiffusionZo
         if s["schedule"] != first["schedule"] or (s["config"]["image_size"], s["config"]["channels"]) != \
                 (first["config"]["image_size"], first["config"]["channels"]):
             raise ConfigError(f"zoo member {a.path} has another schedule or image shape than {members[0].path}")
-    models = []
-    for a, s in zip(members, specs, strict=True):
-        model = ImageDenoiser.from_config(s["config"])
-        model.load_state_dict(torch.load(a.file(UNET_WEIGHTS), weights_only=True))
-        models.append(model.eval().requires_grad_(False))
+    models = [load_unet(a) for a in members]
     mapping = [{**entry, "class": subsets[entry["model"]][entry["local"]]}
                for entry in class_map([list(range(len(sub))) for sub in subsets])]
     return DiffusionZoo(models, NoiseSchedule.make(**first["schedule"]), dict(first["schedule"]), mapping,
@@ -67,22 +106,22 @@ def assemble_zoo(members: list[Artifact], class_names: list[str]) -> DiffusionZo
                         first["config"]["channels"])
 
 
-class DiffusionZooModule(pl.LightningModule):
-    def __init__(self, check: dict[str, Any], grid: dict[str, Any], eval_seed: int = 0,
+class DiffusionZooModule(Stage, name="diffusion_zoo"):
+    def __init__(self, check: CheckSpec, grid: ZooGridSpec, eval_seed: int = 0,
                  upstream: dict[str, Artifact] | None = None):
         super().__init__()
         if not upstream or "judge" not in upstream:
             raise ConfigError("diffusion_zoo needs an upstream 'judge' (a classifier of the meta-train classes)")
         self.members, self.judge_artifact = member_artifacts(upstream), upstream["judge"]
-        self.check, self.grid, self.eval_seed = dict(check), dict(grid), eval_seed
+        self.check = as_spec(CheckSpec, check, "model.check")
+        self.grid, self.eval_seed = as_spec(ZooGridSpec, grid, "model.grid"), eval_seed
         self.judge = load_classifier(self.judge_artifact)
         self.zoo: DiffusionZoo | None = None
         self.real_right: list[torch.Tensor] = []
-        self.summary_metrics: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
         if self.zoo is None:
-            split = self.trainer.datamodule.split(self.trainer.datamodule.train_cfg["split"])
+            split = self.trainer.datamodule.split(self.trainer.datamodule.train_cfg.split)
             if self.judge.spec["n_classes"] != len(split.classes):
                 raise ConfigError(f"judge {self.judge_artifact.path} has {self.judge.spec['n_classes']} classes, the "
                                   f"data's train split {len(split.classes)}")
@@ -105,18 +144,18 @@ class DiffusionZooModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         zoo = self.zoo.to(self.device)
         gen = torch.Generator().manual_seed(self.eval_seed)
-        n, batch = int(self.check["n_per_model"]), int(self.check["batch_size"])
+        n, batch = int(self.check.n_per_model), int(self.check.batch_size)
         owner = self.owner.to(self.device)
         report: dict[str, float] = {}
         grids, confusion = [], torch.zeros(zoo.n_models, zoo.n_models + 1)
         for k in range(zoo.n_models):
-            chunks = [zoo.sample(k, min(batch, n - s), int(self.check["steps"]), gen,
-                                 spacing=self.check.get("spacing", "trailing")) for s in range(0, n, batch)]
+            chunks = [zoo.sample(k, min(batch, n - s), int(self.check.steps), gen, spacing=self.check.spacing)
+                      for s in range(0, n, batch)]
             samples = torch.cat(chunks)
             judged = owner[self.judge.to(self.device)(samples).argmax(-1)]
             report[f"test/member{k}_subset_accuracy"] = float((judged == k).float().mean())
             confusion[k] = torch.bincount(judged.cpu() + 1, minlength=zoo.n_models + 1).roll(-1).float() / n
-            grids.append(samples[: int(self.grid["n_per_model"])].cpu())
+            grids.append(samples[: int(self.grid.n_per_model)].cpu())
         members = [report[f"test/member{k}_subset_accuracy"] for k in range(zoo.n_models)]
         report["test/subset_accuracy"] = sum(members) / len(members)
         report["test/subset_accuracy_chance"] = len(zoo.classes_of(0)) / self.n_train_classes
@@ -135,14 +174,14 @@ class DiffusionZooModule(pl.LightningModule):
 
     def _write_grids(self, grids: list[torch.Tensor]) -> None:
         out = Path(self.trainer.default_root_dir)
-        nrow = int(self.grid["nrow"])
+        nrow = int(self.grid.nrow)
         self.grid_paths = [save_grid(g, out / f"samples_member{k}.png", nrow) for k, g in enumerate(grids)]
         rows = torch.cat([g[:nrow] for g in grids])
         self.grid_paths.append(save_grid(rows, out / "samples_zoo.png", nrow))
         log_image(self.loggers, "test/samples_zoo", self.grid_paths[-1])
 
     def write_artifact(self, directory: Path) -> None:
-        self.zoo.save(directory, extra={
+        save_zoo(self.zoo, directory, extra={
             "member_artifacts": [{"path": str(a.path), "fingerprint": a.fingerprint} for a in self.members],
             "check": dict(self.summary_metrics),
             "confusion": self.confusion.tolist()})  # row k: member k's samples judged in subset j (last: none)

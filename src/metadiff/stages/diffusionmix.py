@@ -16,20 +16,19 @@ episodes: DiffusionMix vs none (per norm), transductive vs plain head, head vs p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from metadiff.config import ConfigError
+from metadiff.config.typed import as_spec
 from metadiff.data.images.episodes import Episodes
 from metadiff.dfml.diffusionmix import interpolate, mixup_label_weights
 from metadiff.dfml.episode_heads import EpisodeHeads, train_heads
 from metadiff.dfml.guidance import check_compat
-from metadiff.diffusion.zoo import load_zoo
 from metadiff.eval.fewshot import (
     embed_episodes,
     episode_accuracy,
@@ -38,16 +37,43 @@ from metadiff.eval.fewshot import (
     readout_lines,
 )
 from metadiff.eval.per_task import PerTaskValues, ci_report, paired_report
+from metadiff.eval.plots import save_grid
+from metadiff.stages.base import Stage
 from metadiff.stages.dfml import load_meta_model
-from metadiff.stages.diffusion_unet import save_grid
+from metadiff.stages.diffusion_zoo import load_zoo
 from metadiff.store import Artifact
 from metadiff.utils.rng import generator, keyed_seed, rank_seed, stream_seed
 
 HEAD_NORMS = ("none", "batch_stats")
 
 
-class DiffusionMixModule(pl.LightningModule):
-    def __init__(self, head: dict[str, Any], mix: dict[str, Any], compat: str, seed: int = 0, upstream: dict[str, Artifact] | None = None):
+@dataclass(frozen=True)
+class HeadSpec:
+    """`model.head`: the per-episode MLP head and its three SGD phases."""
+
+    norms: list[str]        # one head per norm (of HEAD_NORMS); the first is `head`
+    clean_steps: int        # SGD lr_clean on the support set
+    mix_steps: int          # a second SGD (its own momentum) on the DiffusionMix sets
+    final_steps: int        # the first SGD again on the support set
+    lr_clean: float
+    lr_mix: float
+    momentum: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """`model.mix`: the DiffusionMix sets (spec §4.6)."""
+
+    t: int                      # noise step of the mix
+    denoise_steps: int | None   # null: all t ancestral steps (the original); n: n respaced DDPM steps
+    beta_alpha: float           # lambda ~ Beta(alpha, alpha), one per episode and zoo model
+    batch_size: int | None      # images per UNet call (null: a batch's whole support set at once)
+
+
+class DiffusionMixModule(Stage, name="diffusionmix"):
+    def __init__(self, head: HeadSpec, mix: MixSpec, compat: str, seed: int = 0,
+                 upstream: dict[str, Artifact] | None = None):
         super().__init__()
         check_compat(compat)
         for name in ("meta", "zoo"):
@@ -56,14 +82,14 @@ class DiffusionMixModule(pl.LightningModule):
                                   "diffusion_zoo artifact)")
         self.meta = load_meta_model(upstream["meta"])
         self.zoo = load_zoo(upstream["zoo"])
-        self.head_cfg, self.mix, self.compat, self.seed = dict(head), dict(mix), compat, seed
-        self.norms = list(self.head_cfg["norms"])
+        self.head_cfg, self.mix = as_spec(HeadSpec, head, "model.head"), as_spec(MixSpec, mix, "model.mix")
+        self.compat, self.seed = compat, seed
+        self.norms = list(self.head_cfg.norms)
         if not self.norms or any(n not in HEAD_NORMS for n in self.norms):
             raise ConfigError(f"model.head.norms={self.norms}: expected a non-empty list of {HEAD_NORMS}")
         # the first norm's heads are `head` / `head_diffusionmix`; others get the norm as a suffix
         self.readouts = ["prototype"] + [f"{r}{self._suffix(n)}" for n in self.norms
                                          for r in ("head", "head_diffusionmix")]
-        self.summary_metrics: dict[str, float] = {}
 
     def _suffix(self, norm: str) -> str:
         return "" if norm == self.norms[0] else f"_{norm}"
@@ -84,15 +110,15 @@ class DiffusionMixModule(pl.LightningModule):
         """One DiffusionMix set per episode from zoo model `model`: (mixed images [B, S, C, H, W], y_a, y_b,
         λ [B]); one λ ~ Beta(α, α) and one permutation of the support per episode (spec §4.6)."""
         b, s = support.shape[:2]
-        alpha = float(self.mix["beta_alpha"])
+        alpha = float(self.mix.beta_alpha)
         lam = beta_draws(alpha, b, gen).to(support.device)
         perm = torch.stack([torch.randperm(s, generator=gen) for _ in range(b)]).to(support.device)
         x_b = torch.gather(support, 1, perm.view(b, s, 1, 1, 1).expand_as(support))
         x_a, x_b, lam_img = support.flatten(0, 1), x_b.flatten(0, 1), lam.repeat_interleave(s)
         # UNet calls of at most `mix.batch_size` images: on a CPU one call of 625 glyphs takes 13x one of 125
-        chunk = int(self.mix["batch_size"] or len(x_a))
-        mixed = torch.cat([interpolate(self.zoo, model, x_a[i:i + chunk], x_b[i:i + chunk], int(self.mix["t"]),
-                                       lam_img[i:i + chunk], self.compat, gen, self.mix["denoise_steps"])
+        chunk = int(self.mix.batch_size or len(x_a))
+        mixed = torch.cat([interpolate(self.zoo, model, x_a[i:i + chunk], x_b[i:i + chunk], int(self.mix.t),
+                                       lam_img[i:i + chunk], self.compat, gen, self.mix.denoise_steps)
                            for i in range(0, len(x_a), chunk)])
         return mixed.view_as(support), labels, torch.gather(labels, 1, perm), lam
 
@@ -124,8 +150,7 @@ class DiffusionMixModule(pl.LightningModule):
                          mixed: list[tuple[torch.Tensor, ...]] | None) -> torch.Tensor:
         h = self.head_cfg
         heads = EpisodeHeads(len(support), support.shape[-1], n_way, norm, self.device)
-        clean = torch.optim.SGD(heads.parameters(), lr=h["lr_clean"], momentum=h["momentum"],
-                                weight_decay=h["weight_decay"])
+        clean = torch.optim.SGD(heads.parameters(), lr=h.lr_clean, momentum=h.momentum, weight_decay=h.weight_decay)
 
         def clean_loss() -> torch.Tensor:
             return F.cross_entropy(heads(support).transpose(1, 2), y_s, reduction="none").mean(1)
@@ -139,12 +164,11 @@ class DiffusionMixModule(pl.LightningModule):
                     + w_b * F.cross_entropy(logits, y_b, reduction="none").mean(1)
             return total / len(mixed)
 
-        train_heads(heads, clean, int(h["clean_steps"]), clean_loss)
+        train_heads(heads, clean, int(h.clean_steps), clean_loss)
         if mixed is not None:
-            mix_opt = torch.optim.SGD(heads.parameters(), lr=h["lr_mix"], momentum=h["momentum"],
-                                      weight_decay=h["weight_decay"])
-            train_heads(heads, mix_opt, int(h["mix_steps"]), mix_loss)
-        train_heads(heads, clean, int(h["final_steps"]), clean_loss)
+            mix_opt = torch.optim.SGD(heads.parameters(), lr=h.lr_mix, momentum=h.momentum, weight_decay=h.weight_decay)
+            train_heads(heads, mix_opt, int(h.mix_steps), mix_loss)
+        train_heads(heads, clean, int(h.final_steps), clean_loss)
         with torch.no_grad():
             return heads(query)
 

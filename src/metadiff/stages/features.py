@@ -25,7 +25,8 @@ from metadiff.data.sources import META_SPLITS, TaskSource, task_prompts
 from metadiff.eval.baselines import baseline_report
 from metadiff.features.clip_models import ClipBundle, create_clip, image_preprocessing
 from metadiff.features.store import FeatureStore, FeatureStoreBuilder, build_index, check_existing
-from metadiff.stages.clip_pretrain import CLIP_WEIGHTS
+from metadiff.stages.base import Stage
+from metadiff.stages.clip_pretrain import load_clip_weights_path
 from metadiff.store import Artifact
 from metadiff.utils.hashing import file_sha256, fingerprint
 
@@ -118,7 +119,7 @@ class FeatureSourceDataModule(pl.LightningDataModule):
                 for ds, bs in zip(datasets, sizes, strict=True)]
 
 
-class FeatureExtractor(pl.LightningModule):
+class FeatureExtractor(Stage, name="features"):
     """Encodes everything a benchmark needs once; a rerun with the same model and data reuses the store."""
 
     def __init__(self, source: TaskSource, arch: str, store_dir: str, pretrained: str | None = None,
@@ -132,7 +133,7 @@ class FeatureExtractor(pl.LightningModule):
                     "hf-hub:org/repo or a local weights file, or keep the 'upstream.clip' entry that trains the small "
                     "embedded CLIP."
                 )
-            pretrained = str(upstream["clip"].file(CLIP_WEIGHTS))
+            pretrained = str(load_clip_weights_path(upstream["clip"]))
         self.source, self.normalize = source, normalize
         self.bundle = create_clip(arch, pretrained)
         self.model = self.bundle.model.eval()
@@ -147,8 +148,6 @@ class FeatureExtractor(pl.LightningModule):
         # "{fingerprint}" in store_dir keys the folder by model + data + precision, so switching any of them builds
         # a new store beside the old one; a fixed folder built for something else is an error (check_existing).
         self.store_dir = Path(store_dir.format(fingerprint=self.store_fingerprint[:12]))
-        self.summary_metrics: dict[str, float] = {}
-        self.artifact_ready = True
         self._image_clock: list[float] = []
         self._n_images = 0
 

@@ -14,30 +14,61 @@ Validation logs `val/meta_train_*` (fit) and `val/meta_val_*` (what selection re
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torchmetrics import CatMetric
 
 from metadiff.config import ConfigError
+from metadiff.config.typed import as_spec
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS, upstream_store_dir
 from metadiff.eval.plots import log_image, save_shots_plot
 from metadiff.eval.stats import mean_ci95
 from metadiff.features.store import FeatureStore
 from metadiff.meta.inner_loop import InnerLoop
-from metadiff.meta.learner import LEARNER_SPEC, LEARNER_WEIGHTS, FewShotLearner
+from metadiff.meta.latent import LatentLearner
+from metadiff.meta.learner import FewShotLearner
 from metadiff.nets.adapter import masked_task_accuracy, masked_task_losses
+from metadiff.stages.base import Stage
 from metadiff.store import Artifact
 from metadiff.utils.io import write_json
 
 log = logging.getLogger(__name__)
+LEARNER_WEIGHTS = "learner.pt"  # the artifact files of a few-shot stage: state dict + constructor arguments
+LEARNER_SPEC = "learner.json"
+STAGES = ("multitask", "maml", "hnet")  # the `stage:` values this module runs (`FewShotModule.stage_name`)
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """`model.learner`: the few-shot model: the arguments of `metadiff.meta.learner.FewShotLearner` except
+    `embed_dim` (the feature store's)."""
+
+    mode: str  # mnet (MAML / multitask) | enet (HNET) | hnet (question -> weights)
+    adapter_hidden: int
+    hnet_hidden: list[int]
+    embedding_dim: int
+    question_init: bool
+    logit_scale: float
+    adapter_init_std: float
+    zero_init_output: bool
+    alpha: float
+
+
+@dataclass(frozen=True)
+class InnerLoopSpec:
+    """`model.inner`: the training inner loop (`metadiff.meta.inner_loop.InnerLoop`)."""
+
+    steps: int
+    lr: float
+    second_order: bool
 
 
 def store_embed_dim(upstream: dict[str, Artifact] | None) -> int:
@@ -55,8 +86,11 @@ def clip_zero_shot_accuracy(batch: TaskBatch) -> torch.Tensor:
     return masked_task_accuracy(logits, batch.query_y, batch.query_mask)
 
 
-class FewShotModule(pl.LightningModule):
-    def __init__(self, method: str, learner: dict[str, Any], inner: dict[str, Any], eval_steps: int,
+class FewShotModule(Stage, name="fewshot"):
+    """Stages `multitask`, `maml` and `hnet` (`stage_names`; `name` is the family's); which one an instance runs
+    follows from its learner mode and inner steps (`stage_name`)."""
+
+    def __init__(self, method: str, learner: LearnerSpec, inner: InnerLoopSpec, eval_steps: int,
                  optimizer: Callable[..., torch.optim.Optimizer], n_shot_max: int = 5, n_shot_reruns: int = 2,
                  plot: bool = True, embed_dim: int | None = None, upstream: dict[str, Artifact] | None = None):
         super().__init__()
@@ -64,16 +98,30 @@ class FewShotModule(pl.LightningModule):
         self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
         self.optimizer_factory = optimizer
         self.method = method
-        self.inner_loop = InnerLoop(**inner)
+        self.learner_spec = as_spec(LearnerSpec, learner, "model.learner")
+        self.inner = as_spec(InnerLoopSpec, inner, "model.inner")
+        self.inner_loop = InnerLoop(steps=self.inner.steps, lr=self.inner.lr, second_order=self.inner.second_order)
         self.eval_steps, self.n_shot_max, self.n_shot_reruns, self.plot = eval_steps, n_shot_max, n_shot_reruns, plot
         # Built here, not in setup(): under ddp_spawn the launching process must own the same parameters to receive
         # the trained weights back from rank 0.
-        self.learner = FewShotLearner(embed_dim=embed_dim or store_embed_dim(upstream), **learner)
-        self.summary_metrics: dict[str, float] = {}
+        self.learner = FewShotLearner(embed_dim=embed_dim or store_embed_dim(upstream),
+                                      **dataclasses.asdict(self.learner_spec))
         self.eval_acc = torch.nn.ModuleDict({
             f"{split}_{kind}": CatMetric() for split in (*EVAL_SPLITS, "meta_test")
             for kind in ("zeroshot", "fewshot", "clip")
         })
+
+    @classmethod
+    def stage_names(cls) -> tuple[str, ...]:
+        return STAGES
+
+    @property
+    def stage_name(self) -> str:
+        """The method the configuration makes (spec §4.3): `multitask` = the adapter (`mnet`) with 0 training inner
+        steps, `maml` = `mnet` with K > 0 steps, `hnet` = a hypernetwork learner (`enet`, or `hnet` mode)."""
+        if self.learner_spec.mode == "mnet":
+            return "maml" if self.inner.steps > 0 else "multitask"
+        return "hnet"
 
     # -- model ----------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -182,5 +230,28 @@ class FewShotModule(pl.LightningModule):
     def write_artifact(self, directory: Path) -> None:
         torch.save(self.learner.state_dict(), directory / LEARNER_WEIGHTS)
         (directory / LEARNER_SPEC).write_text(json.dumps({
-            "method": self.method, "embed_dim": self.learner.shape.embed_dim, **dict(self.hparams.learner),
+            "method": self.method, "embed_dim": self.learner.shape.embed_dim, **dataclasses.asdict(self.learner_spec),
         }, default=list))
+
+
+def load_fewshot_learner(artifact: Artifact) -> tuple[FewShotLearner, dict]:
+    """The trained few-shot model of an `hnet`/`maml`/`multitask` artifact and its description."""
+    spec = json.loads(Path(artifact.file(LEARNER_SPEC)).read_text())
+    kwargs = {k: spec[k] for k in ("mode", "embed_dim", "adapter_hidden", "hnet_hidden", "embedding_dim",
+                                   "question_init", "logit_scale", "adapter_init_std", "zero_init_output", "alpha")
+              if k in spec}
+    learner = FewShotLearner(**kwargs)
+    learner.load_state_dict(torch.load(artifact.file(LEARNER_WEIGHTS), map_location="cpu", weights_only=True))
+    return learner.eval(), spec
+
+
+def load_hnet_latent_learner(artifact: Artifact) -> LatentLearner:
+    """The HNET of a few-shot artifact as a latent learner: its hypernetwork and its meta-learned task embedding."""
+    learner, spec = load_fewshot_learner(artifact)
+    if learner.mode != "enet":
+        raise ConfigError(
+            f"upstream artifact {artifact.path} is a '{spec.get('method')}' model in '{learner.mode}' mode; the latent "
+            "stages need an HNET (learner.mode=enet), e.g. experiment=hnet_synthvqa"
+        )
+    init = learner.enet.embedding if not learner.question_init else torch.zeros(learner.shape.embed_dim)
+    return LatentLearner(learner.hnet, init, learner.shape, learner.logit_scale, learner.alpha, learner.question_init)

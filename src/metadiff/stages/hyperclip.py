@@ -14,50 +14,83 @@ At test time, HyperCLIP guidance optimises each meta-test task's latent from the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
 from metadiff.config import ConfigError
+from metadiff.config.typed import as_spec
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS
 from metadiff.eval.per_task import PerTaskValues, ci_report
 from metadiff.nets.adapter import masked_task_accuracy
 from metadiff.nets.hyperclip import HyperCLIPEncoder, contrastive_loss, n_way_accuracy, retrieval_accuracy
-from metadiff.stages.vae import adaptation_base, load_vae
+from metadiff.stages.base import Stage
+from metadiff.stages.vae import load_adaptation_base, load_vae
 from metadiff.store import Artifact
 
 INPUTS = ("weights", "latent", "vae")
 HYPERCLIP_WEIGHTS, HYPERCLIP_SPEC = "hyperclip.pt", "hyperclip.json"
 
 
-class HyperCLIPModule(pl.LightningModule):
-    def __init__(self, input: str, encoder: dict[str, Any], normalize: bool, loss_reduction: str,
-                 optimizer: Callable[..., torch.optim.Optimizer], retrieval: dict[str, int],
-                 guidance: dict[str, float], embed_dim: int | None = None,
+@dataclass(frozen=True)
+class EncoderSpec:
+    """`model.encoder`: the weight encoder (`metadiff.nets.hyperclip.HyperCLIPEncoder`'s arguments except its
+    input and output sizes)."""
+
+    hidden: list[int]
+    nonlinearity: str
+    logit_scale: float
+    learn_logit_scale: bool
+
+
+@dataclass(frozen=True)
+class RetrievalSpec:
+    """`model.retrieval`: the original's task-identification test, the true task vs `n_way - 1` random others."""
+
+    n_way: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """`model.guidance`: HyperCLIP guidance at test time, Adam on -cos from the HNET init (0 steps: off)."""
+
+    steps: int
+    lr: float
+    l2: float
+
+
+class HyperCLIPModule(Stage, name="hyperclip"):
+    def __init__(self, input: str, encoder: EncoderSpec, normalize: bool, loss_reduction: str,
+                 optimizer: Callable[..., torch.optim.Optimizer], retrieval: RetrievalSpec,
+                 guidance: GuidanceSpec, embed_dim: int | None = None,
                  upstream: dict[str, Artifact] | None = None):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
+        self.encoder_spec = as_spec(EncoderSpec, encoder, "model.encoder")
+        self.retrieval = as_spec(RetrievalSpec, retrieval, "model.retrieval")
+        self.guidance = as_spec(GuidanceSpec, guidance, "model.guidance")
         if input not in INPUTS:
             raise ConfigError(f"model.input = '{input}' is not one of {INPUTS}")
         if not upstream or "hnet" not in upstream:
             raise ConfigError("hyperclip needs an upstream 'hnet' (it decodes the adaptation latents into weights)")
         if input == "vae" and "vae" not in upstream:
             raise ConfigError("model.input=vae needs an upstream 'vae' (e.g. experiment=hyperclip_hvae_synthvqa)")
-        self.base = adaptation_base(upstream)
+        self.base = load_adaptation_base(upstream)
         self.vae = load_vae(upstream["vae"]).requires_grad_(False) if input == "vae" else None
         in_dim = self.base.latent_dim if input == "latent" else self.base.shape.n_params
-        self.encoder = HyperCLIPEncoder(in_dim, embed_dim or self.base.shape.embed_dim, **encoder)
+        self.encoder = HyperCLIPEncoder(in_dim, embed_dim or self.base.shape.embed_dim,
+                                        **dataclasses.asdict(self.encoder_spec))
         self.input, self.normalize, self.loss_reduction = input, normalize, loss_reduction
-        self.optimizer_factory, self.retrieval, self.guidance = optimizer, dict(retrieval), dict(guidance)
+        self.optimizer_factory = optimizer
         self.values = PerTaskValues([f"{s}/{v}" for s in (*EVAL_SPLITS, "meta_test") for v in ("emb", "question")]
                                     + ["guided_acc", "init_acc", "guided_minus_init"])
-        self.summary_metrics: dict[str, float] = {}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.encoder.parameters())
@@ -101,10 +134,10 @@ class HyperCLIPModule(pl.LightningModule):
         got = self.values.compute([f"{split}/emb", f"{split}/question"])
         emb, question = got[f"{split}/emb"], got[f"{split}/question"]
         logits = self.encoder.logit_scale.detach().cpu() * emb @ F.normalize(question, dim=-1).T
-        n, n_way = logits.shape[0], int(self.retrieval["n_way"])
+        n, n_way = logits.shape[0], int(self.retrieval.n_way)
         hits = {"top1": retrieval_accuracy(logits, 1), "top5": retrieval_accuracy(logits, 5)}
         if n >= n_way:
-            hits[f"{n_way}way"] = n_way_accuracy(logits, n_way, seed=int(self.retrieval["seed"]))
+            hits[f"{n_way}way"] = n_way_accuracy(logits, n_way, seed=int(self.retrieval.seed))
         out = ci_report(prefix, hits)
         out[f"{prefix}/loss"] = float(contrastive_loss(logits, self.loss_reduction))
         out[f"{prefix}/chance_top1"], out[f"{prefix}/chance_top5"] = 1 / n, min(5, n) / n
@@ -120,12 +153,12 @@ class HyperCLIPModule(pl.LightningModule):
 
     def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
         self._collect(batch, "meta_test")
-        if int(self.guidance["steps"]) > 0:
+        if int(self.guidance.steps) > 0:
             self._guided_zero_shot(batch)
 
     def on_test_epoch_end(self) -> None:
         report = self._retrieval_report("test/retrieval", "meta_test")
-        if int(self.guidance["steps"]) > 0:
+        if int(self.guidance.steps) > 0:
             names = ["guided_acc", "init_acc", "guided_minus_init"]
             report |= ci_report("test/guidance", self.values.compute(names))
         self.log_dict(report)
@@ -138,12 +171,12 @@ class HyperCLIPModule(pl.LightningModule):
         batch is guided at once."""
         initial = self.base.initial_inner(batch.question)["z"].detach()
         z = initial.clone().requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=float(self.guidance["lr"]))
+        opt = torch.optim.Adam([z], lr=float(self.guidance.lr))
         target = F.normalize(batch.question.float(), dim=-1)
         with torch.enable_grad():
-            for _ in range(int(self.guidance["steps"])):
+            for _ in range(int(self.guidance.steps)):
                 cos = (self.encoder(self.encoder_input(z)) * target).sum(-1)
-                loss = -cos.sum() + 0.5 * float(self.guidance["l2"]) * (z - initial).pow(2).sum()
+                loss = -cos.sum() + 0.5 * float(self.guidance.l2) * (z - initial).pow(2).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -159,7 +192,7 @@ class HyperCLIPModule(pl.LightningModule):
         torch.save(self.encoder.state_dict(), directory / HYPERCLIP_WEIGHTS)
         (directory / HYPERCLIP_SPEC).write_text(json.dumps({
             "input": self.input, "in_dim": self.encoder.mlp.layers[0].in_features,
-            "embed_dim": self.encoder.mlp.layers[-1].out_features, **dict(self.hparams.encoder),
+            "embed_dim": self.encoder.mlp.layers[-1].out_features, **dataclasses.asdict(self.encoder_spec),
         }, default=list))
 
 

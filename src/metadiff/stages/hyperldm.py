@@ -24,17 +24,18 @@ samples) and warns when they leave the data's range.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
 from metadiff.config import ConfigError, cfg_label
+from metadiff.config.typed import as_spec
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS
 from metadiff.diffusion.diagnostics import denoiser_diagnostics
@@ -50,11 +51,12 @@ from metadiff.diffusion.schedule import PREDICTIONS, NoiseSchedule
 from metadiff.eval.per_task import PerTaskValues, ci_report
 from metadiff.eval.plots import log_image, save_curve_plot
 from metadiff.eval.ridge import RidgeMap
-from metadiff.meta.latent import load_fewshot_learner
 from metadiff.nets.adapter import masked_task_accuracy, masked_task_losses
 from metadiff.nets.latent_denoiser import LatentDenoiser
+from metadiff.stages.base import Stage
+from metadiff.stages.fewshot import load_fewshot_learner
 from metadiff.stages.hyperclip import load_hyperclip_encoder
-from metadiff.stages.vae import adaptation_base
+from metadiff.stages.vae import load_adaptation_base
 from metadiff.store import Artifact
 from metadiff.utils.io import write_json
 from metadiff.utils.rng import keyed_generator
@@ -64,34 +66,123 @@ DENOISER_WEIGHTS, DENOISER_SPEC = "denoiser.pt", "denoiser.json"
 SAMPLERS = ("ddim", "ddpm", "original")
 
 
-class HyperLDMModule(pl.LightningModule):
-    def __init__(self, denoiser: dict[str, Any], prediction: str, schedule: dict[str, Any], uncond_rate: float,
-                 optimizer: Callable[..., torch.optim.Optimizer], sampling: dict[str, Any],
-                 guidance_scales: list[float] | float, fewshot_guidance: dict[str, Any], from_pretrained: dict[str, Any],
-                 hyperclip_guidance: dict[str, Any], ensemble: dict[str, Any], ridge_alpha: float | None,
-                 diagnostics: dict[str, Any], health: dict[str, Any], eval_seed: int, train_seed: int, plot: bool,
-                 upstream: dict[str, Artifact] | None = None):
+@dataclass(frozen=True)
+class DenoiserSpec:
+    """`model.denoiser` (from conf/hyperldm_compat): `metadiff.nets.latent_denoiser.LatentDenoiser`'s arguments
+    except the latent and condition sizes (the upstreams')."""
+
+    version: str
+    hidden: list[int]
+    time_dim: int
+    head_on: str
+    cond_norm: str
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """`model.schedule`: the noise schedule (`metadiff.diffusion.schedule.NoiseSchedule.make`)."""
+
+    name: str
+    n_timesteps: int
+    linear_start: float
+    linear_end: float
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """`model.sampling` (from conf/hyperldm_compat): the evaluation sampler. `spacing` and `eta` are unused by
+    `method: original`; `clip_x0` null = no clipping of x0_hat."""
+
+    method: str
+    steps: int
+    eta: float
+    spacing: str
+    clip_x0: float | None
+    guidance_rescale: float
+
+
+@dataclass(frozen=True)
+class GuidedSamplingSpec:
+    """`model.fewshot_guidance` and `model.hyperclip_guidance`: one row per guidance scale (none: off), sampled at
+    CFG scale `cfg_scale`."""
+
+    scales: list[float]
+    cfg_scale: float
+
+
+@dataclass(frozen=True)
+class FromPretrainedSpec:
+    """`model.from_pretrained`: sampling started from the HNET init at each `t_fracs` of the schedule (none: off);
+    `noise_start` noises the start to its level first (SDEdit)."""
+
+    t_fracs: list[float]
+    cfg_scale: float
+    noise_start: bool
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """`model.ensemble`: `size` sampled latents per task, their predictions averaged (1: off)."""
+
+    size: int
+    cfg_scale: float
+
+
+@dataclass(frozen=True)
+class DiagnosticsSpec:
+    """`model.diagnostics`: denoiser diagnostics on the training latents per timestep band (edges `bands`)."""
+
+    bands: list[int]
+    seed: int
+
+
+@dataclass(frozen=True)
+class HealthSpec:
+    """`model.health`: when a sampling run warns (entries beyond +-`bound`, per-dimension std outside
+    `std_range`, more than `max_outside` of the entries outside)."""
+
+    bound: float
+    std_range: list[float]
+    max_outside: float
+
+
+class HyperLDMModule(Stage, name="hyperldm"):
+    def __init__(self, denoiser: DenoiserSpec, prediction: str, schedule: ScheduleSpec, uncond_rate: float,
+                 optimizer: Callable[..., torch.optim.Optimizer], sampling: SamplingSpec,
+                 guidance_scales: list[float] | float, fewshot_guidance: GuidedSamplingSpec,
+                 from_pretrained: FromPretrainedSpec, hyperclip_guidance: GuidedSamplingSpec, ensemble: EnsembleSpec,
+                 ridge_alpha: float | None, diagnostics: DiagnosticsSpec, health: HealthSpec, eval_seed: int,
+                 train_seed: int, plot: bool, upstream: dict[str, Artifact] | None = None):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
+        self.denoiser_spec = as_spec(DenoiserSpec, denoiser, "model.denoiser")
+        self.schedule_spec = as_spec(ScheduleSpec, schedule, "model.schedule")
+        self.sampling = as_spec(SamplingSpec, sampling, "model.sampling")
+        self.fewshot = as_spec(GuidedSamplingSpec, fewshot_guidance, "model.fewshot_guidance")
+        self.from_pretrained = as_spec(FromPretrainedSpec, from_pretrained, "model.from_pretrained")
+        self.hyperclip_guidance = as_spec(GuidedSamplingSpec, hyperclip_guidance, "model.hyperclip_guidance")
+        self.ensemble = as_spec(EnsembleSpec, ensemble, "model.ensemble")
+        self.diagnostics = as_spec(DiagnosticsSpec, diagnostics, "model.diagnostics")
+        self.health = as_spec(HealthSpec, health, "model.health")
         if not upstream or "adaptation" not in upstream or "hnet" not in upstream:
             raise ConfigError("hyperldm needs upstreams 'hnet' and 'adaptation' (see conf/experiment/hyperldm_*.yaml)")
         if not 0.0 <= uncond_rate < 1.0:
             raise ConfigError(f"model.uncond_rate = {uncond_rate}: expected a fraction in [0, 1)")
         if prediction not in PREDICTIONS:
             raise ConfigError(f"model.prediction = '{prediction}' is not one of {PREDICTIONS}")
-        if sampling["method"] not in SAMPLERS:
-            raise ConfigError(f"model.sampling.method = '{sampling['method']}' is not one of {SAMPLERS}")
-        if sampling["method"] == "original" and prediction != "eps":
+        if self.sampling.method not in SAMPLERS:
+            raise ConfigError(f"model.sampling.method = '{self.sampling.method}' is not one of {SAMPLERS}")
+        if self.sampling.method == "original" and prediction != "eps":
             raise ConfigError("model.sampling.method = original is the original's eps-prediction DDPM update: it needs "
                               f"model.prediction = eps, not '{prediction}'")
-        self.base = adaptation_base(upstream)
-        self.denoiser = LatentDenoiser(self.base.latent_dim, self.base.shape.embed_dim, **denoiser)
-        self.schedule = NoiseSchedule.make(**schedule)
+        self.base = load_adaptation_base(upstream)
+        self.denoiser = LatentDenoiser(self.base.latent_dim, self.base.shape.embed_dim,
+                                       **dataclasses.asdict(self.denoiser_spec))
+        self.schedule = NoiseSchedule.make(**dataclasses.asdict(self.schedule_spec))
         self.register_buffer("latent_mean", torch.zeros(self.base.latent_dim))
         self.register_buffer("latent_std", torch.ones(self.base.latent_dim))
         self.prediction, self.uncond_rate, self.optimizer_factory = prediction, uncond_rate, optimizer
-        self.sampling, self.eval_seed, self.train_seed, self.plot = dict(sampling), eval_seed, train_seed, plot
-        self.results_text: str | None = None  # the claims table + plot path, printed at the end of the run
+        self.eval_seed, self.train_seed, self.plot = eval_seed, train_seed, plot
         # one float = one scale (what a sweep over the scale sets; hparams_search=hyperldm_guidance)
         scales = guidance_scales if isinstance(guidance_scales, list | tuple) else [guidance_scales]
         self.guidance_scales = [float(g) for g in scales]
@@ -101,15 +192,13 @@ class HyperLDMModule(pl.LightningModule):
         # other methods' zero-shot accuracy on the same tasks, for the table (upstream `multitask`, optional)
         self.multitask = load_fewshot_learner(upstream["multitask"])[0].requires_grad_(False) \
             if "multitask" in upstream else None
-        self.fewshot, self.from_pretrained = dict(fewshot_guidance), dict(from_pretrained)
-        self.hyperclip_guidance, self.ensemble = dict(hyperclip_guidance), dict(ensemble)
         self.hyperclip, self.hyperclip_input = None, None
-        if self.hyperclip_guidance["scales"]:
+        if self.hyperclip_guidance.scales:
             if "hyperclip" not in upstream:
                 raise ConfigError("model.hyperclip_guidance.scales needs an upstream 'hyperclip' "
                                   "(upstream.hyperclip in the experiment)")
             self.hyperclip, self.hyperclip_input = load_hyperclip_encoder(upstream["hyperclip"])
-        self.ridge_alpha, self.diagnostics, self.health = ridge_alpha, dict(diagnostics), dict(health)
+        self.ridge_alpha = ridge_alpha
         self.variants = self._variants()
         self.references = ["hnet_init", "oracle"] + (["multitask"] if self.multitask is not None else []) \
             + (["ridge"] if ridge_alpha is not None else [])
@@ -117,16 +206,15 @@ class HyperLDMModule(pl.LightningModule):
                                      for name in (*self.references, *self.variants)])
         self.samples = PerTaskValues([f"{split}/{name}" for split in ("val", "test") for name in self.variants])
         self.val_report: dict[str, float] = {}
-        self.summary_metrics: dict[str, float] = {}
         self._ridge: RidgeMap | None = None
 
     def _variants(self) -> list[str]:
         names = [cfg_label(g) for g in self.guidance_scales]
-        names += [f"fewshot{g:g}" for g in self.fewshot["scales"]]
-        names += [f"hyperclip{g:g}" for g in self.hyperclip_guidance["scales"]]
-        if int(self.ensemble["size"]) > 1:
-            names.append(f"ensemble{int(self.ensemble['size'])}")
-        names += [f"pretrained_t{f:g}" for f in self.from_pretrained["t_fracs"]]
+        names += [f"fewshot{g:g}" for g in self.fewshot.scales]
+        names += [f"hyperclip{g:g}" for g in self.hyperclip_guidance.scales]
+        if int(self.ensemble.size) > 1:
+            names.append(f"ensemble{int(self.ensemble.size)}")
+        names += [f"pretrained_t{f:g}" for f in self.from_pretrained.t_fracs]
         return names
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -161,7 +249,7 @@ class HyperLDMModule(pl.LightningModule):
     # -- sampling -------------------------------------------------------------------------------------------------
     def _model(self, question: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         null = torch.zeros(1, question.shape[-1], device=question.device)
-        rescale = float(self.sampling["guidance_rescale"])
+        rescale = float(self.sampling.guidance_rescale)
         return lambda x, t: cfg_eps(self.denoiser, x, t, question.float(), null, scales, rescale=rescale)
 
     def sample_latents(self, question: torch.Tensor, scales: torch.Tensor, generator: torch.Generator,
@@ -171,19 +259,19 @@ class HyperLDMModule(pl.LightningModule):
         the r blocks of rows get the same noise (one block per scale: paired comparisons)."""
         model = self._model(question, scales)
         shape = (question.shape[0], self.base.latent_dim)
-        if self.sampling["method"] == "original":
-            big_t, steps = self.schedule.n_timesteps, int(self.sampling["steps"])
+        if self.sampling.method == "original":
+            big_t, steps = self.schedule.n_timesteps, int(self.sampling.steps)
             if big_t % steps:
                 raise ConfigError(f"model.sampling.steps = {steps}: the original sampler respaces by k = T / steps, "
                                   f"so steps must divide T = {big_t}")
             return sample_original(model, self.schedule, shape, respacing=big_t // steps, start_frac=start_frac,
                                    x_start=x_start, guidance=guidance, generator=generator, device=question.device,
                                    noise_repeats=noise_repeats)
-        steps = self.schedule.set_timesteps(int(self.sampling["steps"]), self.sampling["spacing"], start_frac)
-        clip = self.sampling["clip_x0"]
-        return sample(model, self.schedule, steps, shape=shape, method=self.sampling["method"],
-                      eta=float(self.sampling["eta"]), guidance=guidance, x_start=x_start,
-                      noise_start=bool(self.from_pretrained["noise_start"]), generator=generator,
+        steps = self.schedule.set_timesteps(int(self.sampling.steps), self.sampling.spacing, start_frac)
+        clip = self.sampling.clip_x0
+        return sample(model, self.schedule, steps, shape=shape, method=self.sampling.method,
+                      eta=float(self.sampling.eta), guidance=guidance, x_start=x_start,
+                      noise_start=bool(self.from_pretrained.noise_start), generator=generator,
                       device=question.device, clip_x0=None if clip is None else float(clip), reclip_guided=True,
                       prediction=self.prediction, noise_repeats=noise_repeats)
 
@@ -227,27 +315,27 @@ class HyperLDMModule(pl.LightningModule):
             x = self.sample_latents(batch.question.repeat(k, 1), scales, self._generator(batch), noise_repeats=k)
             for i, g in enumerate(self.guidance_scales):
                 self._record(split, cfg_label(g), x[i * n:(i + 1) * n], batch)
-        for g in self.fewshot["scales"]:
-            x = self.sample_latents(batch.question, self._full(n, self.fewshot["cfg_scale"]), self._generator(batch),
+        for g in self.fewshot.scales:
+            x = self.sample_latents(batch.question, self._full(n, self.fewshot.cfg_scale), self._generator(batch),
                                     guidance=normalized_gradient_guidance(self._support_loss(batch), float(g)))
             self._record(split, f"fewshot{g:g}", x, batch)
-        for g in self.hyperclip_guidance["scales"]:
-            scale = self._full(n, self.hyperclip_guidance["cfg_scale"])
+        for g in self.hyperclip_guidance.scales:
+            scale = self._full(n, self.hyperclip_guidance.cfg_scale)
             guide = classifier_guidance(self._hyperclip_log_prob(batch, scale), float(g), self.schedule)
             x = self.sample_latents(batch.question, scale, self._generator(batch), guidance=guide)
             self._record(split, f"hyperclip{g:g}", x, batch)
-        members = int(self.ensemble["size"])
+        members = int(self.ensemble.size)
         if members > 1:
             with torch.no_grad():
-                x = self.sample_latents(batch.question.repeat(members, 1), self._full(n * members, self.ensemble["cfg_scale"]),
+                x = self.sample_latents(batch.question.repeat(members, 1), self._full(n * members, self.ensemble.cfg_scale),
                                         self._generator(batch))
                 self.samples.update(f"{split}/ensemble{members}", x)
                 probs = torch.stack([self._logits(self.raw(m), batch).softmax(-1) for m in x.chunk(members)]).mean(0)
                 self.values.update(f"{split}/ensemble{members}", masked_task_accuracy(probs, batch.query_y, batch.query_mask))
         start = (init - self.latent_mean) / self.latent_std
-        for frac in self.from_pretrained["t_fracs"]:
+        for frac in self.from_pretrained.t_fracs:
             with torch.no_grad():
-                x = self.sample_latents(batch.question, self._full(n, self.from_pretrained["cfg_scale"]),
+                x = self.sample_latents(batch.question, self._full(n, self.from_pretrained.cfg_scale),
                                         self._generator(batch), x_start=start, start_frac=float(frac))
                 self._record(split, f"pretrained_t{frac:g}", x, batch)
 
@@ -299,18 +387,18 @@ class HyperLDMModule(pl.LightningModule):
     def _health_report(self, split: str) -> dict[str, float]:
         """Spread and range of the normalised samples of every variant; a loud warning when they leave the data's."""
         out: dict[str, float] = {}
-        lo, hi = (float(v) for v in self.health["std_range"])
+        lo, hi = (float(v) for v in self.health.std_range)
         for name, x in self.samples.compute([f"{split}/{n}" for n in self.variants]).items():
             if not x.numel():
                 continue
-            h = sample_health(x, float(self.health["bound"]))
+            h = sample_health(x, float(self.health.bound))
             variant = name.split("/", 1)[1]
             out |= {f"{split}/health/{variant}_{key}": value for key, value in h.items()}
             std = h.get("std", 1.0)  # no spread from one sample: judged by its range alone
-            if not lo <= std <= hi or h["outside"] > float(self.health["max_outside"]):
+            if not lo <= std <= hi or h["outside"] > float(self.health.max_outside):
                 log.warning("SAMPLER HEALTH %s/%s: per-dimension std %.3g (data: 1, expected in [%g, %g]), "
                             "%.1f%% of entries outside +-%g, max |x| %.3g: the samples left the data's range",
-                            split, variant, std, lo, hi, 100 * h["outside"], self.health["bound"], h["max_abs"])
+                            split, variant, std, lo, hi, 100 * h["outside"], self.health.bound, h["max_abs"])
         return out
 
     def _selected_scale(self) -> float | None:
@@ -323,8 +411,8 @@ class HyperLDMModule(pl.LightningModule):
         data = self.trainer.datamodule.adaptation
         x0 = ((data.train_latents[0].to(self.device) - self.latent_mean) / self.latent_std)
         out = denoiser_diagnostics(self.denoiser, self.schedule, x0, data.train_questions.to(self.device).float(),
-                                   self.prediction, [int(b) for b in self.diagnostics["bands"]],
-                                   int(self.diagnostics["seed"]))
+                                   self.prediction, [int(b) for b in self.diagnostics.bands],
+                                   int(self.diagnostics.seed))
         return {f"diag/{k}": v for k, v in out.items()}
 
     def on_test_epoch_end(self) -> None:
@@ -369,14 +457,14 @@ class HyperLDMModule(pl.LightningModule):
         rows += [(f"HyperLDM, CFG scale {g:g}" + (" (unconditional)" if g == 0 else ""), cfg_label(g))
                  for g in self.guidance_scales]
         rows += [("HyperLDM, CFG scale chosen on meta-val", "cfg_selected")]
-        rows += [(f"HyperLDM + HyperCLIP guidance {g:g}", f"hyperclip{g:g}") for g in self.hyperclip_guidance["scales"]]
-        if int(self.ensemble["size"]) > 1:
-            rows += [(f"HyperLDM ensemble of {int(self.ensemble['size'])}, CFG {float(self.ensemble['cfg_scale']):g}",
-                      f"ensemble{int(self.ensemble['size'])}")]
+        rows += [(f"HyperLDM + HyperCLIP guidance {g:g}", f"hyperclip{g:g}") for g in self.hyperclip_guidance.scales]
+        if int(self.ensemble.size) > 1:
+            rows += [(f"HyperLDM ensemble of {int(self.ensemble.size)}, CFG {float(self.ensemble.cfg_scale):g}",
+                      f"ensemble{int(self.ensemble.size)}")]
         rows += [(f"HyperLDM + few-shot guidance {g:g} (uses support labels)", f"fewshot{g:g}")
-                 for g in self.fewshot["scales"]]
+                 for g in self.fewshot.scales]
         rows += [(f"HyperLDM from the HNET init, t_frac {f:g}", f"pretrained_t{f:g}")
-                 for f in self.from_pretrained["t_fracs"]]
+                 for f in self.from_pretrained.t_fracs]
         rows += [("oracle: latents fine-tuned on the task's train split", "oracle")]
         return rows
 
@@ -408,6 +496,12 @@ class HyperLDMModule(pl.LightningModule):
         torch.save({"denoiser": self.denoiser.state_dict(), "latent_mean": self.latent_mean.cpu(),
                     "latent_std": self.latent_std.cpu()}, directory / DENOISER_WEIGHTS)
         (directory / DENOISER_SPEC).write_text(json.dumps({
-            "latent_dim": self.base.latent_dim, "cond_dim": self.denoiser.cond_dim, **dict(self.hparams.denoiser),
-            "prediction": self.prediction, "schedule": dict(self.hparams.schedule), "uncond_rate": self.uncond_rate,
+            "latent_dim": self.base.latent_dim, "cond_dim": self.denoiser.cond_dim, **dataclasses.asdict(self.denoiser_spec),
+            "prediction": self.prediction, "schedule": dataclasses.asdict(self.schedule_spec), "uncond_rate": self.uncond_rate,
         }, default=list))
+
+
+def load_denoiser_state(artifact: Artifact) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+    """What a `hyperldm` artifact holds of the trained model: the denoiser's state dict (`denoiser`) and the latent
+    statistics it was trained in (`latent_mean`, `latent_std`)."""
+    return torch.load(Path(artifact.file(DENOISER_WEIGHTS)), map_location="cpu", weights_only=True)

@@ -15,24 +15,35 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import torch
 
 from metadiff.config import ConfigError
+from metadiff.config.typed import as_spec
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS
 from metadiff.eval.per_task import PerTaskValues, ci_report
-from metadiff.meta.latent import LatentLearner, hnet_latent_learner
+from metadiff.meta.latent import LatentLearner
 from metadiff.nets.adapter import adapter_logits, masked_task_accuracy
 from metadiff.nets.vae import WeightVAE
+from metadiff.stages.base import Stage
+from metadiff.stages.fewshot import load_hnet_latent_learner
 from metadiff.store import Artifact, load_artifact
 
 VAE_WEIGHTS, VAE_SPEC = "vae.pt", "vae.json"
 EVAL_VALUES = ("encoded_acc", "decoded_acc", "decoded_minus_encoded", "relative_mse")
 INPUTS = ("weights", "latent")
+
+
+@dataclass(frozen=True)
+class VAESpec:
+    """`model.vae`: the VAE's size (`metadiff.nets.vae.WeightVAE`'s arguments except `in_dim`, the input's)."""
+
+    latent_dim: int
+    hidden: list[int]  # encoder hidden sizes; the decoder uses them reversed
+    logvar_shift: float
 
 
 def load_vae(artifact: Artifact) -> WeightVAE:
@@ -43,7 +54,7 @@ def load_vae(artifact: Artifact) -> WeightVAE:
     return vae.eval()
 
 
-def vae_latent_learner(artifact: Artifact, hnet: LatentLearner) -> LatentLearner:
+def load_vae_latent_learner(artifact: Artifact, hnet: LatentLearner) -> LatentLearner:
     """The "VAE MetaModel" (spec §3.5): the VAE decoder generates the weights; every task starts from the posterior
     mean of the HNET's initial weights (deterministic; the original drew one random sample, §8 B33)."""
     vae = load_vae(artifact)
@@ -57,30 +68,32 @@ def vae_latent_learner(artifact: Artifact, hnet: LatentLearner) -> LatentLearner
     return LatentLearner(generator, init, hnet.shape, hnet.logit_scale, hnet.alpha)
 
 
-def adaptation_base(upstream: dict[str, Artifact]) -> LatentLearner:
+def load_adaptation_base(upstream: dict[str, Artifact]) -> LatentLearner:
     """The generator the adaptation latents live in: the HNET's hypernetwork, or the VAE decoder when the adaptation
     dataset was built from a VAE (the spec's B' route)."""
-    hnet = hnet_latent_learner(upstream["hnet"])
+    hnet = load_hnet_latent_learner(upstream["hnet"])
     built_from = upstream["adaptation"].manifest.get("upstream", {}) if "adaptation" in upstream else {}
     if "vae" in built_from:
-        return vae_latent_learner(load_artifact(upstream["adaptation"].upstream_path("vae")), hnet)
+        return load_vae_latent_learner(load_artifact(upstream["adaptation"].upstream_path("vae")), hnet)
     return hnet
 
 
-class VAEModule(pl.LightningModule):
-    def __init__(self, input: str, vae: dict[str, Any], kld_weight: float, normalize: bool,
+class VAEModule(Stage, name="vae"):
+    def __init__(self, input: str, vae: VAESpec, kld_weight: float, normalize: bool,
                  optimizer: Callable[..., torch.optim.Optimizer], upstream: dict[str, Artifact] | None = None):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
+        self.vae_spec = as_spec(VAESpec, vae, "model.vae")
         if not upstream or "hnet" not in upstream:
             raise ConfigError("vae needs an upstream 'hnet' (it decodes the adaptation latents into weights)")
         if input not in INPUTS:
             raise ConfigError(f"model.input = '{input}' is not one of {INPUTS}")
-        self.base, self.input = adaptation_base(upstream), input
-        self.vae = WeightVAE(self.base.shape.n_params if input == "weights" else self.base.latent_dim, **vae)
+        self.base, self.input = load_adaptation_base(upstream), input
+        self.vae = WeightVAE(self.base.shape.n_params if input == "weights" else self.base.latent_dim,
+                             latent_dim=self.vae_spec.latent_dim, hidden=self.vae_spec.hidden,
+                             logvar_shift=self.vae_spec.logvar_shift)
         self.kld_weight, self.normalize, self.optimizer_factory = kld_weight, normalize, optimizer
         self.values = PerTaskValues([f"{s}/{v}" for s in (*EVAL_SPLITS, "meta_test") for v in EVAL_VALUES])
-        self.summary_metrics: dict[str, float] = {}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.vae.parameters())
@@ -151,6 +164,6 @@ class VAEModule(pl.LightningModule):
         torch.save(self.vae.state_dict(), directory / VAE_WEIGHTS)
         (directory / VAE_SPEC).write_text(json.dumps({
             "input": self.input, "in_dim": self.vae.in_dim, "latent_dim": self.vae.latent_dim,
-            "hidden": list(self.hparams.vae.get("hidden", [128, 128])), "logvar_shift": self.vae.logvar_shift,
+            "hidden": list(self.vae_spec.hidden), "logvar_shift": self.vae.logvar_shift,
             "normalize": self.normalize,
         }))

@@ -38,28 +38,30 @@ KANJI_BOX = 109.0  # KanjiVG's viewBox side
 
 @dataclass(frozen=True)
 class GlyphSpec:
-    """What the rendered set looks like; every field is in `conf/data/glyphs.yaml`."""
+    """`data.source.render`: what the rendered set looks like; every value is in `conf/data/glyphs.yaml`."""
 
-    n_classes: int = 100
-    images_per_class: int = 100
-    image_size: int = 32
-    supersample: int = 2            # render at image_size * supersample, then box-filter down (anti-aliasing)
-    min_strokes: int = 4
-    max_strokes: int = 12
-    pen_width: tuple[float, float] = (4.0, 7.0)       # in KanjiVG units (the box is 109)
-    rotation_deg: float = 12.0
-    scale: tuple[float, float] = (0.75, 1.0)
-    shear: float = 0.15
-    shift: float = 0.08                                # fraction of the box
-    stroke_shift: float = 3.0                          # KanjiVG units
-    stroke_rotation_deg: float = 8.0
-    stroke_scale: tuple[float, float] = (0.9, 1.1)
-    stroke_drop: float = 0.0                           # chance that a drawing leaves out a stroke (not the first)
-    wobble: float = 0.0                                # KanjiVG units: a smooth random bend along each stroke
-    points_per_stroke: int = 24
-    seed: int = 0
+    n_classes: int
+    images_per_class: int
+    image_size: int
+    supersample: int                    # render at image_size * supersample, then box-filter down (anti-aliasing)
+    min_strokes: int
+    max_strokes: int
+    pen_width: tuple[float, float]      # in KanjiVG units (the box is 109)
+    rotation_deg: float
+    scale: tuple[float, float]
+    shear: float
+    shift: float                        # fraction of the box
+    stroke_shift: float                 # KanjiVG units
+    stroke_rotation_deg: float
+    stroke_scale: tuple[float, float]
+    stroke_drop: float                  # chance that a drawing leaves out a stroke (not the first)
+    wobble: float                       # KanjiVG units: a smooth random bend along each stroke
+    points_per_stroke: int
+    seed: int
 
     def __post_init__(self) -> None:
+        for name in ("pen_width", "scale", "stroke_scale"):  # tuples, as the set's fingerprint and cached file hold
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.n_classes < 2 or self.images_per_class < 1 or self.image_size < 8:
             raise ConfigError(f"data.glyphs: need n_classes >= 2, images_per_class >= 1, image_size >= 8; got {self}")
         if not 1 <= self.min_strokes <= self.max_strokes:

@@ -4,19 +4,21 @@ pixels."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from metadiff.config import ConfigError
+from metadiff.config.typed import as_spec
 from metadiff.data.images.folders import FolderImageSplit
 from metadiff.data.images.glyphs import GlyphSpec, load_glyphs
 from metadiff.data.images.pickled import load_pickled_split
 from metadiff.data.images.splits import ImageSplit, TensorImageSplit
 from metadiff.errors import MissingInputError
-from metadiff.utils.hashing import to_plain
+from metadiff.nets.backbones import BackboneSpec
 
 SPLITS = ("meta_train", "meta_val", "meta_test")
 
@@ -30,9 +32,11 @@ class ImageSource:
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
 
-    def backbone_spec(self, backbone: dict) -> dict:
-        """A backbone config completed with this source's channels and normalisation (it lives in the network)."""
-        return {**backbone, "in_channels": self.channels, "mean": self.mean, "std": self.std}
+    def backbone_spec(self, backbone: BackboneSpec | Mapping) -> dict:
+        """`build_backbone`'s arguments: the backbone's own keys (`model.backbone`) completed with this source's
+        channels and normalisation (it lives in the network)."""
+        own = as_spec(BackboneSpec, backbone, "model.backbone").arguments()
+        return {**own, "in_channels": self.channels, "mean": self.mean, "std": self.std}
 
     def split(self, name: str) -> ImageSplit:
         if name not in SPLITS:
@@ -47,10 +51,9 @@ class GlyphSource(ImageSource):
     """The embedded KanjiVG glyph set; classes are split in their seeded order (64/16/20 by default)."""
 
     def __init__(self, cache_dir: str, split_sizes: Sequence[int], mean: Sequence[float], std: Sequence[float],
-                 render: dict):
+                 render: GlyphSpec):
         super().__init__(mean, std)
-        spec = to_plain(render)  # plain lists: the cached file must load with weights_only
-        self.spec = GlyphSpec(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in spec.items()})
+        self.spec = as_spec(GlyphSpec, render, "data.source.render")
         if len(split_sizes) != 3 or sum(split_sizes) != self.spec.n_classes:
             raise ConfigError(f"data.source.split_sizes={list(split_sizes)}: expected 3 class counts summing to "
                               f"n_classes={self.spec.n_classes}")
@@ -82,6 +85,15 @@ class FolderSource(ImageSource):
         return FolderImageSplit(self.root, name, self.image_size, self.extensions, self.channels)
 
 
+@dataclass(frozen=True)
+class PickleFilesSpec:
+    """`data.source.pickle_files`: per split, the file names to look for in `root` (the first found is read)."""
+
+    meta_train: list[str]
+    meta_val: list[str]
+    meta_test: list[str]
+
+
 class ImageSetSource(FolderSource):
     """miniImageNet / CIFAR-FS as users have them: the folder layout or one of the pickled distributions.
 
@@ -92,16 +104,17 @@ class ImageSetSource(FolderSource):
     FORMATS = ("auto", "folder", "pickle")
 
     def __init__(self, root: str, image_size: int, extensions: Sequence[str], mean: Sequence[float],
-                 std: Sequence[float], format: str, pickle_files: dict[str, Sequence[str]], channels: int = 3):
+                 std: Sequence[float], format: str, pickle_files: PickleFilesSpec, channels: int = 3):
         super().__init__(root, image_size, extensions, mean, std, channels)
         if format not in self.FORMATS:
             raise ConfigError(f"data.source.format={format!r}: expected one of {list(self.FORMATS)}")
-        missing = [s for s in SPLITS if s not in pickle_files]
+        missing = [s for s in SPLITS if isinstance(pickle_files, Mapping) and s not in pickle_files]
         if missing:
             raise ConfigError(f"data.source.pickle_files has no entry for {missing}: expected a list of file names "
                               f"for each of {list(SPLITS)}")
+        files = as_spec(PickleFilesSpec, pickle_files, "data.source.pickle_files")
         self.format = format
-        self.pickle_files = {s: [str(n) for n in names] for s, names in pickle_files.items()}
+        self.pickle_files = {s: [str(n) for n in getattr(files, s)] for s in SPLITS}
 
     def _pickle_path(self, name: str) -> Path | None:
         return next((self.root / f for f in self.pickle_files[name] if (self.root / f).is_file()), None)

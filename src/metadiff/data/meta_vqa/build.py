@@ -45,6 +45,10 @@ class MetaVQARules:
     seed: int = 2021
     image_name: str = "COCO_{split}_{image_id:012d}"
 
+    def __post_init__(self) -> None:
+        for name in ("splits", "answer_types", "excluded_words"):  # a config's lists: the same (hashable) rules
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
 
 @dataclass(frozen=True)
 class VQAFiles:

@@ -13,9 +13,8 @@ image a task names is checked before any work starts.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
@@ -23,10 +22,11 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from metadiff.config import ConfigError
+from metadiff.config.typed import as_spec
 from metadiff.data.meta_vqa.build import TASK_FILES, MetaVQARules, VQAFiles, build_meta_vqa
-from metadiff.data.sources import META_SPLITS, MetaValSplit, TaskFileSource, dataclass_from_config
+from metadiff.data.sources import META_SPLITS, MetaValSplit, TaskFileSource
 from metadiff.errors import InputFileError, MissingInputError
-from metadiff.utils.hashing import file_sha256, fingerprint, to_plain
+from metadiff.utils.hashing import file_sha256, fingerprint
 from metadiff.utils.io import atomic_dir
 
 RESIZE_MODES = ("squash", "shorter_side_center_crop")
@@ -67,11 +67,13 @@ class MetaVQASource(TaskFileSource):
 
     name = "meta_vqa"
 
-    def __init__(self, image_dir: str, meta_val: Mapping[str, Any], task_dir: str | None = None,
+    def __init__(self, image_dir: str, meta_val: MetaValSplit, task_dir: str | None = None,
                  vqa_dir: str | None = None, build_dir: str | None = None, prompts: str | None = None,
-                 rules: Mapping[str, Any] | None = None,
-                 vqa_files: Mapping[str, Any] | None = None, image_file: str = "{split}/{name}.jpg",
+                 rules: MetaVQARules | None = None,
+                 vqa_files: VQAFiles | None = None, image_file: str = "{split}/{name}.jpg",
                  resize: str = "squash", check_images: bool = True):
+        """`rules` and `vqa_files` (both in conf/data/meta_vqa.yaml) are read only to build the task files from
+        `vqa_dir`; a source of published task files (`task_dir`) may leave them null."""
         if task_dir is None and vqa_dir is None:
             raise ConfigError("data.source needs task_dir (published Meta-VQA files) or vqa_dir (official VQA v2 "
                               "files to build them from); both are null")
@@ -80,18 +82,21 @@ class MetaVQASource(TaskFileSource):
         self.vqa_dir = Path(vqa_dir) if vqa_dir else None
         self.build_dir = Path(build_dir) if build_dir else None
         self.prompts_path = Path(prompts) if prompts else None
-        self.rules = dataclass_from_config(MetaVQARules, dict(to_plain(rules) or {}), "data.source.rules")
-        self.vqa_files = dataclass_from_config(VQAFiles, dict(to_plain(vqa_files) or {}), "data.source.vqa_files")
+        self.rules = None if rules is None else as_spec(MetaVQARules, rules, "data.source.rules")
+        self.vqa_files = None if vqa_files is None else as_spec(VQAFiles, vqa_files, "data.source.vqa_files")
         if resize not in RESIZE_MODES:
             raise ConfigError(f"data.source.resize = '{resize}' is not one of {RESIZE_MODES}")
         self.image_file, self.resize, self.check_images = image_file, resize, check_images
-        self.meta_val = MetaValSplit.from_config(meta_val)
+        self.meta_val = as_spec(MetaValSplit, meta_val, "data.source.meta_val")
         self._root: Path | None = None
 
     # -- task files -------------------------------------------------------------------------------------------
     def _build_root(self) -> Path:
         if self.build_dir is None:
             raise ConfigError("data.source.build_dir must be set to build Meta-VQA from vqa_dir")
+        if self.rules is None or self.vqa_files is None:
+            raise ConfigError("data.source.rules and data.source.vqa_files must be set to build Meta-VQA from vqa_dir "
+                              "(conf/data/meta_vqa.yaml has the paper's)")
         key = fingerprint({"rules": dataclasses.asdict(self.rules), "files": self._vqa_file_stats()})
         return self.build_dir / f"meta-vqa-{key[:12]}"
 

@@ -92,6 +92,8 @@ class SceneSpec:
     supersample: int = 3
 
     def __post_init__(self) -> None:
+        for name in ("shapes", "colors", "sizes", "size_diameters"):  # a config's lists: the same (hashable) spec
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         unknown = [c for c in self.colors if c not in COLOR_RGB]
         if unknown:
             raise ValueError(f"colours without an RGB entry: {unknown}")

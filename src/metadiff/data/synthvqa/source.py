@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from metadiff.data.sources import MetaValSplit, TaskFileSource, dataclass_from_config, normalize_images
+from metadiff.config.typed import as_spec
+from metadiff.data.sources import MetaValSplit, TaskFileSource, normalize_images
 from metadiff.data.synthvqa.build import SynthVQAConfig, load_or_build_synthvqa
 from metadiff.data.synthvqa.build import fingerprint as config_fingerprint
 from metadiff.data.synthvqa.scenes import SceneSpec, caption_scene, render_scene, sample_scene
 from metadiff.utils.hashing import fingerprint as value_fingerprint
-
-
-def generator_config(generator: Mapping[str, Any]) -> SynthVQAConfig:
-    values = OmegaConf.to_container(generator, resolve=True) if isinstance(generator, DictConfig) else dict(generator)
-    scene = dataclass_from_config(SceneSpec, dict(values.pop("scene", {})), "data.source.generator.scene")
-    return dataclass_from_config(SynthVQAConfig, {**values, "scene": scene}, "data.source.generator")
 
 
 class ImageArrayDataset(Dataset):
@@ -66,18 +59,20 @@ class SynthVQASource(TaskFileSource):
 
     name = "synthvqa"
 
-    def __init__(self, cache_dir: str, generator: dict[str, Any], answer_prompt: str | None,
-                 meta_val: dict[str, Any]):
+    def __init__(self, cache_dir: str, generator: SynthVQAConfig, answer_prompt: str | None,
+                 meta_val: MetaValSplit):
         """`answer_prompt`: null = each question's declarative template ("the circle is {}", as Meta-VQA's
         prompt_meta.json); a string with one '{}' = that prompt for every question, so that the answer texts of two
         questions with the same answers are the same and only the task's condition (its question) tells them apart.
+        `generator`: every setting of the generated data (`SynthVQAConfig`, its `scene` a `SceneSpec`), all of them
+        in the config (the dataclasses' defaults serve the standalone builder).
         `meta_val`: {fraction, seed} of the meta-train tasks held out for validation (`MetaValSplit`)."""
         if answer_prompt is not None and answer_prompt.count("{}") != 1:
             raise ValueError(f"data.source.answer_prompt = {answer_prompt!r}: expected null or one '{{}}'")
         self.cache_dir = Path(cache_dir)
-        self.config = generator_config(generator)
+        self.config = as_spec(SynthVQAConfig, generator, "data.source.generator")
         self.answer_prompt = answer_prompt
-        self.meta_val = MetaValSplit.from_config(meta_val)
+        self.meta_val = as_spec(MetaValSplit, meta_val, "data.source.meta_val")
         self._root: Path | None = None
 
     def fingerprint(self) -> str:
