@@ -12,13 +12,13 @@ from metadiff.data.images.episodes import EpisodeShape
 from metadiff.dfml.class_learner import class_learner_loss, noised_guide_input
 from metadiff.dfml.diffusionmix import denoise_timesteps
 from metadiff.dfml.episode_heads import EpisodeHeads, train_heads
+from metadiff.dfml.lr_table import TableLR, lr_at
 from metadiff.dfml.pseudo_data import PseudoData
 from metadiff.diffusion.schedule import NoiseSchedule
 from metadiff.eval.fewshot import paired_lines
 from metadiff.eval.per_task import paired_report
 from metadiff.nets.backbones import build_backbone
 from metadiff.nets.heads import MLPHead
-from metadiff.stages.dfml import lr_at
 from metadiff.stages.diffusionmix import beta_draws
 
 
@@ -108,6 +108,26 @@ def test_lr_lookup_table() -> None:
     assert [lr_at(lut, e) for e in (0, 59, 60, 69, 70, 85)] == [0.1, 0.1, 0.006, 0.006, 0.0012, 0.00024]
     with pytest.raises(ConfigError, match="no entry covers epoch 0"):
         lr_at([[5, 0.1]], 0)
+
+
+def test_the_table_scheduler_gives_the_table_exactly_and_resumes_where_it_was() -> None:
+    lut = [[0, 0.1], [3, 0.006], [5, 0.0012]]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)  # the optimizer's own LR is replaced
+    sched, seen = TableLR(opt, lut), []
+    for _ in range(7):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == [lr_at(lut, e) for e in range(7)] == [0.1, 0.1, 0.1, 0.006, 0.006, 0.0012, 0.0012]
+    scaled = TableLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5), lut, scale=0.5)
+    assert scaled.optimizer.param_groups[0]["lr"] == 0.1 * 0.5
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    resumed = TableLR(opt2, lut)
+    resumed.load_state_dict(sched.state_dict())  # what Lightning does with a checkpoint's scheduler state
+    resumed.step()
+    assert opt2.param_groups[0]["lr"] == lr_at(lut, 8)
+    with pytest.raises(ConfigError, match="no entry covers epoch 0"):
+        TableLR(opt2, [[2, 0.1]])
 
 
 @pytest.mark.parametrize("norm", ["batch_stats", "none"])

@@ -3,6 +3,7 @@ manifest, checkpoint selection on the configured split, grids and plots, the art
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from conftest import dfml_smoke_overrides, run_metrics, run_train, written_artifact
 from metadiff.dfml.pseudo_data import PseudoData, lexicographic_labels
-from metadiff.stages.dfml import SPEC, load_meta_model
+from metadiff.stages.dfml import SPEC, WEIGHTS, load_meta_model
 from metadiff.store import load_artifact
 
 
@@ -53,6 +54,15 @@ def test_dfml_regenerates_selects_and_publishes(compat: str, cache_root: Path, t
     assert f'"compat": "{compat}"' in spec and (artifact.path / "pseudo_round1.png").exists()
     net = load_meta_model(artifact)
     assert net.head.out_dim == 6 and not any(p.requires_grad for p in net.parameters())
+    # the selection is Lightning's: one best checkpoint (ModelCheckpoint on val/accuracy), its epoch the one
+    # reported, its meta-model the one tested and published (not the last weights)
+    (best,) = sorted((run_dir / "checkpoints").glob("best_epoch_*.ckpt"))
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == m["val/selected_epoch"] == json.loads(spec)["selected_epoch"]
+    selected = {k.removeprefix("meta."): v for k, v in checkpoint["state_dict"].items() if k.startswith("meta.")}
+    published = torch.load(artifact.path / WEIGHTS, weights_only=True)
+    assert selected.keys() == published.keys()
+    assert all(torch.equal(selected[k], published[k]) for k in selected)
 
 
 def test_diffusionmix_reports_each_norm_and_the_paired_differences(cache_root: Path, image_tree: Path) -> None:

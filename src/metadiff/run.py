@@ -78,6 +78,18 @@ def checked_ckpt_path(cfg: DictConfig) -> str | None:
     return str(file)
 
 
+def selected_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The checkpoint the test reads: the best one of the run's monitored `ModelCheckpoint` (selection on a validation
+    metric, e.g. `callbacks=select_best`), or None (the weights as trained) when there is none or it saved nothing
+    (no validation ran, fast_dev_run). `ckpt_path="best"` would take the first ModelCheckpoint, which here is the
+    unmonitored one that keeps `last.ckpt` for resuming."""
+    monitored = [cb for cb in trainer.checkpoint_callbacks if cb.monitor is not None]
+    if len(monitored) > 1:
+        raise ConfigError(f"callbacks: {len(monitored)} ModelCheckpoints with a monitor "
+                          f"({', '.join(cb.monitor for cb in monitored)}); the test reads one selected checkpoint")
+    return (monitored[0].best_model_path or None) if monitored else None
+
+
 def _close_loggers(loggers: list[Logger], status: str) -> None:
     """Finish every logger even on error, so W&B/TensorBoard never leave a dangling run behind."""
     for logger in loggers:
@@ -227,7 +239,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
             metrics.update(_scalar_metrics(trainer.callback_metrics))
         if cfg.get("test", False):
-            trainer.test(model=model, datamodule=datamodule)
+            trainer.test(model=model, datamodule=datamodule, ckpt_path=selected_checkpoint(trainer))
             metrics.update(_scalar_metrics(trainer.callback_metrics))
         if cfg.get("predict", False):
             # A stage that can tell its output is already complete and current (e.g. a feature store) skips work.

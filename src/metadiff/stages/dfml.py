@@ -8,10 +8,11 @@ networks, as the original). Between regenerations, every step (manual optimisati
 2. the class-learner on the noised queries of fresh episodes: CE + KL to the meta-model's clean posterior (§4.3).
 The original ran the two as two passes per epoch; interleaving gives both the same number of updates.
 
-Learning rates follow the epoch look-up table `lr_lut` (the original's 0.1 / 0.006 / 0.0012 / 0.00024); the
+Learning rates follow the epoch look-up table `lr_lut` (the original's 0.1 / 0.006 / 0.0012 / 0.00024, a scheduler); the
 class-learner's is `class_learner_lr_scale` times the meta LR, or constant (`null`, the original, §8 B4).
 Validation (fixed real episodes of `data.episodes.val_split`, prototype readout) runs at the end of every round and
-selects the weights the test uses: meta_val in `fixed` mode, meta_test in `faithful` mode (the original's test-set
+selects the weights the test uses (`callbacks=select_best`: a ModelCheckpoint monitoring `val/accuracy`, whose best
+checkpoint `metadiff.run` tests): meta_val in `fixed` mode, meta_test in `faithful` mode (the original's test-set
 selection, §8 B3). The test scores the selected backbone and a random-init one with the same readout on the fixed
 real meta-test episodes (mean ± 95% CI).
 """
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 
 from metadiff.config import ConfigError
 from metadiff.config.typed import as_spec
@@ -34,6 +36,7 @@ from metadiff.data.images.episodes import Episodes, EpisodeShape
 from metadiff.dfml.augment import AugmentSpec, augment
 from metadiff.dfml.class_learner import class_learner_loss
 from metadiff.dfml.guidance import check_compat
+from metadiff.dfml.lr_table import TableLR
 from metadiff.dfml.pseudo_data import PseudoData, generate_pseudo_data, real_pseudo_data
 from metadiff.diffusion.zoo import DiffusionZoo
 from metadiff.eval.fewshot import paired_lines, prototype_episode_accuracy, readout_lines
@@ -90,17 +93,6 @@ class PseudoGridSpec:
     per_class: int
 
 
-def lr_at(lut: list[list[float]], epoch: int) -> float:
-    """The LR of `epoch` from a look-up table [[first_epoch, lr], ...] sorted by epoch."""
-    lr = None
-    for first, value in lut:
-        if epoch >= first:
-            lr = float(value)
-    if lr is None:
-        raise ConfigError(f"model.lr_lut={lut}: no entry covers epoch {epoch} (the first must start at 0)")
-    return lr
-
-
 def build_meta_model(spec: dict[str, Any]) -> MetaModel:
     return MetaModel(build_backbone(**spec["backbone"]), spec["n_classes"], spec["head_norm"], spec["scale_cls"])
 
@@ -124,7 +116,7 @@ class DFMLModule(Stage, name="dfml"):
                  class_learner_optimizer: Callable[..., torch.optim.Optimizer], lr_lut: list[list[float]],
                  class_learner_lr_scale: float | None, episodic_weight: float, kl_reduction: str,
                  episodes: EpisodeSpec, augment: AugmentSpec, generation: GenerationSpec,
-                 grid: PseudoGridSpec, compat: str, select_checkpoint: bool = True, seed: int = 0,
+                 grid: PseudoGridSpec, compat: str, seed: int,
                  upstream: dict[str, Artifact] | None = None):
         super().__init__()
         check_compat(compat)
@@ -149,12 +141,12 @@ class DFMLModule(Stage, name="dfml"):
         self.augment = as_spec(AugmentSpec, augment, "model.augment")
         self.generation = as_spec(GenerationSpec, generation, "model.generation")
         self.grid = as_spec(PseudoGridSpec, grid, "model.grid")
-        self.select_checkpoint, self.seed = select_checkpoint, seed
+        self.seed = seed
         self.n_classes = len(self.zoo.class_map)
         self.meta: MetaModel | None = None
         self.pseudo: PseudoData | None = None
         self.pseudo_path: str | None = None
-        self.best: dict[str, Any] = {"accuracy": -1.0, "epoch": -1, "state": None}
+        self.selected_epoch = -1  # the epoch of the checkpoint the test loaded (callbacks.best_checkpoint); -1: none
         self.history: list[dict[str, float]] = []  # one entry per validated round
 
     # ------------------------------------------------------------------ networks
@@ -187,8 +179,12 @@ class DFMLModule(Stage, name="dfml"):
         self.values = PerTaskValues(names)
 
     def configure_optimizers(self):
-        return [self.meta_optimizer_factory(self.meta.parameters()),
-                self.class_learner_optimizer_factory(self.class_learner.parameters())]
+        meta_opt = self.meta_optimizer_factory(self.meta.parameters())
+        cl_opt = self.class_learner_optimizer_factory(self.class_learner.parameters())
+        schedulers = [TableLR(meta_opt, self.lr_lut)]
+        if self.class_learner_lr_scale is not None:  # null: the class-learner keeps its optimizer's LR (the original)
+            schedulers.append(TableLR(cl_opt, self.lr_lut, self.class_learner_lr_scale))
+        return [meta_opt, cl_opt], schedulers
 
     # ------------------------------------------------------------------ pseudo data
     @property
@@ -200,14 +196,8 @@ class DFMLModule(Stage, name="dfml"):
 
     def on_train_epoch_start(self) -> None:
         epoch = self.current_epoch
-        meta_opt, cl_opt = self.optimizers()
-        lr = lr_at(self.lr_lut, epoch)
-        for group in meta_opt.optimizer.param_groups:
-            group["lr"] = lr
-        if self.class_learner_lr_scale is not None:
-            for group in cl_opt.optimizer.param_groups:
-                group["lr"] = lr * self.class_learner_lr_scale
-        self.log("train/lr", lr)
+        meta_opt, _ = self.optimizers()
+        self.log("train/lr", meta_opt.optimizer.param_groups[0]["lr"])
         wanted = self._round_of(epoch)
         if self.pseudo is None and self.pseudo_path is not None and Path(self.pseudo_path).exists():
             self.pseudo = PseudoData.load(Path(self.pseudo_path))  # resumed: the round's data as it was
@@ -333,9 +323,6 @@ class DFMLModule(Stage, name="dfml"):
         self.history.append({"epoch": self.current_epoch, "round": self._round_of(self.current_epoch),
                              **{f"{k}shot": report[f"val/trained_{k}shot"] for k in self.shots},
                              **{f"{k}shot_ci95": report[f"val/trained_{k}shot_ci95"] for k in self.shots}})
-        if accuracy > self.best["accuracy"]:
-            self.best = {"accuracy": accuracy, "epoch": self.current_epoch,
-                         "state": {k: v.detach().cpu().clone() for k, v in self.meta.state_dict().items()}}
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero and self.history:
@@ -345,18 +332,24 @@ class DFMLModule(Stage, name="dfml"):
                                    xlabel="regeneration round")
             log_image(self.loggers, "val/accuracy_per_round", path)
 
+    def on_train_epoch_end(self) -> None:
+        for scheduler in self.lr_schedulers() if isinstance(self.lr_schedulers(), list) else [self.lr_schedulers()]:
+            scheduler.step()  # manual optimisation: Lightning leaves the stepping to the module
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["dfml"] = {"pseudo_path": self.pseudo_path, "best": self.best, "history": self.history}
+        checkpoint["dfml"] = {"pseudo_path": self.pseudo_path, "history": self.history}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["dfml"]
-        self.pseudo_path, self.best, self.history = state["pseudo_path"], state["best"], state["history"]
+        if self.trainer.state.fn == TrainerFn.FITTING:  # resuming: the round's data and the validation history
+            state = checkpoint["dfml"]
+            self.pseudo_path, self.history = state["pseudo_path"], state["history"]
+        else:  # the selected checkpoint, loaded for test (metadiff.run): its weights, this run's history
+            self.selected_epoch = int(checkpoint["epoch"])
 
     # ------------------------------------------------------------------ test: real meta-test episodes
     def on_test_start(self) -> None:
-        if self.select_checkpoint and self.best["state"] is not None:
-            self.meta.load_state_dict(self.best["state"])
-            self.summary_metrics["val/selected_epoch"] = float(self.best["epoch"])
+        if self.selected_epoch >= 0:
+            self.summary_metrics["val/selected_epoch"] = float(self.selected_epoch)
         self.meta.eval()
 
     def test_step(self, batch: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -388,6 +381,6 @@ class DFMLModule(Stage, name="dfml"):
     def write_artifact(self, directory: Path) -> None:
         torch.save(self.meta.state_dict(), directory / WEIGHTS)
         (directory / SPEC).write_text(json.dumps({**self.spec, "compat": self.compat, "history": self.history,
-                                                  "selected_epoch": self.best["epoch"]}))
+                                                  "selected_epoch": self.selected_epoch}))
         for png in sorted(self.run_dir.glob("pseudo_round*.png")) + sorted(self.run_dir.glob("accuracy_*.png")):
             (directory / png.name).write_bytes(png.read_bytes())
