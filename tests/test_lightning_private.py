@@ -4,18 +4,17 @@ Lightning release moves one, and pyproject.toml bounds `lightning` above the las
 - `DDPStrategy._start_method` (metadiff.run): whether a DDP strategy spawns its ranks (so only rank 0's parameters
   come back to the launching process); the launcher classes that would tell are private too.
 - `CSVLogger._experiment` / `._fs` and `ExperimentWriter._check_log_dir_exists` / `._fs` / `.metrics_keys` /
-  `.metrics_file_path` (metadiff.loggers): the CSV writer that appends to an existing metrics file.
+  `.metrics_file_path` (metadiff.loggers): the CSV writer that appends to an existing metrics file (its behaviour:
+  tests/test_loggers.py).
 """
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.strategies import DDPStrategy
 
-from metadiff.loggers import ContinuingCSVLogger
 from metadiff.utils.distributed import SpawnDDPStrategy
 
 
@@ -30,16 +29,3 @@ def test_the_csv_writer_internals_the_continuing_logger_overrides_exist(tmp_path
     writer = ExperimentWriter(log_dir=str(tmp_path / "w"))
     assert hasattr(writer, "_fs") and isinstance(writer.metrics_keys, list)
     assert writer.metrics_file_path.endswith("metrics.csv")
-
-
-def test_a_second_logger_on_the_same_folder_keeps_the_first_ones_rows_and_columns(tmp_path: Path) -> None:
-    first = ContinuingCSVLogger(save_dir=str(tmp_path), name="run", version=0)
-    first.log_metrics({"train/loss": 1.0}, step=0)
-    first.save()
-    second = ContinuingCSVLogger(save_dir=str(tmp_path), name="run", version=0)  # e.g. the test phase after a spawn
-    second.log_metrics({"test/acc": 0.5}, step=1)
-    second.save()
-    with open(Path(second.log_dir) / "metrics.csv", newline="") as file:
-        rows = list(csv.DictReader(file))
-    assert [r["train/loss"] for r in rows] == ["1.0", ""]
-    assert [r["test/acc"] for r in rows] == ["", "0.5"]
