@@ -352,3 +352,15 @@ def test_generic_answer_prompt_replaces_every_template(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="answer_prompt = 'a photo'"):
         SynthVQASource(cache_dir=str(tmp_path), generator=B.SynthVQAConfig(), answer_prompt="a photo",
                        meta_val={"fraction": 0.0, "seed": 0})
+
+
+def test_the_build_command_makes_the_benchmark_the_experiments_use(tmp_path: Path) -> None:
+    """`python -m metadiff.data.synthvqa.build` reads conf/data/synthvqa.yaml, not the dataclass defaults (which differ:
+    e.g. conditional_skew 0 vs 3.5), so the command line and `data=synthvqa` build the same data."""
+    from conftest import compose_config
+    from metadiff.config.typed import as_spec
+
+    cfg = compose_config(["experiment=features_synthvqa"], tmp_path, tmp_path / "out")
+    used = as_spec(B.SynthVQAConfig, cfg.data.source.generator, "data.source.generator")
+    assert B.configured_generator() == used
+    assert B.fingerprint(B.configured_generator()) != B.fingerprint(B.SynthVQAConfig())
