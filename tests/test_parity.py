@@ -120,3 +120,17 @@ def test_ddp_and_bf16_match_one_process(family: str, cache_root: Path, image_tre
     for name in (*DDP_TRAINERS[family], "bf16"):
         gap = abs(runs[name][metric] - runs["single"][metric])
         assert gap <= tolerance, f"{family}: {name} {metric} {runs[name][metric]} vs 1 process {runs['single'][metric]}"
+
+
+def test_a_stage_whose_artifact_needs_rank_state_refuses_spawn_and_runs_launched(cache_root: Path,
+                                                                                 image_tree: Path) -> None:
+    """diffusion_unet (with the EMA callback) under both DDP launchers: under ddp_sim it stops in one line before any
+    work (its artifact's class list is set in setup(), which only the spawned ranks run); under ddp_cpu it trains
+    on 2 ranks and publishes."""
+    common = ["experiment=diffusion_unet_glyphs", debug("fdr"), *image_smoke_overrides("diffusion_unet_glyphs",
+                                                                                        image_tree)]
+    spawned = run_train([*common, "trainer=ddp_sim", "task_name=unet_spawn"], cache_root, check=False)
+    assert spawned.returncode == 2 and "cannot run under a spawn strategy" in spawned.stderr, spawned.stderr[-2000:]
+    launched = run_train([*common, "trainer=ddp_cpu", "task_name=unet_launched"], cache_root)
+    assert "MEMBER: 2/2" in launched.stdout + launched.stderr
+    assert written_artifact(launched.stdout + launched.stderr, "diffusion_unet").is_dir()

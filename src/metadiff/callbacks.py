@@ -124,6 +124,17 @@ class RestoreRNGStates(pl.Callback):
         random.setstate((version, tuple(internal), gauss))
 
 
+class _EMAUpdate:
+    """torch's `get_ema_multi_avg_fn(decay)` as a picklable object: a spawn strategy (`trainer=ddp_sim`) sends the
+    callbacks to its ranks by pickling, and the closure torch returns cannot be pickled."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    def __call__(self, ema: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        get_ema_multi_avg_fn(self.decay)(ema, current, num_averaged)
+
+
 class InPlaceEMA(WeightAveraging):
     """Lightning's `EMAWeightAveraging` schedule (start step, every n steps) with torch's in-place foreach EMA
     (`get_ema_multi_avg_fn`) instead of the per-tensor `get_ema_avg_fn` that `EMAWeightAveraging` hard-wires.
@@ -134,7 +145,7 @@ class InPlaceEMA(WeightAveraging):
 
     def __init__(self, decay: float, update_every_n_steps: int, update_starting_at_step: int,
                  use_buffers: bool = True):
-        super().__init__(use_buffers=use_buffers, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        super().__init__(use_buffers=use_buffers, multi_avg_fn=_EMAUpdate(decay))
         if not 0.0 < decay < 1.0 or update_every_n_steps < 1 or update_starting_at_step < 0:
             raise ValueError(f"callbacks.ema: decay {decay} must be in (0, 1), update_every_n_steps "
                              f"{update_every_n_steps} >= 1 and update_starting_at_step {update_starting_at_step} >= 0")

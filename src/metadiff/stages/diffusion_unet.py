@@ -86,6 +86,11 @@ def load_unet(artifact: Artifact) -> ImageDenoiser:
 
 
 class DiffusionUNetModule(Stage, name="diffusion_unet"):
+    # the artifact's class list and sample grid are set in setup() and the test hooks, which a spawn strategy runs
+    # in its ranks only (and the launching process's module is detached from its trainer afterwards): refused in one
+    # line before any work rather than failing at the artifact write (found by running it under trainer=ddp_sim)
+    spawn_compatible = False
+
     def __init__(self, image_size: int, channels: int, unet: UNetSpec, attention_heads: int | None,
                  learn_sigma: bool, schedule: ScheduleSpec, optimizer: Callable[..., torch.optim.Optimizer],
                  hflip: bool, grid: SampleGridSpec, train_seed: int = 0, eval_seed: int = 0,
