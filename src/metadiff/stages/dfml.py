@@ -333,7 +333,8 @@ class DFMLModule(Stage, name="dfml"):
             log_image(self.loggers, "val/accuracy_per_round", path)
 
     def on_train_epoch_end(self) -> None:
-        for scheduler in self.lr_schedulers() if isinstance(self.lr_schedulers(), list) else [self.lr_schedulers()]:
+        schedulers = self.lr_schedulers()  # one scheduler, or a list of two (the class-learner's)
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             scheduler.step()  # manual optimisation: Lightning leaves the stepping to the module
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

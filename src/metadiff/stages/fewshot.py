@@ -237,9 +237,8 @@ class FewShotModule(Stage, name="fewshot"):
 def load_fewshot_learner(artifact: Artifact) -> tuple[FewShotLearner, dict]:
     """The trained few-shot model of an `hnet`/`maml`/`multitask` artifact and its description."""
     spec = json.loads(Path(artifact.file(LEARNER_SPEC)).read_text())
-    kwargs = {k: spec[k] for k in ("mode", "embed_dim", "adapter_hidden", "hnet_hidden", "embedding_dim",
-                                   "question_init", "logit_scale", "adapter_init_std", "zero_init_output", "alpha")
-              if k in spec}
+    keys = ["embed_dim", *(f.name for f in dataclasses.fields(LearnerSpec))]  # what write_artifact stored
+    kwargs = {k: spec[k] for k in keys if k in spec}  # `if`: artifacts written before a key existed
     learner = FewShotLearner(**kwargs)
     learner.load_state_dict(torch.load(artifact.file(LEARNER_WEIGHTS), map_location="cpu", weights_only=True))
     return learner.eval(), spec
