@@ -1,4 +1,4 @@
-"""metadiff.callbacks.InPlaceEMA: torch's in-place foreach EMA, and a callback a spawn strategy can send to its ranks."""
+"""metadiff.callbacks.InPlaceEMA: torch's in-place foreach EMA, in a callback that can be pickled."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from metadiff.callbacks import InPlaceEMA, _EMAUpdate
 
 
 def test_the_ema_callback_pickles_and_updates_as_torch_does() -> None:
-    # a spawn strategy (trainer=ddp_sim) pickles the callbacks; torch's closure alone would fail here
+    # copies of a callback are made by pickling; torch's closure alone would fail here
     pickle.loads(pickle.dumps(InPlaceEMA(decay=0.9, update_every_n_steps=1, update_starting_at_step=0)))
     update = pickle.loads(pickle.dumps(_EMAUpdate(0.9)))
     ema, current = [torch.zeros(3), torch.ones(2)], [torch.full((3,), 2.0), torch.full((2,), 3.0)]

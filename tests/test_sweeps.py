@@ -20,7 +20,7 @@ def test_multirun_with_ddp_runs_each_job_on_two_processes(cache_root: Path, tmp_
                       "optimized_metric=val/zeroshot_acc", "seed=1,2", f"hydra.sweep.dir={tmp_path}"],
                      cache_root)
     out = proc.stdout + proc.stderr
-    assert out.count("MEMBER: 2/2") == 2, "each of the 2 jobs should start 2 processes"
+    assert out.count("Starting with 2 processes") == 2, "each of the 2 jobs should start 2 processes"
     jobs = task_metrics(proc, "clip_synthvqa")
     assert len(jobs) == 2 and jobs[0]["train/loss"] != jobs[1]["train/loss"]
 

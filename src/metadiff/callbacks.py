@@ -125,8 +125,8 @@ class RestoreRNGStates(pl.Callback):
 
 
 class _EMAUpdate:
-    """torch's `get_ema_multi_avg_fn(decay)` as a picklable object: a spawn strategy (`trainer=ddp_sim`) sends the
-    callbacks to its ranks by pickling, and the closure torch returns cannot be pickled."""
+    """torch's `get_ema_multi_avg_fn(decay)` as a picklable object: the callback is copied by pickling (Lightning's
+    spawn launcher sends callbacks to its ranks this way; `copy.deepcopy` too), and torch's closure cannot be."""
 
     def __init__(self, decay: float) -> None:
         self.decay = decay

@@ -1,8 +1,8 @@
 """Logger fixes that Lightning does not ship (yet).
 
 Lightning's CSV writer deletes an existing `metrics.csv` when a new writer object opens its folder, and forgets
-the columns already on disk: that happens after every `ddp_spawn` phase (fit, then test, each in fresh processes)
-and when a run resumes into the same folder, so fit metrics are lost or the next header change raises
+the columns already on disk: that happens when a run resumes into the same folder (and a later phase's writer
+opens the folder of an earlier one, e.g. a test-only run), so earlier metrics are lost or the next header change raises
 `dict contains fields not in fieldnames`. This writer keeps the file and seeds its columns from the header.
 """
 

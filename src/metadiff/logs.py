@@ -7,9 +7,8 @@ saying why it is harmless; everything else, above all a user's own warnings and 
 under another message, still appears.
 
 `quiet_third_party()` is called by `metadiff.run.train` (every run: `train.py`, upstream stages built in the same
-process, jobs of a Hydra multirun, the forked runs of the tests) and, through the `QuietThirdParty` callback that
-`train` adds, in processes a spawn strategy starts (they inherit neither warning filters nor logging set-up).
-Calling it again changes nothing.
+process, jobs of a Hydra multirun, the forked runs of the tests) and by each stage rank that `trainer=ddp_sim`
+spawns (a fresh interpreter inherits neither warning filters nor logging set-up). Calling it again changes nothing.
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ import logging
 import os
 import re
 import warnings
-
-import lightning.pytorch as pl
 
 # (category, message regex, module regex) of warnings that are harmless in this project.
 HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
@@ -107,11 +104,3 @@ def quiet_third_party() -> None:
     for name, patterns in CHATTY_INFO.items():
         _install_once(logging.getLogger(name), DropMatching(patterns))
     _install_once(logging.getLogger(), QuietPackagesOnRoot(QUIET_PACKAGES, ROOT_HARMLESS))
-
-
-class QuietThirdParty(pl.Callback):
-    """Apply `quiet_third_party()` in every process that runs the stage: a spawn strategy (`trainer=ddp_sim`)
-    unpickles the callbacks in fresh interpreters, which inherit neither warning filters nor logging set-up."""
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        quiet_third_party()

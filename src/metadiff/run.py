@@ -24,11 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from metadiff.config import ConfigError, validate_config
 from metadiff.errors import InputFileError, MissingInputError, UserError
-from metadiff.logs import QuietThirdParty, quiet_third_party
+from metadiff.logs import quiet_third_party
 from metadiff.pipeline import instantiate_with_upstream, resolve_upstreams
 from metadiff.progress import stdout_is_terminal
 from metadiff.stages.base import Stage
-from metadiff.store import publish_artifact
+from metadiff.store import Artifact, publish_artifact
+from metadiff.utils.distributed import StageRanksDDPStrategy, run_in_rank_processes
 from metadiff.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -158,20 +159,34 @@ def _check_stage(cfg: DictConfig, model: Stage) -> None:
                           f"'{model.stage_name}'")
 
 
-def _refuse_spawn_if_incompatible(cfg: DictConfig, model: Stage, trainer: pl.Trainer) -> None:
-    """Lightning's spawn launcher (`trainer=ddp_sim`, `ddp_spawn`) hands back to the launching process only rank 0's
-    parameters and `callback_metrics`. Stages whose result also lives in other module state refuse it in one line:
-    classifier and dfml size their networks from the data in `setup()` (never run in the launching process) and keep
-    per-episode values, the selected checkpoint and the round history as plain attributes. Found by
-    tests/test_parity.py: the test phase scored untrained networks. They run under `trainer=ddp` (one process per
-    device, each running the whole stage). Making them spawn-safe means running fit, test and the artifact write
-    inside the launched processes."""
+def _refuse_lightning_spawn(trainer: pl.Trainer) -> None:
+    """Lightning's own spawn launcher (`strategy=ddp_spawn`) runs fit and test in fresh processes each and hands back
+    to the launching process only rank 0's parameters and `callback_metrics`: a stage's networks sized in `setup()`,
+    its gathered per-episode values and its artifact would come from an untrained, detached module. Refused in one
+    line; `trainer=ddp_sim` spawns ranks that each run the whole stage (`metadiff.utils.distributed`)."""
     spawned = getattr(trainer.strategy, "_start_method", "popen") != "popen"  # DDPStrategy's launcher choice
-    if spawned and trainer.world_size > 1 and not model.spawn_compatible:
-        raise ConfigError(f"stage '{cfg.stage}' keeps state beyond its parameters in the process that runs it and "
-                          f"cannot run under a spawn strategy (trainer.strategy: {type(trainer.strategy).__name__}, "
-                          f"start method '{trainer.strategy._start_method}'): use trainer=ddp or trainer=ddp_cpu "
-                          f"(one launched process per rank)")
+    if spawned and trainer.world_size > 1:
+        raise ConfigError(f"trainer.strategy: {type(trainer.strategy).__name__} with start method "
+                          f"'{trainer.strategy._start_method}' runs each phase in fresh processes and returns only "
+                          f"rank 0's parameters; use trainer=ddp_sim (spawned ranks that each run the whole stage) "
+                          f"or trainer=ddp / ddp_cpu (the command run once per rank)")
+
+
+def _spawns_stage_ranks(cfg: DictConfig) -> bool:
+    """True when the trainer's strategy is `StageRanksDDPStrategy` (`trainer=ddp_sim`): this process starts the ranks,
+    and each runs the stage (`_run_stage`) as one DDP job."""
+    strategy = cfg.trainer.get("strategy")
+    return (isinstance(strategy, DictConfig) and "_target_" in strategy
+            and issubclass(hydra.utils.get_class(strategy._target_), StageRanksDDPStrategy))
+
+
+def _job_logging() -> dict[str, Any] | None:
+    """Hydra's logging config of this job (console and the run's log file), for rank 0 of spawned stage ranks."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True)
 
 
 def _ddp_strategy_for(cfg: DictConfig, model: Stage) -> dict[str, Any]:
@@ -199,11 +214,16 @@ def _restore_default_start_method() -> None:
         multiprocessing.set_start_method(None, force=True)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Run one stage as configured; return its final scalar metrics."""
+def _quiet_process() -> None:
+    """Logging and multiprocessing settings every process that runs a stage needs (spawned ranks included)."""
     _route_lightning_logs_to_root()
     quiet_third_party()
     _restore_default_start_method()
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one stage as configured; return its final scalar metrics."""
+    _quiet_process()
     validate_config(cfg)
     _check_stage_class(cfg)
     ckpt_path = checked_ckpt_path(cfg)
@@ -213,6 +233,37 @@ def train(cfg: DictConfig) -> dict[str, float]:
     save_resolved_config(cfg)
 
     upstream = resolve_upstreams(cfg, build=train)  # missing ones are built here, by this function, isolated
+    if _spawns_stage_ranks(cfg):
+        # resolved here: interpolations such as ${hydra:runtime.output_dir} need this process's Hydra state
+        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        OmegaConf.set_struct(resolved, OmegaConf.is_struct(cfg))
+        metrics, results_text = run_in_rank_processes(_run_stage_in_rank, (resolved, upstream, ckpt_path),
+                                                      world_size=int(cfg.trainer.devices),
+                                                      logging_config=_job_logging())
+    else:
+        metrics, results_text = _run_stage(cfg, upstream, ckpt_path)
+
+    for key, value in metrics.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"stage '{cfg.stage}': metric '{key}' is {value}")
+    metrics["time/run_seconds"] = time.time() - start
+    _print_summary(cfg, metrics, results_text)
+    return metrics
+
+
+def _run_stage_in_rank(cfg: DictConfig, upstream: dict[str, Artifact],
+                       ckpt_path: str | None) -> tuple[dict[str, float], str | None]:
+    """`_run_stage` in a rank that `run_in_rank_processes` spawned: a fresh interpreter, so it first gets the
+    process settings `train` made in the launching process."""
+    _quiet_process()
+    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
+    return _run_stage(cfg, upstream, ckpt_path)
+
+
+def _run_stage(cfg: DictConfig, upstream: dict[str, Artifact],
+               ckpt_path: str | None) -> tuple[dict[str, float], str | None]:
+    """Build the stage's DataModule, module and Trainer; fit, test, predict and publish its artifact (rank 0).
+    Returns the run's scalar metrics and the stage's results text. Runs in every rank of a DDP job."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the stage starts from its seed, whatever ran first
 
     log.info("stage '%s' (%s): instantiating data <%s>", cfg.stage, cfg.task_name, cfg.data._target_)
@@ -220,7 +271,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("instantiating model <%s>", cfg.model._target_)
     model = instantiate_with_upstream(cfg.model, upstream)
     _check_stage(cfg, model)
-    callbacks = [*_instantiate_list(cfg.get("callbacks")), QuietThirdParty()]
+    callbacks = _instantiate_list(cfg.get("callbacks"))
     loggers = _instantiate_list(cfg.get("logger"))
     # Lightning's bar redraws a terminal line; in a file it is carriage-return debris (TQDM) or nothing until the end
     # (Rich). Off a terminal, callbacks.progress (metadiff.progress.ProgressLines) logs progress lines instead.
@@ -231,7 +282,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    _refuse_spawn_if_incompatible(cfg, model, trainer)
+    _refuse_lightning_spawn(trainer)
     status = "failed"
     metrics: dict[str, float] = {}
     try:
@@ -250,19 +301,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update(peak_memory())
         if cfg.get("artifact") is not None and trainer.is_global_zero and model.artifact_ready:
             publish_artifact(cfg, model.write_artifact, metrics, upstream)
-        # ranks that each run the whole command (trainer=ddp) go on only once rank 0 has published: the next stage
-        # of a chain reads this artifact on every rank (a no-op without a process group, e.g. after spawned ranks)
+        # every rank goes on only once rank 0 has published: the next stage of a chain reads this artifact on every
+        # rank (a no-op in one process)
         trainer.strategy.barrier("artifact published")
         status = "success"
     finally:
         _close_loggers(loggers, status)
-
-    for key, value in metrics.items():
-        if not math.isfinite(value):
-            raise FloatingPointError(f"stage '{cfg.stage}': metric '{key}' is {value}")
-    metrics["time/run_seconds"] = time.time() - start
-    _print_summary(cfg, metrics, model.results_text)
-    return metrics
+    return metrics, model.results_text
 
 
 def _print_summary(cfg: DictConfig, metrics: dict[str, float], results_text: str | None = None) -> None:

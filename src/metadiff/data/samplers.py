@@ -5,9 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from metadiff.utils.rng import keyed_generator
+
+
+class EveryRankSampler(DistributedSampler):
+    """Every item, in order, on every rank: evaluation that each rank runs whole, so its per-task values are exactly
+    those of one process (no padding duplicates, no gather, the same batches and per-batch noise keys).
+
+    Why a DistributedSampler of one replica: Lightning replaces an evaluation loader's sampler with a padded,
+    rank-sharded one unless it already is a DistributedSampler (`use_distributed_sampler`); this one shards nothing.
+    The cost is the evaluation repeated on each rank; the stages using it evaluate tasks in batches, not images."""
+
+    def __init__(self, dataset: Dataset):
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
 
 
 class EpochOrder(Sampler[int]):

@@ -10,11 +10,15 @@ from metadiff.eval.stats import mean_ci95
 
 
 class PerTaskValues(nn.Module):
-    """Named `CatMetric`s: `update(name, values)` per batch, `compute()` the gathered [n_tasks] tensors, then reset."""
+    """Named `CatMetric`s: `update(name, values)` per batch, `compute()` the [n_tasks] tensors, then reset.
 
-    def __init__(self, names: list[str]):
+    `sync`: gather the values of every DDP rank at compute (evaluation sharded over the ranks, e.g. image episodes);
+    False where every rank evaluates all tasks (`metadiff.data.samplers.EveryRankSampler`), where a gather would
+    count each task once per rank."""
+
+    def __init__(self, names: list[str], sync: bool):
         super().__init__()
-        self.metrics = nn.ModuleDict({self._key(name): CatMetric() for name in names})
+        self.metrics = nn.ModuleDict({self._key(name): CatMetric(sync_on_compute=sync) for name in names})
         self.names = list(names)
 
     @staticmethod

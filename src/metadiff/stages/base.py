@@ -24,14 +24,11 @@ class Stage(pl.LightningModule):
     - `artifact_ready`: False when the run made nothing to publish (e.g. a fast_dev_run feature store);
     - `stage_complete()`: True when the output is already complete and current, so predict is skipped;
     - `write_artifact(directory)`: write the stage's files into the (temporary) artifact directory.
-    Class settings the run loop applies to the trainer:
-    - `spawn_compatible`: False when the stage keeps results beyond its parameters in the process that runs it, so
-      spawn strategies (which hand back only rank 0's parameters) are refused in one line;
+    Class setting the run loop applies to the trainer:
     - `ddp_find_unused_parameters`: True when a step leaves parameters out of a backward pass.
     """
 
     name: ClassVar[str]
-    spawn_compatible: ClassVar[bool] = True
     ddp_find_unused_parameters: ClassVar[bool] = False
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: object) -> None:

@@ -55,7 +55,6 @@ def load_classifier(artifact: Artifact) -> ImageClassifier:
 
 
 class ClassifierModule(Stage, name="classifier"):
-    spawn_compatible = False  # state beyond parameters lives in this process (see metadiff.run)
 
     def __init__(self, backbone: BackboneSpec, head_norm: str, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, readout_scale: float = 7.0,
@@ -77,7 +76,8 @@ class ClassifierModule(Stage, name="classifier"):
         self.random_init = copy.deepcopy(self.net).requires_grad_(False)
         self.val_acc = MulticlassAccuracy(num_classes=n_classes, average="micro")
         self.shots = list(dm.shots)
-        self.values = PerTaskValues([f"{m}_{k}shot" for m in ("trained", "random_init") for k in self.shots])
+        # the test episodes are shared out over the ranks (EpisodeSampler): gathered at compute
+        self.values = PerTaskValues([f"{m}_{k}shot" for m in ("trained", "random_init") for k in self.shots], sync=True)
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.net.parameters())

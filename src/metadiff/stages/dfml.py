@@ -106,7 +106,6 @@ def load_meta_model(artifact: Artifact) -> MetaModel:
 
 
 class DFMLModule(Stage, name="dfml"):
-    spawn_compatible = False  # state beyond parameters lives in this process (see metadiff.run)
     # each step takes two backward passes over disjoint parameter sets (meta-model, then class-learner): DDP's
     # reducer must not expect every parameter in each (see metadiff.run)
     ddp_find_unused_parameters = True
@@ -176,7 +175,7 @@ class DFMLModule(Stage, name="dfml"):
         self.augment_fill = list(source.mean)
         self.test_nets = ("trained", "random_init") + (("reference",) if self.reference is not None else ())
         names = [f"{m}_{k}shot" for m in self.test_nets for k in self.shots]
-        self.values = PerTaskValues(names)
+        self.values = PerTaskValues(names, sync=True)  # episodes are shared out over the ranks: gathered at compute
 
     def configure_optimizers(self):
         meta_opt = self.meta_optimizer_factory(self.meta.parameters())

@@ -31,7 +31,7 @@ from metadiff.eval.plots import log_image, save_grid
 from metadiff.nets.unet import ImageDenoiser
 from metadiff.stages.base import Stage
 from metadiff.store import Artifact
-from metadiff.utils.rng import keyed_generator
+from metadiff.utils.rng import follower_rank_seed, keyed_generator
 
 WEIGHTS, SPEC = "unet.pt", "unet.json"
 
@@ -86,10 +86,6 @@ def load_unet(artifact: Artifact) -> ImageDenoiser:
 
 
 class DiffusionUNetModule(Stage, name="diffusion_unet"):
-    # the artifact's class list and sample grid are set in setup() and the test hooks, which a spawn strategy runs
-    # in its ranks only (and the launching process's module is detached from its trainer afterwards): refused in one
-    # line before any work rather than failing at the artifact write (found by running it under trainer=ddp_sim)
-    spawn_compatible = False
 
     def __init__(self, image_size: int, channels: int, unet: UNetSpec, attention_heads: int | None,
                  learn_sigma: bool, schedule: ScheduleSpec, optimizer: Callable[..., torch.optim.Optimizer],
@@ -135,7 +131,7 @@ class DiffusionUNetModule(Stage, name="diffusion_unet"):
         return hybrid_loss(self.schedule, x0, noise, x_t, t, eps, v)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        gen = keyed_generator(self.train_seed, self.global_step)
+        gen = keyed_generator(follower_rank_seed(self.train_seed, self.global_rank), self.global_step)
         terms = self._loss(batch[0], gen, self.hflip)
         self.log("train/loss", terms["loss"], prog_bar=True)
         if "vb" in terms:

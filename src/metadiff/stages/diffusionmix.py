@@ -96,7 +96,8 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
 
     def setup(self, stage: str) -> None:
         self.shots = list(self.trainer.datamodule.shots)
-        self.values = PerTaskValues([f"{r}_{k}shot" for r in self.readouts for k in self.shots])
+        # the episodes are shared out over the ranks (EpisodeSampler): gathered at compute
+        self.values = PerTaskValues([f"{r}_{k}shot" for r in self.readouts for k in self.shots], sync=True)
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.meta.backbone.embed(images)

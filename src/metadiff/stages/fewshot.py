@@ -102,12 +102,11 @@ class FewShotModule(Stage, name="fewshot"):
         self.inner = as_spec(InnerLoopSpec, inner, "model.inner")
         self.inner_loop = InnerLoop(steps=self.inner.steps, lr=self.inner.lr, second_order=self.inner.second_order)
         self.eval_steps, self.n_shot_max, self.n_shot_reruns, self.plot = eval_steps, n_shot_max, n_shot_reruns, plot
-        # Built here, not in setup(): under ddp_spawn the launching process must own the same parameters to receive
-        # the trained weights back from rank 0.
         self.learner = FewShotLearner(embed_dim=embed_dim or store_embed_dim(upstream),
                                       **dataclasses.asdict(self.learner_spec))
+        # every rank evaluates all tasks (EveryRankSampler): nothing to gather
         self.eval_acc = torch.nn.ModuleDict({
-            f"{split}_{kind}": CatMetric() for split in (*EVAL_SPLITS, "meta_test")
+            f"{split}_{kind}": CatMetric(sync_on_compute=False) for split in (*EVAL_SPLITS, "meta_test")
             for kind in ("zeroshot", "fewshot", "clip")
         })
 

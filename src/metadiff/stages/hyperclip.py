@@ -89,8 +89,9 @@ class HyperCLIPModule(Stage, name="hyperclip"):
                                         **dataclasses.asdict(self.encoder_spec))
         self.input, self.normalize, self.loss_reduction = input, normalize, loss_reduction
         self.optimizer_factory = optimizer
+        # every rank evaluates all tasks (EveryRankSampler): nothing to gather
         self.values = PerTaskValues([f"{s}/{v}" for s in (*EVAL_SPLITS, "meta_test") for v in ("emb", "question")]
-                                    + ["guided_acc", "init_acc", "guided_minus_init"])
+                                    + ["guided_acc", "init_acc", "guided_minus_init"], sync=False)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.encoder.parameters())

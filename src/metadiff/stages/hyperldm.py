@@ -59,7 +59,7 @@ from metadiff.stages.hyperclip import load_hyperclip_encoder
 from metadiff.stages.vae import load_adaptation_base
 from metadiff.store import Artifact
 from metadiff.utils.io import write_json
-from metadiff.utils.rng import keyed_generator
+from metadiff.utils.rng import follower_rank_seed, keyed_generator
 
 log = logging.getLogger(__name__)
 DENOISER_WEIGHTS, DENOISER_SPEC = "denoiser.pt", "denoiser.json"
@@ -202,9 +202,11 @@ class HyperLDMModule(Stage, name="hyperldm"):
         self.variants = self._variants()
         self.references = ["hnet_init", "oracle"] + (["multitask"] if self.multitask is not None else []) \
             + (["ridge"] if ridge_alpha is not None else [])
+        # every rank evaluates all tasks in one process's batches (EveryRankSampler): no gather, the same noise keys
         self.values = PerTaskValues([f"{split}/{name}" for split in ("val", "test")
-                                     for name in (*self.references, *self.variants)])
-        self.samples = PerTaskValues([f"{split}/{name}" for split in ("val", "test") for name in self.variants])
+                                     for name in (*self.references, *self.variants)], sync=False)
+        self.samples = PerTaskValues([f"{split}/{name}" for split in ("val", "test") for name in self.variants],
+                                     sync=False)
         self.val_report: dict[str, float] = {}
         self._ridge: RidgeMap | None = None
 
@@ -233,8 +235,8 @@ class HyperLDMModule(Stage, name="hyperldm"):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         z, question, _ = batch
         z0 = (z - self.latent_mean) / self.latent_std
-        # randomness of step k depends only on (seed, k), so a run resumed from a checkpoint continues exactly
-        gen = keyed_generator(self.train_seed, self.global_step)
+        # randomness of step k depends only on (seed, rank, k), so a run resumed from a checkpoint continues exactly
+        gen = keyed_generator(follower_rank_seed(self.train_seed, self.global_rank), self.global_step)
         cond = question.float().clone()
         n_null = int(self.uncond_rate * z.shape[0])  # an exact fraction per batch, as the original
         if n_null:

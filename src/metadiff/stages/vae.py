@@ -93,7 +93,8 @@ class VAEModule(Stage, name="vae"):
                              latent_dim=self.vae_spec.latent_dim, hidden=self.vae_spec.hidden,
                              logvar_shift=self.vae_spec.logvar_shift)
         self.kld_weight, self.normalize, self.optimizer_factory = kld_weight, normalize, optimizer
-        self.values = PerTaskValues([f"{s}/{v}" for s in (*EVAL_SPLITS, "meta_test") for v in EVAL_VALUES])
+        # every rank evaluates all tasks (EveryRankSampler): nothing to gather
+        self.values = PerTaskValues([f"{s}/{v}" for s in (*EVAL_SPLITS, "meta_test") for v in EVAL_VALUES], sync=False)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.vae.parameters())

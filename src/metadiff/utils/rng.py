@@ -29,6 +29,12 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(seed) * RANK_STRIDE + int(rank)
 
 
+def follower_rank_seed(seed: int, rank: int) -> int:
+    """`seed` on rank 0 (a one-process run keeps its stream), `rank_seed` on the other ranks: for training draws
+    (noise, timesteps) that would otherwise repeat on every rank, correlating the halves of a global batch."""
+    return int(seed) if rank == 0 else rank_seed(seed, rank)
+
+
 def generator(seed: int) -> torch.Generator:
     """A CPU generator at `seed` (draw on the CPU, then move: the same numbers on every device)."""
     return torch.Generator().manual_seed(int(seed))

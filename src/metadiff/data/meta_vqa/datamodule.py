@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from metadiff.config import ConfigError
 from metadiff.data.meta_vqa.batches import TaskEpisodes, collate_tasks
 from metadiff.data.meta_vqa.tasks import Task
+from metadiff.data.samplers import EveryRankSampler
 from metadiff.data.sources import META_SPLITS, TaskSource
 from metadiff.features.store import FeatureStore
 from metadiff.store import Artifact
@@ -81,10 +82,15 @@ class MetaTaskDataModule(pl.LightningDataModule):
     def task_loader(self, episodes: TaskEpisodes, batch_size: int, shuffle: bool, split_ranks: bool = False) -> DataLoader:
         """Batches of whole tasks. `split_ranks` (training) shares the tasks out over DDP ranks with our own sampler:
         Lightning's automatic one always shuffles training data, and it keeps a sampler it did not make, so `shuffle`
-        is honoured on every rank count. Evaluation loaders get Lightning's (unshuffled) sampler as usual."""
+        is honoured on every rank count. Evaluation loaders (`split_ranks=False`) give every rank all tasks in order
+        (`EveryRankSampler`): the stages' per-task values are then those of one process, computed without a gather
+        (Lightning's sampler would pad odd task counts with a duplicate of task 0 and interleave the ranks' tasks)."""
         sampler = None
-        if split_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler, shuffle = DistributedSampler(episodes, shuffle=shuffle, seed=self.seed), False
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if split_ranks:
+                sampler, shuffle = DistributedSampler(episodes, shuffle=shuffle, seed=self.seed), False
+            else:
+                sampler, shuffle = EveryRankSampler(episodes), False
         return DataLoader(episodes, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate_tasks,
                           num_workers=self.num_workers, persistent_workers=False)
 

@@ -1,0 +1,88 @@
+"""Every stage under both DDP launchers: each chain is built from nothing in its own root, every stage of it as a
+2-rank gloo job, under `trainer=ddp_sim` (ranks spawned by metadiff.run, each running the whole stage) and
+`trainer=ddp_cpu` (Lightning runs the command once per rank, as `trainer=ddp` on GPUs). The upstreams inherit the
+trainer group, so one command runs its whole chain on 2 ranks.
+
+- HyperLDM chain: clip, features, hnet, multitask, adaptation, hyperclip, hyperldm (fast_dev_run), then vae.
+- Data-free chain: classifier (the judge), 2 diffusion_unet members, diffusion_zoo, dfml, diffusionmix (fast_dev_run).
+
+What is checked beyond "it ran": every stage ran as a 2-rank job (ddp_sim: Lightning's rank-0 line that 2 ranks
+joined, once per stage; ddp_cpu: each stage's summary printed by both ranks, whose processes live through the
+chain); the evaluation of hyperclip (an upstream, so at its full test) covers each of the 373 meta-test tasks once,
+as in one process (a padded, sharded sampler gives 374); under ddp_cpu the two ranks agree on every metric both
+report (a stage's summary of its artifact is rank 0's alone). How close DDP lands to one process:
+tests/test_parity.py."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import debug, dfml_smoke_overrides, run_metrics, run_train, written_artifacts
+
+pytestmark = pytest.mark.slow
+
+TWO_RANKS = "Starting with 2 processes"  # Lightning's rank-0 line once the 2 ranks have joined
+CHAINS = {
+    # fast_dev_run evaluates one batch: 16 tasks, not the configured batch of all guidance variants on many tasks
+    "hyperldm": ([["experiment=hyperldm_synthvqa", debug("short_chain", "fdr"), "data.eval_tasks_per_batch=16"],
+                  ["experiment=vae_synthvqa", debug("short_chain", "fdr")]],
+                 ["clip", "features", "hnet", "adaptation", "multitask", "hyperclip", "hyperldm", "vae"]),
+    "datafree": ([["experiment=diffusionmix_glyphs", debug("fdr")]],
+                 ["classifier", "diffusion_unet", "diffusion_unet", "diffusion_zoo", "dfml", "diffusionmix"]),
+}
+# values that are a rank's own by definition: its clock, its memory, its share of the work, its last training batch
+PER_RANK = re.compile(r"^(time/|sys/|train/|pseudo/images_generated$|features/images_per_s$)")
+
+
+def _printed_blocks(stdout: str) -> dict[str, list[dict[str, str]]]:
+    """Every printed summary block (`== <task> (<stage>) finished: ==`) by its header, values as printed."""
+    blocks: dict[str, list[dict[str, str]]] = {}
+    for block in stdout.split("== ")[1:]:
+        header, _, body = block.partition(" finished: ==")
+        if not body:
+            continue
+        rows = [line.split() for line in body.splitlines()]
+        values = {row[0]: row[1] for row in rows if len(row) == 2 and "/" in row[0] and not row[0].endswith(":")}
+        blocks.setdefault(header, []).append({k: v for k, v in values.items() if not PER_RANK.match(k)})
+    return blocks
+
+
+def _ranks_agree(stdout: str) -> list[str]:
+    """The stage of every summary a ddp_cpu command printed, once per stage run, after checking that it was printed
+    by both ranks and that they agree on the metrics both report."""
+    stages = []
+    for header, printed in _printed_blocks(stdout).items():
+        assert len(printed) % 2 == 0, f"{header}: {len(printed)} summaries, expected one per rank and run"
+        for rank0, rank1 in zip(printed[::2], printed[1::2], strict=True):
+            shared = rank0.keys() & rank1.keys()
+            assert {k: rank0[k] for k in shared} == {k: rank1[k] for k in shared}, f"{header}: the ranks disagree"
+        stages += [header.rsplit("(", 1)[1].rstrip(")")] * (len(printed) // 2)
+    return stages
+
+
+@pytest.mark.parametrize("launcher", ["ddp_sim", "ddp_cpu"])
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_every_stage_of_a_chain_runs_on_two_ranks(chain: str, launcher: str, tmp_path: Path) -> None:
+    commands, stages = CHAINS[chain]
+    written: list[str] = []
+    two_rank_runs: list[str] = []
+    logs = ""
+    for args in commands:
+        if chain == "datafree":
+            args = [*args, *dfml_smoke_overrides("diffusionmix_glyphs", tmp_path / "unused")]
+        proc = run_train([*args, f"trainer={launcher}", "trainer.enable_progress_bar=false"], tmp_path, timeout=900)
+        logs += proc.stdout + proc.stderr
+        written += [p.parent.name for p in written_artifacts(proc.stdout + proc.stderr)]
+        if launcher == "ddp_cpu":
+            two_rank_runs += _ranks_agree(proc.stdout)
+    assert sorted(written) == sorted(stages), f"stages built in this root: {written}"
+    if launcher == "ddp_sim":
+        assert logs.count(TWO_RANKS) == len(stages), f"{logs.count(TWO_RANKS)} 2-rank jobs for {len(stages)} stages"
+    else:
+        assert sorted(two_rank_runs) == sorted(stages), f"stages printed by both ranks: {two_rank_runs}"
+    if chain == "hyperldm":
+        hyperclip = run_metrics(logs, "hyperclip")
+        assert hyperclip["test/retrieval/n_tasks"] == 373  # every meta-test task once, as in one process
