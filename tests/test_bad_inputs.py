@@ -11,6 +11,8 @@ and leaves no half-written artifact behind. Plus the NaN/inf guard, which stops 
 | missing / truncated / non-torch ckpt   | `ckpt_path` and what is wrong with the file       |
 | upstream artifact of another stage     | `upstream.<name>.path`, its stage, the one needed |
 | corrupt artifact manifest              | the manifest file                                 |
+| ddp_sim without a device count         | `trainer.devices` and what the launcher needs     |
+| a bad input met inside a spawned rank  | the same line as in one process (corrupt image)   |
 """
 
 from __future__ import annotations
@@ -85,6 +87,14 @@ def _corrupt_manifest(tmp: Path, images: Path) -> list[str]:
     return ["experiment=features_synthvqa", f"+upstream.clip.path={path}"]
 
 
+def _ddp_sim_without_a_device_count(tmp: Path, images: Path) -> list[str]:
+    return ["experiment=clip_synthvqa", "trainer=ddp_sim", "trainer.devices=auto"]
+
+
+def _corrupt_image_in_a_spawned_rank(tmp: Path, images: Path) -> list[str]:
+    return [*_corrupt_image(tmp, images), "trainer=ddp_sim"]  # read in the ranks' setup(), sent back as itself
+
+
 CATALOGUE: dict[str, tuple[BadInput, str]] = {
     "wrong_config_type": (_wrong_type, r"config key 'trainer\.max_epochs' = 'ten' has the wrong type"),
     "unknown_config_key": (_unknown_key, r"unknown config key 'model\.lr_warmup'"),
@@ -97,6 +107,11 @@ CATALOGUE: dict[str, tuple[BadInput, str]] = {
                                   r"upstream\.clip\.path=.*artifact holds a 'diffusion_zoo' artifact, but upstream "
                                   r"'clip' \(clip_synthvqa\) must be a 'clip' artifact"),
     "corrupt_artifact_manifest": (_corrupt_manifest, r"artifact manifest .*manifest\.json is not valid JSON"),
+    "ddp_sim_without_a_device_count": (_ddp_sim_without_a_device_count,
+                                       r"trainer\.devices: 'auto', but .*StageRanksDDPStrategy needs the number of "
+                                       r"ranks to spawn"),
+    "corrupt_image_in_a_spawned_rank": (_corrupt_image_in_a_spawned_rank,
+                                        r"unreadable image .*images/meta_train/n\d+/\d+\.png"),
 }
 
 

@@ -180,6 +180,20 @@ def _spawns_stage_ranks(cfg: DictConfig) -> bool:
             and issubclass(hydra.utils.get_class(strategy._target_), StageRanksDDPStrategy))
 
 
+def _stage_rank_count(cfg: DictConfig) -> int:
+    """How many ranks `trainer=ddp_sim` spawns: the devices of this one node, as a count or a list of ids."""
+    devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+    if nodes != 1:
+        raise ConfigError(f"trainer.num_nodes: {nodes}, but {cfg.trainer.strategy._target_} spawns its ranks on "
+                          f"this node only; use trainer=ddp on several nodes")
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        return devices
+    if OmegaConf.is_list(devices) and len(devices) >= 1:
+        return len(devices)
+    raise ConfigError(f"trainer.devices: {devices!r}, but {cfg.trainer.strategy._target_} needs the number of ranks "
+                      f"to spawn (an int >= 1 or a list of device ids)")
+
+
 def _job_logging() -> dict[str, Any] | None:
     """Hydra's logging config of this job (console and the run's log file), for rank 0 of spawned stage ranks."""
     from hydra.core.hydra_config import HydraConfig
@@ -227,18 +241,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg)
     _check_stage_class(cfg)
     ckpt_path = checked_ckpt_path(cfg)
+    stage_ranks = _stage_rank_count(cfg) if _spawns_stage_ranks(cfg) else None  # checked before any work
     start = time.time()
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     pl.seed_everything(cfg.seed, workers=True)
     save_resolved_config(cfg)
 
     upstream = resolve_upstreams(cfg, build=train)  # missing ones are built here, by this function, isolated
-    if _spawns_stage_ranks(cfg):
+    if stage_ranks is not None:
         # resolved here: interpolations such as ${hydra:runtime.output_dir} need this process's Hydra state
         resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         OmegaConf.set_struct(resolved, OmegaConf.is_struct(cfg))
         metrics, results_text = run_in_rank_processes(_run_stage_in_rank, (resolved, upstream, ckpt_path),
-                                                      world_size=int(cfg.trainer.devices),
+                                                      world_size=stage_ranks,
                                                       logging_config=_job_logging())
     else:
         metrics, results_text = _run_stage(cfg, upstream, ckpt_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import multiprocessing
 import os
 import pickle
 import socket
@@ -19,6 +20,12 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
 T = TypeVar("T")
+
+# Ranks are forked from a forkserver that has imported these once per launching process: a fresh interpreter spends
+# ~10 s importing torch and lightning on a 2-core machine, once per rank and stage of a chain under spawn. A
+# forkserver child is a clean process (not a fork of this one, its threads or its CUDA state), as under spawn.
+RANK_START_METHOD = "forkserver"
+RANK_PRELOAD = ["torch", "lightning.pytorch", "metadiff.run"]
 
 
 class StageRanksDDPStrategy(DDPStrategy):
@@ -47,11 +54,14 @@ class RankFailedError(RuntimeError):
 
 def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...],
                results: Any, logging_config: dict[str, Any] | None) -> None:
-    """Body of one spawned rank: the environment a launcher gives a rank (what Lightning reads to join the ranks
+    """Body of one rank: the environment a launcher gives a rank (what Lightning reads to join the ranks
     without launching any), logging (rank 0 as the launching job logs; other ranks warnings only, so messages are not
     doubled), then `fn(*args)`. Rank 0 sends its return value back; any rank sends its error back as itself."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
                        "NODE_RANK": "0", "LOCAL_RANK": str(rank)})
+    # a forkserver child inherits "forkserver" as its default start method; its DataLoader workers would then each
+    # re-import torch. `python train.py` starts with the platform's default: so does a rank.
+    multiprocessing.set_start_method(None, force=True)
     # Lightning sets these when the strategy sets up; messages before that (loggers, hparams) read them already
     fabric_rank_zero_only.rank = utils_rank_zero_only.rank = rank
     if rank == 0 and logging_config:
@@ -86,9 +96,11 @@ def run_in_rank_processes(fn: Callable[..., T], args: tuple[Any, ...], world_siz
     in each joins it); return rank 0's value, or raise the first error a rank raised, as itself (so a ConfigError in
     a rank is still one line). torch's process context stops the other ranks when one fails, so none is left
     waiting in a collective. Results are drained while the ranks run: a pipe fills at 64 KiB."""
-    results = mp.get_context("spawn").SimpleQueue()
+    start = mp.get_context(RANK_START_METHOD)
+    start.set_forkserver_preload(RANK_PRELOAD)  # takes effect when this process first starts its forkserver
+    results = start.SimpleQueue()
     context = mp.start_processes(_rank_main, args=(world_size, free_port(), fn, args, results, logging_config),
-                                 nprocs=world_size, join=False, start_method="spawn")
+                                 nprocs=world_size, join=False, start_method=RANK_START_METHOD)
     received: list[tuple[int, str, Any]] = []
 
     def drain() -> None:
