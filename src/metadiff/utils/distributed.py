@@ -35,8 +35,9 @@ class StageRanksDDPStrategy(DDPStrategy):
     hands back to the launching process only rank 0's parameters, `callback_metrics` and the first ModelCheckpoint's
     path. A stage's result is more than that: networks sized from the data in `setup()`, per-episode values gathered
     in test hooks, the artifact written from that state. Here each rank runs fit, test and (rank 0) the artifact write
-    in one process, as under torchrun; the launching process only receives rank 0's metrics. Spawned (not re-run from
-    the command line like `trainer=ddp`), so it works inside a Hydra multirun job and from a direct `train(cfg)` call.
+    in one process, as under torchrun; the launching process only receives rank 0's metrics. Started by metadiff (not
+    re-run from the command line like `trainer=ddp`), so it works inside a Hydra multirun job and from a direct
+    `train(cfg)` call.
     The ranks find `LOCAL_RANK` set (Lightning's rule for processes created outside it), so this strategy launches
     nothing itself; `metadiff.run.train` sees the class and starts the processes."""
 
@@ -92,7 +93,7 @@ def _picklable(err: BaseException) -> BaseException:
 
 def run_in_rank_processes(fn: Callable[..., T], args: tuple[Any, ...], world_size: int,
                           logging_config: dict[str, Any] | None = None) -> T:
-    """Run `fn(*args)` in `world_size` spawned processes that form one DDP job (a `StageRanksDDPStrategy` trainer
+    """Run `fn(*args)` in `world_size` new processes that form one DDP job (a `StageRanksDDPStrategy` trainer
     in each joins it); return rank 0's value, or raise the first error a rank raised, as itself (so a ConfigError in
     a rank is still one line). torch's process context stops the other ranks when one fails, so none is left
     waiting in a collective. Results are drained while the ranks run: a pipe fills at 64 KiB."""
