@@ -262,6 +262,9 @@ def task_metrics(run: subprocess.CompletedProcess | str, task: str) -> list[dict
     return [_manifest_metrics(p) for p in written_artifacts(_log(run)) if p.name.rsplit("-", 1)[0] == task]
 
 
+TWO_RANKS = "Starting with 2 processes"  # Lightning's rank-0 line once 2 DDP ranks have joined
+
+
 def _metrics(block: str) -> dict[str, float]:
     """The `name value` lines of one printed metrics block (its first line is the header)."""
     metrics: dict[str, float] = {}

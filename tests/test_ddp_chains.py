@@ -20,11 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _quoted, debug, dfml_smoke_overrides, run_metrics, run_train, written_artifacts
+from conftest import (
+    TWO_RANKS,
+    _metrics,
+    _quoted,
+    debug,
+    dfml_smoke_overrides,
+    run_metrics,
+    run_train,
+    written_artifacts,
+)
 
 pytestmark = pytest.mark.slow
 
-TWO_RANKS = "Starting with 2 processes"  # Lightning's rank-0 line once the 2 ranks have joined
 FEW_STEPS = [f"++upstream_overrides.{name}=" + _quoted(["trainer.max_epochs=1", "trainer.max_steps=4",
                                                           "model.n_shot_max=0"])
              for name in ("hnet_synthvqa", "multitask_synthvqa")]
@@ -42,16 +50,13 @@ CHAINS = {
 PER_RANK = re.compile(r"^(time/|sys/|train/|pseudo/images_generated$|features/images_per_s$)")
 
 
-def _printed_blocks(stdout: str) -> dict[str, list[dict[str, str]]]:
-    """Every printed summary block (`== <task> (<stage>) finished: ==`) by its header, values as printed."""
-    blocks: dict[str, list[dict[str, str]]] = {}
+def _printed_blocks(stdout: str) -> dict[str, list[dict[str, float]]]:
+    """Every printed summary block (`== <task> (<stage>) finished: ==`) by its header, per-rank values left out."""
+    blocks: dict[str, list[dict[str, float]]] = {}
     for block in stdout.split("== ")[1:]:
-        header, _, body = block.partition(" finished: ==")
-        if not body:
-            continue
-        rows = [line.split() for line in body.splitlines()]
-        values = {row[0]: row[1] for row in rows if len(row) == 2 and "/" in row[0] and not row[0].endswith(":")}
-        blocks.setdefault(header, []).append({k: v for k, v in values.items() if not PER_RANK.match(k)})
+        header, found, _ = block.partition(" finished: ==")
+        if found:
+            blocks.setdefault(header, []).append({k: v for k, v in _metrics(block).items() if not PER_RANK.match(k)})
     return blocks
 
 

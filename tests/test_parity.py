@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import (
+    TWO_RANKS,
     debug,
     dfml_smoke_overrides,
     image_smoke_overrides,
@@ -30,7 +31,6 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.slow
-TWO_RANKS = "Starting with 2 processes"  # Lightning's rank-0 line once the 2 ranks have joined
 
 # N meta-steps of first-order MAML, SGD at a rate where the steps move the weights by ~0.3 (the check is 1e-5), on
 # tasks in a fixed order: 8 tasks a step in 1 process; 4 per rank on 2, rank r taking tasks r, r+2, ... of the same

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose_config, dfml_smoke_overrides, run_train, short_chain, task_metrics
+from conftest import TWO_RANKS, compose_config, dfml_smoke_overrides, run_train, short_chain, task_metrics
 
 SHORT_CLIP = ["experiment=clip_synthvqa", "data.n_train_pairs=128", "data.batch_size=32", "data.n_val_tasks=10",
               "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
@@ -20,7 +20,7 @@ def test_multirun_with_ddp_runs_each_job_on_two_processes(cache_root: Path, tmp_
                       "optimized_metric=val/zeroshot_acc", "seed=1,2", f"hydra.sweep.dir={tmp_path}"],
                      cache_root)
     out = proc.stdout + proc.stderr
-    assert out.count("Starting with 2 processes") == 2, "each of the 2 jobs should start 2 processes"
+    assert out.count(TWO_RANKS) == 2, "each of the 2 jobs should start 2 processes"
     jobs = task_metrics(proc, "clip_synthvqa")
     assert len(jobs) == 2 and jobs[0]["train/loss"] != jobs[1]["train/loss"]
 

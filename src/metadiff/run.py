@@ -228,22 +228,22 @@ def _restore_default_start_method() -> None:
         multiprocessing.set_start_method(None, force=True)
 
 
-def _quiet_process() -> None:
-    """Logging and multiprocessing settings every process that runs a stage needs (spawned ranks included)."""
+def _process_settings(cfg: DictConfig) -> None:
+    """Logging, multiprocessing and matmul settings every process that runs a stage needs (stage ranks included)."""
     _route_lightning_logs_to_root()
     quiet_third_party()
     _restore_default_start_method()
+    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one stage as configured; return its final scalar metrics."""
-    _quiet_process()
+    _process_settings(cfg)
     validate_config(cfg)
     _check_stage_class(cfg)
     ckpt_path = checked_ckpt_path(cfg)
     stage_ranks = _stage_rank_count(cfg) if _spawns_stage_ranks(cfg) else None  # checked before any work
     start = time.time()
-    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     pl.seed_everything(cfg.seed, workers=True)
     save_resolved_config(cfg)
 
@@ -270,8 +270,7 @@ def _run_stage_in_rank(cfg: DictConfig, upstream: dict[str, Artifact],
                        ckpt_path: str | None) -> tuple[dict[str, float], str | None]:
     """`_run_stage` in a rank that `run_in_rank_processes` spawned: a fresh interpreter, so it first gets the
     process settings `train` made in the launching process."""
-    _quiet_process()
-    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
+    _process_settings(cfg)
     return _run_stage(cfg, upstream, ckpt_path)
 
 

@@ -55,7 +55,6 @@ def load_classifier(artifact: Artifact) -> ImageClassifier:
 
 
 class ClassifierModule(Stage, name="classifier"):
-
     def __init__(self, backbone: BackboneSpec, head_norm: str, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, readout_scale: float = 7.0,
                  upstream: dict[str, Artifact] | None = None):

@@ -86,7 +86,6 @@ def load_unet(artifact: Artifact) -> ImageDenoiser:
 
 
 class DiffusionUNetModule(Stage, name="diffusion_unet"):
-
     def __init__(self, image_size: int, channels: int, unet: UNetSpec, attention_heads: int | None,
                  learn_sigma: bool, schedule: ScheduleSpec, optimizer: Callable[..., torch.optim.Optimizer],
                  hflip: bool, grid: SampleGridSpec, train_seed: int = 0, eval_seed: int = 0,
