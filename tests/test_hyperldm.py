@@ -94,3 +94,6 @@ def test_resumed_run_restores_the_ema_exactly(cache_root: Path, tmp_path: Path) 
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     raw, ema = ckpt["current_model_state"], ckpt["state_dict"]
     assert not torch.equal(raw["denoiser.head.1.weight"], ema["denoiser.head.1.weight"])
+    # the frozen upstream HNET is in neither copy (it was in both before: 2 x its weights in every checkpoint)
+    frozen = [k for k in (*raw, *ema) if not k.startswith("denoiser.")]
+    assert not any(k.startswith("base.") for k in frozen), frozen[:5]

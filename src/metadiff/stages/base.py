@@ -9,9 +9,12 @@ module. Everything else has a default here, so a misspelt hook is an AttributeEr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+
+# the checkpoint entries holding module weights: Lightning's, and the raw weights WeightAveraging (EMA) moves aside
+WEIGHT_ENTRIES = ("state_dict", "current_model_state")
 
 
 class Stage(pl.LightningModule):
@@ -26,6 +29,10 @@ class Stage(pl.LightningModule):
     - `write_artifact(directory)`: write the stage's files into the (temporary) artifact directory.
     Class setting the run loop applies to the trainer:
     - `ddp_find_unused_parameters`: True when a step leaves parameters out of a backward pass.
+    Checkpoint content:
+    - `frozen_upstream_nets()`: attribute names of the nets loaded from upstream artifacts and never trained here.
+      They are left out of the stage's checkpoints (their artifacts hold them: HyperLDM's frozen HNET would otherwise
+      be written twice per checkpoint, raw and as its EMA copy) and put back from the loaded upstream on resume.
     """
 
     name: ClassVar[str]
@@ -57,6 +64,46 @@ class Stage(pl.LightningModule):
 
     def stage_complete(self) -> bool:
         return False
+
+    def frozen_upstream_nets(self) -> tuple[str, ...]:
+        """Attribute names of the nets this stage loaded from upstream artifacts and does not train (kept out of its
+        checkpoints). A stage whose set depends on its config returns only those it holds."""
+        return ()
+
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        return tuple(f"{name}." for name in self.frozen_upstream_nets())
+
+    def _check_frozen_untrained(self) -> None:
+        """A net declared frozen must not be trained: its updates would be lost from the checkpoint on resume."""
+        frozen = {id(p): f"{net}.{key}" for net in self.frozen_upstream_nets()
+                  for key, p in getattr(self, net).named_parameters()}
+        for optimizer in self.trainer.optimizers:  # called from the save hook: a trainer is attached
+            for group in optimizer.param_groups:
+                trained = [frozen[id(p)] for p in group["params"] if id(p) in frozen]
+                if trained:
+                    raise RuntimeError(f"stage '{self.stage_name}': {trained[0]} is declared a frozen upstream net "
+                                       f"(frozen_upstream_nets) but an optimizer trains it")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen upstream nets' weights: subclasses that extend this hook call it (super())."""
+        prefixes = self._frozen_prefixes()
+        if not prefixes:
+            return
+        self._check_frozen_untrained()
+        for entry in WEIGHT_ENTRIES:
+            if entry in checkpoint:
+                checkpoint[entry] = {k: v for k, v in checkpoint[entry].items() if not k.startswith(prefixes)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put the frozen upstream nets' weights back from this module (loaded from their artifacts), so Lightning's
+        strict load and the EMA's see a complete state; a checkpoint that still holds them keeps its own."""
+        prefixes = self._frozen_prefixes()
+        if not prefixes:
+            return
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
+        for entry in WEIGHT_ENTRIES:
+            if entry in checkpoint:
+                checkpoint[entry] = {**own, **checkpoint[entry]}
 
     def write_artifact(self, directory: Path) -> None:
         raise NotImplementedError

@@ -177,6 +177,10 @@ class DFMLModule(Stage, name="dfml"):
         names = [f"{m}_{k}shot" for m in self.test_nets for k in self.shots]
         self.values = PerTaskValues(names, sync=True)  # episodes are shared out over the ranks: gathered at compute
 
+    def frozen_upstream_nets(self) -> tuple[str, ...]:
+        """The reference classifier's backbone (a diagnostic), when there is one: read from its artifact."""
+        return ("reference",) if self.reference is not None else ()
+
     def configure_optimizers(self):
         meta_opt = self.meta_optimizer_factory(self.meta.parameters())
         cl_opt = self.class_learner_optimizer_factory(self.class_learner.parameters())
@@ -337,9 +341,11 @@ class DFMLModule(Stage, name="dfml"):
             scheduler.step()  # manual optimisation: Lightning leaves the stepping to the module
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["dfml"] = {"pseudo_path": self.pseudo_path, "history": self.history}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.trainer.state.fn == TrainerFn.FITTING:  # resuming: the round's data and the validation history
             state = checkpoint["dfml"]
             self.pseudo_path, self.history = state["pseudo_path"], state["history"]

@@ -93,6 +93,10 @@ class HyperCLIPModule(Stage, name="hyperclip"):
         self.values = PerTaskValues([f"{s}/{v}" for s in (*EVAL_SPLITS, "meta_test") for v in ("emb", "question")]
                                     + ["guided_acc", "init_acc", "guided_minus_init"], sync=False)
 
+    def frozen_upstream_nets(self) -> tuple[str, ...]:
+        """The HNET (or VAE decoder) and the VAE: read from their artifacts, never trained here."""
+        return ("base", *(("vae",) if self.vae is not None else ()))
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.encoder.parameters())
 

@@ -219,6 +219,10 @@ class HyperLDMModule(Stage, name="hyperldm"):
         names += [f"pretrained_t{f:g}" for f in self.from_pretrained.t_fracs]
         return names
 
+    def frozen_upstream_nets(self) -> tuple[str, ...]:
+        """The HNET (or VAE decoder), the multitask learner and HyperCLIP: read from their artifacts, never trained."""
+        return ("base", *(name for name in ("multitask", "hyperclip") if getattr(self, name) is not None))
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.denoiser.parameters())
 

@@ -96,6 +96,10 @@ class VAEModule(Stage, name="vae"):
         # every rank evaluates all tasks (EveryRankSampler): nothing to gather
         self.values = PerTaskValues([f"{s}/{v}" for s in (*EVAL_SPLITS, "meta_test") for v in EVAL_VALUES], sync=False)
 
+    def frozen_upstream_nets(self) -> tuple[str, ...]:
+        """The HNET (or the VAE the adaptation was built from) that decodes latents: read from its artifact."""
+        return ("base",)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.vae.parameters())
 
