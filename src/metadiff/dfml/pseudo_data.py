@@ -25,6 +25,7 @@ from metadiff.dfml.guidance import check_compat, class_log_prob, guidance_target
 from metadiff.diffusion.sampling import classifier_guidance
 from metadiff.diffusion.zoo import DiffusionZoo
 from metadiff.utils.io import atomic_path
+from metadiff.utils.tensor_files import load_tensors, save_tensors
 
 
 def lexicographic_labels(n_classes: int) -> list[int]:
@@ -79,12 +80,12 @@ class PseudoData:
     def save(self, path: Path) -> None:
         """Tensors plus the explicit label manifest, written atomically."""
         with atomic_path(path) as tmp:
-            torch.save({"images": self.images, "labels": self.labels, "classes": self.classes, "models": self.models,
+            save_tensors({"images": self.images, "labels": self.labels, "classes": self.classes, "models": self.models,
                         "round": self.round, "ranks": self.ranks}, tmp)
 
     @classmethod
     def load(cls, path: Path) -> PseudoData:
-        state = torch.load(path, weights_only=True)
+        state = load_tensors(path)
         return cls(state["images"], state["labels"], state["classes"], state["models"], int(state["round"]),
                    state.get("ranks"))
 

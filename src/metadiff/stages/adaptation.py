@@ -41,6 +41,7 @@ from metadiff.stages.fewshot import load_hnet_latent_learner
 from metadiff.store import Artifact
 from metadiff.utils.hashing import fingerprint
 from metadiff.utils.io import atomic_path, read_json, write_json
+from metadiff.utils.tensor_files import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 TRAIN = "train"  # chunk kind of the training rows; the evaluation kinds are the split names
@@ -177,7 +178,7 @@ class AdaptationModule(Stage, name="adaptation"):
             "end_acc": masked_task_accuracy(end, batch.query_y, batch.query_mask).cpu(),
         }
         with atomic_path(self.work_dir / f"{name}.pt") as tmp:
-            torch.save(record, tmp)
+            save_tensors(record, tmp)
 
     # -- assembly -------------------------------------------------------------------------------------------------
     def on_predict_end(self) -> None:
@@ -201,7 +202,7 @@ class AdaptationModule(Stage, name="adaptation"):
         evals = {s: torch.zeros(n[s], d) for s in META_SPLITS}
         accs: dict[str, dict[str, list[torch.Tensor]]] = {s: {"start": [], "end": []} for s in META_SPLITS}
         for chunk in self.chunks:
-            rec = torch.load(self.work_dir / f"{chunk.name}.pt", weights_only=True)
+            rec = load_tensors(self.work_dir / f"{chunk.name}.pt")
             if chunk.kind == TRAIN:
                 train[chunk.row, rec["task_index"]] = rec["z"]
             else:

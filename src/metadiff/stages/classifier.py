@@ -26,6 +26,7 @@ from metadiff.nets.backbones import BackboneSpec, build_backbone
 from metadiff.nets.heads import MLPHead
 from metadiff.stages.base import Stage
 from metadiff.store import Artifact
+from metadiff.utils.tensor_files import load_tensors, save_tensors
 
 WEIGHTS, SPEC = "classifier.pt", "classifier.json"
 
@@ -50,7 +51,7 @@ class ImageClassifier(torch.nn.Module):
 def load_classifier(artifact: Artifact) -> ImageClassifier:
     spec = json.loads(artifact.file(SPEC).read_text())
     net = ImageClassifier(spec["backbone"], spec["n_classes"], spec["head_norm"])
-    net.load_state_dict(torch.load(artifact.file(WEIGHTS), weights_only=True))
+    net.load_state_dict(load_tensors(artifact.file(WEIGHTS)))
     return net.eval().requires_grad_(False)
 
 
@@ -113,5 +114,5 @@ class ClassifierModule(Stage, name="classifier"):
                                 self.shots, ("trained", "random_init")), flush=True)
 
     def write_artifact(self, directory: Path) -> None:
-        torch.save(self.net.state_dict(), directory / WEIGHTS)
+        save_tensors(self.net.state_dict(), directory / WEIGHTS)
         (directory / SPEC).write_text(json.dumps(self.net.spec))

@@ -50,6 +50,7 @@ from metadiff.stages.classifier import load_classifier
 from metadiff.stages.diffusion_zoo import load_zoo
 from metadiff.store import Artifact
 from metadiff.utils.rng import generator, keyed_seed, rank_seed, stream_seed
+from metadiff.utils.tensor_files import load_tensors, save_tensors
 
 WEIGHTS, SPEC = "meta_model.pt", "meta_model.json"
 
@@ -101,7 +102,7 @@ def load_meta_model(artifact: Artifact) -> MetaModel:
     """The selected meta-model of a dfml artifact, frozen (the DiffusionMix stage's feature extractor)."""
     spec = json.loads(artifact.file(SPEC).read_text())
     net = build_meta_model(spec)
-    net.load_state_dict(torch.load(artifact.file(WEIGHTS), weights_only=True))
+    net.load_state_dict(load_tensors(artifact.file(WEIGHTS)))
     return net.eval().requires_grad_(False)
 
 
@@ -385,7 +386,7 @@ class DFMLModule(Stage, name="dfml"):
             print(lines, flush=True)
 
     def write_artifact(self, directory: Path) -> None:
-        torch.save(self.meta.state_dict(), directory / WEIGHTS)
+        save_tensors(self.meta.state_dict(), directory / WEIGHTS)
         (directory / SPEC).write_text(json.dumps({**self.spec, "compat": self.compat, "history": self.history,
                                                   "selected_epoch": self.selected_epoch}))
         for png in sorted(self.run_dir.glob("pseudo_round*.png")) + sorted(self.run_dir.glob("accuracy_*.png")):

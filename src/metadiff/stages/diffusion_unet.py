@@ -32,6 +32,7 @@ from metadiff.nets.unet import ImageDenoiser
 from metadiff.stages.base import Stage
 from metadiff.store import Artifact
 from metadiff.utils.rng import follower_rank_seed, keyed_generator
+from metadiff.utils.tensor_files import load_tensors, save_tensors
 
 WEIGHTS, SPEC = "unet.pt", "unet.json"
 
@@ -81,7 +82,7 @@ def load_unet_spec(artifact: Artifact) -> dict[str, Any]:
 def load_unet(artifact: Artifact) -> ImageDenoiser:
     """The (EMA) denoiser of a diffusion_unet artifact, frozen."""
     model = ImageDenoiser.from_config(load_unet_spec(artifact)["config"])
-    model.load_state_dict(torch.load(artifact.file(WEIGHTS), weights_only=True))
+    model.load_state_dict(load_tensors(artifact.file(WEIGHTS)))
     return model.eval().requires_grad_(False)
 
 
@@ -162,7 +163,7 @@ class DiffusionUNetModule(Stage, name="diffusion_unet"):
         self.grid_path = path
 
     def write_artifact(self, directory: Path) -> None:
-        torch.save(self.denoiser.state_dict(), directory / WEIGHTS)
+        save_tensors(self.denoiser.state_dict(), directory / WEIGHTS)
         (directory / SPEC).write_text(json.dumps({"config": self.denoiser.config, "schedule": self.schedule_cfg,
                                                   "classes": self.classes}))
         if getattr(self, "grid_path", None) is not None:

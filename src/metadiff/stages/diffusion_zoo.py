@@ -29,6 +29,7 @@ from metadiff.stages.base import Stage
 from metadiff.stages.classifier import load_classifier
 from metadiff.stages.diffusion_unet import load_unet, load_unet_spec
 from metadiff.store import Artifact
+from metadiff.utils.tensor_files import load_tensors, save_tensors
 
 UNET_PREFIX = "unet"
 ZOO_SPEC = "zoo.json"
@@ -56,7 +57,7 @@ def save_zoo(zoo: DiffusionZoo, directory: Path, extra: dict[str, Any] | None = 
     """The zoo's files: each member's weights and one JSON of their configs, the schedule and the class map."""
     members = []
     for k, model in enumerate(zoo.models):
-        torch.save(model.state_dict(), directory / f"unet_{k}.pt")
+        save_tensors(model.state_dict(), directory / f"unet_{k}.pt")
         members.append({"weights": f"unet_{k}.pt", "config": model.config})
     (directory / ZOO_SPEC).write_text(json.dumps({
         "members": members, "schedule": zoo.schedule_cfg, "class_map": zoo.class_map,
@@ -70,7 +71,7 @@ def load_zoo(artifact: Artifact) -> DiffusionZoo:
     models = []
     for member in spec["members"]:
         model = ImageDenoiser.from_config(member["config"])
-        model.load_state_dict(torch.load(artifact.file(member["weights"]), weights_only=True))
+        model.load_state_dict(load_tensors(artifact.file(member["weights"])))
         models.append(model.eval().requires_grad_(False))
     return DiffusionZoo(models, NoiseSchedule.make(**spec["schedule"]), spec["schedule"], spec["class_map"],
                         spec["class_names"], spec["image_size"], spec["channels"])

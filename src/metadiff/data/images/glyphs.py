@@ -30,6 +30,7 @@ from metadiff.config import ConfigError
 from metadiff.errors import MissingInputError
 from metadiff.utils.hashing import fingerprint
 from metadiff.utils.io import atomic_path, build_once
+from metadiff.utils.tensor_files import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 SVG_NS = "{http://www.w3.org/2000/svg}"
@@ -171,11 +172,11 @@ def load_glyphs(spec: GlyphSpec, cache_dir: Path) -> dict:
     key = {**asdict(spec), "kanjivg": metadata.version("kanjivg")}  # other stroke data = another set
     path = Path(cache_dir) / f"glyphs-{fingerprint(key)[:12]}.pt"
     build_once(path, path.is_file, lambda: _render_to(spec, path))
-    return torch.load(path, weights_only=True)
+    return load_tensors(path)
 
 
 def _render_to(spec: GlyphSpec, path: Path) -> None:
     log.info("rendering %d glyph classes x %d images (cached at %s)", spec.n_classes, spec.images_per_class, path)
     data = render_glyphs(spec)
     with atomic_path(path) as tmp:
-        torch.save(data, tmp)
+        save_tensors(data, tmp)
