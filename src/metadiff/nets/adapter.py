@@ -61,7 +61,10 @@ def adapter_logits(weights: dict[str, torch.Tensor], x: torch.Tensor, answers: t
     alpha1, alpha2 = (1.0, 1.0) if scaled_init else (1 / math.sqrt(w1.shape[-1]), 1 / math.sqrt(w2.shape[-1]))
     hidden = torch.relu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2), alpha=alpha1))
     u = torch.baddbmm(b2.unsqueeze(1) + x, hidden, w2.transpose(1, 2), alpha=alpha2)
-    logits = scale * torch.bmm(F.normalize(u, dim=-1), F.normalize(answers.float(), dim=-1).transpose(1, 2))
+    # the cosine in fp32 also under bf16/fp16 autocast, like the prototype readout: scaled by 100, a bf16 bmm of the
+    # unit vectors (8 bits) moves the logits by up to ~0.4
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        logits = scale * torch.bmm(F.normalize(u.float(), dim=-1), F.normalize(answers.float(), dim=-1).transpose(1, 2))
     if answer_mask is not None:
         logits = logits.masked_fill(~answer_mask.unsqueeze(1), float("-inf"))
     return logits

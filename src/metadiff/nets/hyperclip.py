@@ -47,8 +47,11 @@ class HyperCLIPEncoder(nn.Module):
         return F.normalize(self.mlp((x.float() - self.input_mean) / self.input_std), dim=-1)
 
     def logits(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """[B, C] similarity of B inputs with C text embeddings (raw CLIP embeddings, normalised here)."""
-        return self.logit_scale * self(x) @ F.normalize(text.float(), dim=-1).T
+        """[B, C] similarity of B inputs with C text embeddings (raw CLIP embeddings, normalised here); the cosine in
+        fp32 also under bf16/fp16 autocast: scaled by up to 100, a bf16 matmul (8 bits) moves the logits by ~0.4."""
+        embedded = self(x)
+        with torch.autocast(device_type=embedded.device.type, enabled=False):
+            return self.logit_scale * embedded.float() @ F.normalize(text.float(), dim=-1).T
 
 
 def contrastive_loss(logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
