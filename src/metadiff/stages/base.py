@@ -8,6 +8,7 @@ module. Everything else has a default here, so a misspelt hook is an AttributeEr
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -64,6 +65,12 @@ class Stage(pl.LightningModule):
 
     def stage_complete(self) -> bool:
         return False
+
+    def precision_context(self) -> AbstractContextManager:
+        """The trainer's precision (bf16 autocast under `bf16-mixed`, nothing under `32-true`) for work a stage does
+        outside its `*_step` hooks, which are the only ones Lightning runs under it: sampling the zoo in an epoch
+        hook (pseudo data, checks, sample grids) would otherwise run in fp32 on a bf16 trainer."""
+        return self.trainer.precision_plugin.forward_context()
 
     def frozen_upstream_nets(self) -> tuple[str, ...]:
         """Attribute names of the nets this stage loaded from upstream artifacts and does not train (kept out of its

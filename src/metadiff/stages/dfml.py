@@ -32,6 +32,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from metadiff.config import ConfigError
 from metadiff.config.typed import as_spec
+from metadiff.data.global_batch import per_rank_batch
 from metadiff.data.images.episodes import Episodes, EpisodeShape
 from metadiff.dfml.augment import AugmentSpec, augment
 from metadiff.dfml.class_learner import class_learner_loss
@@ -137,7 +138,7 @@ class DFMLModule(Stage, name="dfml"):
         self.episodic_weight, self.kl_reduction, self.compat = episodic_weight, kl_reduction, compat
         episodes = as_spec(EpisodeSpec, episodes, "model.episodes")
         self.shape = EpisodeShape(int(episodes.n_way), int(episodes.k_shot), int(episodes.n_query))
-        self.episodes_per_batch = int(episodes.per_batch)
+        self.global_episodes_per_batch = int(episodes.per_batch)  # per step over all ranks (metadiff.data.global_batch)
         self.augment = as_spec(AugmentSpec, augment, "model.augment")
         self.generation = as_spec(GenerationSpec, generation, "model.generation")
         self.grid = as_spec(PseudoGridSpec, grid, "model.grid")
@@ -151,6 +152,8 @@ class DFMLModule(Stage, name="dfml"):
 
     # ------------------------------------------------------------------ networks
     def setup(self, stage: str) -> None:
+        self.episodes_per_batch = per_rank_batch(self.global_episodes_per_batch, self.trainer.world_size,
+                                                 "model.episodes.per_batch")
         if self.meta is not None:
             return
         dm = self.trainer.datamodule
@@ -233,11 +236,12 @@ class DFMLModule(Stage, name="dfml"):
         self.class_learner.eval()
         zoo = self.zoo.to(self.device)
         scale = float(g.scale) if round_index > 0 or g.guide_round0 else 0.0
-        self.pseudo = generate_pseudo_data(zoo, self.meta.backbone, self.class_learner, int(g.per_class),
-                                           int(g.batch_size), int(g.steps), scale, self.compat,
-                                           keyed_seed(self.seed, round_index), round_index,
-                                           g.spacing, self.global_rank, world_size,
-                                           self.all_gather if world_size > 1 else None)
+        with self.precision_context():  # an epoch hook: Lightning's bf16 covers only the steps
+            self.pseudo = generate_pseudo_data(zoo, self.meta.backbone, self.class_learner, int(g.per_class),
+                                               int(g.batch_size), int(g.steps), scale, self.compat,
+                                               keyed_seed(self.seed, round_index), round_index,
+                                               g.spacing, self.global_rank, world_size,
+                                               self.all_gather if world_size > 1 else None)
         self.log("pseudo/images_generated", float((self.pseudo.ranks == self.global_rank).sum()))  # this rank's share
         self.meta.train()
         self.class_learner.train()

@@ -156,8 +156,9 @@ class DiffusionUNetModule(Stage, name="diffusion_unet"):
     def on_test_epoch_end(self) -> None:
         if not self.trainer.is_global_zero or not self.grid.n:
             return
-        images = sample_images(self.denoiser, self.schedule, int(self.grid.n), int(self.grid.steps),
-                               torch.Generator().manual_seed(self.eval_seed), self.grid.spacing)
+        with self.precision_context():  # an epoch hook: Lightning's bf16 covers only the steps
+            images = sample_images(self.denoiser, self.schedule, int(self.grid.n), int(self.grid.steps),
+                                   torch.Generator().manual_seed(self.eval_seed), self.grid.spacing)
         path = save_grid(images.cpu(), Path(self.trainer.default_root_dir) / "samples.png", int(self.grid.nrow))
         log_image(self.loggers, "test/samples", path)
         self.grid_path = path

@@ -150,10 +150,11 @@ class DiffusionZooModule(Stage, name="diffusion_zoo"):
         report: dict[str, float] = {}
         grids, confusion = [], torch.zeros(zoo.n_models, zoo.n_models + 1)
         for k in range(zoo.n_models):
-            chunks = [zoo.sample(k, min(batch, n - s), int(self.check.steps), gen, spacing=self.check.spacing)
-                      for s in range(0, n, batch)]
-            samples = torch.cat(chunks)
-            judged = owner[self.judge.to(self.device)(samples).argmax(-1)]
+            with self.precision_context():  # an epoch hook: Lightning's bf16 covers only the steps
+                chunks = [zoo.sample(k, min(batch, n - s), int(self.check.steps), gen, spacing=self.check.spacing)
+                          for s in range(0, n, batch)]
+                samples = torch.cat(chunks)
+                judged = owner[self.judge.to(self.device)(samples).argmax(-1)]
             report[f"test/member{k}_subset_accuracy"] = float((judged == k).float().mean())
             confusion[k] = torch.bincount(judged.cpu() + 1, minlength=zoo.n_models + 1).roll(-1).float() / n
             grids.append(samples[: int(self.grid.n_per_model)].cpu())
