@@ -61,7 +61,13 @@ class StopOnNonFiniteLoss(pl.Callback):
 
     Lightning's own guards do not fit: `detect_anomaly` slows every backward, and `EarlyStopping(check_finite)`
     watches one logged metric at validation time only. `on_before_backward` sees every loss of automatic and manual
-    optimisation (`manual_backward` calls it too)."""
+    optimisation (`manual_backward` calls it too).
+
+    Under DDP every rank takes part in the decision (one all-gather of a per-rank code per backward): a rank whose
+    loss alone went non-finite must not raise by itself, or the others sit in the gradient all-reduce until NCCL's
+    timeout (gloo: a "Connection closed by peer" traceback). Every rank raises the same line, naming the ranks."""
+
+    FINITE, INF, NAN = 0, 1, 2
 
     def __init__(self, stage: str, task_name: str):
         self.stage, self.task_name = stage, task_name
@@ -71,28 +77,44 @@ class StopOnNonFiniteLoss(pl.Callback):
                              batch_idx: int) -> None:
         self.batch_idx = batch_idx
 
+    def _code(self, loss: torch.Tensor) -> torch.Tensor:
+        """FINITE, INF or NAN for this rank's loss, as a tensor on the loss's device (no host sync here)."""
+        loss = loss.detach()
+        return torch.where(torch.isnan(loss).any(), self.NAN,
+                           torch.where(torch.isfinite(loss).all(), self.FINITE, self.INF))
+
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if bool(torch.isfinite(loss.detach()).all()):
+        code = self._code(loss)
+        if trainer.world_size > 1:
+            codes = trainer.strategy.all_gather(code).flatten().tolist()  # every rank, in rank order
+        else:
+            codes = [int(code)]
+        if max(codes) == self.FINITE:
             return
-        value = "nan" if bool(torch.isnan(loss.detach()).any()) else "inf"
+        value = "nan" if self.NAN in codes else "inf"
+        where = ""
+        if len(codes) > 1:
+            bad = [rank for rank, c in enumerate(codes) if c != self.FINITE]
+            where = f" on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of {len(codes)}"
         last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         resume = f"; last good checkpoint: {last}" if last.is_file() else ""
         raise TrainingDivergedError(
-            f"stage '{self.stage}' ({self.task_name}): the training loss is {value} at epoch {trainer.current_epoch}, "
-            f"global step {trainer.global_step}, batch {self.batch_idx}; lower the learning rate or check the "
-            f"inputs{resume}"
+            f"stage '{self.stage}' ({self.task_name}): the training loss is {value}{where} at epoch "
+            f"{trainer.current_epoch}, global step {trainer.global_step}, batch {self.batch_idx}; lower the learning "
+            f"rate or check the inputs{resume}"
         )
 
 
 class PoisonWeights(pl.Callback):
-    """Drill for the NaN guard: after `after` training batches, set one weight to NaN (as a bad update would)."""
+    """Drill for the NaN guard: after `after` training batches, set one weight to NaN (as a bad update would), on
+    every rank (`rank: null`) or on one rank only (the DDP case where a single rank's loss goes non-finite)."""
 
-    def __init__(self, after: int):
-        self.after, self.seen = after, 0
+    def __init__(self, after: int, rank: int | None):
+        self.after, self.rank, self.seen = after, rank, 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         self.seen += 1
-        if self.seen == self.after:
+        if self.seen == self.after and self.rank in (None, trainer.global_rank):
             with torch.no_grad():
                 next(p for p in pl_module.parameters() if p.requires_grad and p.is_floating_point()).fill_(float("nan"))
 
