@@ -5,12 +5,15 @@ that gives every rank all items (`EveryRankSampler`), checked inside a real 2-ra
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.plugins.environments import LightningEnvironment
 from torch.utils.data import DataLoader
 
+from conftest import TWO_RANKS, run_metrics, run_train
 from metadiff.config import ConfigError
 from metadiff.data.samplers import EveryRankSampler
 from metadiff.utils.distributed import RankFailedError, StageRanksDDPStrategy, run_in_rank_processes
@@ -86,3 +89,23 @@ def test_every_rank_evaluates_all_items_once_under_two_rank_ddp() -> None:
     assert whole == [list(range(N_ITEMS))] * 2
     sharded = run_in_rank_processes(_test_loop_items, (False,), world_size=2)
     assert sorted(sharded[0] + sharded[1]) == [0, *range(N_ITEMS)]
+
+
+# What a SLURM allocation puts in a job's environment (one task on one node): Lightning picks its SLURMEnvironment
+# from these and would read every spawned rank as global rank 0 of SLURM_NTASKS=1.
+FAKE_SLURM = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242",
+              "SLURM_JOB_NAME": "metadiff", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+              "SLURM_NODELIST": "localhost"}
+
+
+def test_ddp_sim_inside_a_slurm_allocation_runs_its_own_two_ranks(tmp_path: Path) -> None:
+    """`trainer=ddp_sim` in a SLURM job: the ranks it starts join as ranks 0 and 1 of 2 and the stage publishes its
+    artifact. Before the ranks took Lightning's own environment explicitly, SLURM's refused devices=2 against
+    --ntasks-per-node=1 (and without that variable both ranks were rank 0 of 1, the second failing on the port)."""
+    proc = run_train(["experiment=classifier_glyphs", "trainer=ddp_sim", "trainer.max_steps=2", "test=false",
+                      "trainer.enable_progress_bar=false"], tmp_path, timeout=180, env=FAKE_SLURM)
+    output = proc.stdout + proc.stderr
+    assert output.count(TWO_RANKS) == 1, output[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output, output[-3000:]
+    assert run_metrics(proc, "classifier")["train/loss"] > 0
+    assert isinstance(StageRanksDDPStrategy().cluster_environment, LightningEnvironment)

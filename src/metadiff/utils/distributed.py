@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 import torch.multiprocessing as mp
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+from lightning.pytorch.plugins.environments import ClusterEnvironment, LightningEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
@@ -39,7 +40,15 @@ class StageRanksDDPStrategy(DDPStrategy):
     re-run from the command line like `trainer=ddp`), so it works inside a Hydra multirun job and from a direct
     `train(cfg)` call.
     The ranks find `LOCAL_RANK` set (Lightning's rule for processes created outside it), so this strategy launches
-    nothing itself; `metadiff.run.train` sees the class and starts the processes."""
+    nothing itself; `metadiff.run.train` sees the class and starts the processes.
+
+    The ranks' cluster environment is Lightning's own (`LightningEnvironment`, which reads the variables
+    `_rank_main` sets), whatever else the environment holds: inside a SLURM allocation Lightning would pick
+    `SLURMEnvironment` from `SLURM_*` and read every rank as `SLURM_PROCID` of `SLURM_NTASKS` (rank 0 of 1 in a
+    one-task job: two rank 0s on one port), or refuse the device count against `--ntasks-per-node`."""
+
+    def __init__(self, *args: Any, cluster_environment: ClusterEnvironment | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, cluster_environment=cluster_environment or LightningEnvironment(), **kwargs)
 
 
 def free_port() -> int:
