@@ -18,6 +18,7 @@ from torch import nn
 from metadiff.dfml.guidance import check_compat, guide_input
 from metadiff.diffusion.schedule import NoiseSchedule
 from metadiff.diffusion.zoo import to_diffusion
+from metadiff.utils.transfer import host_to_device
 
 KL_REDUCTIONS = ("batchmean", "mean")
 
@@ -38,8 +39,8 @@ def class_learner_loss(backbone: nn.Module, teacher_head: nn.Module, class_learn
     uniform over the schedule's steps, per image."""
     if kl_reduction not in KL_REDUCTIONS:
         raise ValueError(f"kl_reduction '{kl_reduction}' is not one of {KL_REDUCTIONS}")
-    t = torch.randint(0, schedule.n_timesteps, (len(images),), generator=generator).to(images.device)
-    noise = torch.randn(images.shape, generator=generator).to(images)
+    t = host_to_device(torch.randint(0, schedule.n_timesteps, (len(images),), generator=generator), images.device)
+    noise = host_to_device(torch.randn(images.shape, generator=generator), images.device, images.dtype)
     with torch.no_grad():
         teacher = teacher_head(backbone.embed(images)).log_softmax(-1)
         noisy = backbone.embed(noised_guide_input(images, schedule, t, noise, compat))

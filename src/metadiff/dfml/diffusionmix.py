@@ -17,6 +17,7 @@ import torch
 from metadiff.dfml.guidance import check_compat
 from metadiff.diffusion.sampling import sample
 from metadiff.diffusion.zoo import DiffusionZoo, eps_model_of, from_diffusion, to_diffusion
+from metadiff.utils.transfer import host_to_device
 
 
 def denoise_timesteps(start: int, steps: int | None) -> torch.Tensor:
@@ -38,8 +39,8 @@ def interpolate(zoo: DiffusionZoo, model: int, x_a: torch.Tensor, x_b: torch.Ten
     a, b = (to_diffusion(x_a), to_diffusion(x_b)) if fixed else (x_a, x_b)
     lam = torch.as_tensor(lam, dtype=a.dtype, device=a.device).reshape(-1, *[1] * (a.dim() - 1))
     ab = float(zoo.schedule.alpha_bar(torch.tensor(t)))
-    eps_a = torch.randn(a.shape, generator=generator).to(a)
-    eps_b = torch.randn(b.shape, generator=generator).to(b)
+    eps_a = host_to_device(torch.randn(a.shape, generator=generator), a.device, a.dtype)
+    eps_b = host_to_device(torch.randn(b.shape, generator=generator), b.device, b.dtype)
     noise = (1 - lam) * eps_a + lam * eps_b
     if fixed:
         noise = noise / ((1 - lam) ** 2 + lam**2).sqrt()

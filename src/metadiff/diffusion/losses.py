@@ -53,8 +53,9 @@ def vb_terms_bpd(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t
     eps = eps.detach()
     ab_t, ab_prev = schedule.alpha_bar(t), schedule.alpha_bar(t - 1)  # float64 [B]; alpha_bar(-1) = 1
     c0, ct, beta, beta_tilde = posterior_coefficients(ab_t, ab_prev)
-    beta_tilde_1 = posterior_coefficients(schedule.alpha_bar(torch.tensor(1)), schedule.alpha_bar(torch.tensor(0)))[3]
-    log_beta_tilde = torch.where(t.cpu() == 0, beta_tilde_1, beta_tilde).log()
+    one = torch.ones_like(t)  # t = 1 where t lives: a host tensor here would cost a copy to the device every step
+    beta_tilde_1 = posterior_coefficients(schedule.alpha_bar(one), schedule.alpha_bar(one - 1))[3]
+    log_beta_tilde = torch.where(t == 0, beta_tilde_1, beta_tilde).log()
     c0, ct = _expand(c0, x_t), _expand(ct, x_t)
     log_beta, log_beta_tilde = _expand(beta.log(), x_t), _expand(log_beta_tilde, x_t)
     x0_hat = schedule.predict_x0(x_t, eps, t)

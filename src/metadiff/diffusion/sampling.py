@@ -32,6 +32,7 @@ from metadiff.diffusion.schedule import (
     learned_range_log_variance,
     posterior_coefficients,
 )
+from metadiff.utils.transfer import host_to_device
 
 # (x_t, t [B]) -> eps (or the `prediction` parameterisation), or (eps, v) with a learned variance (see above)
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
@@ -41,12 +42,13 @@ METHODS = {"ddim": None, "ddpm": 1.0}  # method -> forced eta (None: the configu
 
 def _noise(shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype, device: torch.device | str,
            repeats: int = 1) -> torch.Tensor:
-    """Standard normal noise drawn on the CPU (the same numbers on every device); `repeats` > 1 draws shape[0] //
-    repeats rows and tiles them, so the r groups of a batch (e.g. one per guidance scale) share their noise."""
+    """Standard normal noise drawn on the CPU (the same numbers on every device) and copied without a host wait
+    (`host_to_device`); `repeats` > 1 draws shape[0] // repeats rows and tiles them on the device, so the r groups of
+    a batch (e.g. one per guidance scale) share their noise."""
     if shape[0] % repeats:
         raise ValueError(f"noise_repeats = {repeats} does not divide the batch of {shape[0]}")
     rows = torch.randn((shape[0] // repeats, *shape[1:]), generator=generator, dtype=dtype, device="cpu")
-    return rows.repeat(repeats, *([1] * (len(shape) - 1))).to(device)
+    return host_to_device(rows, device).repeat(repeats, *([1] * (len(shape) - 1)))
 
 
 def step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, eta: float = 0.0,
@@ -166,7 +168,7 @@ def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor
         x = x_start.to(device)
         if noise_start:
             noise = _noise(tuple(x.shape), generator, x.dtype, device, noise_repeats)
-            x = schedule.add_noise(x, noise, torch.full((x.shape[0],), steps[0]))
+            x = schedule.add_noise(x, noise, torch.full((x.shape[0],), steps[0], device=x.device))
     for i, t in enumerate(steps):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         with torch.no_grad():

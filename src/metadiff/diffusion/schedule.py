@@ -10,7 +10,7 @@ lives in a schedule.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,6 +69,14 @@ def learned_range_log_variance(v: torch.Tensor, log_beta: torch.Tensor | float,
 @dataclass
 class NoiseSchedule:
     betas: torch.Tensor  # [T], float64
+    # the alpha-bar table per device it was asked on (see `_alpha_bar_table`); not part of the schedule's identity
+    _tables: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"betas": self.betas}  # the cache stays behind: a pickled copy may go to a process without that GPU
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.betas, self._tables = state["betas"], {}
 
     @classmethod
     def make(cls, name: str = "cosine", n_timesteps: int = 1000, linear_start: float = 1e-4,
@@ -84,9 +92,21 @@ class NoiseSchedule:
         return torch.exp(torch.cumsum(torch.log1p(-self.betas), 0))
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        """alpha-bar at integer timesteps t (any shape); t = -1 means "before step 0" (alpha-bar 1)."""
-        padded = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])
-        return padded[t.long().cpu() + 1]
+        """alpha-bar at integer timesteps t (any shape), float64 on t's device; t = -1 means "before step 0"
+        (alpha-bar 1)."""
+        return self._alpha_bar_table(t.device)[t.long() + 1]
+
+    def _alpha_bar_table(self, device: torch.device) -> torch.Tensor:
+        """[1, alpha-bar_0, ..., alpha-bar_{T-1}] on `device`: computed once on the CPU and copied once per device,
+        so that a step indexes it where its timesteps live. Indexing a CPU table with a GPU t would copy t to the
+        host, and the host would wait for the GPU's queue, on every call (2-4 times per UNet step)."""
+        table = self._tables.get(device)
+        if table is None:
+            cpu = torch.device("cpu")
+            if cpu not in self._tables:
+                self._tables[cpu] = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])
+            table = self._tables[device] = self._tables[cpu].to(device)
+        return table
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Sample of q(x_t | x_0) = sqrt(ab_t) x_0 + sqrt(1 - ab_t) noise, per-sample timesteps t [B]."""

@@ -33,6 +33,7 @@ from metadiff.stages.base import Stage
 from metadiff.store import Artifact
 from metadiff.utils.rng import follower_rank_seed, keyed_generator
 from metadiff.utils.tensor_files import load_tensors, save_tensors
+from metadiff.utils.transfer import host_to_device
 
 WEIGHTS, SPEC = "unet.pt", "unet.json"
 
@@ -119,10 +120,10 @@ class DiffusionUNetModule(Stage, name="diffusion_unet"):
         x0 = to_diffusion(images)
         n = x0.shape[0]
         if flip:  # random horizontal flip p = 0.5 (spec §1.1); off for glyphs, where a mirrored glyph is another one
-            mask = (torch.rand(n, generator=gen) < 0.5).to(x0.device)
+            mask = host_to_device(torch.rand(n, generator=gen) < 0.5, x0.device)
             x0 = torch.where(mask[:, None, None, None], x0.flip(-1), x0)
-        t = torch.randint(0, self.schedule.n_timesteps, (n,), generator=gen).to(x0.device)
-        noise = torch.randn(x0.shape, generator=gen).to(x0)
+        t = host_to_device(torch.randint(0, self.schedule.n_timesteps, (n,), generator=gen), x0.device)
+        noise = host_to_device(torch.randn(x0.shape, generator=gen), x0.device, x0.dtype)
         x_t = self.schedule.add_noise(x0, noise, t)
         if self.denoiser.learn_sigma:
             eps, v = self.denoiser.forward_with_variance(x_t, t)
