@@ -1,7 +1,8 @@
 """Stage `features`: image, question and answer embeddings from any open_clip model into a feature store.
 
 Runs as Lightning's predict loop, so devices, DDP and precision come from the trainer config. Each rank writes the
-rows it computed straight into shared memory-mapped tables; rank 0 commits the store once every row is filled.
+rows it computed into shard files of its own (never a file another rank writes: ranks may be on different nodes of a
+network filesystem); rank 0 merges them and commits the store once every rank has finished and every row is there.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from metadiff.config import ConfigError
-from metadiff.data.sources import META_SPLITS, TaskSource, task_prompts
+from metadiff.data.pinning import pin_memory
+from metadiff.data.sources import META_SPLITS, ImageNormalizer, TaskSource, task_prompts
 from metadiff.eval.baselines import baseline_report
 from metadiff.features.clip_models import ClipBundle, create_clip, image_preprocessing
 from metadiff.features.store import FeatureStore, FeatureStoreBuilder, build_index, check_existing
@@ -84,12 +86,15 @@ class FeatureSourceDataModule(pl.LightningDataModule):
     """Three predict loaders (images, questions, answer prompts) over one benchmark."""
 
     def __init__(self, source: TaskSource, arch: str, batch_size: int = 256, text_batch_size: int = 512,
-                 num_workers: int = 0, pretrained: str | None = None):
-        """`pretrained`: the model's `model.pretrained`, because tags and hub repos carry their own image
-        normalisation; None (upstream weights, local files) uses the architecture's."""
+                 num_workers: int = 0, pretrained: str | None = None, pin_memory: bool = False):
+        """`pretrained`: the model's `model.pretrained`, because tags and hub repos carry their own image size;
+        None (upstream weights, local files) uses the architecture's. The image loader yields uint8 images, sized
+        for the model; `FeatureExtractor` normalises them on the device. `pin_memory`: pin the batches when they go
+        to a CUDA device (`metadiff.data.pinning`)."""
         super().__init__()
         self.source, self.arch, self.pretrained = source, arch, pretrained
         self.batch_size, self.text_batch_size, self.num_workers = batch_size, text_batch_size, num_workers
+        self.pin_memory = pin_memory
 
     def prepare_data(self) -> None:
         self.source.prepare()
@@ -100,11 +105,11 @@ class FeatureSourceDataModule(pl.LightningDataModule):
         from metadiff.features.clip_models import register_model_configs
 
         register_model_configs()
-        size, mean, std = image_preprocessing(self.arch, self.pretrained)
+        size, _, _ = image_preprocessing(self.arch, self.pretrained)
         tokenizer = open_clip.get_tokenizer(self.arch)
         images, questions, answers = store_contents(self.source)
         self.datasets = [
-            self.source.image_dataset(images, size, mean, std),
+            self.source.raw_image_dataset(images, size),
             TextDataset(questions, tokenizer),
             TextDataset([p for q in questions for p in answers[q]], tokenizer),
         ]
@@ -115,7 +120,8 @@ class FeatureSourceDataModule(pl.LightningDataModule):
         pending = getattr(self.trainer.lightning_module, "pending_rows", None) if self.trainer else None
         datasets = [Subset(ds, pending[table].tolist()) if pending is not None else ds
                     for ds, table in zip(self.datasets, TABLE_OF_LOADER, strict=True)]
-        return [DataLoader(ds, batch_size=bs, num_workers=self.num_workers, persistent_workers=False)
+        pin = pin_memory(self.trainer, self.pin_memory)
+        return [DataLoader(ds, batch_size=bs, num_workers=self.num_workers, persistent_workers=False, pin_memory=pin)
                 for ds, bs in zip(datasets, sizes, strict=True)]
 
 
@@ -137,6 +143,8 @@ class FeatureExtractor(Stage, name="features"):
         self.source, self.normalize = source, normalize
         self.bundle = create_clip(arch, pretrained)
         self.model = self.bundle.model.eval()
+        # the loader's images are uint8: ToTensor + Normalize on the device, with this model's mean and std
+        self.image_normalizer = ImageNormalizer(self.bundle.mean, self.bundle.std)
         self.description = {
             "arch": arch,
             **weights_description(self.bundle),
@@ -167,15 +175,17 @@ class FeatureExtractor(Stage, name="features"):
         index = build_index(images, questions, answers)
         with torch.no_grad():
             dim = int(self.model.encode_text(self.bundle.tokenizer(["x"])).shape[-1])
-        create = self.trainer.is_global_zero
-        if create:
-            self.builder = FeatureStoreBuilder(self.store_dir, dim, index, self.store_fingerprint, create=True)
+        rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        build = functools.partial(FeatureStoreBuilder, self.store_dir, dim, index, self.store_fingerprint, rank,
+                                  world_size)
+        if rank == 0:  # prepares the folder (fresh or resumed) before the others attach
+            self.builder = build()
         self.trainer.strategy.barrier()
-        if not create:
-            self.builder = FeatureStoreBuilder(self.store_dir, dim, index, self.store_fingerprint, create=False)
+        if rank != 0:
+            self.builder = build()
         self.pending_rows = {table: self.builder.pending(table) for table in TABLE_OF_LOADER}
         if self.builder.resumed:
-            done = {t: len(self.builder.filled[t]) - len(rows) for t, rows in self.pending_rows.items()}
+            done = {t: self.builder.rows[t] - len(rows) for t, rows in self.pending_rows.items()}
             log.info("resuming feature extraction in %s: already computed %s", self.builder.partial, done)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -184,7 +194,9 @@ class FeatureExtractor(Stage, name="features"):
         if table == "image":
             if not self._image_clock:
                 self._image_clock.append(time.perf_counter())
-            emb = self.model.encode_image(inputs)
+            # float32 as the workers made it before, then what the precision plugin does to float inputs (bf16-true:
+            # bf16; mixed precision: unchanged); Lightning converted only the uint8 batch, which it leaves alone
+            emb = self.model.encode_image(self.trainer.precision_plugin.convert_input(self.image_normalizer(inputs)))
             self._n_images += inputs.shape[0]
         else:
             emb = self.model.encode_text(inputs)
@@ -196,6 +208,7 @@ class FeatureExtractor(Stage, name="features"):
             self._image_clock[1:] = [time.perf_counter()]
 
     def on_predict_end(self) -> None:
+        self.builder.finish()  # this rank's shard list; rank 0 commits once every rank has written its own
         self.trainer.strategy.barrier()
         if len(self._image_clock) == 2:
             rate = self._n_images / max(self._image_clock[1] - self._image_clock[0], 1e-9)
