@@ -24,7 +24,7 @@ from torchvision import transforms
 from metadiff.config import ConfigError
 from metadiff.config.typed import as_spec
 from metadiff.data.meta_vqa.build import TASK_FILES, MetaVQARules, VQAFiles, build_meta_vqa
-from metadiff.data.sources import META_SPLITS, MetaValSplit, TaskFileSource
+from metadiff.data.sources import META_SPLITS, ImageNormalizer, MetaValSplit, NormalizedImages, TaskFileSource
 from metadiff.errors import InputFileError, MissingInputError
 from metadiff.utils.hashing import file_sha256, fingerprint
 from metadiff.utils.io import atomic_dir
@@ -32,21 +32,31 @@ from metadiff.utils.io import atomic_dir
 RESIZE_MODES = ("squash", "shorter_side_center_crop")
 
 
-def image_transform(image_size: int, mean: Sequence[float], std: Sequence[float], resize: str) -> transforms.Compose:
+def _sizing(image_size: int, resize: str) -> list:
     """`squash`: resize to size x size with bicubic, no aspect ratio, no crop (what the paper's features used,
     spec §2.4); `shorter_side_center_crop`: CLIP's own preprocessing."""
     if resize == "squash":
-        sizing = [transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC)]
-    elif resize == "shorter_side_center_crop":
-        sizing = [transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-                  transforms.CenterCrop(image_size)]
-    else:
-        raise ConfigError(f"data.source.resize = '{resize}' is not one of {RESIZE_MODES}")
-    return transforms.Compose([*sizing, transforms.ToTensor(), transforms.Normalize(mean, std)])
+        return [transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC)]
+    if resize == "shorter_side_center_crop":
+        return [transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.CenterCrop(image_size)]
+    raise ConfigError(f"data.source.resize = '{resize}' is not one of {RESIZE_MODES}")
+
+
+def image_sizing(image_size: int, resize: str) -> transforms.Compose:
+    """The worker's part of the preprocessing: PIL image -> uint8 [3, S, S], resized (and cropped) as `resize` says;
+    `metadiff.data.sources.ImageNormalizer` does the rest (ToTensor's / 255 and Normalize) where the batch is used."""
+    return transforms.Compose([*_sizing(image_size, resize), transforms.PILToTensor()])
+
+
+def image_transform(image_size: int, mean: Sequence[float], std: Sequence[float], resize: str) -> transforms.Compose:
+    """The whole preprocessing of one image (PIL -> normalised float32 [3, S, S]) as torchvision writes it: the
+    reference the split one (`image_sizing` + `ImageNormalizer`) equals to the bit."""
+    return transforms.Compose([*_sizing(image_size, resize), transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 class ImageFileDataset(Dataset):
-    """JPEG/PNG files -> normalised tensors, decoded in DataLoader workers; yields (image, position)."""
+    """JPEG/PNG files -> tensors by `transform`, decoded in DataLoader workers; yields (image, position)."""
 
     def __init__(self, paths: Sequence[Path], transform: transforms.Compose):
         self.paths, self.transform = list(paths), transform
@@ -161,6 +171,8 @@ class MetaVQASource(TaskFileSource):
                 f"e.g. {missing[0]} (data.source.image_dir / image_file = '{self.image_file}')"
             )
 
+    def raw_image_dataset(self, names: Sequence[str], image_size: int) -> Dataset:
+        return ImageFileDataset([self.image_path(n) for n in names], image_sizing(image_size, self.resize))
+
     def image_dataset(self, names: Sequence[str], image_size: int, mean, std) -> Dataset:
-        return ImageFileDataset([self.image_path(n) for n in names],
-                                image_transform(image_size, mean, std, self.resize))
+        return NormalizedImages(self.raw_image_dataset(names, image_size), ImageNormalizer(mean, std))

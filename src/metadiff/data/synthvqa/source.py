@@ -11,7 +11,13 @@ import torch
 from torch.utils.data import Dataset
 
 from metadiff.config.typed import as_spec
-from metadiff.data.sources import MetaValSplit, TaskFileSource, normalize_images
+from metadiff.data.sources import (
+    ImageNormalizer,
+    MetaValSplit,
+    NormalizedImages,
+    TaskFileSource,
+    normalize_images,
+)
 from metadiff.data.synthvqa.build import SynthVQAConfig, load_or_build_synthvqa
 from metadiff.data.synthvqa.build import fingerprint as config_fingerprint
 from metadiff.data.synthvqa.scenes import SceneSpec, caption_scene, render_scene, sample_scene
@@ -19,10 +25,10 @@ from metadiff.utils.hashing import fingerprint as value_fingerprint
 
 
 class ImageArrayDataset(Dataset):
-    """Rows of a uint8 image array (memory-mapped), normalised for CLIP; yields (image, position)."""
+    """Rows of a uint8 [N, S, S, 3] image array (memory-mapped) as uint8 [3, S, S]; yields (image, position)."""
 
-    def __init__(self, array_path: Path, rows: Sequence[int], mean: Sequence[float], std: Sequence[float]):
-        self.array_path, self.rows, self.mean, self.std = Path(array_path), list(rows), tuple(mean), tuple(std)
+    def __init__(self, array_path: Path, rows: Sequence[int]):
+        self.array_path, self.rows = Path(array_path), list(rows)
 
     @cached_property
     def images(self) -> np.ndarray:  # opened lazily so the dataset pickles cheaply into worker processes
@@ -32,8 +38,7 @@ class ImageArrayDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(np.array(self.images[self.rows[i]]))
-        return normalize_images(image, self.mean, self.std), i
+        return torch.from_numpy(np.array(self.images[self.rows[i]])).movedim(-1, -3), i
 
 
 class CaptionPairDataset(Dataset):
@@ -98,13 +103,16 @@ class SynthVQASource(TaskFileSource):
         n = np.load(self.root / "images.npy", mmap_mode="r").shape[0]
         return [f"synth_{i:06d}" for i in range(n)]
 
-    def image_dataset(self, names: Sequence[str], image_size: int, mean, std) -> Dataset:
+    def raw_image_dataset(self, names: Sequence[str], image_size: int) -> Dataset:
         if image_size != self.config.scene.image_size:
             raise ValueError(
                 f"the CLIP image tower expects {image_size}px images but synthvqa renders "
                 f"{self.config.scene.image_size}px (set data.source.generator.scene.image_size)"
             )
-        return ImageArrayDataset(self.root / "images.npy", [int(n.rsplit("_", 1)[1]) for n in names], mean, std)
+        return ImageArrayDataset(self.root / "images.npy", [int(n.rsplit("_", 1)[1]) for n in names])
+
+    def image_dataset(self, names: Sequence[str], image_size: int, mean, std) -> Dataset:
+        return NormalizedImages(self.raw_image_dataset(names, image_size), ImageNormalizer(mean, std))
 
     def caption_pairs(self, n_pairs: int, seed: int, tokenize: Callable, mean, std) -> Dataset:
         return CaptionPairDataset(self.config.scene, n_pairs, seed, tokenize, mean, std)
