@@ -2,8 +2,8 @@
 optimiser steps on 2 gloo processes (`trainer=ddp_sim`) equal those of 1 process on the same global batches, which
 holds only if the gradients are averaged over the ranks. Then the clip, classifier and dfml families on 2 processes
 under both launchers (`trainer=ddp_sim`: ranks spawned by metadiff.run; `trainer=ddp_cpu`: the command once per
-rank) and with `trainer.precision=bf16-mixed`: batch sizes are per rank (Lightning's
-convention), so the DDP run halves them to keep the global batch; fixed evaluation episodes/tasks are shared out over
+rank) and with `trainer.precision=bf16-mixed`, with the same config: batch sizes are global
+(`metadiff.data.global_batch`; clip's is still per rank, so its DDP runs halve it); fixed evaluation episodes/tasks are shared out over
 the ranks exactly and gathered before the metric, so every rank reports the same value.
 
 Exact equality of the family runs is not expected (the ranks draw their own noise; bf16 rounds; BatchNorm sees a
@@ -33,8 +33,8 @@ from conftest import (
 pytestmark = pytest.mark.slow
 
 # N meta-steps of first-order MAML, SGD at a rate where the steps move the weights by ~0.3 (the check is 1e-5), on
-# tasks in a fixed order: 8 tasks a step in 1 process; 4 per rank on 2, rank r taking tasks r, r+2, ... of the same
-# 8 (the DistributedSampler without shuffling)
+# tasks in a fixed order: 8 tasks a step (global) in 1 process; 4 per rank on 2, rank r taking tasks r, r+2, ... of
+# the same 8 (metadiff.data.global_batch.RandomOrderShard without shuffling)
 STEPS = 5
 MAML = ["experiment=maml_synthvqa", debug("short_chain"), "upstream.features.inherit_groups=[]",  # 1 feature store
         "data.shuffle=false", "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0",
@@ -48,7 +48,8 @@ def _learner(proc) -> dict[str, torch.Tensor]:
 
 
 def test_ddp_steps_equal_one_process_on_the_global_batch(cache_root: Path) -> None:
-    """Both runs start from the same seeded init; after STEPS steps their weights are equal to 1e-5 while training
+    """One config (`data.tasks_per_batch=8`, global) on 1 process and on 2 ranks. Both runs start from the same
+    seeded init; after STEPS steps their weights are equal to 1e-5 while training
     moved them by far more, so the 2 ranks averaged their gradients at every step. Measured on 2 CPU cores: weights
     moved up to 0.356 from the init, DDP vs 1 process differ by at most 2.4e-7; with DDP's gradient sync removed
     (`StageRanksDDPStrategy.configure_ddp` a no-op, so no DistributedDataParallel wrapper; tried once by hand) they
@@ -57,7 +58,7 @@ def test_ddp_steps_equal_one_process_on_the_global_batch(cache_root: Path) -> No
                               cache_root))
     single = run_train([*MAML, f"trainer.max_steps={STEPS}", "data.tasks_per_batch=8", "task_name=maml_single"],
                        cache_root)
-    double = run_train([*MAML, f"trainer.max_steps={STEPS}", "trainer=ddp_sim", "data.tasks_per_batch=4",
+    double = run_train([*MAML, f"trainer.max_steps={STEPS}", "trainer=ddp_sim", "data.tasks_per_batch=8",
                         "task_name=maml_ddp"], cache_root)
     assert TWO_RANKS in double.stdout + double.stderr
     # a grand-upstream inherits from its parent, not from the top-level run: the DDP run built no CLIP of its own
@@ -70,23 +71,24 @@ def test_ddp_steps_equal_one_process_on_the_global_batch(cache_root: Path) -> No
         torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
-# family -> (overrides of the 1-process run, overrides that halve the per-rank batch, metric, tolerance)
-FAMILIES: dict[str, tuple[list[str], list[str], str, float]] = {
+# family -> (overrides of every run, metric, tolerance)
+FAMILIES: dict[str, tuple[list[str], str, float]] = {
     # validation metric, no test phase: under ddp_sim every phase spawns its processes again
     "clip": (["experiment=clip_synthvqa", "data.n_train_pairs=256", "data.batch_size=32", "data.n_val_tasks=10",
-              "trainer.max_epochs=1", "test=false"], ["data.batch_size=16"], "val/zeroshot_acc", 0.05),
+              "trainer.max_epochs=1", "test=false"], "val/zeroshot_acc", 0.05),
     # conv stages: few steps and 8 fixed episodes (the runs are compared on the same ones), because bf16
     # convolutions are ~30x slower than fp32 on AVX2-only CPUs
     "image": (["experiment=classifier_glyphs", "trainer.max_steps=4", "data.train.batch_size=32",
-               "data.episodes.n_episodes=8"],
-              ["data.train.batch_size=16"], "test/trained_5shot", 0.1),
+               "data.episodes.n_episodes=8"], "test/trained_5shot", 0.1),
     "dfml": (["experiment=dfml_glyphs", "trainer.max_epochs=1", "data.train.steps_per_epoch=2",
-              "data.episodes.n_episodes=8"],
-             ["model.episodes.per_batch=1"], "test/trained_5shot", 0.1),
+              "data.episodes.n_episodes=8"], "test/trained_5shot", 0.1),
 }
 
 
 DDP_TRAINERS = ("ddp_sim", "ddp_cpu")
+# clip pretraining keeps a per-rank batch: a contrastive batch's negatives are a rank's own pairs (no gather of the
+# embeddings over ranks), so a global batch would not be the one-process recipe either; its DDP runs halve it
+PER_RANK = {"clip": ["data.batch_size=16"]}
 
 
 def _overrides(family: str, images: Path) -> list[str]:
@@ -100,13 +102,13 @@ def _overrides(family: str, images: Path) -> list[str]:
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_ddp_and_bf16_match_one_process(family: str, cache_root: Path, image_tree: Path) -> None:
-    _, per_rank, metric, tolerance = FAMILIES[family]
+    _, metric, tolerance = FAMILIES[family]
     common = [*_overrides(family, image_tree), "trainer.enable_progress_bar=false"]
     stage = {"clip": "clip", "image": "classifier", "dfml": "dfml"}[family]
     runs = {"single": run_metrics(run_train([*common, f"task_name=parity_{family}_1"], cache_root), stage)}
     for trainer in DDP_TRAINERS:
         task = f"parity_{family}_{trainer}"
-        ddp = run_train([*common, *per_rank, f"trainer={trainer}", f"task_name={task}"], cache_root)
+        ddp = run_train([*common, *PER_RANK.get(family, []), f"trainer={trainer}", f"task_name={task}"], cache_root)
         assert TWO_RANKS in ddp.stdout + ddp.stderr
         printed = summaries(ddp.stdout, task)  # ddp_cpu: every rank runs the whole command and prints
         # every rank that reports agrees on the evaluation: the episodes/tasks were gathered before the metric

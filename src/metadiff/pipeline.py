@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metadiff.errors import UserError
 from metadiff.store import (
@@ -112,7 +113,10 @@ def compose_upstream(cfg: DictConfig, name: str) -> DictConfig:
 
     spec, member = _spec_of(cfg, name)
     overrides = [f"experiment={spec.experiment}"]
-    overrides += [f"{group}={choice}" for group, choice in _inherited_choices(cfg, name).items()]
+    inherited = _inherited_choices(cfg, name)
+    overrides += [f"{group}={choice}" for group, choice in inherited.items()]
+    if "trainer" in _spec_of(cfg, name)[0].get("inherit_groups", []):
+        overrides += _launch_overrides(cfg)
     for key in cfg.paths:  # every location the user set (data, artifacts, VQA/COCO, checkpoints) holds upstream too
         if key != "output_dir":
             value = cfg.paths[key]
@@ -131,6 +135,20 @@ def compose_upstream(cfg: DictConfig, name: str) -> DictConfig:
             composed = compose(config_name="train", overrides=overrides)
     composed.upstream_overrides = chain  # handed down to the upstream's own upstreams
     return composed
+
+
+# The trainer keys that say where a run executes. An upstream that inherits the `trainer` group gets them too: under
+# torchrun or srun every rank builds the upstream in the job's process group, so it must ask for the same devices
+# (`trainer=ddp trainer.devices=4` would otherwise compose the upstream with the group's `devices: -1`).
+LAUNCH_KEYS = ("accelerator", "devices", "num_nodes")
+
+
+def _launch_overrides(cfg: DictConfig) -> list[str]:
+    out = []
+    for key in LAUNCH_KEYS:
+        value = OmegaConf.to_container(cfg.trainer, resolve=True).get(key)
+        out.append(f"trainer.{key}={json.dumps(value) if isinstance(value, list) else value}")
+    return out
 
 
 def upstream_command(cfg: DictConfig, name: str) -> str:

@@ -47,6 +47,9 @@ DEFAULT_FINGERPRINT_EXCLUDE = (
     "upstream_overrides",
     "artifact",
     "variant",
+    # where and on how many devices it ran: batch sizes are global (metadiff.data.global_batch), so the world size
+    # changes neither the recipe nor the artifact; precision stays in (it changes what is computed)
+    *(f"trainer.{key}" for key in ("accelerator", "devices", "num_nodes", "strategy", "sync_batchnorm")),
     "trainer.enable_progress_bar",
     "trainer.default_root_dir",
     "trainer.log_every_n_steps",

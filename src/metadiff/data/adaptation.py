@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from metadiff.config import ConfigError
+from metadiff.data.global_batch import EpochOrderShard, per_rank_batch
 from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.samplers import EpochOrder
@@ -132,9 +133,11 @@ class AdaptationDataModule(MetaTaskDataModule):
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         rows = LatentRows(self.adaptation, self.seed, self.rows_per_epoch)
         rows.set_epoch(epoch)
+        order = EpochOrder(len(rows), self.seed, epoch, self.shuffle)
+        batch_size = self.latents_per_batch  # global: each rank loads its share of every batch of one process
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler: Sampler = DistributedSampler(rows, shuffle=self.shuffle, seed=self.seed)
-        else:
-            sampler = EpochOrder(len(rows), self.seed, epoch, self.shuffle)
-        return DataLoader(rows, batch_size=self.latents_per_batch, sampler=sampler, drop_last=self.drop_last,
+            world = torch.distributed.get_world_size()
+            batch_size = per_rank_batch(batch_size, world, "data.latents_per_batch")
+            order = EpochOrderShard(rows, order, torch.distributed.get_rank(), world)
+        return DataLoader(rows, batch_size=batch_size, sampler=order, drop_last=self.drop_last,
                           num_workers=self.num_workers)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 
 from metadiff.config import ConfigError
 from metadiff.config.typed import as_spec
+from metadiff.data import global_batch
 from metadiff.data.images.episodes import EpisodeCollate, EpisodeSampler, EpisodeShape
 from metadiff.data.images.partition import zoo_partition
 from metadiff.data.images.sources import ImageSource
@@ -127,8 +128,9 @@ class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
             return DataLoader(torch.arange(steps), batch_size=1)
         train_idx, _ = self._train_val_indices()
         data = Subset(self.split(self.train_cfg.split), train_idx.tolist())
-        batch_size = int(self.train_cfg.batch_size)
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        # the configured batch is global: StepOrder cuts the one-process batches, each rank loads its share
+        rank, world = global_batch.rank(self.trainer), global_batch.world_size(self.trainer)
+        batch_size = global_batch.per_rank_batch(int(self.train_cfg.batch_size), world, "data.train.batch_size")
         order = self.step_order(len(data), batch_size, self.seed, rank=rank, world_size=world)
         return self._loader(data, batch_size=batch_size, sampler=order, drop_last=True)
 

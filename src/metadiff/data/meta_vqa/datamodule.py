@@ -16,9 +16,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from metadiff.config import ConfigError
+from metadiff.data.global_batch import RandomOrderShard, per_rank_batch
 from metadiff.data.meta_vqa.batches import TaskEpisodes, collate_tasks
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.samplers import EveryRankSampler
@@ -80,15 +81,19 @@ class MetaTaskDataModule(pl.LightningDataModule):
                             self.n_shot_seed if n_shot_seed is None else n_shot_seed, seed=self.seed)
 
     def task_loader(self, episodes: TaskEpisodes, batch_size: int, shuffle: bool, split_ranks: bool = False) -> DataLoader:
-        """Batches of whole tasks. `split_ranks` (training) shares the tasks out over DDP ranks with our own sampler:
-        Lightning's automatic one always shuffles training data, and it keeps a sampler it did not make, so `shuffle`
-        is honoured on every rank count. Evaluation loaders (`split_ranks=False`) give every rank all tasks in order
-        (`EveryRankSampler`): the stages' per-task values are then those of one process, computed without a gather
-        (Lightning's sampler would pad odd task counts with a duplicate of task 0 and interleave the ranks' tasks)."""
+        """Batches of whole tasks. `split_ranks` (training): `batch_size` is the global batch, and each DDP rank takes
+        its share of the order one process would draw (`RandomOrderShard`), so a run on any number of ranks trains on
+        the one-process run's batches and `shuffle` is honoured. Evaluation loaders (`split_ranks=False`) give every
+        rank all tasks in order (`EveryRankSampler`): the stages' per-task values are then those of one process,
+        computed without a gather (Lightning's sampler would pad odd task counts with a duplicate of task 0 and
+        interleave the ranks' tasks)."""
         sampler = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if split_ranks:
-                sampler, shuffle = DistributedSampler(episodes, shuffle=shuffle, seed=self.seed), False
+                world = torch.distributed.get_world_size()
+                batch_size = per_rank_batch(batch_size, world, "data.tasks_per_batch")
+                sampler = RandomOrderShard(episodes, torch.distributed.get_rank(), world, shuffle)
+                shuffle = False
             else:
                 sampler, shuffle = EveryRankSampler(episodes), False
         return DataLoader(episodes, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate_tasks,
