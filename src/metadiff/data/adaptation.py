@@ -140,4 +140,4 @@ class AdaptationDataModule(MetaTaskDataModule):
             batch_size = per_rank_batch(batch_size, world, "data.latents_per_batch")
             order = EpochOrderShard(rows, order, torch.distributed.get_rank(), world)
         return DataLoader(rows, batch_size=batch_size, sampler=order, drop_last=self.drop_last,
-                          num_workers=self.num_workers)
+                          **self.loader_options())

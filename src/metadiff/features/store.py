@@ -59,6 +59,14 @@ class FeatureStore:
         )
         self.tables = {name: self._table(name, self.manifest["shapes"][name]) for name in TABLES}
 
+    def __getstate__(self) -> dict[str, Path]:
+        """Pickled as its root, reopened on the other side: a DataLoader worker started by spawn or forkserver
+        receives its dataset pickled, and memory-mapped tables would travel as their whole contents."""
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict[str, Path]) -> None:
+        self.__init__(state["root"])
+
     def _table(self, name: str, shape: Sequence[int]) -> np.ndarray:
         """One table, memory-mapped, refused in one line naming the file if it is missing, truncated or not the
         shape the manifest records (a copy cut short, a full disk)."""

@@ -109,8 +109,7 @@ class AdaptationChunkDataModule(MetaTaskDataModule):
         episodes = {TRAIN: self.episodes("meta_train", *self.train_views, support_shots=self.support_shots)}
         episodes |= {split: self.episodes(split) for split in META_SPLITS}
         dataset = ChunkDataset(module.pending_chunks(), episodes)
-        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                          persistent_workers=False)
+        return DataLoader(dataset, batch_size=None, shuffle=False, **self.loader_options())
 
 
 class AdaptationModule(Stage, name="adaptation"):

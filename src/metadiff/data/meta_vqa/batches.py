@@ -7,6 +7,7 @@ and must be ignored through the masks.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,11 @@ class TaskBatch:
     @property
     def n_tasks(self) -> int:
         return int(self.question.shape[0])
+
+    def pin_memory(self) -> TaskBatch:
+        """Every field in pinned memory: what a DataLoader with `pin_memory=True` calls on a batch type of its own
+        (it pins only tensors and standard collections itself)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)})
 
 
 @dataclass

@@ -22,6 +22,7 @@ from metadiff.config import ConfigError
 from metadiff.data.global_batch import RandomOrderShard, per_rank_batch
 from metadiff.data.meta_vqa.batches import TaskEpisodes, collate_tasks
 from metadiff.data.meta_vqa.tasks import Task
+from metadiff.data.pinning import pin_memory
 from metadiff.data.samplers import EveryRankSampler
 from metadiff.data.sources import META_SPLITS, TaskSource
 from metadiff.features.store import FeatureStore
@@ -56,7 +57,10 @@ class MetaTaskDataModule(pl.LightningDataModule):
     def __init__(self, source: TaskSource, tasks_per_batch: int = 32, eval_tasks_per_batch: int = 64,
                  train_support_view: str = "test", train_query_view: str = "train", support_shots: int | None = None,
                  n_shot_seed: int = 42, max_val_tasks: int | None = None, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
-                 store_dir: str | None = None, upstream: dict[str, Artifact] | None = None):
+                 store_dir: str | None = None, upstream: dict[str, Artifact] | None = None, pin_memory: bool = False):
+        """`num_workers`: DataLoader workers that gather and pad the tasks (the batches are those of one process:
+        every task's views are drawn from (seed, epoch, task), and the order in this process); `pin_memory`: pin
+        the batches when they go to a CUDA device (`metadiff.data.pinning`)."""
         super().__init__()
         self.source = source
         if store_dir is None:
@@ -68,6 +72,7 @@ class MetaTaskDataModule(pl.LightningDataModule):
         self.train_views = (train_support_view, train_query_view)
         self.support_shots, self.n_shot_seed, self.seed = support_shots, n_shot_seed, seed
         self.max_val_tasks, self.num_workers, self.shuffle = max_val_tasks, num_workers, shuffle
+        self.pin_memory = pin_memory
 
     def setup(self, stage: str) -> None:
         self.store = FeatureStore(self.store_dir)
@@ -97,7 +102,13 @@ class MetaTaskDataModule(pl.LightningDataModule):
             else:
                 sampler, shuffle = EveryRankSampler(episodes), False
         return DataLoader(episodes, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate_tasks,
-                          num_workers=self.num_workers, persistent_workers=False)
+                          **self.loader_options())
+
+    def loader_options(self) -> dict[str, int | bool]:
+        """The DataLoader settings every loader of these stages shares: workers kept between epochs (a short epoch
+        would otherwise start them again each time) and pinned batches on CUDA."""
+        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                "pin_memory": pin_memory(self.trainer, self.pin_memory)}
 
     def train_dataloader(self) -> DataLoader:
         episodes = self.episodes("meta_train", *self.train_views, support_shots=self.support_shots)

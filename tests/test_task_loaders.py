@@ -1,0 +1,89 @@
+"""The Meta-VQA task loaders: DataLoader workers and pinned batches (issue 31, fault 8).
+
+The real-data stages gathered task batches in the training process (`num_workers: 0`); they now use workers, which
+must give the very batches of one process, and pin the batches when they go to a CUDA device."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import compose_config
+from metadiff.data.meta_vqa.batches import TaskBatch
+from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
+from test_fewshot import rotated_answer_store
+
+REAL_DATA_TASK_STAGES = ("hnet_vqa", "maml_vqa", "multitask_vqa", "adaptation_vqa", "hyperldm_vqa", "vae_vqa",
+                         "hyperclip_vqa")
+
+
+def _data(tmp_path: Path, workers: int) -> MetaTaskDataModule:
+    source = rotated_answer_store(tmp_path / "store")
+    data = MetaTaskDataModule(source, tasks_per_batch=8, eval_tasks_per_batch=16, store_dir=str(tmp_path / "store"),
+                              num_workers=workers, pin_memory=True)
+    data.setup("fit")
+    return data
+
+
+def _batches(loader: torch.utils.data.DataLoader) -> list[TaskBatch]:
+    torch.manual_seed(0)  # the shuffled training order is drawn in this process, from the global generator
+    return list(loader)
+
+
+def test_task_episodes_pickle_without_their_feature_tables(tmp_path: Path) -> None:
+    """A DataLoader worker started by spawn or forkserver (macOS, or a forkserver parent) receives the dataset
+    pickled: the memory-mapped tables must travel as their path, not as their contents."""
+    data = _data(tmp_path, 0)
+    episodes = data.episodes("meta_train")
+    table_bytes = episodes.store.tables["image"].nbytes
+    pickled = pickle.dumps(episodes)
+    assert len(pickled) < table_bytes / 2, (len(pickled), table_bytes)
+    copy = pickle.loads(pickled)
+    for i in (0, len(episodes) - 1):
+        a, b = episodes[i], copy[i]
+        assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("support_x", "query_x", "answers", "question"))
+
+
+def test_two_workers_give_the_batches_of_one_process(tmp_path: Path) -> None:
+    one, two = _data(tmp_path / "a", 0), _data(tmp_path / "b", 2)
+    loaders = [(one.train_dataloader(), two.train_dataloader()),
+               *zip(one.val_dataloader(), two.val_dataloader(), strict=True), (one.test_dataloader(), two.test_dataloader())]
+    for plain, parallel in loaders:
+        assert parallel.num_workers == 2
+        expected, got = _batches(plain), _batches(parallel)
+        assert len(expected) == len(got) > 0
+        for a, b in zip(expected, got, strict=True):
+            for field in TaskBatch.__dataclass_fields__:
+                assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+@pytest.mark.parametrize("experiment", REAL_DATA_TASK_STAGES)
+def test_real_data_task_stages_load_with_workers_and_pin(experiment: str, tmp_path: Path) -> None:
+    cfg = compose_config([f"experiment={experiment}"], tmp_path, tmp_path / "run")
+    assert cfg.data.num_workers > 0 and cfg.data.pin_memory is True
+
+
+def _on(device: torch.device) -> SimpleNamespace:
+    """What the loaders read of a trainer whose batches go to `device` (no CUDA trainer can be built here)."""
+    return SimpleNamespace(strategy=SimpleNamespace(root_device=device), current_epoch=0)
+
+
+def test_task_loaders_pin_only_when_the_batches_go_to_cuda(tmp_path: Path) -> None:
+    data = _data(tmp_path, 0)
+    assert not data.train_dataloader().pin_memory  # no trainer: nothing to pin for
+    data.trainer = _on(torch.device("cpu"))
+    assert not data.train_dataloader().pin_memory
+    data.trainer = _on(torch.device("cuda", 0))
+    assert all(loader.pin_memory for loader in [data.train_dataloader(), *data.val_dataloader(), data.test_dataloader()])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (not run on the CPU-only CI)")
+def test_a_pinned_task_batch_is_pinned_field_by_field(tmp_path: Path) -> None:
+    data = _data(tmp_path, 2)
+    data.trainer = _on(torch.device("cuda", 0))
+    batch = next(iter(data.train_dataloader()))
+    assert all(getattr(batch, field).is_pinned() for field in TaskBatch.__dataclass_fields__)
