@@ -86,8 +86,8 @@ FAMILIES: dict[str, tuple[list[str], str, float]] = {
 
 
 DDP_TRAINERS = ("ddp_sim", "ddp_cpu")
-# clip pretraining keeps a per-rank batch: a contrastive batch's negatives are a rank's own pairs (no gather of the
-# embeddings over ranks), so a global batch would not be the one-process recipe either; its DDP runs halve it
+# clip pretraining still takes a per-rank batch (its StepOrder is wrapped by Lightning's distributed sampler, not
+# sharded by metadiff.data.global_batch), so its DDP runs halve it to train on the one-process global batch
 PER_RANK = {"clip": ["data.batch_size=16"]}
 
 
