@@ -124,6 +124,23 @@ class MetaVQASource(TaskFileSource):
         return stats
 
     def prepare(self) -> None:
+        """Task files in place and, with `check_images`, every image they name on disk: what a stage that reads the
+        images runs first (features_vqa's `prepare_data`), so a missing image stops it before any work."""
+        self._prepare_tasks()
+        if self.check_images:
+            self._check_images()
+
+    @property
+    def root(self) -> Path:
+        """The task files' folder, prepared on first use WITHOUT the image check: the stages that read only features
+        (hnet_vqa, adaptation_vqa, ...) get here in every rank, and the check is one stat per image (~100k on a
+        network filesystem for the real Meta-VQA), already done by the features stage that read them."""
+        if self._root is None:
+            self._prepare_tasks()
+        assert self._root is not None
+        return self._root
+
+    def _prepare_tasks(self) -> None:
         if self.task_dir is not None:
             root = self.task_dir
             for name in TASK_FILES[:2]:
@@ -135,8 +152,6 @@ class MetaVQASource(TaskFileSource):
                 with atomic_dir(root, overwrite=True) as tmp:
                     build_meta_vqa(self.vqa_dir, tmp, self.rules, self.vqa_files)
         self._root = root
-        if self.check_images:
-            self._check_images()
 
     def prompt_file(self) -> Path | None:
         return self.prompts_path
