@@ -69,7 +69,7 @@ def test_real_data_task_stages_load_with_workers_and_pin(experiment: str, tmp_pa
 
 def _on(device: torch.device) -> SimpleNamespace:
     """What the loaders read of a trainer whose batches go to `device` (no CUDA trainer can be built here)."""
-    return SimpleNamespace(strategy=SimpleNamespace(root_device=device), current_epoch=0)
+    return SimpleNamespace(strategy=SimpleNamespace(root_device=device), current_epoch=0, global_rank=0, world_size=1)
 
 
 def test_task_loaders_pin_only_when_the_batches_go_to_cuda(tmp_path: Path) -> None:
@@ -87,3 +87,32 @@ def test_a_pinned_task_batch_is_pinned_field_by_field(tmp_path: Path) -> None:
     data.trainer = _on(torch.device("cuda", 0))
     batch = next(iter(data.train_dataloader()))
     assert all(getattr(batch, field).is_pinned() for field in TaskBatch.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("experiment", ["diffusion_unet_miniimagenet", "dfml_miniimagenet", "classifier_glyphs"])
+def test_image_loaders_pin_only_when_the_batches_go_to_cuda(experiment: str, image_tree: Path,
+                                                            tmp_path: Path) -> None:
+    """The zoo members' image batches (and the evaluation episodes, `Episodes.pin_memory`) of the image stages."""
+    from hydra.utils import instantiate
+
+    overrides = [f"experiment={experiment}", f"paths.miniimagenet_dir={image_tree}", "data.train.holdout_per_class=2",
+                 "data.episodes.n_episodes=2", "data.episodes.episodes_per_batch=2", "data.episodes.n_query=2"]
+    if experiment.startswith("diffusion_unet"):
+        overrides += ["zoo.n_models=2", "zoo.classes_per_model=3"]
+    if experiment.startswith("dfml"):
+        overrides += ["data.episodes.n_val_episodes=2"]
+    if "glyphs" in experiment:
+        overrides = [overrides[0], "data.source.render.n_classes=16", "data.source.render.images_per_class=20",
+                     "data.source.split_sizes=[6,5,5]", *overrides[2:]]
+    data = instantiate(compose_config(overrides, tmp_path, tmp_path / "run").data)
+    def loaders() -> list[torch.utils.data.DataLoader]:
+        found = [] if data.data_free else [data.train_dataloader()]
+        for more in (data.val_dataloader(), data.test_dataloader()):
+            found += more if isinstance(more, list) else [more]
+        assert found
+        return found
+
+    data.trainer = _on(torch.device("cpu"))
+    assert not any(loader.pin_memory for loader in loaders())
+    data.trainer = _on(torch.device("cuda", 0))
+    assert all(loader.pin_memory for loader in loaders())

@@ -26,6 +26,7 @@ from metadiff.data.images.episodes import EpisodeCollate, EpisodeSampler, Episod
 from metadiff.data.images.partition import zoo_partition
 from metadiff.data.images.sources import ImageSource
 from metadiff.data.images.splits import ImageSplit
+from metadiff.data.pinning import pin_memory
 from metadiff.data.samplers import StepPositionMixin
 
 
@@ -66,8 +67,11 @@ class ClassSubsetSpec:
 
 class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
     def __init__(self, source: ImageSource, train: TrainSpec, episodes: EpisodesSpec, num_workers: int = 0,
-                 seed: int = 0, class_subset: ClassSubsetSpec | None = None, test_on: str = "episodes"):
+                 seed: int = 0, class_subset: ClassSubsetSpec | None = None, test_on: str = "episodes",
+                 pin_memory: bool = False):
+        """`pin_memory`: pin the batches when they go to a CUDA device (`metadiff.data.pinning`)."""
         super().__init__()
+        self.pin_memory = pin_memory
         self.source = source
         self.train_cfg = as_spec(TrainSpec, train, "data.train")
         self.episode_cfg = as_spec(EpisodesSpec, episodes, "data.episodes")
@@ -118,7 +122,8 @@ class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset, **kwargs) -> DataLoader:
-        return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0, **kwargs)
+        return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=pin_memory(self.trainer, self.pin_memory), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         if self.data_free:

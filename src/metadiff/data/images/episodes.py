@@ -12,6 +12,7 @@ Batches of several episodes are one flat index list; `EpisodeCollate` reshapes i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -102,6 +103,11 @@ class Episodes:
     query: torch.Tensor
     query_labels: torch.Tensor
     query_classes: torch.Tensor
+
+    def pin_memory(self) -> Episodes:
+        """Every field in pinned memory: what a DataLoader with `pin_memory=True` calls on a batch type of its own
+        (it pins only tensors and standard collections itself)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)})
 
 
 class EpisodeCollate:
