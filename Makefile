@@ -8,10 +8,10 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo train test test-slow test-demo test-all bench report sweep meta-vqa lint format clean
+.PHONY: help install demo train test test-slow test-demo test-all bench gpu-check gpu-check-quick report sweep meta-vqa lint format clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml requirements/torch-cpu.txt
 	python3 -m venv $(VENV)
@@ -44,6 +44,12 @@ test-all: install ## both, sharing one cache of built upstream chains (what CI r
 bench: install ## benchmarks -> bench/*.json
 	$(PY) -m metadiff.bench --out bench
 
+gpu-check: install ## the real-size models on generated data + projection of both real chains -> bench/gpu_check.{json,md}
+	$(PY) -m metadiff.bench.gpu_check --out bench
+
+gpu-check-quick: install ## gpu-check at tiny counts on the CPU (what CI runs, < 5 min on 2 cores)
+	$(PY) -m metadiff.bench.gpu_check --quick --device cpu --out bench
+
 report: install ## one page of every artifact's metrics and plots -> outputs/report/report.{md,html} (OUT=dir)
 	$(PY) -m metadiff.report outputs $(if $(OUT),--out $(OUT))
 
@@ -61,5 +67,5 @@ format: install ## ruff format + import sort
 	$(VENV)/bin/ruff format src tests train.py
 
 clean: ## remove outputs and caches (keeps .venv)
-	rm -rf outputs multirun .pytest_cache .ruff_cache bench/*.json
+	rm -rf outputs multirun .pytest_cache .ruff_cache bench/*.json bench/*.md
 	find . -name __pycache__ -prune -exec rm -rf {} +
