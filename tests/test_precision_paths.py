@@ -90,12 +90,15 @@ def glyph_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def upstreams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Artifact]:
+    return write_upstreams(tmp_path_factory.mktemp("bf16-upstreams"))
+
+
+def write_upstreams(root: Path) -> dict[str, Artifact]:
     """Two tiny UNet members (classes 0-2, 3-5), their zoo and a judge of the 6 meta-train classes, written as the
     stages write them."""
     from metadiff.stages.classifier import ImageClassifier
     from metadiff.stages.diffusion_zoo import save_zoo
 
-    root = tmp_path_factory.mktemp("bf16-upstreams")
     found: dict[str, Artifact] = {}
     schedule = {"name": "cosine", "n_timesteps": 1000}
     for k in range(2):

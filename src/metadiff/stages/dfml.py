@@ -46,6 +46,7 @@ from metadiff.eval.plots import log_image, save_curve_plot, save_grid
 from metadiff.nets.backbones import BackboneSpec, build_backbone
 from metadiff.nets.heads import MLPHead
 from metadiff.nets.meta_model import MetaModel, spatial_episodic_loss
+from metadiff.nets.speed import SpeedSpec, speed_up
 from metadiff.stages.base import Stage
 from metadiff.stages.classifier import load_classifier
 from metadiff.stages.diffusion_zoo import load_zoo
@@ -117,7 +118,7 @@ class DFMLModule(Stage, name="dfml"):
                  class_learner_optimizer: Callable[..., torch.optim.Optimizer], lr_lut: list[list[float]],
                  class_learner_lr_scale: float | None, episodic_weight: float, kl_reduction: str,
                  episodes: EpisodeSpec, augment: AugmentSpec, generation: GenerationSpec,
-                 grid: PseudoGridSpec, compat: str, seed: int,
+                 grid: PseudoGridSpec, compat: str, seed: int, speed: SpeedSpec,
                  upstream: dict[str, Artifact] | None = None):
         super().__init__()
         check_compat(compat)
@@ -142,6 +143,8 @@ class DFMLModule(Stage, name="dfml"):
         self.augment = as_spec(AugmentSpec, augment, "model.augment")
         self.generation = as_spec(GenerationSpec, generation, "model.generation")
         self.grid = as_spec(PseudoGridSpec, grid, "model.grid")
+        for member in self.zoo.models:  # the zoo's UNets sample every pseudo image: how they execute (model.speed)
+            speed_up(member.unet, as_spec(SpeedSpec, speed, "model.speed"))
         self.seed = seed
         self.n_classes = len(self.zoo.class_map)
         self.meta: MetaModel | None = None

@@ -28,6 +28,7 @@ from metadiff.diffusion.losses import hybrid_loss
 from metadiff.diffusion.schedule import NoiseSchedule
 from metadiff.diffusion.zoo import sample_images, to_diffusion
 from metadiff.eval.plots import log_image, save_grid
+from metadiff.nets.speed import SpeedSpec, speed_up
 from metadiff.nets.unet import ImageDenoiser
 from metadiff.stages.base import Stage
 from metadiff.store import Artifact
@@ -90,7 +91,7 @@ def load_unet(artifact: Artifact) -> ImageDenoiser:
 class DiffusionUNetModule(Stage, name="diffusion_unet"):
     def __init__(self, image_size: int, channels: int, unet: UNetSpec, attention_heads: int | None,
                  learn_sigma: bool, schedule: ScheduleSpec, optimizer: Callable[..., torch.optim.Optimizer],
-                 hflip: bool, grid: SampleGridSpec, train_seed: int = 0, eval_seed: int = 0,
+                 hflip: bool, grid: SampleGridSpec, speed: SpeedSpec, train_seed: int = 0, eval_seed: int = 0,
                  upstream: dict | None = None):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
@@ -99,10 +100,12 @@ class DiffusionUNetModule(Stage, name="diffusion_unet"):
         self.schedule = NoiseSchedule.make(**self.schedule_cfg)
         self.optimizer_factory, self.hflip = optimizer, hflip
         self.grid = as_spec(SampleGridSpec, grid, "model.grid")
+        self.speed = as_spec(SpeedSpec, speed, "model.speed")
         self.train_seed, self.eval_seed = train_seed, eval_seed
         # built here, not in setup(): the EMA callback copies the module before the module's own setup runs
         self.denoiser = ImageDenoiser(image_size, channels, self.unet_cfg.kwargs(), learn_sigma=learn_sigma,
                                       attention_heads=attention_heads)
+        self._sped_up = False
 
     def setup(self, stage: str) -> None:
         source = self.trainer.datamodule.source
@@ -111,6 +114,9 @@ class DiffusionUNetModule(Stage, name="diffusion_unet"):
             raise ConfigError(f"model.image_size/channels = {config['image_size']}/{config['channels']} but the data "
                               f"gives {source.image_size}x{source.image_size} images with {source.channels} channels")
         self.classes = self.trainer.datamodule.train_classes()
+        if not self._sped_up:  # here, after the EMA callback's copy (see `speed_up`); once for fit and test
+            speed_up(self.denoiser.unet, self.speed)  # the diffusers UNet: every denoiser call (eps, eps + v) runs it
+            self._sped_up = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.denoiser.parameters())
