@@ -71,6 +71,41 @@ def test_ddp_steps_equal_one_process_on_the_global_batch(cache_root: Path) -> No
         torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
+# hnet_synthvqa's config (inner lr 10) in task order, with SGD, for one meta-step: the global batch on 2 ranks
+HNET = ["experiment=hnet_synthvqa", debug("short_chain"), "upstream.features.inherit_groups=[]", "data.shuffle=false",
+        "data.tasks_per_batch=8", "test=false", "model.n_shot_max=0", "trainer.enable_progress_bar=false",
+        "callbacks=none", "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0"]
+
+
+def _hnet(proc) -> dict[str, torch.Tensor]:
+    return torch.load(written_artifact(proc.stdout + proc.stderr, "hnet") / "learner.pt", weights_only=True)
+
+
+def test_hnet_meta_step_on_two_ranks_equals_one_process(cache_root: Path) -> None:
+    """One config on 1 process and on 2 ranks: the same artifact identity, and after one meta-step the same weights
+    to 1e-5 while the step moved them by far more (measured: moved 0.25, differ by 1.7e-6). Before the global batch,
+    the 2-rank run of this config trained on 16 tasks, and under another fingerprint. In task order: shuffled, the
+    ranks share a permutation of (seed, epoch), one process keeps its DataLoader's draw from the global RNG (which
+    Lightning re-seeds when it sets DDP up), so the two train on other, equally random batches.
+
+    Why one step with SGD, not the metrics after training: the HNET meta-step amplifies rounding. One process with
+    the same 8 tasks as 2 accumulated batches of 4 (exact arithmetic: the same gradient) differs from one batch of 8
+    by 0.64 in the weights after 3 SGD steps at the experiment's inner lr 10, and 5.2e-4 at inner lr 0.1 (2 ranks:
+    0.28 and 5.2e-4); Adam's first step (~lr x sign of the gradient) flips with rounding on near-zero components (2
+    ranks vs 1: 2e-3 = 2 lr), and meta-test few-shot then differs by 0.02 after one step."""
+    init = _hnet(run_train([*HNET, "trainer.max_steps=0", "task_name=hnet_parity_init"], cache_root))
+    single = run_train([*HNET, "trainer.max_steps=1", "task_name=hnet_parity_1"], cache_root)
+    double = run_train([*HNET, "trainer.max_steps=1", "trainer=ddp_sim", "task_name=hnet_parity_2"], cache_root)
+    assert TWO_RANKS in double.stdout + double.stderr
+    fingerprints = {written_artifact(p.stdout + p.stderr, "hnet").name.rsplit("-", 1)[1] for p in (single, double)}
+    assert len(fingerprints) == 1, fingerprints  # the task names differ; the config's identity does not
+    one, two = _hnet(single), _hnet(double)
+    moved = max(float((one[k] - init[k]).abs().max()) for k in one)
+    assert moved > 1e-2, f"one step moved the weights by only {moved:.2e}"
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
 # family -> (overrides of every run, metric, tolerance)
 FAMILIES: dict[str, tuple[list[str], str, float]] = {
     # validation metric, no test phase: under ddp_sim every phase spawns its processes again

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import lightning.pytorch as pl
-import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from metadiff.config import ConfigError
@@ -32,33 +31,6 @@ def per_rank_batch(global_batch: int, world: int, key: str) -> int:
         raise ConfigError(f"{key}={global_batch}: a global batch size must be a positive multiple of the number of "
                           f"ranks ({world}); each rank loads {key} / {world}")
     return global_batch // world
-
-
-class RandomOrderShard(DistributedSampler):
-    """Rank r's share of the order a one-process `DataLoader(shuffle=True)` would draw: the same permutation (drawn
-    from the global torch RNG exactly as torch's `RandomSampler` draws it, lazily at the first item), of which rank
-    r takes every `world`-th item. Batch b of every rank then holds items of batch b of the one-process run, so the
-    ranks together train on its global batches. Ranks draw alike because each runs the same seeded code.
-
-    Why by hand: `DistributedSampler` draws its own permutation from (seed, epoch), so a DDP run would train on
-    other batches than the one-process run of the same config. A DistributedSampler subclass only so that Lightning
-    keeps it (it wraps any other sampler in a second, sharding one). Items past the last multiple of `world` are
-    dropped (a DDP step needs the same count on every rank)."""
-
-    def __init__(self, dataset: Dataset, rank: int, world: int, shuffle: bool):
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=True)
-        self.n, self.world, self.random_order = len(dataset), world, shuffle
-
-    def __len__(self) -> int:
-        return self.n // self.world
-
-    def __iter__(self) -> Iterator[int]:
-        if self.random_order:  # torch.utils.data.RandomSampler.__iter__ without a generator, same draws in the same order
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).tolist()
-        else:
-            order = list(range(self.n))
-        yield from order[self.rank : len(self) * self.world : self.world]
 
 
 class EpochOrderShard(DistributedSampler):

@@ -19,11 +19,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from metadiff.config import ConfigError
-from metadiff.data.global_batch import RandomOrderShard, per_rank_batch
+from metadiff.data.global_batch import EpochOrderShard, per_rank_batch
 from metadiff.data.meta_vqa.batches import TaskEpisodes, collate_tasks
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.pinning import pin_memory
-from metadiff.data.samplers import EveryRankSampler
+from metadiff.data.samplers import EpochOrder, EveryRankSampler
 from metadiff.data.sources import META_SPLITS, TaskSource
 from metadiff.features.store import FeatureStore
 from metadiff.store import Artifact
@@ -86,9 +86,12 @@ class MetaTaskDataModule(pl.LightningDataModule):
                             self.n_shot_seed if n_shot_seed is None else n_shot_seed, seed=self.seed)
 
     def task_loader(self, episodes: TaskEpisodes, batch_size: int, shuffle: bool, split_ranks: bool = False) -> DataLoader:
-        """Batches of whole tasks. `split_ranks` (training): `batch_size` is the global batch, and each DDP rank takes
-        its share of the order one process would draw (`RandomOrderShard`), so a run on any number of ranks trains on
-        the one-process run's batches and `shuffle` is honoured. Evaluation loaders (`split_ranks=False`) give every
+        """Batches of whole tasks. `split_ranks` (training): `batch_size` is the global batch, and under DDP each rank
+        takes every N-th task of one seeded order of the epoch (`EpochOrder`, the same on every rank whatever else a
+        rank drew), so the ranks together train on global batches: without shuffling exactly the one-process batches;
+        with it a permutation of (seed, epoch) rather than the one-process run's draw from the global RNG, which
+        Lightning re-seeds when it sets DDP up (one process keeps `DataLoader(shuffle=True)`, so its results stay as
+        they were). Evaluation loaders (`split_ranks=False`) give every
         rank all tasks in order (`EveryRankSampler`): the stages' per-task values are then those of one process,
         computed without a gather (Lightning's sampler would pad odd task counts with a duplicate of task 0 and
         interleave the ranks' tasks)."""
@@ -97,7 +100,8 @@ class MetaTaskDataModule(pl.LightningDataModule):
             if split_ranks:
                 world = torch.distributed.get_world_size()
                 batch_size = per_rank_batch(batch_size, world, "data.tasks_per_batch")
-                sampler = RandomOrderShard(episodes, torch.distributed.get_rank(), world, shuffle)
+                order = EpochOrder(len(episodes), self.seed, episodes.epoch, shuffle)
+                sampler = EpochOrderShard(episodes, order, torch.distributed.get_rank(), world)
                 shuffle = False
             else:
                 sampler, shuffle = EveryRankSampler(episodes), False
