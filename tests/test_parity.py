@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 # N meta-steps of first-order MAML, SGD at a rate where the steps move the weights by ~0.3 (the check is 1e-5), on
 # tasks in a fixed order: 8 tasks a step (global) in 1 process; 4 per rank on 2, rank r taking tasks r, r+2, ... of
-# the same 8 (metadiff.data.global_batch.RandomOrderShard without shuffling)
+# the same 8 (metadiff.data.global_batch.EpochOrderShard without shuffling)
 STEPS = 5
 MAML = ["experiment=maml_synthvqa", debug("short_chain"), "upstream.features.inherit_groups=[]",  # 1 feature store
         "data.shuffle=false", "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0",
