@@ -50,6 +50,8 @@ DEFAULT_FINGERPRINT_EXCLUDE = (
     # where and on how many devices it ran: batch sizes are global (metadiff.data.global_batch), so the world size
     # changes neither the recipe nor the artifact; precision stays in (it changes what is computed)
     *(f"trainer.{key}" for key in ("accelerator", "devices", "num_nodes", "strategy", "sync_batchnorm")),
+    "data.pin_memory",             # page-locked host batches: how fast they reach a GPU, not what they hold
+    "model.speed",                 # opt-in torch.compile / channels_last: how fast, not what is computed
     "trainer.enable_progress_bar",
     "trainer.default_root_dir",
     "trainer.log_every_n_steps",
