@@ -73,7 +73,7 @@ def run(quick: bool, out: Path, work: Path | None = None, device: str | None = N
 
             logging.getLogger(__name__).exception("projection failed")
             report["projection"] = {"error": one_line(error)}
-        write_json(out / REPORT, report)
+        write_json(out / REPORT, report, sort_keys=False)
     tables = [f"## make gpu-check{' --quick' if quick else ''} on {device} "
               f"({report['sections'].get('environment', {}).get('device_name', '')})", "", sections_table(report)]
     if "error" in report["projection"]:

@@ -5,7 +5,9 @@ annotation JSON, COCO-named JPEGs of COCO's size) and miniImageNet's pickled dis
 from __future__ import annotations
 
 import json
+import os
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +34,19 @@ def write_vqa_tree(root: Path, size: VQASize, splits: list[str], files: dict[str
     if size.images_per_question > size.images or size.images_per_question < 2 * size.answers_per_question:
         raise ValueError(f"gpu_check vqa: images_per_question={size.images_per_question} must be <= images="
                          f"{size.images} and >= 2 x answers_per_question={size.answers_per_question}")
-    rng = np.random.default_rng(seed)
     width, height = size.image_size
     vqa, coco = root / "VQA", root / "coco"
     images = [(splits[i % len(splits)], i + 1) for i in range(size.images)]  # (split, image_id)
-    for split, image_id in images:
-        path = coco / split / f"COCO_{split}_{image_id:012d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        photo_like(rng, width, height).save(path, quality=90)
+    for split in splits:
+        (coco / split).mkdir(parents=True, exist_ok=True)
+
+    def write(image: tuple[str, int]) -> None:  # its own generator: the same pixels whichever thread writes it
+        split, image_id = image
+        rng = np.random.default_rng([seed, image_id])
+        photo_like(rng, width, height).save(coco / split / f"COCO_{split}_{image_id:012d}.jpg", quality=90)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # JPEG encoding releases the GIL
+        list(pool.map(write, images))
     questions: dict[str, list[dict]] = {s: [] for s in splits}
     annotations: dict[str, list[dict]] = {s: [] for s in splits}
     for q in range(size.questions):

@@ -27,7 +27,7 @@ def environment(device: str, work: Path) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "nccl": nccl,
         "cuda_devices": torch.cuda.device_count() if cuda else 0,
-        "device_name": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
+        "device_name": torch.cuda.get_device_name() if cuda else _cpu_name(),
         "bf16_supported": bool(torch.cuda.is_bf16_supported()) if cuda else _cpu_bf16(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -41,6 +41,16 @@ def environment(device: str, work: Path) -> dict[str, Any]:
         out["device_memory_gib"] = props.total_memory / 2**30
         out["compute_capability"] = f"{props.major}.{props.minor}"
     return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cpu_bf16() -> bool:

@@ -15,9 +15,10 @@ from typing import Any
 
 import open_clip
 import torch
+from omegaconf import DictConfig
 
 from metadiff.bench.gpu_check.clip import autocast
-from metadiff.bench.gpu_check.config import or_config
+from metadiff.bench.gpu_check.config import Settings, or_config
 from metadiff.bench.gpu_check.context import Context
 from metadiff.bench.gpu_check.runner import n_params, peak_memory, timed
 from metadiff.bench.inner_loop import synthetic_task_batch
@@ -44,14 +45,19 @@ def _query_logits(module, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return masked_task_losses(logits, batch.query_y, batch.query_mask).mean(), logits
 
 
+def hnet_plan(settings: Settings, hnet: DictConfig) -> dict[str, int]:
+    """Tasks per meta-step and inner steps: the check's, or hnet_vqa's own where the check leaves them null."""
+    return {"tasks": or_config(settings.sizes.hnet.tasks, hnet.data.tasks_per_batch),
+            "inner_steps": or_config(settings.sizes.hnet.inner_steps, hnet.model.inner.steps)}
+
+
 def section_hnet(ctx: Context) -> dict[str, Any]:
     s = ctx.settings
     arch = ctx.features_config().model.arch
     dim = embed_dim(arch)
-    base = ctx.compose(s.spec.experiments.hnet)
-    steps = or_config(s.sizes.hnet.inner_steps, base.model.inner.steps)
+    plan = hnet_plan(s, ctx.compose(s.spec.experiments.hnet))
+    steps, n_tasks = plan["inner_steps"], plan["tasks"]
     cfg = ctx.compose(s.spec.experiments.hnet, f"model.embed_dim={dim}", f"model.inner.steps={steps}")
-    n_tasks = or_config(s.sizes.hnet.tasks, cfg.data.tasks_per_batch)
     batch = synthetic_task_batch(n_tasks, dim)
     batch = type(batch)(**{k: v.to(ctx.device) for k, v in vars(batch).items()})
     clip = cfg.trainer.gradient_clip_val

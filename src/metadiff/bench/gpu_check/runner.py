@@ -64,7 +64,7 @@ def run_sections(sections: list[Section], report: dict[str, Any], path: Path) ->
             entry = {"status": "failed", "error": one_line(error)}
         entry["seconds"] = time.perf_counter() - start
         results[section.name] = entry
-        write_json(path, report)
+        write_json(path, report, sort_keys=False)  # in the order the sections ran
     return report
 
 

@@ -101,8 +101,9 @@ def sections_table(report: dict[str, Any]) -> str:
         value = entry.get(key) if key else None
         throughput = f"{_num(value)} {unit}" if value is not None else ""
         memory = entry.get(memory_key)
+        detail = _detail(name, entry) if entry["status"] == "ok" or value is not None else ""
         lines.append(f"| {name} | {status} | {_num(entry.get('seconds'))} | {throughput} | "
-                     f"{size(memory * 2**20) if memory else ''} | {_detail(name, entry)} |")
+                     f"{size(memory * 2**20) if memory else ''} | {detail} |")
     return "\n".join(lines)
 
 

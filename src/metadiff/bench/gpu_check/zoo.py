@@ -73,13 +73,32 @@ def random_zoo(cfgs: dict[str, DictConfig], members: int, device: str, seed: int
     return zoo, backbone, learner
 
 
+def guided_plan(settings: Settings, cfgs: dict[str, DictConfig]) -> dict[str, int]:
+    """Members in memory, images and DDIM steps of the timed batch: the check's, or the experiments' own."""
+    gen = cfgs["dfml"].model.generation
+    return {"members": or_config(settings.sizes.guided.members, cfgs["zoo"].zoo.n_models),
+            "batch_size": or_config(settings.sizes.guided.batch_size, gen.batch_size),
+            "steps": or_config(settings.sizes.guided.steps, gen.steps)}
+
+
+def mix_plan(settings: Settings, cfgs: dict[str, DictConfig]) -> dict[str, Any]:
+    """Images per UNet call (the experiment's mix.batch_size, or a batch's whole support set), the mix's noise step
+    and the ancestral steps down from it (null: all of them, t + 1 UNet passes)."""
+    mix, episodes = cfgs["diffusionmix"].model.mix, cfgs["diffusionmix"].data.episodes
+    support = int(episodes.episodes_per_batch) * int(episodes.n_way) * max(int(k) for k in episodes.shots)
+    batch = or_config(settings.sizes.mix.batch_size, mix.batch_size if mix.batch_size is not None else support)
+    t = int(mix.t)
+    denoise = settings.sizes.mix.denoise_steps if settings.sizes.mix.denoise_steps is not None else mix.denoise_steps
+    passes = t + 1 if denoise is None else len(torch.linspace(t, 0, int(denoise)).round().long().unique_consecutive())
+    return {"batch_size": batch, "t": t, "denoise_steps": denoise, "unet_passes": passes}
+
+
 def section_guided(ctx: Context, cache: dict[str, Any]) -> dict[str, Any]:
     s = ctx.settings
     cfgs = zoo_configs(s, tuple(ctx.base_overrides()))
     gen = cfgs["dfml"].model.generation
-    members = or_config(s.sizes.guided.members, cfgs["zoo"].zoo.n_models)
-    batch = or_config(s.sizes.guided.batch_size, gen.batch_size)
-    steps = or_config(s.sizes.guided.steps, gen.steps)
+    plan = guided_plan(s, cfgs)
+    members, batch, steps = plan["members"], plan["batch_size"], plan["steps"]
     out: dict[str, Any] = {"members": members, "batch_size": batch, "ddim_steps": steps, "spacing": str(gen.spacing),
                            "scale": float(gen.scale), "compat": str(cfgs["dfml"].model.compat)}
     with peak_memory(ctx.device) as memory:
@@ -113,12 +132,8 @@ def section_diffusionmix(ctx: Context, cache: dict[str, Any]) -> dict[str, Any]:
     else:  # section 7 failed: one member of our own
         cfgs = zoo_configs(s, tuple(ctx.base_overrides()))
         zoo = random_zoo(cfgs, 1, ctx.device)[0]
-    mix, data = cfgs["diffusionmix"].model.mix, cfgs["diffusionmix"].data.episodes
-    support = int(data.episodes_per_batch) * int(data.n_way) * max(int(k) for k in data.shots)
-    batch = or_config(s.sizes.mix.batch_size, mix.batch_size if mix.batch_size is not None else support)
-    t = int(mix.t)
-    denoise = s.sizes.mix.denoise_steps if s.sizes.mix.denoise_steps is not None else mix.denoise_steps
-    passes = t + 1 if denoise is None else len(torch.linspace(t, 0, int(denoise)).round().long().unique_consecutive())
+    plan = mix_plan(s, cfgs)
+    batch, t, denoise, passes = plan["batch_size"], plan["t"], plan["denoise_steps"], plan["unet_passes"]
     compat = str(cfgs["diffusionmix"].model.compat)
     size = (batch, zoo.channels, zoo.image_size, zoo.image_size)
     gen = torch.Generator().manual_seed(0)
