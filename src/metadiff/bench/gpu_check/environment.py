@@ -16,7 +16,8 @@ def environment(device: str, work: Path) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     nccl = None
     if cuda and torch.distributed.is_nccl_available():
-        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+        version = torch.cuda.nccl.version()  # a tuple (major, minor, patch); an int in older torch
+        nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
     out: dict[str, Any] = {
         "device": device,
         "python": platform.python_version(),

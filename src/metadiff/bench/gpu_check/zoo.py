@@ -5,7 +5,7 @@ from the experiments' configs (the weights do not change the time per image).
    backbone, dfml_miniimagenet's batch, steps, spacing and scale), in fp32 as the stage runs it today and under bf16
    autocast;
 8. one DiffusionMix call (`interpolate`: mix at diffusionmix_miniimagenet's `mix.t`, ancestral steps with the learned
-   variance) on a batch of support images;
+   variance) on a batch of support images, in the trainer's precision (the stage mixes inside its test step);
 9. with two or more GPUs, a round of pseudo data split over 2 NCCL ranks (each samples its share, `all_gather`)
    against the same round on one rank: equal to the bit (`generate_pseudo_data`'s per-chunk generators)."""
 
@@ -139,11 +139,14 @@ def section_diffusionmix(ctx: Context, cache: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     x_a, x_b = torch.rand(size, generator=gen).to(ctx.device), torch.rand(size, generator=gen).to(ctx.device)
     lam = torch.rand(batch, generator=gen).to(ctx.device)
-    with peak_memory(ctx.device) as memory, torch.no_grad():
+    # the stage mixes inside its test_step: under the trainer's precision (bf16 autocast under trainer=gpu)
+    precision = str(cfgs["diffusionmix"].trainer.precision)
+    with peak_memory(ctx.device) as memory, torch.no_grad(), autocast(ctx.device, precision):
         interpolate(zoo, 0, x_a[:1], x_b[:1], t, lam[:1], compat, gen, 1)  # warm-up
         seconds, mixed = timed(lambda: interpolate(zoo, 0, x_a, x_b, t, lam, compat, gen, denoise), ctx.device)
     assert mixed.shape == x_a.shape and torch.isfinite(mixed).all(), "DiffusionMix gave non-finite images"
     return {"batch_size": batch, "t": t, "denoise_steps": denoise, "unet_passes": passes, "compat": compat,
+            "precision": precision,
             "seconds": seconds, "images_per_s": batch / seconds, "seconds_per_image_step": seconds / (batch * passes),
             **memory}
 
