@@ -38,6 +38,20 @@ class StageProjection:
     memory_mib: float | None
     basis: str
     missing: list[str] = field(default_factory=list)
+    checkpoint_bytes: float | None = None   # one checkpoint file (measured)
+    train_seconds: float | None = None      # the training steps alone
+
+    @property
+    def checkpoint_bytes_written(self) -> float | None:
+        if not self.checkpoint_writes or self.checkpoint_bytes is None:
+            return None
+        return self.checkpoint_writes * self.checkpoint_bytes
+
+    @property
+    def written_per_train_s(self) -> float | None:
+        """Checkpoint bytes written per second of training (issue 31 asks for it before and after its fix)."""
+        written = self.checkpoint_bytes_written
+        return written / self.train_seconds if written is not None and self.train_seconds else None
 
     @property
     def io_share(self) -> float | None:
@@ -189,7 +203,7 @@ class Projector:
         memory = _memory(self.r, "hnet_step", self.device)
         basis = (f"{steps} steps ({epochs} epochs x {per_epoch}), {validations} validations, "
                  f"{eval_tasks + test_tasks} evaluation fine-tunes x {cfg.model.eval_steps} steps")
-        return StageProjection(task, 1, steps, seconds, writes, io_s, disk, memory, basis, missing)
+        return StageProjection(task, 1, steps, seconds, writes, io_s, disk, memory, basis, missing, ckpt, train_s)
 
     def hnet(self) -> StageProjection:
         return self._fewshot("hnet", "hnet_vqa", int(self.c["hnet"].model.inner.steps))
@@ -230,7 +244,7 @@ class Projector:
         return StageProjection("hyperldm_vqa", 1, steps, seconds, writes, io_s, disk,
                                stage.get("peak_cuda_mib" if self.device == "cuda" else "peak_rss_mib"),
                                f"{steps} steps ({epochs} epochs x {per_epoch}) at the chain's measured step "
-                               "(a tiny MLP: launch-bound, not batch-bound)", missing)
+                               "(a tiny MLP: launch-bound, not batch-bound)", missing, ckpt, train_s)
 
     # -- chain B --------------------------------------------------------------------------------------------------
     def _image_step(self, section: str, missing: list[str]) -> float | None:
@@ -265,7 +279,7 @@ class Projector:
         return StageProjection("diffusion_unet_miniimagenet", int(self.c["zoo"].zoo.n_models), steps, seconds, writes,
                                io_s, weights + kept * (ckpt or 0), _memory(self.r, "adm_step", self.device),
                                f"{steps} steps of batch {batch} ({epochs} epochs of {per_epoch}), {validations} "
-                               "validations, a test grid", missing)
+                               "validations, a test grid", missing, ckpt, train_s)
 
     def zoo(self) -> StageProjection:
         cfg = self.c["zoo"]
@@ -348,7 +362,8 @@ def _total(stages: list[StageProjection]) -> float | None:
 
 
 def _row(p: StageProjection) -> dict[str, Any]:
-    return {**asdict(p), "io_share": p.io_share}
+    return {**asdict(p), "io_share": p.io_share, "checkpoint_bytes_written": p.checkpoint_bytes_written,
+            "written_per_train_s": p.written_per_train_s}
 
 
 def project(settings: Settings, results: dict[str, Any], compose) -> dict[str, Any]:

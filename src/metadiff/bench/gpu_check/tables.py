@@ -113,15 +113,17 @@ def projection_table(projection: dict[str, Any]) -> str:
                "Projection on this CPU (computed as on a GPU, from the CPU's own measurements: useless in absolute "
                "terms, it checks the projection runs)")
     lines = [f"{caption}: every stage at its configured budget (one run; `runs` = how many the chain needs).", "",
-             "| stage | runs | time (one run) | checkpoint writes | checkpoint I/O (share) | disk | memory | basis | "
-             "not measured |", "|---|---|---|---|---|---|---|---|---|"]
+             "| stage | runs | time (one run) | checkpoint writes (bytes) | checkpoint I/O (share) | disk | memory | "
+             "basis | not measured |", "|---|---|---|---|---|---|---|---|---|"]
     for chain in ("chain_a", "chain_b"):
         for row in projection.get(chain, []):
             share = row.get("io_share")
             io = duration(row.get("checkpoint_seconds")) + (f" ({share:.1%})" if share is not None else "")
             memory = row.get("memory_mib")
+            written = row.get("checkpoint_bytes_written")
+            writes = _num(row.get("checkpoint_writes")) + (f" ({size(written)})" if written else "")
             lines.append(f"| {row['stage']} | {row['runs']} | {duration(row.get('seconds'))} | "
-                         f"{_num(row.get('checkpoint_writes'))} | {io} | {size(row.get('disk_bytes'))} | "
+                         f"{writes} | {io} | {size(row.get('disk_bytes'))} | "
                          f"{size(memory * 2**20) if memory else 'n/m'} | {row['basis']} | "
                          f"{', '.join(row.get('missing') or []) or '-'} |")
     totals = projection.get("totals", {})
