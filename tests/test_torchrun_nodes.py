@@ -66,3 +66,41 @@ def test_torchrun_two_nodes_equal_one_process_on_the_global_batch(cache_root: Pa
     one, two = _learner(single.stdout + single.stderr), _learner(logs[0])  # node 0 holds global rank 0: it publishes
     for key, value in one.items():
         torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def _torchrun_job(args: list[str], root: Path, out: Path) -> subprocess.Popen:
+    """One 2-rank job as `torchrun --standalone --nproc_per_node 2` starts it: both ranks at once."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "train.py"), *args, f"paths.root_dir={root}", f"paths.output_dir={out}",
+               "hydra.job.chdir=false"]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("upstream_trainer", ["[trainer]", "[]"], ids=["ddp_upstream", "one_process_upstream"])
+def test_two_torchrun_jobs_sharing_a_missing_upstream_both_finish(upstream_trainer: str, cache_root: Path,
+                                                                  tmp_path: Path) -> None:
+    """Two 2-rank jobs started together on one machine, each training its own HNET on the same missing upstream
+    chain (CLIP -> feature store, in a fresh artifacts dir). One job's rank 0 builds each upstream (with its follower
+    when the upstream inherits the trainer: a 2-rank DDP run; alone when it does not); the other's rank 0 waits for
+    the build lock and its follower waits for rank 0's decision, then both reuse it. Before, the followers started
+    building at once: the waiting job's follower sat in the upstream's collectives while its rank 0 went on (the job
+    hung, bounded here by the timeout), and a one-process upstream was built by both ranks into one feature store."""
+    common = [*HNET, "trainer.max_steps=1", "trainer=ddp_cpu", f"paths.artifacts_dir={tmp_path / 'artifacts'}",
+              f"upstream.features.inherit_groups={upstream_trainer}"]
+    jobs = [_torchrun_job([*common, f"task_name=hnet_job{j}"], cache_root, tmp_path / f"job{j}") for j in (0, 1)]
+    done = []
+    try:
+        for job in jobs:
+            stdout, stderr = job.communicate(timeout=360)
+            done.append((job.returncode, stdout + stderr))
+    finally:
+        for job in jobs:
+            job.kill()
+    for j, (code, log) in enumerate(done):
+        assert code == 0, f"job {j} failed ({code}):\n{log[-6000:]}"
+    built = {stage: sorted(p.name for p in (tmp_path / "artifacts" / stage).iterdir() if not p.name.startswith("."))
+             for stage in ("clip", "features", "hnet")}
+    assert len(built["clip"]) == len(built["features"]) == 1, built  # each upstream built once, by one job
+    assert len(built["hnet"]) == 2, built
+    assert sum("upstream 'features': built" in log for _, log in done) == 1  # printed by the building job's rank 0

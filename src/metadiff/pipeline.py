@@ -33,7 +33,7 @@ from metadiff.store import (
 )
 from metadiff.utils.io import build_once
 from metadiff.utils.process_state import preserved_process_state
-from metadiff.utils.ranks import launched_as_follower_rank
+from metadiff.utils.ranks import BUILD, BUILT, build_decisions, launched_as_follower_rank
 
 log = logging.getLogger(__name__)
 
@@ -227,16 +227,41 @@ def _given_upstream(cfg: DictConfig, name: str, path: Path) -> Artifact:
 def _find_or_build(cfg: DictConfig, build: StageRunner | None, build_it: Callable[[], None]) -> tuple[Artifact, bool]:
     """(the artifact of `cfg`, whether this call built it). Its own upstreams are resolved first, outside the build
     lock; a lock taken inside it can only be an upstream's (the stage DAG has no cycles), so two builders never wait
-    on each other in a circle. The follower ranks of a DDP job build alongside their rank 0, which holds the lock
-    (see metadiff.utils.ranks)."""
+    on each other in a circle. The follower ranks of a DDP job build alongside their rank 0, which holds the lock;
+    where the launcher starts every rank at once, they first wait for rank 0's decision (`build_decisions`)."""
     up_fps = fingerprints(resolve_upstreams(cfg, build))
     path = artifact_dir(cfg, up_fps)
-    built = build_once(path, lambda: find_artifact(cfg, up_fps) is not None, build_it,
-                       locked=not launched_as_follower_rank())
+    decisions, follower = build_decisions(), launched_as_follower_rank()
+    if decisions is not None and follower:  # torchrun/srun: rank 0 decides, once it holds the lock or found it
+        built = decisions.wait(path) == BUILD  # BUILT also when rank 0 built a one-process stage alone
+        if built:
+            build_it()  # join rank 0's build: a DDP run of the job's ranks
+    else:
+        def announced_build() -> None:
+            if decisions is None:
+                build_it()
+            elif _runs_on_every_rank(cfg):  # a DDP run: the followers join it
+                decisions.announce(path, BUILD)
+                build_it()
+            else:  # a one-process run (an upstream that does not inherit the trainer): rank 0 alone, then they read it
+                build_it()
+                decisions.announce(path, BUILT)
+
+        built = build_once(path, lambda: find_artifact(cfg, up_fps) is not None, announced_build, locked=not follower)
+        if decisions is not None and not built:
+            decisions.announce(path, BUILT)
     found = find_artifact(cfg, up_fps)
     if found is None:
         raise RuntimeError(f"{cfg.task_name} ({cfg.stage}) ran but wrote no artifact at {path}")
     return found, built
+
+
+def _runs_on_every_rank(cfg: DictConfig) -> bool:
+    """Whether a stage built inside a job that launches every rank is a DDP run of those ranks (its trainer asks for
+    more than one device or node), or a one-process run that rank 0 does alone."""
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    count = len(devices) if OmegaConf.is_list(devices) else devices
+    return not (count == 1 and nodes == 1)
 
 
 def _build_upstream(cfg: DictConfig, name: str, up_cfg: DictConfig, build: StageRunner | None) -> None:
