@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "metadiff"
 RUN_LOOP = "metadiff.run"
 # Entry points: the run loop itself and `python -m metadiff.bench` (passes `train` to the sampling benchmark).
-MAY_IMPORT_RUN = {"metadiff.run", "metadiff.bench.__main__"}
+MAY_IMPORT_RUN = {"metadiff.run", "metadiff.bench.__main__", "metadiff.bench.gpu_check.__main__"}
 
 
 def module_name(path: Path) -> str:

@@ -59,7 +59,9 @@ def run(quick: bool, out: Path, work: Path | None = None, device: str | None = N
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="metadiff-gpu-check-", dir=work) as tmp:
-        ctx = Context(load_settings(quick, device, Path(tmp)))
+        from metadiff.run import train  # the stage runner: entry points hand it down (tests/test_layers.py)
+
+        ctx = Context(load_settings(quick, device, Path(tmp)), runner=train)
         report: dict[str, Any] = {"mode": ctx.settings.mode, "device": device, "started": time.time()}
         chosen = [s for s in sections(ctx) if only is None or s.name in only]
         start = time.perf_counter()

@@ -34,8 +34,6 @@ def timer_overrides(out_dir: Path, experiment: str) -> list[str]:
 
 
 def section_chain(ctx: Context) -> dict[str, Any]:
-    from metadiff.run import train  # the stage runner (the entry point's job: the pipeline never imports it)
-
     s = ctx.settings
     chain = s.sizes.chain
     out_dir = ctx.root / "outputs" / "chain"
@@ -56,7 +54,7 @@ def section_chain(ctx: Context) -> dict[str, Any]:
     def timed_train(stage_cfg) -> dict[str, float]:
         """The stage runner, timed per stage: the pipeline hands it every stage it builds (upstreams first)."""
         start = time.perf_counter()
-        metrics = train(stage_cfg)
+        metrics = ctx.runner(stage_cfg)
         seconds[str(stage_cfg.task_name)] = time.perf_counter() - start
         return metrics
 

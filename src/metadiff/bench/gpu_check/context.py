@@ -4,6 +4,7 @@ they all see the same paths, trainer group and data)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from metadiff.bench.gpu_check.data import write_vqa_tree
 
 
 class Context:
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def __init__(self, settings: Settings, runner: Callable[[DictConfig], object]):
+        """`runner`: the stage runner (`metadiff.run.train`), handed in by the entry point: below the run loop, only
+        entry points import it (tests/test_layers.py)."""
+        self.settings, self.runner = settings, runner
         self.root = settings.work / "root"  # paths.root_dir of every stage the check runs: outputs/ lies under it
         self.root.mkdir(parents=True, exist_ok=True)
 
