@@ -117,11 +117,9 @@ def task_prompts(source: TaskSource, task: Task) -> list[str]:
 
 
 def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [..., H, W, 3] -> float [..., 3, H, W] normalised like the CLIP image tower expects."""
-    x = images.float().div(255.0).movedim(-1, -3)
-    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
-    return (x - m) / s
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] normalised like the CLIP image tower expects (`ImageNormalizer`
+    on the channels-first view: one implementation of the arithmetic, the same bits)."""
+    return ImageNormalizer(mean, std)(images.movedim(-1, -3))
 
 
 class ImageNormalizer:
