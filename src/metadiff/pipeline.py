@@ -184,9 +184,11 @@ def require_upstream(cfg: DictConfig, name: str, build: StageRunner | None = Non
     if name in (cfg.get("upstream") or {}) and cfg.upstream[name].get("path"):
         return _given_upstream(cfg, name, Path(cfg.upstream[name].path))
     up_cfg = compose_upstream(cfg, name)
+    if cfg.get("ckpt_path") == "last":  # a resumed run resumes what it was building too (Lightning: fresh if none)
+        up_cfg.ckpt_path = "last"
     token = _CHOICES.set(_inherited_choices(cfg, name))
     try:
-        found, built = _find_or_build(up_cfg, build, lambda: _build_upstream(cfg, name, up_cfg, build))
+        found, built = _find_or_build(up_cfg, build, lambda path: _build_upstream(cfg, name, up_cfg, build, path))
     finally:
         _CHOICES.reset(token)
     log.info("upstream '%s': %s %s", name, "built" if built else "using", found.path)
@@ -197,7 +199,7 @@ def find_or_build(cfg: DictConfig, build: StageRunner | None = None) -> Artifact
     """The artifact of `cfg` itself (e.g. the trained model a benchmark measures): its upstreams found or built,
     then it is found, or built once by `build` (`None`: an `ArtifactMissingError` naming the command)."""
 
-    def build_it() -> None:
+    def build_it(_path: Path) -> None:
         if build is None:
             raise ArtifactMissingError(f"no {cfg.stage} artifact for {cfg.task_name} under "
                                        f"{Path(cfg.paths.artifacts_dir) / cfg.stage}; build it first with: "
@@ -224,27 +226,28 @@ def _given_upstream(cfg: DictConfig, name: str, path: Path) -> Artifact:
     return found
 
 
-def _find_or_build(cfg: DictConfig, build: StageRunner | None, build_it: Callable[[], None]) -> tuple[Artifact, bool]:
-    """(the artifact of `cfg`, whether this call built it). Its own upstreams are resolved first, outside the build
-    lock; a lock taken inside it can only be an upstream's (the stage DAG has no cycles), so two builders never wait
-    on each other in a circle. The follower ranks of a DDP job build alongside their rank 0, which holds the lock;
-    where the launcher starts every rank at once, they first wait for rank 0's decision (`build_decisions`)."""
+def _find_or_build(cfg: DictConfig, build: StageRunner | None,
+                   build_it: Callable[[Path], None]) -> tuple[Artifact, bool]:
+    """(the artifact of `cfg`, whether this call built it; `build_it` gets the artifact's path). Its own upstreams
+    are resolved first, outside the build lock; a lock taken inside it can only be an upstream's (the stage DAG has
+    no cycles), so two builders never wait on each other in a circle. The follower ranks of a DDP job build alongside
+    their rank 0, which holds the lock; where the launcher starts every rank at once, they first wait for rank 0's decision (`build_decisions`)."""
     up_fps = fingerprints(resolve_upstreams(cfg, build))
     path = artifact_dir(cfg, up_fps)
     decisions, follower = build_decisions(), launched_as_follower_rank()
     if decisions is not None and follower:  # torchrun/srun: rank 0 decides, once it holds the lock or found it
         built = decisions.wait(path) == BUILD  # BUILT also when rank 0 built a one-process stage alone
         if built:
-            build_it()  # join rank 0's build: a DDP run of the job's ranks
+            build_it(path)  # join rank 0's build: a DDP run of the job's ranks
     else:
         def announced_build() -> None:
             if decisions is None:
-                build_it()
+                build_it(path)
             elif _runs_on_every_rank(cfg):  # a DDP run: the followers join it
                 decisions.announce(path, BUILD)
-                build_it()
+                build_it(path)
             else:  # a one-process run (an upstream that does not inherit the trainer): rank 0 alone, then they read it
-                build_it()
+                build_it(path)
                 decisions.announce(path, BUILT)
 
         built = build_once(path, lambda: find_artifact(cfg, up_fps) is not None, announced_build, locked=not follower)
@@ -264,8 +267,13 @@ def _runs_on_every_rank(cfg: DictConfig) -> bool:
     return not (count == 1 and nodes == 1)
 
 
-def _build_upstream(cfg: DictConfig, name: str, up_cfg: DictConfig, build: StageRunner | None) -> None:
+def _build_upstream(cfg: DictConfig, name: str, up_cfg: DictConfig, build: StageRunner | None, path: Path) -> None:
+    """Build upstream `name` into `path`. Its run folder is `<output_dir>/upstream/<name>/<artifact folder name>`:
+    one per artifact identity, so a run that resumes (`ckpt_path=last`: a requeued job, or a crashed command rerun in
+    its run dir) resumes the upstream it was building from that folder's `last.ckpt`, and never one that a changed
+    config trained."""
     spec = _spec_of(cfg, name)[0]
+    up_cfg.paths.output_dir = str(Path(up_cfg.paths.output_dir) / path.name)
     if build is None or not spec.get("build_if_missing", False):
         raise UpstreamMissingError(
             f"upstream '{name}' ({spec.experiment}) has no artifact under "

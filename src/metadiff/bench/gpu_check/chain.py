@@ -80,7 +80,7 @@ def section_chain(ctx: Context) -> dict[str, Any]:
 
 
 def _checkpoints(out_dir: Path, name: str, is_top: bool) -> list[Path]:
-    """The checkpoint files a chain stage wrote into its run folder (`<out>/upstream/<name>/checkpoints`; the top
-    stage's own `<out>/checkpoints`)."""
-    folder = out_dir / "checkpoints" if is_top else out_dir / "upstream" / name / "checkpoints"
-    return sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    """The checkpoint files a chain stage wrote into its run folder (an upstream's
+    `<out>/upstream/<name>/<artifact folder>/checkpoints`, metadiff.pipeline; the top stage's `<out>/checkpoints`)."""
+    pattern = "checkpoints/*.ckpt" if is_top else f"upstream/{name}/*/checkpoints/*.ckpt"
+    return sorted(out_dir.glob(pattern))
