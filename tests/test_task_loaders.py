@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import compose_config
+from metadiff.config import ConfigError
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
 from test_fewshot import rotated_answer_store
@@ -116,3 +117,43 @@ def test_image_loaders_pin_only_when_the_batches_go_to_cuda(experiment: str, ima
     assert not any(loader.pin_memory for loader in loaders())
     data.trainer = _on(torch.device("cuda", 0))
     assert all(loader.pin_memory for loader in loaders())
+
+
+def _rank_batches(data: MetaTaskDataModule, monkeypatch: pytest.MonkeyPatch, rank: int, world: int) -> list[list]:
+    """The training batches (task indices) rank `rank` of `world` loads: the loader as it is built under DDP."""
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.distributed, "is_initialized", lambda: True)
+        patch.setattr(torch.distributed, "get_world_size", lambda: world)
+        patch.setattr(torch.distributed, "get_rank", lambda: rank)
+        return [b.task_index.tolist() for b in data.train_dataloader()]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_step_is_the_one_process_global_batch_with_an_incomplete_last_batch(
+        world: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Meta-train task counts rarely divide the global batch (synthvqa: 783 tasks in batches of 32). Before, one
+    process trained on the incomplete last batch whole (here 27 tasks in batches of 8: 3) while each rank took an equal share of it
+    (`EpochOrderShard` drops the odd task): on 2 ranks a different last step every epoch, and HNET's weights after an
+    epoch differed even in float64. Now training drops it in every world size: the ranks' batch b together is the
+    one-process batch b, every step."""
+    source = rotated_answer_store(tmp_path / "store", n_tasks=36)
+    data = MetaTaskDataModule(source, tasks_per_batch=8, eval_tasks_per_batch=16, store_dir=str(tmp_path / "store"),
+                              shuffle=False, drop_last=True)
+    data.setup("fit")
+    n_train = len(data.episodes("meta_train"))
+    assert n_train % 8 and (n_train % 8) % world, f"{n_train} tasks: the check needs an unequal incomplete batch"
+    one = [b.task_index.tolist() for b in data.train_dataloader()]
+    shards = [_rank_batches(data, monkeypatch, r, world) for r in range(world)]
+    assert all(len(s) == len(one) == n_train // 8 for s in shards)
+    assert [sorted(sum((s[b] for s in shards), [])) for b in range(len(one))] == [sorted(b) for b in one]
+
+
+def test_keeping_an_unequally_shared_last_batch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = rotated_answer_store(tmp_path / "store", n_tasks=36)
+    data = MetaTaskDataModule(source, tasks_per_batch=8, eval_tasks_per_batch=16, store_dir=str(tmp_path / "store"),
+                              shuffle=False, drop_last=False)
+    data.setup("fit")
+    n_train = len(data.episodes("meta_train"))
+    with pytest.raises(ConfigError, match=rf"^data.drop_last=false with {n_train} training items on 2 ranks: the "
+                                          r"incomplete last batch of each epoch cannot be shared equally"):
+        _rank_batches(data, monkeypatch, 0, 2)

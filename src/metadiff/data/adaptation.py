@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from metadiff.config import ConfigError
-from metadiff.data.global_batch import EpochOrderShard, per_rank_batch
+from metadiff.data.global_batch import EpochOrderShard, check_last_batch_shares, per_rank_batch
 from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.samplers import EpochOrder
@@ -115,13 +115,13 @@ class AdaptationDataModule(MetaTaskDataModule):
     """Training batches of (latent, question) pairs from the adaptation dataset; validation/test batches of whole
     tasks (support = train split, query = test split) whose fine-tuned latents are `data.eval_latents[split]`."""
 
-    def __init__(self, *args, latents_per_batch: int = 32, drop_last: bool = False, rows_per_epoch: int | None = 1,
+    def __init__(self, *args, latents_per_batch: int = 32, rows_per_epoch: int | None = 1,
                  upstream: dict[str, Artifact] | None = None, **kwargs):
         super().__init__(*args, upstream=upstream, **kwargs)
         if not upstream or "adaptation" not in upstream:
             raise ConfigError("this stage needs an upstream 'adaptation' dataset (upstream.adaptation in its config)")
         self.adaptation_artifact = upstream["adaptation"]
-        self.latents_per_batch, self.drop_last, self.rows_per_epoch = latents_per_batch, drop_last, rows_per_epoch
+        self.latents_per_batch, self.rows_per_epoch = latents_per_batch, rows_per_epoch
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -138,6 +138,7 @@ class AdaptationDataModule(MetaTaskDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             batch_size = per_rank_batch(batch_size, world, "data.latents_per_batch")
+            check_last_batch_shares(len(rows), world, self.drop_last, "data.drop_last")
             order = EpochOrderShard(rows, order, torch.distributed.get_rank(), world)
         return DataLoader(rows, batch_size=batch_size, sampler=order, drop_last=self.drop_last,
                           **self.loader_options())

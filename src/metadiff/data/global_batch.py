@@ -47,3 +47,14 @@ class EpochOrderShard(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         yield from list(self.order)[self.rank : len(self) * self.world : self.world]
+
+
+def check_last_batch_shares(n_items: int, world: int, drop_last: bool, key: str) -> None:
+    """Keeping the incomplete last batch of an epoch (`drop_last=false`) gives the one-process recipe under DDP only
+    when every rank gets an equal share of it: each rank's loss is a mean over its own items and DDP averages the
+    ranks, so unequal shares weigh items unequally, and `EpochOrderShard` drops the `n_items % world` items that would
+    make them unequal. Refused in one line where that would happen, so the world size never changes the recipe."""
+    if not drop_last and world > 1 and n_items % world:
+        raise ConfigError(f"{key}=false with {n_items} training items on {world} ranks: the incomplete last batch of "
+                          f"each epoch cannot be shared equally (one process trains on {n_items % world} more items "
+                          f"than the ranks together); set {key}=true, which drops it in every world size")

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from metadiff.config import ConfigError
-from metadiff.data.global_batch import EpochOrderShard, per_rank_batch
+from metadiff.data.global_batch import EpochOrderShard, check_last_batch_shares, per_rank_batch
 from metadiff.data.meta_vqa.batches import TaskEpisodes, collate_tasks
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.pinning import pin_memory
@@ -57,10 +57,13 @@ class MetaTaskDataModule(pl.LightningDataModule):
     def __init__(self, source: TaskSource, tasks_per_batch: int = 32, eval_tasks_per_batch: int = 64,
                  train_support_view: str = "test", train_query_view: str = "train", support_shots: int | None = None,
                  n_shot_seed: int = 42, max_val_tasks: int | None = None, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
-                 store_dir: str | None = None, upstream: dict[str, Artifact] | None = None, pin_memory: bool = False):
+                 store_dir: str | None = None, upstream: dict[str, Artifact] | None = None, pin_memory: bool = False,
+                 drop_last: bool = True):
         """`num_workers`: DataLoader workers that gather and pad the tasks (the batches are those of one process:
         every task's views are drawn from (seed, epoch, task), and the order in this process); `pin_memory`: pin
-        the batches when they go to a CUDA device (`metadiff.data.pinning`)."""
+        the batches when they go to a CUDA device (`metadiff.data.pinning`); `drop_last`: training drops the
+        incomplete last batch of an epoch, so every step trains on the global batch in any world size
+        (`global_batch.check_last_batch_shares`)."""
         super().__init__()
         self.source = source
         if store_dir is None:
@@ -72,7 +75,7 @@ class MetaTaskDataModule(pl.LightningDataModule):
         self.train_views = (train_support_view, train_query_view)
         self.support_shots, self.n_shot_seed, self.seed = support_shots, n_shot_seed, seed
         self.max_val_tasks, self.num_workers, self.shuffle = max_val_tasks, num_workers, shuffle
-        self.pin_memory = pin_memory
+        self.pin_memory, self.drop_last = pin_memory, drop_last
 
     def setup(self, stage: str) -> None:
         self.store = FeatureStore(self.store_dir)
@@ -95,18 +98,19 @@ class MetaTaskDataModule(pl.LightningDataModule):
         rank all tasks in order (`EveryRankSampler`): the stages' per-task values are then those of one process,
         computed without a gather (Lightning's sampler would pad odd task counts with a duplicate of task 0 and
         interleave the ranks' tasks)."""
-        sampler = None
+        sampler, drop_last = None, split_ranks and self.drop_last  # evaluation keeps every task
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if split_ranks:
                 world = torch.distributed.get_world_size()
                 batch_size = per_rank_batch(batch_size, world, "data.tasks_per_batch")
+                check_last_batch_shares(len(episodes), world, self.drop_last, "data.drop_last")
                 order = EpochOrder(len(episodes), self.seed, episodes.epoch, shuffle)
                 sampler = EpochOrderShard(episodes, order, torch.distributed.get_rank(), world)
                 shuffle = False
             else:
                 sampler, shuffle = EveryRankSampler(episodes), False
         return DataLoader(episodes, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate_tasks,
-                          **self.loader_options())
+                          drop_last=drop_last, **self.loader_options())
 
     def loader_options(self) -> dict[str, int | bool]:
         """The DataLoader settings every loader of these stages shares: workers kept between epochs (a short epoch
