@@ -1,15 +1,15 @@
-"""DDP against one process. `test_ddp_steps_equal_one_process_on_the_global_batch`: the weights after several
-optimiser steps on 2 gloo processes (`trainer=ddp_sim`) equal those of 1 process on the same global batches, which
-holds only if the gradients are averaged over the ranks. Then the clip, classifier and dfml families on 2 processes
-under both launchers (`trainer=ddp_sim`: ranks spawned by metadiff.run; `trainer=ddp_cpu`: the command once per
-rank) and with `trainer.precision=bf16-mixed`, with the same config: batch sizes are global
-(`metadiff.data.global_batch`; clip's is still per rank, so its DDP runs halve it); fixed evaluation episodes/tasks are shared out over
-the ranks exactly and gathered before the metric, so every rank reports the same value.
+"""DDP against one process on the same global batches (`metadiff.data.global_batch`). Weights and metrics:
+MAML's weights after several steps on 2 gloo processes (`trainer=ddp_sim`) equal 1 process's, which holds only if
+the gradients are averaged over the ranks; CLIP's too (its contrastive loss over the global batch); HNET's weights
+and metrics after several steps of its own recipe, in float64 (its meta-step amplifies rounding).
 
-Exact equality of the family runs is not expected (the ranks draw their own noise; bf16 rounds; BatchNorm sees a
-rank's half batch), so they land within a tolerance of the 1-process metric: that checks the DDP and bf16 code paths
-run and evaluate the same episodes, not the gradients. Other bitwise DDP checks: episode sharding (test_images),
-pseudo data (test_pseudo_data_ranks)."""
+Then the clip, classifier and dfml families on 2 processes under both launchers (`trainer=ddp_sim`: ranks spawned
+by metadiff.run; `trainer=ddp_cpu`: the command once per rank) and with `trainer.precision=bf16-mixed`, with the same
+config; fixed evaluation episodes/tasks are shared out over the ranks exactly and gathered before the metric, so
+every rank reports the same value. Exact equality of these runs is not expected (the ranks draw their own noise;
+bf16 rounds; BatchNorm sees a rank's half batch), so they land within a tolerance of the 1-process metric: that
+checks the DDP and bf16 code paths run and evaluate the same episodes. Other bitwise DDP checks: episode sharding
+(test_images), pseudo data (test_pseudo_data_ranks)."""
 
 from __future__ import annotations
 
@@ -71,39 +71,84 @@ def test_ddp_steps_equal_one_process_on_the_global_batch(cache_root: Path) -> No
         torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
-# hnet_synthvqa's config (inner lr 10) in task order, with SGD, for one meta-step: the global batch on 2 ranks
+# clip_synthvqa's model on a global batch of 32 pairs, SGD, for CLIP_STEPS steps
+CLIP_STEPS = 3
+CLIP = ["experiment=clip_synthvqa", "data.n_train_pairs=256", "data.batch_size=32", "data.n_val_tasks=10",
+        f"trainer.max_steps={CLIP_STEPS}", "test=false", "trainer.enable_progress_bar=false", "callbacks=none",
+        "model.optimizer._target_=torch.optim.SGD", "~model.optimizer.betas",
+        "model.optimizer.lr=1.0", "model.warmup_steps=0"]
+
+
+def _clip(proc) -> dict[str, torch.Tensor]:
+    return torch.load(written_artifact(proc.stdout + proc.stderr, "clip") / "open_clip_model.pt", weights_only=True)
+
+
+def test_clip_steps_on_two_ranks_equal_one_process(cache_root: Path) -> None:
+    """`data.batch_size` is global for CLIP pretraining too: each rank loads half the pairs and open_clip's loss
+    gathers the other rank's features with their gradient, so the 2 ranks train on the one-process contrastive
+    loss. After CLIP_STEPS SGD steps the weights equal one process's to 1e-5 while the steps moved them far more.
+    Before, the batch was per rank (2 ranks trained on 64 pairs a step) and, halved by hand, each rank's loss
+    reached only its own features: DDP's mean was half the one-process gradient."""
+    init = _clip(run_train([*CLIP, "trainer.max_steps=0", "task_name=clip_parity_init"], cache_root))
+    one = _clip(run_train([*CLIP, "task_name=clip_parity_1"], cache_root))
+    double = run_train([*CLIP, "trainer=ddp_sim", "task_name=clip_parity_2"], cache_root)
+    assert TWO_RANKS in double.stdout + double.stderr
+    two = _clip(double)
+    moved = max(float((one[k].float() - init[k].float()).abs().max()) for k in one)
+    diff = max(float((one[k].float() - two[k].float()).abs().max()) for k in one)
+    print(f"clip: {CLIP_STEPS} steps moved the weights by {moved:.2e}; 2 ranks vs 1 differ by {diff:.2e}")
+    assert moved > 1e-2, f"{CLIP_STEPS} steps moved the weights by only {moved:.2e}"
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+# hnet_synthvqa's own recipe (Adam, inner lr 10, 10 inner steps) in task order, in float64, for a few meta-steps,
+# then meta-test (one batch of 128 tasks): the global batch on 1 process and on 2 ranks
 HNET = ["experiment=hnet_synthvqa", debug("short_chain"), "upstream.features.inherit_groups=[]", "data.shuffle=false",
-        "data.tasks_per_batch=8", "test=false", "model.n_shot_max=0", "trainer.enable_progress_bar=false",
-        "callbacks=none", "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0"]
+        "data.tasks_per_batch=8", "model.n_shot_max=0", "trainer.enable_progress_bar=false", "callbacks=none",
+        "trainer.precision=64-true", "+trainer.limit_test_batches=1"]
+HNET_STEPS = 10
+HNET_METRICS = ("train/query_loss", "test/zeroshot_acc", "test/fewshot_acc", "test/clip_acc")
 
 
 def _hnet(proc) -> dict[str, torch.Tensor]:
     return torch.load(written_artifact(proc.stdout + proc.stderr, "hnet") / "learner.pt", weights_only=True)
 
 
-def test_hnet_meta_step_on_two_ranks_equals_one_process(cache_root: Path) -> None:
-    """One config on 1 process and on 2 ranks: the same artifact identity, and after one meta-step the same weights
-    to 1e-5 while the step moved them by far more (measured: moved 0.25, differ by 1.7e-6). Before the global batch,
-    the 2-rank run of this config trained on 16 tasks, and under another fingerprint. In task order: shuffled, the
-    ranks share a permutation of (seed, epoch), one process keeps its DataLoader's draw from the global RNG (which
-    Lightning re-seeds when it sets DDP up), so the two train on other, equally random batches.
+def test_hnet_on_two_ranks_gives_the_one_process_metrics(cache_root: Path) -> None:
+    """One config on 1 process and on 2 ranks: the same artifact identity, and after HNET_STEPS meta-steps of the
+    experiment's recipe the same weights and metrics (1e-6) while training moved the weights far more. Measured:
+    moved 9.8e-3; 2 ranks vs 1 differ by 3.6e-8 in the weights, 3.2e-8 in train/query_loss and 0 in every meta-test
+    accuracy. Before, train/query_loss was rank 0's half of the batch (unsynced: 0.20 apart), and float64 runs
+    failed (`.float()` casts inside the learner).
 
-    Why one step with SGD, not the metrics after training: the HNET meta-step amplifies rounding. One process with
-    the same 8 tasks as 2 accumulated batches of 4 (exact arithmetic: the same gradient) differs from one batch of 8
-    by 0.64 in the weights after 3 SGD steps at the experiment's inner lr 10, and 5.2e-4 at inner lr 0.1 (2 ranks:
-    0.28 and 5.2e-4); Adam's first step (~lr x sign of the gradient) flips with rounding on near-zero components (2
-    ranks vs 1: 2e-3 = 2 lr), and meta-test few-shot then differs by 0.02 after one step."""
-    init = _hnet(run_train([*HNET, "trainer.max_steps=0", "task_name=hnet_parity_init"], cache_root))
-    single = run_train([*HNET, "trainer.max_steps=1", "task_name=hnet_parity_1"], cache_root)
-    double = run_train([*HNET, "trainer.max_steps=1", "trainer=ddp_sim", "task_name=hnet_parity_2"], cache_root)
+    Why float64 (`trainer.precision=64-true`, which Lightning runs on CPU): the HNET meta-step (10 inner SGD steps at
+    lr 10, then Adam) amplifies any difference about 4x per step, so summing a batch's gradient in another order
+    shows after a few steps. In float32, Adam's first step (~lr x the sign of the gradient) flips with rounding on
+    near-zero components (2 ranks vs 1: 2e-3 = 2 lr after one step; one process with the batch as 2 accumulated
+    halves diverges as much); in float64 the weights of 2 ranks and 1 differ by 5.6e-11 after 2 steps, 1.6e-10
+    after 6, 2.9e-7 after 12, 3.6e-3 after 20 and 1.1e-2 after 30: the same computation, rounding amplified, so the
+    comparison stops at HNET_STEPS. Before (issue 31), the last batch of an epoch also differed: one process trained
+    on all of an incomplete batch, each rank on an equal share of it (test_task_loaders)."""
+    common = [*HNET, f"trainer.max_steps={HNET_STEPS}"]
+    init = _hnet(run_train([*HNET, "trainer.max_steps=0", "test=false", "task_name=hnet_parity_init"], cache_root))
+    single = run_train([*common, "task_name=hnet_parity_1"], cache_root)
+    double = run_train([*common, "trainer=ddp_sim", "task_name=hnet_parity_2"], cache_root)
     assert TWO_RANKS in double.stdout + double.stderr
     fingerprints = {written_artifact(p.stdout + p.stderr, "hnet").name.rsplit("-", 1)[1] for p in (single, double)}
     assert len(fingerprints) == 1, fingerprints  # the task names differ; the config's identity does not
     one, two = _hnet(single), _hnet(double)
     moved = max(float((one[k] - init[k]).abs().max()) for k in one)
-    assert moved > 1e-2, f"one step moved the weights by only {moved:.2e}"
+    assert moved > 1e-3, f"{HNET_STEPS} steps moved the weights by only {moved:.2e}"
+    print(f"hnet: {HNET_STEPS} steps moved the weights by {moved:.2e}; 2 ranks vs 1 differ by "
+          f"{max(float((two[k] - one[k]).abs().max()) for k in one):.2e}")
     for key, value in one.items():
-        torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+        assert value.dtype == torch.float64, f"{key}: {value.dtype}, not a float64 run"
+        torch.testing.assert_close(two[key], value, rtol=0, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    m1, m2 = run_metrics(single, "hnet"), run_metrics(double, "hnet")
+    gaps = {key: abs(m1[key] - m2[key]) for key in HNET_METRICS}
+    print("hnet 2 ranks vs 1 process, metric gaps:", gaps)
+    assert max(gaps.values()) <= 1e-6, {key: (m1[key], m2[key]) for key in HNET_METRICS}
 
 
 # family -> (overrides of every run, metric, tolerance)
@@ -121,9 +166,6 @@ FAMILIES: dict[str, tuple[list[str], str, float]] = {
 
 
 DDP_TRAINERS = ("ddp_sim", "ddp_cpu")
-# clip pretraining still takes a per-rank batch (its StepOrder is wrapped by Lightning's distributed sampler, not
-# sharded by metadiff.data.global_batch), so its DDP runs halve it to train on the one-process global batch
-PER_RANK = {"clip": ["data.batch_size=16"]}
 
 
 def _overrides(family: str, images: Path) -> list[str]:
@@ -143,7 +185,7 @@ def test_ddp_and_bf16_match_one_process(family: str, cache_root: Path, image_tre
     runs = {"single": run_metrics(run_train([*common, f"task_name=parity_{family}_1"], cache_root), stage)}
     for trainer in DDP_TRAINERS:
         task = f"parity_{family}_{trainer}"
-        ddp = run_train([*common, *PER_RANK.get(family, []), f"trainer={trainer}", f"task_name={task}"], cache_root)
+        ddp = run_train([*common, f"trainer={trainer}", f"task_name={task}"], cache_root)
         assert TWO_RANKS in ddp.stdout + ddp.stderr
         printed = summaries(ddp.stdout, task)  # ddp_cpu: every rank runs the whole command and prints
         # every rank that reports agrees on the evaluation: the episodes/tasks were gathered before the metric

@@ -14,6 +14,7 @@ from torch import nn
 
 from metadiff.meta.learner import AlphaQueryLogits, Inner
 from metadiff.nets.adapter import AdapterShape, adapter_logits
+from metadiff.utils.dtypes import full_precision
 
 
 class LatentLearner(AlphaQueryLogits, nn.Module):
@@ -32,19 +33,19 @@ class LatentLearner(AlphaQueryLogits, nn.Module):
 
     def initial_inner(self, question: torch.Tensor) -> Inner:
         if self.question_init:  # conditional HNET: every task starts from its own question embedding
-            return {"z": question.detach().float()}
+            return {"z": full_precision(question.detach())}
         return {"z": self.init_latent.unsqueeze(0).expand(question.shape[0], -1)}
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Flat adapter weights [T, P] of latents [T, d] (the spec's vector layout)."""
-        return self.generator(z.float())
+        return self.generator(full_precision(z))
 
     def adapter_weights(self, inner: Inner, question: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.shape.unflatten(self.decode(inner["z"]))
 
     def logits(self, inner: Inner, question: torch.Tensor, x: torch.Tensor, answers: torch.Tensor,
                answer_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return adapter_logits(self.adapter_weights(inner, question), x.float(), answers, answer_mask,
+        return adapter_logits(self.adapter_weights(inner, question), full_precision(x), answers, answer_mask,
                               scale=self.logit_scale)
 
     def latent_logits(self, z: torch.Tensor, x: torch.Tensor, answers: torch.Tensor,

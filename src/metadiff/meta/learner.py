@@ -16,6 +16,7 @@ from torch import nn
 
 from metadiff.nets.adapter import AdapterShape, CLIPAdapter, adapter_logits
 from metadiff.nets.hypernet import Mlp, TaskEmbedding
+from metadiff.utils.dtypes import full_precision
 
 MODES = ("mnet", "enet", "hnet")
 Inner = dict[str, torch.Tensor]
@@ -60,7 +61,7 @@ class FewShotLearner(AlphaQueryLogits, nn.Module):
             return self.adapter.expand(n_tasks)
         if self.mode == "enet":
             if self.question_init:  # start from the task's own question (detached: no meta-gradient, spec §3.4)
-                return {"z": question.detach().float()}
+                return {"z": full_precision(question.detach())}
             return {"z": self.enet.embedding.unsqueeze(0).expand(n_tasks, -1)}
         return {name: p.unsqueeze(0).expand(n_tasks, *p.shape) for name, p in self.hnet.named_parameters()}
 
@@ -69,7 +70,7 @@ class FewShotLearner(AlphaQueryLogits, nn.Module):
             return inner
         if self.mode == "enet":
             return self.shape.unflatten(self.hnet(inner["z"]))
-        return self.shape.unflatten(self.hnet(question.float(), params=inner))
+        return self.shape.unflatten(self.hnet(full_precision(question), params=inner))
 
     def flat_weights(self, inner: Inner, question: torch.Tensor) -> torch.Tensor:
         """The adapter weights as the spec's flat vectors [T, P] (what adaptation datasets store)."""
@@ -77,5 +78,5 @@ class FewShotLearner(AlphaQueryLogits, nn.Module):
 
     def logits(self, inner: Inner, question: torch.Tensor, x: torch.Tensor, answers: torch.Tensor,
                answer_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return adapter_logits(self.adapter_weights(inner, question), x.float(), answers, answer_mask,
+        return adapter_logits(self.adapter_weights(inner, question), full_precision(x), answers, answer_mask,
                               scale=self.logit_scale)

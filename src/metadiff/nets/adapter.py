@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metadiff.utils.dtypes import full_precision
+
 
 @dataclass(frozen=True)
 class AdapterShape:
@@ -64,7 +66,8 @@ def adapter_logits(weights: dict[str, torch.Tensor], x: torch.Tensor, answers: t
     # the cosine in fp32 also under bf16/fp16 autocast, like the prototype readout: scaled by 100, a bf16 bmm of the
     # unit vectors (8 bits) moves the logits by up to ~0.4
     with torch.autocast(device_type=u.device.type, enabled=False):
-        logits = scale * torch.bmm(F.normalize(u.float(), dim=-1), F.normalize(answers.float(), dim=-1).transpose(1, 2))
+        logits = scale * torch.bmm(F.normalize(full_precision(u), dim=-1),
+                                   F.normalize(full_precision(answers), dim=-1).transpose(1, 2))
     if answer_mask is not None:
         logits = logits.masked_fill(~answer_mask.unsqueeze(1), float("-inf"))
     return logits

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch.utils.data import DataLoader, Dataset
 
+from metadiff.data import global_batch
 from metadiff.data.samplers import StepPositionMixin
 from metadiff.data.sources import TaskSource, task_prompts
 from metadiff.eval.stats import mean_ci95
@@ -77,9 +78,12 @@ class ClipPairsDataModule(StepPositionMixin, pl.LightningDataModule):
                           persistent_workers=self.num_workers > 0, drop_last=shuffle)
 
     def train_dataloader(self) -> DataLoader:
-        # the pairs of step k depend on (seed, k) only, so a resumed run trains on the same batches (StepOrder)
-        order = self.step_order(len(self.train_set), self.batch_size, self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=order, drop_last=True,
+        # the pairs of step k depend on (seed, k) only, so a resumed run trains on the same batches (StepOrder);
+        # `data.batch_size` is global: each rank loads its share of the one-process batch (metadiff.data.global_batch)
+        rank, world = global_batch.rank(self.trainer), global_batch.world_size(self.trainer)
+        batch_size = global_batch.per_rank_batch(self.batch_size, world, "data.batch_size")
+        order = self.step_order(len(self.train_set), batch_size, self.seed, rank=rank, world_size=world)
+        return DataLoader(self.train_set, batch_size=batch_size, sampler=order, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
@@ -105,8 +109,11 @@ class ClipPretrainModule(Stage, name="clip"):
         self._eval_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def setup(self, stage: str) -> None:
-        # open_clip's loss gathers features across ranks itself: tell it the world.
-        self.loss_fn = ClipLoss(world_size=self.trainer.world_size, rank=self.trainer.global_rank)
+        # open_clip's loss gathers the other ranks' features, so every rank scores the global batch's pairs, the
+        # one-process loss. With their gradient (`gather_with_grad`): without it each rank's backward reaches only
+        # its own features and DDP's mean gives 1/world of the one-process gradient (tests/test_parity.py).
+        self.loss_fn = ClipLoss(world_size=self.trainer.world_size, rank=self.trainer.global_rank,
+                                gather_with_grad=self.trainer.world_size > 1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, tokens = batch

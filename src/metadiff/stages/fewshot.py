@@ -38,6 +38,7 @@ from metadiff.meta.learner import FewShotLearner
 from metadiff.nets.adapter import masked_task_accuracy, masked_task_losses
 from metadiff.stages.base import Stage
 from metadiff.store import Artifact
+from metadiff.utils.dtypes import full_precision
 from metadiff.utils.io import write_json
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,8 @@ def store_embed_dim(upstream: dict[str, Artifact] | None) -> int:
 
 def clip_zero_shot_accuracy(batch: TaskBatch) -> torch.Tensor:
     """Per-task accuracy of raw CLIP: image vs answer-prompt cosine (the identity adapter, spec §3.1)."""
-    x = torch.nn.functional.normalize(batch.query_x.float(), dim=-1)
-    t = torch.nn.functional.normalize(batch.answers.float(), dim=-1)
+    x = torch.nn.functional.normalize(full_precision(batch.query_x), dim=-1)
+    t = torch.nn.functional.normalize(full_precision(batch.answers), dim=-1)
     logits = (x @ t.transpose(1, 2)).masked_fill(~batch.answer_mask.unsqueeze(1), float("-inf"))
     return masked_task_accuracy(logits, batch.query_y, batch.query_mask)
 
@@ -140,7 +141,10 @@ class FewShotModule(Stage, name="fewshot"):
                                            batch.answer_mask)
         loss = masked_task_losses(logits, batch.query_y, batch.query_mask).mean()  # = query_loss, logits reused
         acc = masked_task_accuracy(logits.detach(), batch.query_y, batch.query_mask).mean()
-        self.log_dict({"train/query_loss": loss, "train/query_acc": acc}, prog_bar=True, batch_size=batch.n_tasks)
+        # the global batch's means: the ranks hold equal shares of it (metadiff.data.global_batch), so the mean over
+        # ranks is the one-process value; unsynced, a rank would report its own share (tests/test_parity.py)
+        self.log_dict({"train/query_loss": loss, "train/query_acc": acc}, prog_bar=True, batch_size=batch.n_tasks,
+                      sync_dist=True)
         return loss
 
     # -- evaluation -----------------------------------------------------------------------------------------------
