@@ -73,10 +73,12 @@ def test_every_experiment_names_a_stage_its_model_runs(experiment: str, tmp_path
     assert issubclass(target, Stage) and cfg.stage in target.stage_names(), (cfg.stage, target)
 
 
-@pytest.mark.parametrize("experiment, block", [("dfml_glyphs", "model.generation"),
-                                               ("hyperldm_synthvqa", "model.sampling")])
-def test_a_misspelt_key_in_an_experiment_file_fails_before_any_work(experiment: str, block: str,
-                                                                    tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "experiment, block", [("dfml_glyphs", "model.generation"), ("hyperldm_synthvqa", "model.sampling")]
+)
+def test_a_misspelt_key_in_an_experiment_file_fails_before_any_work(
+    experiment: str, block: str, tmp_path: Path
+) -> None:
     """A real experiment YAML (on Hydra's search path) that extends `experiment` with one misspelt nested key: the
     command fails in one line naming the key, and nothing was built."""
     (tmp_path / "extra" / "experiment").mkdir(parents=True)
@@ -85,9 +87,11 @@ def test_a_misspelt_key_in_an_experiment_file_fails_before_any_work(experiment: 
     for part in [leaf, *parents]:
         body = {part: body}
     (tmp_path / "extra" / "experiment" / "typo.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - " + experiment + "\n  - _self_\n" + OmegaConf.to_yaml(body))
-    proc = run_train([f"hydra.searchpath=[file://{tmp_path / 'extra'}]", "experiment=typo"], tmp_path, check=False,
-                     timeout=120)
+        "# @package _global_\ndefaults:\n  - " + experiment + "\n  - _self_\n" + OmegaConf.to_yaml(body)
+    )
+    proc = run_train(
+        [f"hydra.searchpath=[file://{tmp_path / 'extra'}]", "experiment=typo"], tmp_path, check=False, timeout=120
+    )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if f"'{block}.stepz'" in line]
     assert errors, proc.stderr[-3000:]
@@ -125,3 +129,42 @@ def test_as_spec_builds_nested_specs_and_names_missing_keys() -> None:
         as_spec(Outer, {"lr": 0.1, "inner": {}}, "model.opt")
     with pytest.raises(ConfigError, match=r"'model\.opt\.lr' = 'fast' has the wrong type"):
         as_spec(Outer, {"lr": "fast", "inner": None}, "model.opt")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (
+            ["experiment=hyperldm_synthvqa", "model.sampling.method=ddimm"],
+            "config key 'model.sampling.method' = 'ddimm' is not one of 'ddim', 'ddpm', 'original' (did you mean 'ddim'?)",
+        ),
+        (
+            ["experiment=diffusion_unet_glyphs", "model.schedule.name=cosin"],
+            "config key 'model.schedule.name' = 'cosin' is not one of 'linear', 'cosine', 'sqrt_linear', 'sqrt', "
+            "'quad' (did you mean 'cosine'?)",
+        ),
+        (
+            ["experiment=dfml_glyphs", "compat.mode=faithfull"],
+            "config key 'model.compat' = 'faithfull' is not one of 'fixed', 'faithful' (did you mean 'faithful'?)",
+        ),
+        (
+            ["experiment=vae_synthvqa", "~upstream.hnet"],
+            "upstream.hnet is missing: stage 'vae' reads an upstream 'hnet' with this config",
+        ),
+        (
+            ["experiment=hyperldm_synthvqa", "~upstream.hyperclip"],
+            "upstream.hyperclip is missing: stage 'hyperldm' reads an upstream 'hyperclip' with this config",
+        ),
+    ],
+    ids=["sampler_method", "schedule", "compat", "vae_without_hnet", "hyperclip_guidance_without_hyperclip"],
+)
+def test_a_bad_choice_or_a_missing_upstream_fails_before_any_work(
+    overrides: list[str], line: str, tmp_path: Path
+) -> None:
+    """A misspelt choice (a `Literal` field of a spec or constructor) and an upstream the stage reads but the config
+    does not declare both fail when the config is composed, naming the key: before, `model.sampling.method=ddimm`
+    built the whole chain (HNET training two minutes in) and failed in the last stage."""
+    proc = run_train(overrides, tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and line in out, out[-2000:]
+    assert "building it now" not in out and not (tmp_path / "outputs" / "artifacts").exists()

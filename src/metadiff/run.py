@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from metadiff.config import ConfigError, validate_config
 from metadiff.errors import InputFileError, MissingInputError, UserError
 from metadiff.logs import quiet_third_party
-from metadiff.pipeline import instantiate_with_upstream, resolve_upstreams
+from metadiff.pipeline import instantiate_with_upstream, resolve_upstreams, upstream_names
 from metadiff.progress import stdout_is_terminal
 from metadiff.stages.base import Stage
 from metadiff.store import Artifact, publish_artifact
@@ -67,8 +67,10 @@ def checked_ckpt_path(cfg: DictConfig) -> str | None:
         return path
     file = Path(path)
     if not file.is_file():
-        raise MissingInputError(f"ckpt_path={path}: no such checkpoint file (use ckpt_path=last to resume the run in "
-                                f"paths.output_dir if it has one)")
+        raise MissingInputError(
+            f"ckpt_path={path}: no such checkpoint file (use ckpt_path=last to resume the run in "
+            f"paths.output_dir if it has one)"
+        )
     try:
         with zipfile.ZipFile(file) as archive:
             names = archive.namelist()
@@ -86,8 +88,10 @@ def selected_checkpoint(trainer: pl.Trainer) -> str | None:
     unmonitored one that keeps `last.ckpt` for resuming."""
     monitored = [cb for cb in trainer.checkpoint_callbacks if cb.monitor is not None]
     if len(monitored) > 1:
-        raise ConfigError(f"callbacks: {len(monitored)} ModelCheckpoints with a monitor "
-                          f"({', '.join(cb.monitor for cb in monitored)}); the test reads one selected checkpoint")
+        raise ConfigError(
+            f"callbacks: {len(monitored)} ModelCheckpoints with a monitor "
+            f"({', '.join(cb.monitor for cb in monitored)}); the test reads one selected checkpoint"
+        )
     return (monitored[0].best_model_path or None) if monitored else None
 
 
@@ -133,8 +137,10 @@ def peak_memory() -> dict[str, float]:
     import resource
 
     scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20  # ru_maxrss: KiB on Linux, bytes on macOS
-    out = {"sys/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
-           "sys/peak_child_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale}
+    out = {
+        "sys/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+        "sys/peak_child_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale,
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["sys/peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -145,18 +151,29 @@ def _check_stage_class(cfg: DictConfig) -> None:
     the experiment names in `stage:`: checked from the config, before any upstream is built."""
     target = hydra.utils.get_class(cfg.model._target_)
     if not issubclass(target, Stage):
-        raise ConfigError(f"model._target_ {cfg.model._target_} is not a stage (a subclass of "
-                          f"metadiff.stages.base.Stage)")
+        raise ConfigError(
+            f"model._target_ {cfg.model._target_} is not a stage (a subclass of metadiff.stages.base.Stage)"
+        )
     if cfg.stage not in target.stage_names():
-        raise ConfigError(f"stage: '{cfg.stage}' but model._target_ {cfg.model._target_} runs "
-                          f"{' or '.join(repr(n) for n in target.stage_names())}")
+        raise ConfigError(
+            f"stage: '{cfg.stage}' but model._target_ {cfg.model._target_} runs "
+            f"{' or '.join(repr(n) for n in target.stage_names())}"
+        )
+    declared = upstream_names(cfg)
+    for name in target.required_upstreams(cfg.model):
+        if name not in declared:
+            raise ConfigError(
+                f"upstream.{name} is missing: stage '{cfg.stage}' reads an upstream '{name}' with this config "
+                f"(declared: {declared or 'none'}); add it to the experiment's `upstream:` block"
+            )
 
 
 def _check_stage(cfg: DictConfig, model: Stage) -> None:
     """The built module runs the experiment's stage (a class serving several stages derives it from its config)."""
     if model.stage_name != cfg.stage:
-        raise ConfigError(f"stage: '{cfg.stage}' but model._target_ {cfg.model._target_} runs stage "
-                          f"'{model.stage_name}'")
+        raise ConfigError(
+            f"stage: '{cfg.stage}' but model._target_ {cfg.model._target_} runs stage '{model.stage_name}'"
+        )
 
 
 def _refuse_lightning_spawn(trainer: pl.Trainer) -> None:
@@ -166,32 +183,41 @@ def _refuse_lightning_spawn(trainer: pl.Trainer) -> None:
     line; `trainer=ddp_sim` spawns ranks that each run the whole stage (`metadiff.utils.distributed`)."""
     spawned = getattr(trainer.strategy, "_start_method", "popen") != "popen"  # DDPStrategy's launcher choice
     if spawned and trainer.world_size > 1:
-        raise ConfigError(f"trainer.strategy: {type(trainer.strategy).__name__} with start method "
-                          f"'{trainer.strategy._start_method}' runs each phase in fresh processes and returns only "
-                          f"rank 0's parameters; use trainer=ddp_sim (spawned ranks that each run the whole stage) "
-                          f"or trainer=ddp / ddp_cpu (the command run once per rank)")
+        raise ConfigError(
+            f"trainer.strategy: {type(trainer.strategy).__name__} with start method "
+            f"'{trainer.strategy._start_method}' runs each phase in fresh processes and returns only "
+            f"rank 0's parameters; use trainer=ddp_sim (spawned ranks that each run the whole stage) "
+            f"or trainer=ddp / ddp_cpu (the command run once per rank)"
+        )
 
 
 def _spawns_stage_ranks(cfg: DictConfig) -> bool:
     """True when the trainer's strategy is `StageRanksDDPStrategy` (`trainer=ddp_sim`): this process starts the ranks,
     and each runs the stage (`_run_stage`) as one DDP job."""
     strategy = cfg.trainer.get("strategy")
-    return (isinstance(strategy, DictConfig) and "_target_" in strategy
-            and issubclass(hydra.utils.get_class(strategy._target_), StageRanksDDPStrategy))
+    return (
+        isinstance(strategy, DictConfig)
+        and "_target_" in strategy
+        and issubclass(hydra.utils.get_class(strategy._target_), StageRanksDDPStrategy)
+    )
 
 
 def _stage_rank_count(cfg: DictConfig) -> int:
     """How many ranks `trainer=ddp_sim` spawns: the devices of this one node, as a count or a list of ids."""
     devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
     if nodes != 1:
-        raise ConfigError(f"trainer.num_nodes: {nodes}, but {cfg.trainer.strategy._target_} spawns its ranks on "
-                          f"this node only; use trainer=ddp on several nodes")
+        raise ConfigError(
+            f"trainer.num_nodes: {nodes}, but {cfg.trainer.strategy._target_} spawns its ranks on "
+            f"this node only; use trainer=ddp on several nodes"
+        )
     if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
         return devices
     if OmegaConf.is_list(devices) and len(devices) >= 1:
         return len(devices)
-    raise ConfigError(f"trainer.devices: {devices!r}, but {cfg.trainer.strategy._target_} needs the number of ranks "
-                      f"to spawn (an int >= 1 or a list of device ids)")
+    raise ConfigError(
+        f"trainer.devices: {devices!r}, but {cfg.trainer.strategy._target_} needs the number of ranks "
+        f"to spawn (an int >= 1 or a list of device ids)"
+    )
 
 
 def _job_logging() -> dict[str, Any] | None:
@@ -252,9 +278,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # resolved here: interpolations such as ${hydra:runtime.output_dir} need this process's Hydra state
         resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         OmegaConf.set_struct(resolved, OmegaConf.is_struct(cfg))
-        metrics, results_text = run_in_rank_processes(_run_stage_in_rank, (resolved, upstream, ckpt_path),
-                                                      world_size=stage_ranks,
-                                                      logging_config=_job_logging())
+        metrics, results_text = run_in_rank_processes(
+            _run_stage_in_rank, (resolved, upstream, ckpt_path), world_size=stage_ranks, logging_config=_job_logging()
+        )
     else:
         metrics, results_text = _run_stage(cfg, upstream, ckpt_path)
 
@@ -266,16 +292,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _run_stage_in_rank(cfg: DictConfig, upstream: dict[str, Artifact],
-                       ckpt_path: str | None) -> tuple[dict[str, float], str | None]:
+def _run_stage_in_rank(
+    cfg: DictConfig, upstream: dict[str, Artifact], ckpt_path: str | None
+) -> tuple[dict[str, float], str | None]:
     """`_run_stage` in a rank that `run_in_rank_processes` spawned: a fresh interpreter, so it first gets the
     process settings `train` made in the launching process."""
     _process_settings(cfg)
     return _run_stage(cfg, upstream, ckpt_path)
 
 
-def _run_stage(cfg: DictConfig, upstream: dict[str, Artifact],
-               ckpt_path: str | None) -> tuple[dict[str, float], str | None]:
+def _run_stage(
+    cfg: DictConfig, upstream: dict[str, Artifact], ckpt_path: str | None
+) -> tuple[dict[str, float], str | None]:
     """Build the stage's DataModule, module and Trainer; fit, test, predict and publish its artifact (rank 0).
     Returns the run's scalar metrics and the stage's results text. Runs in every rank of a DDP job."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the stage starts from its seed, whatever ran first
@@ -290,8 +318,13 @@ def _run_stage(cfg: DictConfig, upstream: dict[str, Artifact],
     # Lightning's bar redraws a terminal line; in a file it is carriage-return debris (TQDM) or nothing until the end
     # (Rich). Off a terminal, callbacks.progress (metadiff.progress.ProgressLines) logs progress lines instead.
     bar = bool(cfg.trainer.enable_progress_bar) and stdout_is_terminal()
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                  enable_progress_bar=bar, **_ddp_strategy_for(cfg, model))
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        enable_progress_bar=bar,
+        **_ddp_strategy_for(cfg, model),
+    )
 
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -63,6 +63,27 @@ def accepts(value: Any, annotation: Any) -> bool:
     return True
 
 
+def choices(annotation: Any) -> tuple | None:
+    """The values a `Literal[...]` (or `Literal[...] | None`) annotation allows, else None."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        found = [choices(a) for a in typing.get_args(annotation) if a is not type(None)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def rejection(key: str, value: Any, annotation: Any, owner: str) -> str:
+    """The one line that refuses `value` at `key`: for a choice, the allowed values and the closest one."""
+    allowed = choices(annotation)
+    if allowed is None:
+        return f"config key '{key}' = {value!r} has the wrong type: {owner} expects {annotation}"
+    hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    return f"config key '{key}' = {value!r} is not one of {', '.join(map(repr, allowed))}" + (
+        f" (did you mean {hint[0]!r}?)" if hint else ""
+    )
+
+
 def spec_in(annotation: Any) -> type | None:
     """The spec class an annotation names (`Spec` or `Spec | None`), else None."""
     if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
@@ -84,8 +105,10 @@ def check_spec(spec: type, value: Any, key: str) -> None:
     value = _plain(value)
     fields = {f.name: f for f in dataclasses.fields(spec)}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"config key '{key}' = {value!r} has the wrong type: expected a mapping with the keys "
-                          f"{sorted(fields)} ({spec.__name__})")
+        raise ConfigError(
+            f"config key '{key}' = {value!r} has the wrong type: expected a mapping with the keys "
+            f"{sorted(fields)} ({spec.__name__})"
+        )
     hints = typing.get_type_hints(spec)
     for name in value:
         if name not in fields:
@@ -94,13 +117,14 @@ def check_spec(spec: type, value: Any, key: str) -> None:
             raise ConfigError(f"unknown config key '{key}.{name}': {spec.__name__} has no field '{name}'{did_you_mean}")
     for name in fields:
         if name not in value:
-            raise ConfigError(f"config key '{key}.{name}' is missing: {spec.__name__} needs it (keys: {sorted(fields)})")
+            raise ConfigError(
+                f"config key '{key}.{name}' is missing: {spec.__name__} needs it (keys: {sorted(fields)})"
+            )
         sub = spec_in(hints[name])
         if sub is not None and value[name] is not None and not isinstance(value[name], sub):
             check_spec(sub, value[name], f"{key}.{name}")
         elif not accepts(value[name], hints[name]):
-            raise ConfigError(f"config key '{key}.{name}' = {value[name]!r} has the wrong type: {spec.__name__} "
-                              f"expects {hints[name]}")
+            raise ConfigError(rejection(f"{key}.{name}", value[name], hints[name], spec.__name__))
 
 
 def as_spec(spec: type[T], value: Mapping[str, Any] | T, key: str) -> T:

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from metadiff.config.typed import ConfigError, accepts, check_spec, spec_in
+from metadiff.config.typed import ConfigError, accepts, check_spec, rejection, spec_in
 
 # Top-level keys every run config has (beside the config groups) and the types they must hold.
 TOP_LEVEL_TYPES: dict[str, tuple[type, ...]] = {
@@ -36,8 +36,20 @@ TOP_LEVEL_TYPES: dict[str, tuple[type, ...]] = {
     "float32_matmul_precision": (str,),
     "variant": (str, type(None)),
 }
-GROUP_KEYS = {"data", "model", "trainer", "logger", "callbacks", "paths", "extras", "upstream", "upstream_overrides",
-              "artifact", "zoo", "compat"}
+GROUP_KEYS = {
+    "data",
+    "model",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "extras",
+    "upstream",
+    "upstream_overrides",
+    "artifact",
+    "zoo",
+    "compat",
+}
 
 
 def _resolve_target(path: str, key: str) -> Callable[..., Any]:
@@ -94,9 +106,7 @@ def _check_target_node(node: DictConfig, key: str) -> None:
             check_spec(spec, raw, full)
             continue
         if not accepts(raw, annotation):
-            raise ConfigError(
-                f"config key '{full}' = {raw!r} has the wrong type: {node['_target_']} expects {annotation}"
-            )
+            raise ConfigError(rejection(full, raw, annotation, node["_target_"]))
 
 
 def _walk(node: Any, key: str) -> None:
@@ -128,7 +138,9 @@ def validate_config(cfg: DictConfig) -> None:
             )
         value = cfg[name]
         value = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
-        if not isinstance(value, TOP_LEVEL_TYPES[name]) or (isinstance(value, bool) and bool not in TOP_LEVEL_TYPES[name]):
+        if not isinstance(value, TOP_LEVEL_TYPES[name]) or (
+            isinstance(value, bool) and bool not in TOP_LEVEL_TYPES[name]
+        ):
             expected = " or ".join(t.__name__ for t in TOP_LEVEL_TYPES[name])
             raise ConfigError(f"config key '{name}' = {value!r} has the wrong type: expected {expected}")
     for group in ("data", "model", "trainer"):

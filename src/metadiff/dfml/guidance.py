@@ -12,12 +12,14 @@ eps form, `metadiff.diffusion.sampling.classifier_guidance`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-COMPAT = ("fixed", "faithful")
+Compat = Literal["fixed", "faithful"]  # the stages' `compat` argument: checked when the config is composed
+COMPAT = get_args(Compat)
 
 
 def check_compat(compat: str) -> None:
@@ -37,8 +39,9 @@ def guide_input(x_t: torch.Tensor, compat: str) -> torch.Tensor:
     return (x_t + 1.0) / 2.0 if compat == "fixed" else x_t
 
 
-def class_log_prob(backbone: nn.Module, class_learner: nn.Module, targets: torch.Tensor,
-                   compat: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def class_log_prob(
+    backbone: nn.Module, class_learner: nn.Module, targets: torch.Tensor, compat: str
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """log p(target | x_t, t) under the class-learner on the backbone's embedding of x_t, per sample [B]."""
 
     def log_prob(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

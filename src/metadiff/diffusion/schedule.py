@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
-SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt", "quad")
-SPACINGS = ("leading", "trailing", "linspace")
-PREDICTIONS = ("eps", "v", "x0")  # what a denoiser outputs (diffusers' `prediction_type`: epsilon, v_prediction, sample)
+# The choices as types: the stage specs annotate their fields with them, so `validate_config` rejects a misspelt
+# value when the config is composed, naming the key, before any upstream is built (metadiff.config.typed)
+ScheduleName = Literal["linear", "cosine", "sqrt_linear", "sqrt", "quad"]
+Spacing = Literal["leading", "trailing", "linspace"]
+Prediction = Literal[
+    "eps", "v", "x0"
+]  # what a denoiser outputs (diffusers' `prediction_type`: epsilon, v_prediction, sample)
+SCHEDULES, SPACINGS, PREDICTIONS = get_args(ScheduleName), get_args(Spacing), get_args(Prediction)
 
 
-def make_beta_schedule(name: str, n_timesteps: int, linear_start: float = 1e-4, linear_end: float = 2e-2,
-                       cosine_s: float = 8e-3) -> torch.Tensor:
+def make_beta_schedule(
+    name: str, n_timesteps: int, linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3
+) -> torch.Tensor:
     """Betas [T] in float64 (spec §3.9)."""
     t = n_timesteps
     if name == "linear":
@@ -58,8 +65,9 @@ def posterior_coefficients(ab_t: torch.Tensor, ab_prev: torch.Tensor) -> tuple[t
     return c0, ct, beta, (1 - ab_prev) / (1 - ab_t) * beta
 
 
-def learned_range_log_variance(v: torch.Tensor, log_beta: torch.Tensor | float,
-                               log_beta_tilde: torch.Tensor | float) -> torch.Tensor:
+def learned_range_log_variance(
+    v: torch.Tensor, log_beta: torch.Tensor | float, log_beta_tilde: torch.Tensor | float
+) -> torch.Tensor:
     """Improved DDPM's learned-range variance: log sigma^2 = frac log beta + (1 - frac) log beta_tilde with
     frac = (v + 1) / 2, v the model's raw output (v = 1: beta, the upper bound; v = -1: beta_tilde, the lower)."""
     frac = (v + 1) / 2
@@ -79,8 +87,14 @@ class NoiseSchedule:
         self.betas, self._tables = state["betas"], {}
 
     @classmethod
-    def make(cls, name: str = "cosine", n_timesteps: int = 1000, linear_start: float = 1e-4,
-             linear_end: float = 2e-2, cosine_s: float = 8e-3) -> NoiseSchedule:
+    def make(
+        cls,
+        name: str = "cosine",
+        n_timesteps: int = 1000,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+    ) -> NoiseSchedule:
         return cls(make_beta_schedule(name, n_timesteps, linear_start, linear_end, cosine_s))
 
     @property
@@ -136,8 +150,9 @@ class NoiseSchedule:
             return x0
         raise ValueError(f"prediction '{prediction}' is not one of {PREDICTIONS}")
 
-    def split_prediction(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor,
-                         prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_prediction(
+        self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor, prediction: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_hat, eps_hat) of a denoiser output. Why both: at the cosine schedule's last steps alpha-bar is ~2e-9,
         and x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab) multiplies any eps error by ~2e4; a v- or x0-prediction
         gives x0_hat directly, with no division by sqrt(ab)."""

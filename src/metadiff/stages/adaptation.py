@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from metadiff.config import ConfigError
@@ -75,7 +75,7 @@ def plan_chunks(tasks: dict[str, list[Task]], rows: int, chunk_tasks: int) -> li
     for kind, n_rows in [*((split, 1) for split in META_SPLITS), (TRAIN, rows)]:
         split_tasks = tasks["meta_train" if kind == TRAIN else kind]
         order = sorted(range(len(split_tasks)), key=lambda i: (len(split_tasks[i].train) + len(split_tasks[i].test), i))
-        groups = [tuple(order[s:s + chunk_tasks]) for s in range(0, len(order), chunk_tasks)]
+        groups = [tuple(order[s : s + chunk_tasks]) for s in range(0, len(order), chunk_tasks)]
         out += [Chunk(kind, r, c, group) for r in range(n_rows) for c, group in enumerate(groups)]
     return out
 
@@ -99,10 +99,17 @@ class ChunkDataset(Dataset):
 class AdaptationChunkDataModule(MetaTaskDataModule):
     """Predict batches = chunks still missing from the module's work dir."""
 
-    def __init__(self, *args, train_support_view: str = "random", train_query_view: str = "test",
-                 upstream: dict[str, Artifact] | None = None, **kwargs):
-        super().__init__(*args, train_support_view=train_support_view, train_query_view=train_query_view,
-                         upstream=upstream, **kwargs)
+    def __init__(
+        self,
+        *args,
+        train_support_view: str = "random",
+        train_query_view: str = "test",
+        upstream: dict[str, Artifact] | None = None,
+        **kwargs,
+    ):
+        super().__init__(
+            *args, train_support_view=train_support_view, train_query_view=train_query_view, upstream=upstream, **kwargs
+        )
 
     def predict_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module
@@ -113,8 +120,21 @@ class AdaptationChunkDataModule(MetaTaskDataModule):
 
 
 class AdaptationModule(Stage, name="adaptation"):
-    def __init__(self, rows: int, inner: AdaptationInnerSpec, chunk_tasks: int, work_dir: str, std_min: float = 1e-3,
-                 seed: int = 0, upstream: dict[str, Artifact] | None = None):
+    @classmethod
+    def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
+        """Its HNET decodes the latents it fine-tunes."""
+        return ("hnet",)
+
+    def __init__(
+        self,
+        rows: int,
+        inner: AdaptationInnerSpec,
+        chunk_tasks: int,
+        work_dir: str,
+        std_min: float = 1e-3,
+        seed: int = 0,
+        upstream: dict[str, Artifact] | None = None,
+    ):
         super().__init__()
         self.inner = as_spec(AdaptationInnerSpec, inner, "model.inner")
         if not upstream or "hnet" not in upstream:
@@ -125,9 +145,14 @@ class AdaptationModule(Stage, name="adaptation"):
             lr = float(OmegaConf.load(upstream["hnet"].file("config.yaml")).model.inner.lr)
         self.inner_loop = InnerLoop(steps=int(self.inner.steps), lr=float(lr), second_order=False)
         self.rows, self.chunk_tasks, self.std_min, self.seed = rows, chunk_tasks, std_min, seed
-        self.description = {"upstream": {k: a.fingerprint for k, a in upstream.items()}, "rows": rows,
-                            "inner": {"steps": self.inner_loop.steps, "lr": self.inner_loop.lr},
-                            "chunk_tasks": chunk_tasks, "chunking": "size-sorted", "seed": seed}
+        self.description = {
+            "upstream": {k: a.fingerprint for k, a in upstream.items()},
+            "rows": rows,
+            "inner": {"steps": self.inner_loop.steps, "lr": self.inner_loop.lr},
+            "chunk_tasks": chunk_tasks,
+            "chunking": "size-sorted",
+            "seed": seed,
+        }
         self.work_dir = Path(work_dir.format(fingerprint=fingerprint(self.description)[:12]))
         self.artifact_ready = False  # until on_predict_end has assembled the dataset
         self.result: AdaptationData | None = None
@@ -172,7 +197,8 @@ class AdaptationModule(Stage, name="adaptation"):
             start = self.base.logits(initial, batch.question, batch.query_x, batch.answers, batch.answer_mask)
             end = self.base.logits(adapted, batch.question, batch.query_x, batch.answers, batch.answer_mask)
         record = {
-            "z": adapted["z"].float().cpu(), "task_index": batch.task_index.cpu(),
+            "z": adapted["z"].float().cpu(),
+            "task_index": batch.task_index.cpu(),
             "start_acc": masked_task_accuracy(start, batch.query_y, batch.query_mask).cpu(),
             "end_acc": masked_task_accuracy(end, batch.query_y, batch.query_mask).cpu(),
         }
@@ -189,7 +215,9 @@ class AdaptationModule(Stage, name="adaptation"):
             return
         missing = self.pending_chunks()
         if missing:
-            raise RuntimeError(f"adaptation: {len(missing)} chunks missing in {self.work_dir} (first: {missing[0].name})")
+            raise RuntimeError(
+                f"adaptation: {len(missing)} chunks missing in {self.work_dir} (first: {missing[0].name})"
+            )
         self.result, metrics = self._assemble()
         self.summary_metrics.update(metrics)
         self.artifact_ready = True
@@ -211,9 +239,12 @@ class AdaptationModule(Stage, name="adaptation"):
         questions = torch.stack([self._question(t.question) for t in self.tasks["meta_train"]])
         flat = train.reshape(-1, d)
         data = AdaptationData(
-            train_latents=train, eval_latents=evals, train_questions=questions,
+            train_latents=train,
+            eval_latents=evals,
+            train_questions=questions,
             tasks={s: [t.question for t in ts] for s, ts in self.tasks.items()},
-            init_latent=self.base.init_latent.cpu(), latent_mean=flat.mean(0),
+            init_latent=self.base.init_latent.cpu(),
+            latent_mean=flat.mean(0),
             latent_std=flat.std(0).clamp_min(self.std_min),
         )
         metrics = {}
@@ -232,7 +263,13 @@ class AdaptationModule(Stage, name="adaptation"):
     def write_artifact(self, directory: Path) -> None:
         assert self.result is not None
         self.result.save(directory / ADAPTATION_FILE)
-        (directory / "adaptation.json").write_text(json.dumps({
-            **self.description, "latent_dim": self.result.latent_dim,
-            "tasks": {s: {"n": len(q), "hash": task_list_hash(q)} for s, q in self.result.tasks.items()},
-        }, indent=2))
+        (directory / "adaptation.json").write_text(
+            json.dumps(
+                {
+                    **self.description,
+                    "latent_dim": self.result.latent_dim,
+                    "tasks": {s: {"n": len(q), "hash": task_list_hash(q)} for s, q in self.result.tasks.items()},
+                },
+                indent=2,
+            )
+        )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+from omegaconf import DictConfig
 
 # the checkpoint entries holding module weights: Lightning's, and the raw weights WeightAveraging (EMA) moves aside
 WEIGHT_ENTRIES = ("state_dict", "current_model_state")
@@ -53,6 +54,13 @@ class Stage(pl.LightningModule):
         self.artifact_ready: bool = True
 
     @classmethod
+    def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
+        """The upstream artifacts this stage reads with the model config `model` (names in the experiment's
+        `upstream:` block). `metadiff.run` checks them from the composed config, before any upstream is built, so a
+        missing one fails in one line instead of after the chain before it trained."""
+        return ()
+
+    @classmethod
     def stage_names(cls) -> tuple[str, ...]:
         """Every `stage:` value this class can run (checked before any work, from the config alone)."""
         return (cls.name,)
@@ -82,14 +90,19 @@ class Stage(pl.LightningModule):
 
     def _check_frozen_untrained(self) -> None:
         """A net declared frozen must not be trained: its updates would be lost from the checkpoint on resume."""
-        frozen = {id(p): f"{net}.{key}" for net in self.frozen_upstream_nets()
-                  for key, p in getattr(self, net).named_parameters()}
+        frozen = {
+            id(p): f"{net}.{key}"
+            for net in self.frozen_upstream_nets()
+            for key, p in getattr(self, net).named_parameters()
+        }
         for optimizer in self.trainer.optimizers:  # called from the save hook: a trainer is attached
             for group in optimizer.param_groups:
                 trained = [frozen[id(p)] for p in group["params"] if id(p) in frozen]
                 if trained:
-                    raise RuntimeError(f"stage '{self.stage_name}': {trained[0]} is declared a frozen upstream net "
-                                       f"(frozen_upstream_nets) but an optimizer trains it")
+                    raise RuntimeError(
+                        f"stage '{self.stage_name}': {trained[0]} is declared a frozen upstream net "
+                        f"(frozen_upstream_nets) but an optimizer trains it"
+                    )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop the frozen upstream nets' weights: subclasses that extend this hook call it (super())."""

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
+from omegaconf import DictConfig
 
 from metadiff.config import ConfigError
 from metadiff.config.typed import as_spec
@@ -36,7 +37,7 @@ from metadiff.data.global_batch import per_rank_batch
 from metadiff.data.images.episodes import Episodes, EpisodeShape
 from metadiff.dfml.augment import AugmentSpec, augment
 from metadiff.dfml.class_learner import class_learner_loss
-from metadiff.dfml.guidance import check_compat
+from metadiff.dfml.guidance import Compat, check_compat
 from metadiff.dfml.lr_table import TableLR
 from metadiff.dfml.pseudo_data import PseudoData, generate_pseudo_data, real_pseudo_data
 from metadiff.diffusion.zoo import DiffusionZoo
@@ -61,7 +62,7 @@ WEIGHTS, SPEC = "meta_model.pt", "meta_model.json"
 class ClassLearnerSpec:
     """`model.class_learner`: the time-conditioned MLP head that guides sampling (spec §4.3)."""
 
-    norm: str           # `MLPHead` norm (compat: none in fixed mode, batch_stats in the original's)
+    norm: str  # `MLPHead` norm (compat: none in fixed mode, batch_stats in the original's)
 
 
 @dataclass(frozen=True)
@@ -69,23 +70,23 @@ class EpisodeSpec:
     """`model.episodes`: the training episodes drawn from the pseudo data (spec §2.5)."""
 
     n_way: int
-    k_shot: int         # the shot this meta-model trains for and is selected on
+    k_shot: int  # the shot this meta-model trains for and is selected on
     n_query: int
-    per_batch: int      # episodes per step
+    per_batch: int  # episodes per step
 
 
 @dataclass(frozen=True)
 class GenerationSpec:
     """`model.generation`: how and when the pseudo data is regenerated."""
 
-    source: str         # zoo: guided samples (the method); real: real images of the zoo's classes (positive control)
-    real_split: str     # the split `source: real` reads
-    every: int          # epochs per round
-    per_class: int      # images per pseudo class and round
+    source: str  # zoo: guided samples (the method); real: real images of the zoo's classes (positive control)
+    real_split: str  # the split `source: real` reads
+    every: int  # epochs per round
+    per_class: int  # images per pseudo class and round
     batch_size: int
-    steps: int          # DDIM steps
-    spacing: str        # timestep spacing (`NoiseSchedule.set_timesteps`)
-    scale: float        # classifier guidance scale
+    steps: int  # DDIM steps
+    spacing: str  # timestep spacing (`NoiseSchedule.set_timesteps`)
+    scale: float  # classifier guidance scale
     guide_round0: bool  # round 0 guided by the untrained networks (the original) or unguided
 
 
@@ -109,17 +110,36 @@ def load_meta_model(artifact: Artifact) -> MetaModel:
 
 
 class DFMLModule(Stage, name="dfml"):
+    @classmethod
+    def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
+        """The zoo it guides into pseudo data."""
+        return ("zoo",)
+
     # each step takes two backward passes over disjoint parameter sets (meta-model, then class-learner): DDP's
     # reducer must not expect every parameter in each (see metadiff.run)
     ddp_find_unused_parameters = True
 
-    def __init__(self, backbone: BackboneSpec, head_norm: str, scale_cls: float, class_learner: ClassLearnerSpec,
-                 meta_optimizer: Callable[..., torch.optim.Optimizer],
-                 class_learner_optimizer: Callable[..., torch.optim.Optimizer], lr_lut: list[list[float]],
-                 class_learner_lr_scale: float | None, episodic_weight: float, kl_reduction: str,
-                 episodes: EpisodeSpec, augment: AugmentSpec, generation: GenerationSpec,
-                 grid: PseudoGridSpec, compat: str, seed: int, speed: SpeedSpec,
-                 upstream: dict[str, Artifact] | None = None):
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        head_norm: str,
+        scale_cls: float,
+        class_learner: ClassLearnerSpec,
+        meta_optimizer: Callable[..., torch.optim.Optimizer],
+        class_learner_optimizer: Callable[..., torch.optim.Optimizer],
+        lr_lut: list[list[float]],
+        class_learner_lr_scale: float | None,
+        episodic_weight: float,
+        kl_reduction: str,
+        episodes: EpisodeSpec,
+        augment: AugmentSpec,
+        generation: GenerationSpec,
+        grid: PseudoGridSpec,
+        compat: Compat,
+        seed: int,
+        speed: SpeedSpec,
+        upstream: dict[str, Artifact] | None = None,
+    ):
         super().__init__()
         check_compat(compat)
         if not upstream or "zoo" not in upstream:
@@ -155,30 +175,40 @@ class DFMLModule(Stage, name="dfml"):
 
     # ------------------------------------------------------------------ networks
     def setup(self, stage: str) -> None:
-        self.episodes_per_batch = per_rank_batch(self.global_episodes_per_batch, self.trainer.world_size,
-                                                 "model.episodes.per_batch")
+        self.episodes_per_batch = per_rank_batch(
+            self.global_episodes_per_batch, self.trainer.world_size, "model.episodes.per_batch"
+        )
         if self.meta is not None:
             return
         dm = self.trainer.datamodule
         source = dm.source
         if (source.channels, source.image_size) != (self.zoo.channels, self.zoo.image_size):
-            raise ConfigError(f"zoo {self.zoo_artifact.path} makes {self.zoo.channels}x{self.zoo.image_size}px "
-                              f"images, the data's are {source.channels}x{source.image_size}px")
-        self.spec = {"backbone": source.backbone_spec(self.backbone_cfg),
-                     "n_classes": self.n_classes, "head_norm": self.head_norm, "scale_cls": self.scale_cls}
+            raise ConfigError(
+                f"zoo {self.zoo_artifact.path} makes {self.zoo.channels}x{self.zoo.image_size}px "
+                f"images, the data's are {source.channels}x{source.image_size}px"
+            )
+        self.spec = {
+            "backbone": source.backbone_spec(self.backbone_cfg),
+            "n_classes": self.n_classes,
+            "head_norm": self.head_norm,
+            "scale_cls": self.scale_cls,
+        }
         # initialised from the seed alone, not from wherever the global generator got to: Lightning re-seeds it
         # before setup() under DDP only, and round 0's guide (so its pseudo data) must be that of one process
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.meta = build_meta_model(self.spec)
-            self.class_learner = MLPHead(self.meta.backbone.out_dim, self.n_classes,
-                                         norm=self.class_learner_cfg.norm, time_conditioned=True)
+            self.class_learner = MLPHead(
+                self.meta.backbone.out_dim, self.n_classes, norm=self.class_learner_cfg.norm, time_conditioned=True
+            )
         # the random-init reference: the same architecture and seed, never trained
         self.random_init = copy.deepcopy(self.meta.backbone).requires_grad_(False)
         self.shots = list(dm.shots)
         if self.shape.k_shot not in self.shots:
-            raise ConfigError(f"model.episodes.k_shot={self.shape.k_shot} (the shot this meta-model trains for and is "
-                              f"selected on) is not among data.episodes.shots={self.shots}")
+            raise ConfigError(
+                f"model.episodes.k_shot={self.shape.k_shot} (the shot this meta-model trains for and is "
+                f"selected on) is not among data.episodes.shots={self.shots}"
+            )
         self.augment_fill = list(source.mean)
         self.test_nets = ("trained", "random_init") + (("reference",) if self.reference is not None else ())
         names = [f"{m}_{k}shot" for m in self.test_nets for k in self.shots]
@@ -221,13 +251,16 @@ class DFMLModule(Stage, name="dfml"):
         the same images as one process with the same seed and guide (`generate_pseudo_data`)."""
         g = self.generation
         if g.source == "real":  # the positive control: real images of the covered classes, not data-free
-            self.pseudo = real_pseudo_data(self.trainer.datamodule.split(g.real_split), self.zoo.class_map,
-                                           int(g.per_class), round_index)
+            self.pseudo = real_pseudo_data(
+                self.trainer.datamodule.split(g.real_split), self.zoo.class_map, int(g.per_class), round_index
+            )
             self._report_round(round_index)
             return
         if g.source != "zoo":
-            raise ConfigError(f"model.generation.source='{g.source}': expected 'zoo' (guided samples, the method) "
-                              "or 'real' (the meta-train images of the zoo's classes: the positive control)")
+            raise ConfigError(
+                f"model.generation.source='{g.source}': expected 'zoo' (guided samples, the method) "
+                "or 'real' (the meta-train images of the zoo's classes: the positive control)"
+            )
         world_size = self.trainer.world_size
         if world_size > 1:
             # every chunk guided by rank 0's weights, whichever rank samples it: the batch-norm running statistics
@@ -240,11 +273,22 @@ class DFMLModule(Stage, name="dfml"):
         zoo = self.zoo.to(self.device)
         scale = float(g.scale) if round_index > 0 or g.guide_round0 else 0.0
         with self.precision_context():  # an epoch hook: Lightning's bf16 covers only the steps
-            self.pseudo = generate_pseudo_data(zoo, self.meta.backbone, self.class_learner, int(g.per_class),
-                                               int(g.batch_size), int(g.steps), scale, self.compat,
-                                               keyed_seed(self.seed, round_index), round_index,
-                                               g.spacing, self.global_rank, world_size,
-                                               self.all_gather if world_size > 1 else None)
+            self.pseudo = generate_pseudo_data(
+                zoo,
+                self.meta.backbone,
+                self.class_learner,
+                int(g.per_class),
+                int(g.batch_size),
+                int(g.steps),
+                scale,
+                self.compat,
+                keyed_seed(self.seed, round_index),
+                round_index,
+                g.spacing,
+                self.global_rank,
+                world_size,
+                self.all_gather if world_size > 1 else None,
+            )
         self.log("pseudo/images_generated", float((self.pseudo.ranks == self.global_rank).sum()))  # this rank's share
         self.meta.train()
         self.class_learner.train()
@@ -256,8 +300,10 @@ class DFMLModule(Stage, name="dfml"):
         targets = self.pseudo.labels.to(self.device)
         with torch.no_grad():
             self.meta.eval()
-            agree = torch.cat([self.meta.head(self.meta.backbone.embed(chunk)).argmax(-1)
-                               for chunk in images.split(256)]) == targets
+            agree = (
+                torch.cat([self.meta.head(self.meta.backbone.embed(chunk)).argmax(-1) for chunk in images.split(256)])
+                == targets
+            )
             self.meta.train()
         self.log("pseudo/round", float(round_index))
         self.log("pseudo/meta_model_agreement", agree.float().mean())
@@ -270,9 +316,10 @@ class DFMLModule(Stage, name="dfml"):
         order = torch.argsort(self.pseudo.classes, stable=True)
         counts = torch.bincount(self.pseudo.classes, minlength=self.n_classes)
         starts = torch.cumsum(counts, 0) - counts
-        picks = torch.cat([order[s: s + per_class] for s in starts.tolist()])
-        grid = save_grid(self.pseudo.images[picks].float() / 255, self.run_dir / f"pseudo_round{round_index}.png",
-                         per_class)
+        picks = torch.cat([order[s : s + per_class] for s in starts.tolist()])
+        grid = save_grid(
+            self.pseudo.images[picks].float() / 255, self.run_dir / f"pseudo_round{round_index}.png", per_class
+        )
         log_image(self.loggers, "pseudo/grid", grid)
 
     # ------------------------------------------------------------------ training
@@ -297,29 +344,46 @@ class DFMLModule(Stage, name="dfml"):
 
         fresh = self.pseudo.episodes(self.shape, self.episodes_per_batch, gen, self.device)
         self.meta.eval()  # the teacher and the noisy features use running statistics (spec §4.3)
-        cl_loss, ce, kl = class_learner_loss(self.meta.backbone, self.meta.head, self.class_learner,
-                                             augment(fresh.query.flatten(0, 1), self.augment, self.augment_fill,
-                                                     gen), fresh.query_classes.flatten(),
-                                             self.zoo.schedule, self.compat, self.kl_reduction, gen)
+        cl_loss, ce, kl = class_learner_loss(
+            self.meta.backbone,
+            self.meta.head,
+            self.class_learner,
+            augment(fresh.query.flatten(0, 1), self.augment, self.augment_fill, gen),
+            fresh.query_classes.flatten(),
+            self.zoo.schedule,
+            self.compat,
+            self.kl_reduction,
+            gen,
+        )
         self.meta.train()
         cl_opt.zero_grad()
         self.manual_backward(cl_loss)
         cl_opt.step()
-        for name, value in (("loss", loss), ("global_ce", global_loss), ("episodic_ce", episodic_loss),
-                            ("class_learner_loss", cl_loss), ("class_learner_ce", ce), ("class_learner_kl", kl)):
+        for name, value in (
+            ("loss", loss),
+            ("global_ce", global_loss),
+            ("episodic_ce", episodic_loss),
+            ("class_learner_loss", cl_loss),
+            ("class_learner_ce", ce),
+            ("class_learner_kl", kl),
+        ):
             if not torch.isfinite(value):
-                raise FloatingPointError(f"stage dfml: train/{name} is {float(value)} at epoch {self.current_epoch}"
-                                         f", step {self.global_step}")
+                raise FloatingPointError(
+                    f"stage dfml: train/{name} is {float(value)} at epoch {self.current_epoch}, step {self.global_step}"
+                )
             self.log(f"train/{name}", value, prog_bar=name == "loss")
 
     # ------------------------------------------------------------------ validation: checkpoint selection
     def _score(self, batch: Episodes, dataloader_idx: int, nets: tuple[str, ...]) -> None:
         k = self.shots[dataloader_idx]
         for name in nets:
-            backbone = {"trained": self.meta.backbone, "random_init": self.random_init,
-                        "reference": self.reference}[name].to(self.device)
-            self.values.update(f"{name}_{k}shot", prototype_episode_accuracy(
-                lambda x, b=backbone: b(x).mean(dim=(2, 3)), batch, self.scale_cls))
+            backbone = {"trained": self.meta.backbone, "random_init": self.random_init, "reference": self.reference}[
+                name
+            ].to(self.device)
+            self.values.update(
+                f"{name}_{k}shot",
+                prototype_episode_accuracy(lambda x, b=backbone: b(x).mean(dim=(2, 3)), batch, self.scale_cls),
+            )
 
     def validation_step(self, batch: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._score(batch, dataloader_idx, ("trained",))
@@ -331,16 +395,26 @@ class DFMLModule(Stage, name="dfml"):
         self.log_dict({**report, "val/accuracy": accuracy})
         if self.trainer.sanity_checking:
             return
-        self.history.append({"epoch": self.current_epoch, "round": self._round_of(self.current_epoch),
-                             **{f"{k}shot": report[f"val/trained_{k}shot"] for k in self.shots},
-                             **{f"{k}shot_ci95": report[f"val/trained_{k}shot_ci95"] for k in self.shots}})
+        self.history.append(
+            {
+                "epoch": self.current_epoch,
+                "round": self._round_of(self.current_epoch),
+                **{f"{k}shot": report[f"val/trained_{k}shot"] for k in self.shots},
+                **{f"{k}shot_ci95": report[f"val/trained_{k}shot_ci95"] for k in self.shots},
+            }
+        )
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero and self.history:
-            curves = {f"{k}-shot ({self.trainer.datamodule.episode_cfg.val_split})":
-                      [(h["round"], h[f"{k}shot"], h[f"{k}shot_ci95"]) for h in self.history] for k in self.shots}
-            path = save_curve_plot(curves, self.run_dir / "accuracy_per_round.png", "dfml: accuracy per round",
-                                   xlabel="regeneration round")
+            curves = {
+                f"{k}-shot ({self.trainer.datamodule.episode_cfg.val_split})": [
+                    (h["round"], h[f"{k}shot"], h[f"{k}shot_ci95"]) for h in self.history
+                ]
+                for k in self.shots
+            }
+            path = save_curve_plot(
+                curves, self.run_dir / "accuracy_per_round.png", "dfml: accuracy per round", xlabel="regeneration round"
+            )
             log_image(self.loggers, "val/accuracy_per_round", path)
 
     def on_train_epoch_end(self) -> None:
@@ -374,27 +448,44 @@ class DFMLModule(Stage, name="dfml"):
         report = ci_report("test", values)
         pairs = {f"trained_minus_random_init_{k}shot": (f"trained_{k}shot", f"random_init_{k}shot") for k in self.shots}
         if self.reference is not None:
-            pairs |= {f"reference_minus_random_init_{k}shot": (f"reference_{k}shot", f"random_init_{k}shot")
-                      for k in self.shots}
+            pairs |= {
+                f"reference_minus_random_init_{k}shot": (f"reference_{k}shot", f"random_init_{k}shot")
+                for k in self.shots
+            }
         report |= paired_report("test", values, pairs)
         if self.reference is not None:  # the share of the random-init -> real-data gap the data-free model closes
             for k in self.shots:
-                report[f"test/gap_closed_{k}shot"] = report[f"test/trained_minus_random_init_{k}shot"] / \
-                    report[f"test/reference_minus_random_init_{k}shot"]
+                report[f"test/gap_closed_{k}shot"] = (
+                    report[f"test/trained_minus_random_init_{k}shot"]
+                    / report[f"test/reference_minus_random_init_{k}shot"]
+                )
         self.log_dict(report)
         self.summary_metrics.update(report)
         if self.trainer.is_global_zero:
-            lines = readout_lines(f"dfml ({self.compat}): prototype readout on the fixed real meta-test episodes "
-                                  "(mean +- 95% CI):", report, self.shots, self.test_nets)
+            lines = readout_lines(
+                f"dfml ({self.compat}): prototype readout on the fixed real meta-test episodes (mean +- 95% CI):",
+                report,
+                self.shots,
+                self.test_nets,
+            )
             names = [f"trained_minus_random_init_{k}shot" for k in self.shots]
-            notes = ({name: f"gap closed {report[f'test/gap_closed_{k}shot']:.1%}" for name, k in zip(names, self.shots, strict=True)}
-                     if self.reference is not None else None)
+            notes = (
+                {
+                    name: f"gap closed {report[f'test/gap_closed_{k}shot']:.1%}"
+                    for name, k in zip(names, self.shots, strict=True)
+                }
+                if self.reference is not None
+                else None
+            )
             lines += "\n" + paired_lines("paired per-episode differences (mean +- 95% CI):", report, names, notes, 34)
             print(lines, flush=True)
 
     def write_artifact(self, directory: Path) -> None:
         save_tensors(self.meta.state_dict(), directory / WEIGHTS)
-        (directory / SPEC).write_text(json.dumps({**self.spec, "compat": self.compat, "history": self.history,
-                                                  "selected_epoch": self.selected_epoch}))
+        (directory / SPEC).write_text(
+            json.dumps(
+                {**self.spec, "compat": self.compat, "history": self.history, "selected_epoch": self.selected_epoch}
+            )
+        )
         for png in sorted(self.run_dir.glob("pseudo_round*.png")) + sorted(self.run_dir.glob("accuracy_*.png")):
             (directory / png.name).write_bytes(png.read_bytes())

@@ -25,7 +25,7 @@ import torch
 from metadiff.config import ConfigError
 from metadiff.config.typed import as_spec
 from metadiff.diffusion.losses import hybrid_loss
-from metadiff.diffusion.schedule import NoiseSchedule
+from metadiff.diffusion.schedule import NoiseSchedule, ScheduleName
 from metadiff.diffusion.zoo import sample_images, to_diffusion
 from metadiff.eval.plots import log_image, save_grid
 from metadiff.nets.speed import SpeedSpec, speed_up
@@ -62,7 +62,7 @@ class UNetSpec:
 class ScheduleSpec:
     """`model.schedule`: the noise schedule (`NoiseSchedule.make`), stored beside the weights as it is here."""
 
-    name: str
+    name: ScheduleName
     n_timesteps: int
 
 
@@ -72,8 +72,8 @@ class SampleGridSpec:
 
     n: int
     nrow: int
-    steps: int          # DDIM steps
-    spacing: str        # timestep spacing (`NoiseSchedule.set_timesteps`)
+    steps: int  # DDIM steps
+    spacing: str  # timestep spacing (`NoiseSchedule.set_timesteps`)
 
 
 def load_unet_spec(artifact: Artifact) -> dict[str, Any]:
@@ -89,10 +89,22 @@ def load_unet(artifact: Artifact) -> ImageDenoiser:
 
 
 class DiffusionUNetModule(Stage, name="diffusion_unet"):
-    def __init__(self, image_size: int, channels: int, unet: UNetSpec, attention_heads: int | None,
-                 learn_sigma: bool, schedule: ScheduleSpec, optimizer: Callable[..., torch.optim.Optimizer],
-                 hflip: bool, grid: SampleGridSpec, speed: SpeedSpec, train_seed: int = 0, eval_seed: int = 0,
-                 upstream: dict | None = None):
+    def __init__(
+        self,
+        image_size: int,
+        channels: int,
+        unet: UNetSpec,
+        attention_heads: int | None,
+        learn_sigma: bool,
+        schedule: ScheduleSpec,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        hflip: bool,
+        grid: SampleGridSpec,
+        speed: SpeedSpec,
+        train_seed: int = 0,
+        eval_seed: int = 0,
+        upstream: dict | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
         self.unet_cfg = as_spec(UNetSpec, unet, "model.unet")
@@ -103,16 +115,19 @@ class DiffusionUNetModule(Stage, name="diffusion_unet"):
         self.speed = as_spec(SpeedSpec, speed, "model.speed")
         self.train_seed, self.eval_seed = train_seed, eval_seed
         # built here, not in setup(): the EMA callback copies the module before the module's own setup runs
-        self.denoiser = ImageDenoiser(image_size, channels, self.unet_cfg.kwargs(), learn_sigma=learn_sigma,
-                                      attention_heads=attention_heads)
+        self.denoiser = ImageDenoiser(
+            image_size, channels, self.unet_cfg.kwargs(), learn_sigma=learn_sigma, attention_heads=attention_heads
+        )
         self._sped_up = False
 
     def setup(self, stage: str) -> None:
         source = self.trainer.datamodule.source
         config = self.denoiser.config
         if (source.image_size, source.channels) != (config["image_size"], config["channels"]):
-            raise ConfigError(f"model.image_size/channels = {config['image_size']}/{config['channels']} but the data "
-                              f"gives {source.image_size}x{source.image_size} images with {source.channels} channels")
+            raise ConfigError(
+                f"model.image_size/channels = {config['image_size']}/{config['channels']} but the data "
+                f"gives {source.image_size}x{source.image_size} images with {source.channels} channels"
+            )
         self.classes = self.trainer.datamodule.train_classes()
         if not self._sped_up:  # here, after the EMA callback's copy (see `speed_up`); once for fit and test
             speed_up(self.denoiser.unet, self.speed)  # the diffusers UNet: every denoiser call (eps, eps + v) runs it
@@ -151,8 +166,7 @@ class DiffusionUNetModule(Stage, name="diffusion_unet"):
         terms = self._loss(batch[0], gen, flip=False)
         shown = terms if "vb" in terms else {"loss": terms["loss"]}  # eps-only: loss = mse, logged once
         name = "{}" if prefix == "val" else "heldout_{}"  # val/loss, test/heldout_loss as before
-        self.log_dict({f"{prefix}/{name.format(k)}": value for k, value in shown.items()},
-                      batch_size=batch[0].shape[0])
+        self.log_dict({f"{prefix}/{name.format(k)}": value for k, value in shown.items()}, batch_size=batch[0].shape[0])
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._log_heldout("val", batch, batch_idx)
@@ -164,15 +178,22 @@ class DiffusionUNetModule(Stage, name="diffusion_unet"):
         if not self.trainer.is_global_zero or not self.grid.n:
             return
         with self.precision_context():  # an epoch hook: Lightning's bf16 covers only the steps
-            images = sample_images(self.denoiser, self.schedule, int(self.grid.n), int(self.grid.steps),
-                                   torch.Generator().manual_seed(self.eval_seed), self.grid.spacing)
+            images = sample_images(
+                self.denoiser,
+                self.schedule,
+                int(self.grid.n),
+                int(self.grid.steps),
+                torch.Generator().manual_seed(self.eval_seed),
+                self.grid.spacing,
+            )
         path = save_grid(images.cpu(), Path(self.trainer.default_root_dir) / "samples.png", int(self.grid.nrow))
         log_image(self.loggers, "test/samples", path)
         self.grid_path = path
 
     def write_artifact(self, directory: Path) -> None:
         save_tensors(self.denoiser.state_dict(), directory / WEIGHTS)
-        (directory / SPEC).write_text(json.dumps({"config": self.denoiser.config, "schedule": self.schedule_cfg,
-                                                  "classes": self.classes}))
+        (directory / SPEC).write_text(
+            json.dumps({"config": self.denoiser.config, "schedule": self.schedule_cfg, "classes": self.classes})
+        )
         if getattr(self, "grid_path", None) is not None:
             (directory / "samples.png").write_bytes(self.grid_path.read_bytes())

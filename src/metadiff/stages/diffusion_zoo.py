@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 from metadiff.config import ConfigError
 from metadiff.config.typed import as_spec
@@ -41,8 +42,8 @@ class CheckSpec:
 
     n_per_model: int
     batch_size: int
-    steps: int          # DDIM steps
-    spacing: str        # timestep spacing (`NoiseSchedule.set_timesteps`)
+    steps: int  # DDIM steps
+    spacing: str  # timestep spacing (`NoiseSchedule.set_timesteps`)
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,21 @@ def save_zoo(zoo: DiffusionZoo, directory: Path, extra: dict[str, Any] | None = 
     for k, model in enumerate(zoo.models):
         save_tensors(model.state_dict(), directory / f"unet_{k}.pt")
         members.append({"weights": f"unet_{k}.pt", "config": model.config})
-    (directory / ZOO_SPEC).write_text(json.dumps({
-        "members": members, "schedule": zoo.schedule_cfg, "class_map": zoo.class_map,
-        "class_names": zoo.class_names, "image_size": zoo.image_size, "channels": zoo.channels,
-        "pixel_range": list(PIXEL_RANGE), **(extra or {})}, indent=1))
+    (directory / ZOO_SPEC).write_text(
+        json.dumps(
+            {
+                "members": members,
+                "schedule": zoo.schedule_cfg,
+                "class_map": zoo.class_map,
+                "class_names": zoo.class_names,
+                "image_size": zoo.image_size,
+                "channels": zoo.channels,
+                "pixel_range": list(PIXEL_RANGE),
+                **(extra or {}),
+            },
+            indent=1,
+        )
+    )
 
 
 def load_zoo(artifact: Artifact) -> DiffusionZoo:
@@ -73,17 +85,28 @@ def load_zoo(artifact: Artifact) -> DiffusionZoo:
         model = ImageDenoiser.from_config(member["config"])
         model.load_state_dict(load_tensors(artifact.file(member["weights"])))
         models.append(model.eval().requires_grad_(False))
-    return DiffusionZoo(models, NoiseSchedule.make(**spec["schedule"]), spec["schedule"], spec["class_map"],
-                        spec["class_names"], spec["image_size"], spec["channels"])
+    return DiffusionZoo(
+        models,
+        NoiseSchedule.make(**spec["schedule"]),
+        spec["schedule"],
+        spec["class_map"],
+        spec["class_names"],
+        spec["image_size"],
+        spec["channels"],
+    )
 
 
 def member_artifacts(upstream: dict[str, Artifact]) -> list[Artifact]:
     """The zoo's UNet upstreams in member order (`unet0`, `unet1`, ...)."""
-    names = sorted((n for n in upstream if n.startswith(UNET_PREFIX) and n[len(UNET_PREFIX):].isdigit()),
-                   key=lambda n: int(n[len(UNET_PREFIX):]))
+    names = sorted(
+        (n for n in upstream if n.startswith(UNET_PREFIX) and n[len(UNET_PREFIX) :].isdigit()),
+        key=lambda n: int(n[len(UNET_PREFIX) :]),
+    )
     if not names:
-        raise ConfigError("diffusion_zoo needs its members as upstream 'unet' with fan_out (see "
-                          "conf/experiment/diffusion_zoo_glyphs.yaml)")
+        raise ConfigError(
+            "diffusion_zoo needs its members as upstream 'unet' with fan_out (see "
+            "conf/experiment/diffusion_zoo_glyphs.yaml)"
+        )
     return [upstream[n] for n in names]
 
 
@@ -96,20 +119,36 @@ def assemble_zoo(members: list[Artifact], class_names: list[str]) -> DiffusionZo
         raise ConfigError(f"zoo members {[str(a.path) for a in members]} share classes: {subsets}")
     first = specs[0]
     for a, s in zip(members, specs, strict=True):
-        if s["schedule"] != first["schedule"] or (s["config"]["image_size"], s["config"]["channels"]) != \
-                (first["config"]["image_size"], first["config"]["channels"]):
+        if s["schedule"] != first["schedule"] or (s["config"]["image_size"], s["config"]["channels"]) != (
+            first["config"]["image_size"],
+            first["config"]["channels"],
+        ):
             raise ConfigError(f"zoo member {a.path} has another schedule or image shape than {members[0].path}")
     models = [load_unet(a) for a in members]
-    mapping = [{**entry, "class": subsets[entry["model"]][entry["local"]]}
-               for entry in class_map([list(range(len(sub))) for sub in subsets])]
-    return DiffusionZoo(models, NoiseSchedule.make(**first["schedule"]), dict(first["schedule"]), mapping,
-                        [class_names[m["class"]] for m in mapping], first["config"]["image_size"],
-                        first["config"]["channels"])
+    mapping = [
+        {**entry, "class": subsets[entry["model"]][entry["local"]]}
+        for entry in class_map([list(range(len(sub))) for sub in subsets])
+    ]
+    return DiffusionZoo(
+        models,
+        NoiseSchedule.make(**first["schedule"]),
+        dict(first["schedule"]),
+        mapping,
+        [class_names[m["class"]] for m in mapping],
+        first["config"]["image_size"],
+        first["config"]["channels"],
+    )
 
 
 class DiffusionZooModule(Stage, name="diffusion_zoo"):
-    def __init__(self, check: CheckSpec, grid: ZooGridSpec, eval_seed: int = 0,
-                 upstream: dict[str, Artifact] | None = None):
+    @classmethod
+    def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
+        """The judge classifier scores the members' samples."""
+        return ("judge",)
+
+    def __init__(
+        self, check: CheckSpec, grid: ZooGridSpec, eval_seed: int = 0, upstream: dict[str, Artifact] | None = None
+    ):
         super().__init__()
         if not upstream or "judge" not in upstream:
             raise ConfigError("diffusion_zoo needs an upstream 'judge' (a classifier of the meta-train classes)")
@@ -124,8 +163,10 @@ class DiffusionZooModule(Stage, name="diffusion_zoo"):
         if self.zoo is None:
             split = self.trainer.datamodule.split(self.trainer.datamodule.train_cfg.split)
             if self.judge.spec["n_classes"] != len(split.classes):
-                raise ConfigError(f"judge {self.judge_artifact.path} has {self.judge.spec['n_classes']} classes, the "
-                                  f"data's train split {len(split.classes)}")
+                raise ConfigError(
+                    f"judge {self.judge_artifact.path} has {self.judge.spec['n_classes']} classes, the "
+                    f"data's train split {len(split.classes)}"
+                )
             self.zoo = assemble_zoo(self.members, split.classes)
             self.n_train_classes = len(split.classes)
             # meta-train class -> zoo model (-1: no model covers it)
@@ -151,8 +192,10 @@ class DiffusionZooModule(Stage, name="diffusion_zoo"):
         grids, confusion = [], torch.zeros(zoo.n_models, zoo.n_models + 1)
         for k in range(zoo.n_models):
             with self.precision_context():  # an epoch hook: Lightning's bf16 covers only the steps
-                chunks = [zoo.sample(k, min(batch, n - s), int(self.check.steps), gen, spacing=self.check.spacing)
-                          for s in range(0, n, batch)]
+                chunks = [
+                    zoo.sample(k, min(batch, n - s), int(self.check.steps), gen, spacing=self.check.spacing)
+                    for s in range(0, n, batch)
+                ]
                 samples = torch.cat(chunks)
                 judged = owner[self.judge.to(self.device)(samples).argmax(-1)]
             report[f"test/member{k}_subset_accuracy"] = float((judged == k).float().mean())
@@ -167,11 +210,14 @@ class DiffusionZooModule(Stage, name="diffusion_zoo"):
         self.confusion = confusion
         if self.trainer.is_global_zero:
             self._write_grids(grids)
-            lines = ["", "zoo check: a classifier of the real meta-train classes judges each member's samples",
-                     f"  samples in their member's class subset   {report['test/subset_accuracy']:.3f}  "
-                     f"(per member {', '.join(f'{m:.2f}' for m in members)})",
-                     f"  chance (classes per model / classes)     {report['test/subset_accuracy_chance']:.3f}",
-                     f"  judge on held-out real images (ceiling)  {report['test/judge_real_subset_accuracy']:.3f}"]
+            lines = [
+                "",
+                "zoo check: a classifier of the real meta-train classes judges each member's samples",
+                f"  samples in their member's class subset   {report['test/subset_accuracy']:.3f}  "
+                f"(per member {', '.join(f'{m:.2f}' for m in members)})",
+                f"  chance (classes per model / classes)     {report['test/subset_accuracy_chance']:.3f}",
+                f"  judge on held-out real images (ceiling)  {report['test/judge_real_subset_accuracy']:.3f}",
+            ]
             print("\n".join(lines), flush=True)
 
     def _write_grids(self, grids: list[torch.Tensor]) -> None:
@@ -183,9 +229,14 @@ class DiffusionZooModule(Stage, name="diffusion_zoo"):
         log_image(self.loggers, "test/samples_zoo", self.grid_paths[-1])
 
     def write_artifact(self, directory: Path) -> None:
-        save_zoo(self.zoo, directory, extra={
-            "member_artifacts": [{"path": str(a.path), "fingerprint": a.fingerprint} for a in self.members],
-            "check": dict(self.summary_metrics),
-            "confusion": self.confusion.tolist()})  # row k: member k's samples judged in subset j (last: none)
+        save_zoo(
+            self.zoo,
+            directory,
+            extra={
+                "member_artifacts": [{"path": str(a.path), "fingerprint": a.fingerprint} for a in self.members],
+                "check": dict(self.summary_metrics),
+                "confusion": self.confusion.tolist(),
+            },
+        )  # row k: member k's samples judged in subset j (last: none)
         for path in getattr(self, "grid_paths", []):
             (directory / path.name).write_bytes(path.read_bytes())

@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
 from metadiff.config import ConfigError
 from metadiff.config.typed import as_spec
 from metadiff.data.images.episodes import Episodes
 from metadiff.dfml.diffusionmix import interpolate, mixup_label_weights
 from metadiff.dfml.episode_heads import EpisodeHeads, train_heads
-from metadiff.dfml.guidance import check_compat
+from metadiff.dfml.guidance import Compat, check_compat
 from metadiff.eval.fewshot import (
     embed_episodes,
     episode_accuracy,
@@ -51,10 +52,10 @@ HEAD_NORMS = ("none", "batch_stats")
 class HeadSpec:
     """`model.head`: the per-episode MLP head and its three SGD phases."""
 
-    norms: list[str]        # one head per norm (of HEAD_NORMS); the first is `head`
-    clean_steps: int        # SGD lr_clean on the support set
-    mix_steps: int          # a second SGD (its own momentum) on the DiffusionMix sets
-    final_steps: int        # the first SGD again on the support set
+    norms: list[str]  # one head per norm (of HEAD_NORMS); the first is `head`
+    clean_steps: int  # SGD lr_clean on the support set
+    mix_steps: int  # a second SGD (its own momentum) on the DiffusionMix sets
+    final_steps: int  # the first SGD again on the support set
     lr_clean: float
     lr_mix: float
     momentum: float
@@ -65,21 +66,28 @@ class HeadSpec:
 class MixSpec:
     """`model.mix`: the DiffusionMix sets (spec §4.6)."""
 
-    t: int                      # noise step of the mix
-    denoise_steps: int | None   # null: all t ancestral steps (the original); n: n respaced DDPM steps
-    beta_alpha: float           # lambda ~ Beta(alpha, alpha), one per episode and zoo model
-    batch_size: int | None      # images per UNet call (null: a batch's whole support set at once)
+    t: int  # noise step of the mix
+    denoise_steps: int | None  # null: all t ancestral steps (the original); n: n respaced DDPM steps
+    beta_alpha: float  # lambda ~ Beta(alpha, alpha), one per episode and zoo model
+    batch_size: int | None  # images per UNet call (null: a batch's whole support set at once)
 
 
 class DiffusionMixModule(Stage, name="diffusionmix"):
-    def __init__(self, head: HeadSpec, mix: MixSpec, compat: str, seed: int = 0,
-                 upstream: dict[str, Artifact] | None = None):
+    @classmethod
+    def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
+        """The meta model (a dfml artifact) and the zoo it mixes with."""
+        return ("meta", "zoo")
+
+    def __init__(
+        self, head: HeadSpec, mix: MixSpec, compat: Compat, seed: int = 0, upstream: dict[str, Artifact] | None = None
+    ):
         super().__init__()
         check_compat(compat)
         for name in ("meta", "zoo"):
             if not upstream or name not in upstream:
-                raise ConfigError(f"diffusionmix needs an upstream '{name}' (meta: a dfml artifact, zoo: a "
-                                  "diffusion_zoo artifact)")
+                raise ConfigError(
+                    f"diffusionmix needs an upstream '{name}' (meta: a dfml artifact, zoo: a diffusion_zoo artifact)"
+                )
         self.meta = load_meta_model(upstream["meta"])
         self.zoo = load_zoo(upstream["zoo"])
         self.head_cfg, self.mix = as_spec(HeadSpec, head, "model.head"), as_spec(MixSpec, mix, "model.mix")
@@ -88,8 +96,9 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
         if not self.norms or any(n not in HEAD_NORMS for n in self.norms):
             raise ConfigError(f"model.head.norms={self.norms}: expected a non-empty list of {HEAD_NORMS}")
         # the first norm's heads are `head` / `head_diffusionmix`; others get the norm as a suffix
-        self.readouts = ["prototype"] + [f"{r}{self._suffix(n)}" for n in self.norms
-                                         for r in ("head", "head_diffusionmix")]
+        self.readouts = ["prototype"] + [
+            f"{r}{self._suffix(n)}" for n in self.norms for r in ("head", "head_diffusionmix")
+        ]
 
     def _suffix(self, norm: str) -> str:
         return "" if norm == self.norms[0] else f"_{norm}"
@@ -106,8 +115,9 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
         """λ, permutations and noise of a batch depend on (seed, shot, batch, rank) only."""
         return generator(rank_seed(keyed_seed(stream_seed(self.seed, dataloader_idx), batch_idx), self.global_rank))
 
-    def mixed_support(self, support: torch.Tensor, labels: torch.Tensor, model: int, gen: torch.Generator
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def mixed_support(
+        self, support: torch.Tensor, labels: torch.Tensor, model: int, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One DiffusionMix set per episode from zoo model `model`: (mixed images [B, S, C, H, W], y_a, y_b,
         λ [B]); one λ ~ Beta(α, α) and one permutation of the support per episode (spec §4.6)."""
         b, s = support.shape[:2]
@@ -118,9 +128,22 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
         x_a, x_b, lam_img = support.flatten(0, 1), x_b.flatten(0, 1), lam.repeat_interleave(s)
         # UNet calls of at most `mix.batch_size` images: on a CPU one call of 625 glyphs takes 13x one of 125
         chunk = int(self.mix.batch_size or len(x_a))
-        mixed = torch.cat([interpolate(self.zoo, model, x_a[i:i + chunk], x_b[i:i + chunk], int(self.mix.t),
-                                       lam_img[i:i + chunk], self.compat, gen, self.mix.denoise_steps)
-                           for i in range(0, len(x_a), chunk)])
+        mixed = torch.cat(
+            [
+                interpolate(
+                    self.zoo,
+                    model,
+                    x_a[i : i + chunk],
+                    x_b[i : i + chunk],
+                    int(self.mix.t),
+                    lam_img[i : i + chunk],
+                    self.compat,
+                    gen,
+                    self.mix.denoise_steps,
+                )
+                for i in range(0, len(x_a), chunk)
+            ]
+        )
         return mixed.view_as(support), labels, torch.gather(labels, 1, perm), lam
 
     def test_step(self, batch: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -128,27 +151,42 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
         gen = self._generator(batch_idx, dataloader_idx)
         zoo = self.zoo.to(self.device)
         self.meta.to(self.device)
-        self.values.update(f"prototype_{k}shot", prototype_episode_accuracy(
-            lambda x: self.meta.backbone(x).mean(dim=(2, 3)), batch, self.meta.scale_cls))
+        self.values.update(
+            f"prototype_{k}shot",
+            prototype_episode_accuracy(lambda x: self.meta.backbone(x).mean(dim=(2, 3)), batch, self.meta.scale_cls),
+        )
         support, query = embed_episodes(self._embed, batch)
         y_s, y_q = batch.support_labels, batch.query_labels
         n_way = int(y_s.max()) + 1
         mixed = [self.mixed_support(batch.support, y_s, j, gen) for j in range(zoo.n_models)]
-        mixed_features = [(self._embed(x.flatten(0, 1)).view(*x.shape[:2], -1), ya, yb, lam)
-                          for x, ya, yb, lam in mixed]
+        mixed_features = [
+            (self._embed(x.flatten(0, 1)).view(*x.shape[:2], -1), ya, yb, lam) for x, ya, yb, lam in mixed
+        ]
         if batch_idx == 0 and dataloader_idx == 0 and self.trainer.is_global_zero:
             self._save_grid(batch.support, [m[0] for m in mixed])
         for norm in self.norms:
             for readout, with_mix in (("head", False), ("head_diffusionmix", True)):
                 torch.manual_seed(self.seed + batch_idx)  # every readout starts from the same fresh heads
                 with torch.inference_mode(False), torch.enable_grad():
-                    logits = self._fit_and_predict(support.clone(), y_s, query.clone(), n_way, norm,
-                                                   [tuple(t.clone() for t in m) for m in mixed_features]
-                                                   if with_mix else None)
+                    logits = self._fit_and_predict(
+                        support.clone(),
+                        y_s,
+                        query.clone(),
+                        n_way,
+                        norm,
+                        [tuple(t.clone() for t in m) for m in mixed_features] if with_mix else None,
+                    )
                 self.values.update(f"{readout}{self._suffix(norm)}_{k}shot", episode_accuracy(logits, y_q))
 
-    def _fit_and_predict(self, support: torch.Tensor, y_s: torch.Tensor, query: torch.Tensor, n_way: int, norm: str,
-                         mixed: list[tuple[torch.Tensor, ...]] | None) -> torch.Tensor:
+    def _fit_and_predict(
+        self,
+        support: torch.Tensor,
+        y_s: torch.Tensor,
+        query: torch.Tensor,
+        n_way: int,
+        norm: str,
+        mixed: list[tuple[torch.Tensor, ...]] | None,
+    ) -> torch.Tensor:
         h = self.head_cfg
         heads = EpisodeHeads(len(support), support.shape[-1], n_way, norm, self.device)
         clean = torch.optim.SGD(heads.parameters(), lr=h.lr_clean, momentum=h.momentum, weight_decay=h.weight_decay)
@@ -161,8 +199,11 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
             for x, y_a, y_b, lam in mixed:
                 w_a, w_b = mixup_label_weights(lam, self.compat)
                 logits = heads(x).transpose(1, 2)
-                total = total + w_a * F.cross_entropy(logits, y_a, reduction="none").mean(1) \
+                total = (
+                    total
+                    + w_a * F.cross_entropy(logits, y_a, reduction="none").mean(1)
                     + w_b * F.cross_entropy(logits, y_b, reduction="none").mean(1)
+                )
             return total / len(mixed)
 
         train_heads(heads, clean, int(h.clean_steps), clean_loss)
@@ -179,8 +220,9 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
         images = torch.cat(first)
         if self.compat == "faithful":
             images = images.clamp(0, 1)
-        self.grid_path = save_grid(images.float().cpu(), Path(self.trainer.default_root_dir) / "diffusionmix.png",
-                                   support.shape[1])
+        self.grid_path = save_grid(
+            images.float().cpu(), Path(self.trainer.default_root_dir) / "diffusionmix.png", support.shape[1]
+        )
 
     def paired_differences(self) -> dict[str, tuple[str, str]]:
         """name -> (readout a, readout b) of every comparison, per shot: a - b per episode."""
@@ -194,7 +236,9 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
                 x = self._suffix(other)
                 pairs[f"head{x}_minus_head_{k}shot"] = (f"head{x}_{k}shot", f"head_{k}shot")
                 pairs[f"head_diffusionmix{x}_minus_head_diffusionmix_{k}shot"] = (
-                    f"head_diffusionmix{x}_{k}shot", f"head_diffusionmix_{k}shot")
+                    f"head_diffusionmix{x}_{k}shot",
+                    f"head_diffusionmix_{k}shot",
+                )
         return pairs
 
     def on_test_epoch_end(self) -> None:
@@ -205,8 +249,14 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
         self.log_dict(report)
         self.summary_metrics.update(report)
         if self.trainer.is_global_zero:
-            lines = readout_lines(f"diffusionmix ({self.compat}) on the fixed real meta-test episodes (mean +- 95% CI;"
-                                  f" head norms {self.norms}):", report, self.shots, tuple(self.readouts), width=28)
+            lines = readout_lines(
+                f"diffusionmix ({self.compat}) on the fixed real meta-test episodes (mean +- 95% CI;"
+                f" head norms {self.norms}):",
+                report,
+                self.shots,
+                tuple(self.readouts),
+                width=28,
+            )
             names = [key.removeprefix("test/") for key in paired if not key.endswith("_ci95")]
             lines += "\n" + paired_lines("paired per-episode differences (mean +- 95% CI):", report, names)
             print(lines, flush=True)

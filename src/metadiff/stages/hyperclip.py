@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
 from metadiff.config import ConfigError
 from metadiff.config.typed import as_spec
@@ -67,10 +68,23 @@ class GuidanceSpec:
 
 
 class HyperCLIPModule(Stage, name="hyperclip"):
-    def __init__(self, input: str, encoder: EncoderSpec, normalize: bool, loss_reduction: str,
-                 optimizer: Callable[..., torch.optim.Optimizer], retrieval: RetrievalSpec,
-                 guidance: GuidanceSpec, embed_dim: int | None = None,
-                 upstream: dict[str, Artifact] | None = None):
+    @classmethod
+    def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
+        """The HNET decodes the adaptation latents; `input: vae` encodes them with the VAE."""
+        return ("hnet", "adaptation", *(("vae",) if model.get("input") == "vae" else ()))
+
+    def __init__(
+        self,
+        input: str,
+        encoder: EncoderSpec,
+        normalize: bool,
+        loss_reduction: str,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        retrieval: RetrievalSpec,
+        guidance: GuidanceSpec,
+        embed_dim: int | None = None,
+        upstream: dict[str, Artifact] | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
         self.encoder_spec = as_spec(EncoderSpec, encoder, "model.encoder")
@@ -85,13 +99,17 @@ class HyperCLIPModule(Stage, name="hyperclip"):
         self.base = load_adaptation_base(upstream)
         self.vae = load_vae(upstream["vae"]).requires_grad_(False) if input == "vae" else None
         in_dim = self.base.latent_dim if input == "latent" else self.base.shape.n_params
-        self.encoder = HyperCLIPEncoder(in_dim, embed_dim or self.base.shape.embed_dim,
-                                        **dataclasses.asdict(self.encoder_spec))
+        self.encoder = HyperCLIPEncoder(
+            in_dim, embed_dim or self.base.shape.embed_dim, **dataclasses.asdict(self.encoder_spec)
+        )
         self.input, self.normalize, self.loss_reduction = input, normalize, loss_reduction
         self.optimizer_factory = optimizer
         # every rank evaluates all tasks (EveryRankSampler): nothing to gather
-        self.values = PerTaskValues([f"{s}/{v}" for s in (*EVAL_SPLITS, "meta_test") for v in ("emb", "question")]
-                                    + ["guided_acc", "init_acc", "guided_minus_init"], sync=False)
+        self.values = PerTaskValues(
+            [f"{s}/{v}" for s in (*EVAL_SPLITS, "meta_test") for v in ("emb", "question")]
+            + ["guided_acc", "init_acc", "guided_minus_init"],
+            sync=False,
+        )
 
     def frozen_upstream_nets(self) -> tuple[str, ...]:
         """The HNET (or VAE decoder) and the VAE: read from their artifacts, never trained here."""
@@ -125,8 +143,11 @@ class HyperCLIPModule(Stage, name="hyperclip"):
         logits = self.encoder.logits(x, question)
         loss = contrastive_loss(logits, self.loss_reduction)
         acc = retrieval_accuracy(logits.detach()).mean()
-        self.log_dict({"train/loss": loss, "train/batch_top1": acc, "train/logit_scale": self.encoder.logit_scale},
-                      prog_bar=True, batch_size=z.shape[0])
+        self.log_dict(
+            {"train/loss": loss, "train/batch_top1": acc, "train/logit_scale": self.encoder.logit_scale},
+            prog_bar=True,
+            batch_size=z.shape[0],
+        )
         return loss
 
     # -- evaluation: retrieval of the task's question from its fine-tuned weights ---------------------------------
@@ -186,29 +207,47 @@ class HyperCLIPModule(Stage, name="hyperclip"):
                 loss.backward()
                 opt.step()
         with torch.no_grad():
-            acc = {name: masked_task_accuracy(
-                self.base.latent_logits(latent, batch.query_x, batch.answers, batch.answer_mask),
-                batch.query_y, batch.query_mask) for name, latent in (("guided_acc", z), ("init_acc", initial))}
+            acc = {
+                name: masked_task_accuracy(
+                    self.base.latent_logits(latent, batch.query_x, batch.answers, batch.answer_mask),
+                    batch.query_y,
+                    batch.query_mask,
+                )
+                for name, latent in (("guided_acc", z), ("init_acc", initial))
+            }
         for name, value in acc.items():
             self.values.update(name, value)
         self.values.update("guided_minus_init", acc["guided_acc"] - acc["init_acc"])
 
     def write_artifact(self, directory: Path) -> None:
         torch.save(self.encoder.state_dict(), directory / HYPERCLIP_WEIGHTS)
-        (directory / HYPERCLIP_SPEC).write_text(json.dumps({
-            "input": self.input, "in_dim": self.encoder.mlp.layers[0].in_features,
-            "embed_dim": self.encoder.mlp.layers[-1].out_features, **dataclasses.asdict(self.encoder_spec),
-        }, default=list))
+        (directory / HYPERCLIP_SPEC).write_text(
+            json.dumps(
+                {
+                    "input": self.input,
+                    "in_dim": self.encoder.mlp.layers[0].in_features,
+                    "embed_dim": self.encoder.mlp.layers[-1].out_features,
+                    **dataclasses.asdict(self.encoder_spec),
+                },
+                default=list,
+            )
+        )
 
 
 def load_hyperclip_encoder(artifact: Artifact) -> tuple[HyperCLIPEncoder, str]:
     """The trained HyperCLIP encoder of a `hyperclip` artifact and what it reads ('latent' or 'weights')."""
     spec = json.loads(artifact.file(HYPERCLIP_SPEC).read_text())
     if spec["input"] not in ("latent", "weights"):
-        raise ConfigError(f"{artifact.path}: HyperCLIP guidance reads encoders of latents or weights, "
-                          f"not input={spec['input']!r}")
-    encoder = HyperCLIPEncoder(spec["in_dim"], spec["embed_dim"], hidden=spec["hidden"],
-                               nonlinearity=spec["nonlinearity"], logit_scale=spec["logit_scale"],
-                               learn_logit_scale=spec["learn_logit_scale"])
+        raise ConfigError(
+            f"{artifact.path}: HyperCLIP guidance reads encoders of latents or weights, not input={spec['input']!r}"
+        )
+    encoder = HyperCLIPEncoder(
+        spec["in_dim"],
+        spec["embed_dim"],
+        hidden=spec["hidden"],
+        nonlinearity=spec["nonlinearity"],
+        logit_scale=spec["logit_scale"],
+        learn_logit_scale=spec["learn_logit_scale"],
+    )
     encoder.load_state_dict(torch.load(artifact.file(HYPERCLIP_WEIGHTS), map_location="cpu", weights_only=True))
     return encoder.requires_grad_(False).eval(), spec["input"]

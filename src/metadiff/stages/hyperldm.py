@@ -30,9 +30,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
 from metadiff.config import ConfigError, cfg_label
 from metadiff.config.typed import as_spec
@@ -47,7 +49,7 @@ from metadiff.diffusion.sampling import (
     sample_health,
     sample_original,
 )
-from metadiff.diffusion.schedule import PREDICTIONS, NoiseSchedule
+from metadiff.diffusion.schedule import PREDICTIONS, NoiseSchedule, Prediction, ScheduleName, Spacing
 from metadiff.eval.per_task import PerTaskValues, ci_report
 from metadiff.eval.plots import log_image, save_curve_plot
 from metadiff.eval.ridge import RidgeMap
@@ -82,7 +84,7 @@ class DenoiserSpec:
 class ScheduleSpec:
     """`model.schedule`: the noise schedule (`metadiff.diffusion.schedule.NoiseSchedule.make`)."""
 
-    name: str
+    name: ScheduleName
     n_timesteps: int
     linear_start: float
     linear_end: float
@@ -93,10 +95,10 @@ class SamplingSpec:
     """`model.sampling` (from conf/hyperldm_compat): the evaluation sampler. `spacing` and `eta` are unused by
     `method: original`; `clip_x0` null = no clipping of x0_hat."""
 
-    method: str
+    method: Literal["ddim", "ddpm", "original"]
     steps: int
     eta: float
-    spacing: str
+    spacing: Spacing
     clip_x0: float | None
     guidance_rescale: float
 
@@ -147,12 +149,32 @@ class HealthSpec:
 
 
 class HyperLDMModule(Stage, name="hyperldm"):
-    def __init__(self, denoiser: DenoiserSpec, prediction: str, schedule: ScheduleSpec, uncond_rate: float,
-                 optimizer: Callable[..., torch.optim.Optimizer], sampling: SamplingSpec,
-                 guidance_scales: list[float] | float, fewshot_guidance: GuidedSamplingSpec,
-                 from_pretrained: FromPretrainedSpec, hyperclip_guidance: GuidedSamplingSpec, ensemble: EnsembleSpec,
-                 ridge_alpha: float | None, diagnostics: DiagnosticsSpec, health: HealthSpec, eval_seed: int,
-                 train_seed: int, plot: bool, upstream: dict[str, Artifact] | None = None):
+    @classmethod
+    def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
+        """HyperCLIP guidance needs the HyperCLIP encoder."""
+        return ("adaptation", "hnet", *(("hyperclip",) if model.hyperclip_guidance.scales else ()))
+
+    def __init__(
+        self,
+        denoiser: DenoiserSpec,
+        prediction: Prediction,
+        schedule: ScheduleSpec,
+        uncond_rate: float,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        sampling: SamplingSpec,
+        guidance_scales: list[float] | float,
+        fewshot_guidance: GuidedSamplingSpec,
+        from_pretrained: FromPretrainedSpec,
+        hyperclip_guidance: GuidedSamplingSpec,
+        ensemble: EnsembleSpec,
+        ridge_alpha: float | None,
+        diagnostics: DiagnosticsSpec,
+        health: HealthSpec,
+        eval_seed: int,
+        train_seed: int,
+        plot: bool,
+        upstream: dict[str, Artifact] | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
         self.denoiser_spec = as_spec(DenoiserSpec, denoiser, "model.denoiser")
@@ -173,11 +195,14 @@ class HyperLDMModule(Stage, name="hyperldm"):
         if self.sampling.method not in SAMPLERS:
             raise ConfigError(f"model.sampling.method = '{self.sampling.method}' is not one of {SAMPLERS}")
         if self.sampling.method == "original" and prediction != "eps":
-            raise ConfigError("model.sampling.method = original is the original's eps-prediction DDPM update: it needs "
-                              f"model.prediction = eps, not '{prediction}'")
+            raise ConfigError(
+                "model.sampling.method = original is the original's eps-prediction DDPM update: it needs "
+                f"model.prediction = eps, not '{prediction}'"
+            )
         self.base = load_adaptation_base(upstream)
-        self.denoiser = LatentDenoiser(self.base.latent_dim, self.base.shape.embed_dim,
-                                       **dataclasses.asdict(self.denoiser_spec))
+        self.denoiser = LatentDenoiser(
+            self.base.latent_dim, self.base.shape.embed_dim, **dataclasses.asdict(self.denoiser_spec)
+        )
         self.schedule = NoiseSchedule.make(**dataclasses.asdict(self.schedule_spec))
         self.register_buffer("latent_mean", torch.zeros(self.base.latent_dim))
         self.register_buffer("latent_std", torch.ones(self.base.latent_dim))
@@ -187,26 +212,36 @@ class HyperLDMModule(Stage, name="hyperldm"):
         scales = guidance_scales if isinstance(guidance_scales, list | tuple) else [guidance_scales]
         self.guidance_scales = [float(g) for g in scales]
         if uncond_rate == 0 and any(g != 1.0 for g in self.guidance_scales):
-            raise ConfigError("guidance scales other than 1 need a model trained with the null token "
-                              "(model.uncond_rate > 0); set model.guidance_scales=[1.0] otherwise")
+            raise ConfigError(
+                "guidance scales other than 1 need a model trained with the null token "
+                "(model.uncond_rate > 0); set model.guidance_scales=[1.0] otherwise"
+            )
         # other methods' zero-shot accuracy on the same tasks, for the table (upstream `multitask`, optional)
-        self.multitask = load_fewshot_learner(upstream["multitask"])[0].requires_grad_(False) \
-            if "multitask" in upstream else None
+        self.multitask = (
+            load_fewshot_learner(upstream["multitask"])[0].requires_grad_(False) if "multitask" in upstream else None
+        )
         self.hyperclip, self.hyperclip_input = None, None
         if self.hyperclip_guidance.scales:
             if "hyperclip" not in upstream:
-                raise ConfigError("model.hyperclip_guidance.scales needs an upstream 'hyperclip' "
-                                  "(upstream.hyperclip in the experiment)")
+                raise ConfigError(
+                    "model.hyperclip_guidance.scales needs an upstream 'hyperclip' "
+                    "(upstream.hyperclip in the experiment)"
+                )
             self.hyperclip, self.hyperclip_input = load_hyperclip_encoder(upstream["hyperclip"])
         self.ridge_alpha = ridge_alpha
         self.variants = self._variants()
-        self.references = ["hnet_init", "oracle"] + (["multitask"] if self.multitask is not None else []) \
+        self.references = (
+            ["hnet_init", "oracle"]
+            + (["multitask"] if self.multitask is not None else [])
             + (["ridge"] if ridge_alpha is not None else [])
+        )
         # every rank evaluates all tasks in one process's batches (EveryRankSampler): no gather, the same noise keys
-        self.values = PerTaskValues([f"{split}/{name}" for split in ("val", "test")
-                                     for name in (*self.references, *self.variants)], sync=False)
-        self.samples = PerTaskValues([f"{split}/{name}" for split in ("val", "test") for name in self.variants],
-                                     sync=False)
+        self.values = PerTaskValues(
+            [f"{split}/{name}" for split in ("val", "test") for name in (*self.references, *self.variants)], sync=False
+        )
+        self.samples = PerTaskValues(
+            [f"{split}/{name}" for split in ("val", "test") for name in self.variants], sync=False
+        )
         self.val_report: dict[str, float] = {}
         self._ridge: RidgeMap | None = None
 
@@ -253,14 +288,23 @@ class HyperLDMModule(Stage, name="hyperldm"):
         return loss
 
     # -- sampling -------------------------------------------------------------------------------------------------
-    def _model(self, question: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _model(
+        self, question: torch.Tensor, scales: torch.Tensor
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         null = torch.zeros(1, question.shape[-1], device=question.device)
         rescale = float(self.sampling.guidance_rescale)
         return lambda x, t: cfg_eps(self.denoiser, x, t, question.float(), null, scales, rescale=rescale)
 
-    def sample_latents(self, question: torch.Tensor, scales: torch.Tensor, generator: torch.Generator,
-                       guidance: Callable | None = None, x_start: torch.Tensor | None = None,
-                       start_frac: float = 1.0, noise_repeats: int = 1) -> torch.Tensor:
+    def sample_latents(
+        self,
+        question: torch.Tensor,
+        scales: torch.Tensor,
+        generator: torch.Generator,
+        guidance: Callable | None = None,
+        x_start: torch.Tensor | None = None,
+        start_frac: float = 1.0,
+        noise_repeats: int = 1,
+    ) -> torch.Tensor:
         """Normalised latents, one per row of `question` [N, e] with per-row guidance scales [N]. `noise_repeats`:
         the r blocks of rows get the same noise (one block per scale: paired comparisons)."""
         model = self._model(question, scales)
@@ -268,18 +312,41 @@ class HyperLDMModule(Stage, name="hyperldm"):
         if self.sampling.method == "original":
             big_t, steps = self.schedule.n_timesteps, int(self.sampling.steps)
             if big_t % steps:
-                raise ConfigError(f"model.sampling.steps = {steps}: the original sampler respaces by k = T / steps, "
-                                  f"so steps must divide T = {big_t}")
-            return sample_original(model, self.schedule, shape, respacing=big_t // steps, start_frac=start_frac,
-                                   x_start=x_start, guidance=guidance, generator=generator, device=question.device,
-                                   noise_repeats=noise_repeats)
+                raise ConfigError(
+                    f"model.sampling.steps = {steps}: the original sampler respaces by k = T / steps, "
+                    f"so steps must divide T = {big_t}"
+                )
+            return sample_original(
+                model,
+                self.schedule,
+                shape,
+                respacing=big_t // steps,
+                start_frac=start_frac,
+                x_start=x_start,
+                guidance=guidance,
+                generator=generator,
+                device=question.device,
+                noise_repeats=noise_repeats,
+            )
         steps = self.schedule.set_timesteps(int(self.sampling.steps), self.sampling.spacing, start_frac)
         clip = self.sampling.clip_x0
-        return sample(model, self.schedule, steps, shape=shape, method=self.sampling.method,
-                      eta=float(self.sampling.eta), guidance=guidance, x_start=x_start,
-                      noise_start=bool(self.from_pretrained.noise_start), generator=generator,
-                      device=question.device, clip_x0=None if clip is None else float(clip), reclip_guided=True,
-                      prediction=self.prediction, noise_repeats=noise_repeats)
+        return sample(
+            model,
+            self.schedule,
+            steps,
+            shape=shape,
+            method=self.sampling.method,
+            eta=float(self.sampling.eta),
+            guidance=guidance,
+            x_start=x_start,
+            noise_start=bool(self.from_pretrained.noise_start),
+            generator=generator,
+            device=question.device,
+            clip_x0=None if clip is None else float(clip),
+            reclip_guided=True,
+            prediction=self.prediction,
+            noise_repeats=noise_repeats,
+        )
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.latent_std + self.latent_mean
@@ -311,8 +378,13 @@ class HyperLDMModule(Stage, name="hyperldm"):
             oracle = self.trainer.datamodule.adaptation.eval_latents[data_split][batch.task_index.cpu()]
             self.values.update(f"{split}/oracle", self._accuracy(oracle.to(self.device), batch))
             if self.multitask is not None:
-                logits = self.multitask.logits(self.multitask.initial_inner(batch.question), batch.question,
-                                               batch.query_x, batch.answers, batch.answer_mask)
+                logits = self.multitask.logits(
+                    self.multitask.initial_inner(batch.question),
+                    batch.question,
+                    batch.query_x,
+                    batch.answers,
+                    batch.answer_mask,
+                )
                 self.values.update(f"{split}/multitask", masked_task_accuracy(logits, batch.query_y, batch.query_mask))
             if self.ridge_alpha is not None:
                 self.values.update(f"{split}/ridge", self._accuracy(self.ridge()(batch.question), batch))
@@ -320,10 +392,14 @@ class HyperLDMModule(Stage, name="hyperldm"):
             scales = torch.tensor(self.guidance_scales, device=self.device).repeat_interleave(n)
             x = self.sample_latents(batch.question.repeat(k, 1), scales, self._generator(batch), noise_repeats=k)
             for i, g in enumerate(self.guidance_scales):
-                self._record(split, cfg_label(g), x[i * n:(i + 1) * n], batch)
+                self._record(split, cfg_label(g), x[i * n : (i + 1) * n], batch)
         for g in self.fewshot.scales:
-            x = self.sample_latents(batch.question, self._full(n, self.fewshot.cfg_scale), self._generator(batch),
-                                    guidance=normalized_gradient_guidance(self._support_loss(batch), float(g)))
+            x = self.sample_latents(
+                batch.question,
+                self._full(n, self.fewshot.cfg_scale),
+                self._generator(batch),
+                guidance=normalized_gradient_guidance(self._support_loss(batch), float(g)),
+            )
             self._record(split, f"fewshot{g:g}", x, batch)
         for g in self.hyperclip_guidance.scales:
             scale = self._full(n, self.hyperclip_guidance.cfg_scale)
@@ -333,16 +409,26 @@ class HyperLDMModule(Stage, name="hyperldm"):
         members = int(self.ensemble.size)
         if members > 1:
             with torch.no_grad():
-                x = self.sample_latents(batch.question.repeat(members, 1), self._full(n * members, self.ensemble.cfg_scale),
-                                        self._generator(batch))
+                x = self.sample_latents(
+                    batch.question.repeat(members, 1),
+                    self._full(n * members, self.ensemble.cfg_scale),
+                    self._generator(batch),
+                )
                 self.samples.update(f"{split}/ensemble{members}", x)
                 probs = torch.stack([self._logits(self.raw(m), batch).softmax(-1) for m in x.chunk(members)]).mean(0)
-                self.values.update(f"{split}/ensemble{members}", masked_task_accuracy(probs, batch.query_y, batch.query_mask))
+                self.values.update(
+                    f"{split}/ensemble{members}", masked_task_accuracy(probs, batch.query_y, batch.query_mask)
+                )
         start = (init - self.latent_mean) / self.latent_std
         for frac in self.from_pretrained.t_fracs:
             with torch.no_grad():
-                x = self.sample_latents(batch.question, self._full(n, self.from_pretrained.cfg_scale),
-                                        self._generator(batch), x_start=start, start_frac=float(frac))
+                x = self.sample_latents(
+                    batch.question,
+                    self._full(n, self.from_pretrained.cfg_scale),
+                    self._generator(batch),
+                    x_start=start,
+                    start_frac=float(frac),
+                )
                 self._record(split, f"pretrained_t{frac:g}", x, batch)
 
     def ridge(self) -> RidgeMap:
@@ -361,8 +447,9 @@ class HyperLDMModule(Stage, name="hyperldm"):
 
         return loss
 
-    def _hyperclip_log_prob(self, batch: TaskBatch,
-                            scales: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _hyperclip_log_prob(
+        self, batch: TaskBatch, scales: torch.Tensor
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """log p(question | x_t) ~ cos(HyperCLIP(x0_hat(x_t)), question): the encoder was trained on clean latents,
         so it scores the denoiser's x0_hat, and the gradient flows through the denoiser (as DPS does)."""
         target = F.normalize(batch.question.float(), dim=-1)
@@ -402,23 +489,41 @@ class HyperLDMModule(Stage, name="hyperldm"):
             out |= {f"{split}/health/{variant}_{key}": value for key, value in h.items()}
             std = h.get("std", 1.0)  # no spread from one sample: judged by its range alone
             if not lo <= std <= hi or h["outside"] > float(self.health.max_outside):
-                log.warning("SAMPLER HEALTH %s/%s: per-dimension std %.3g (data: 1, expected in [%g, %g]), "
-                            "%.1f%% of entries outside +-%g, max |x| %.3g: the samples left the data's range",
-                            split, variant, std, lo, hi, 100 * h["outside"], self.health.bound, h["max_abs"])
+                log.warning(
+                    "SAMPLER HEALTH %s/%s: per-dimension std %.3g (data: 1, expected in [%g, %g]), "
+                    "%.1f%% of entries outside +-%g, max |x| %.3g: the samples left the data's range",
+                    split,
+                    variant,
+                    std,
+                    lo,
+                    hi,
+                    100 * h["outside"],
+                    self.health.bound,
+                    h["max_abs"],
+                )
         return out
 
     def _selected_scale(self) -> float | None:
         """The CFG scale with the best meta-val accuracy in the last validation pass (None: no validation ran)."""
-        scored = [(self.val_report[f"val/{cfg_label(g)}"], g) for g in self.guidance_scales
-                  if f"val/{cfg_label(g)}" in self.val_report]
+        scored = [
+            (self.val_report[f"val/{cfg_label(g)}"], g)
+            for g in self.guidance_scales
+            if f"val/{cfg_label(g)}" in self.val_report
+        ]
         return max(scored)[1] if scored else None
 
     def _denoiser_diagnostics(self) -> dict[str, float]:
         data = self.trainer.datamodule.adaptation
-        x0 = ((data.train_latents[0].to(self.device) - self.latent_mean) / self.latent_std)
-        out = denoiser_diagnostics(self.denoiser, self.schedule, x0, data.train_questions.to(self.device).float(),
-                                   self.prediction, [int(b) for b in self.diagnostics.bands],
-                                   int(self.diagnostics.seed))
+        x0 = (data.train_latents[0].to(self.device) - self.latent_mean) / self.latent_std
+        out = denoiser_diagnostics(
+            self.denoiser,
+            self.schedule,
+            x0,
+            data.train_questions.to(self.device).float(),
+            self.prediction,
+            [int(b) for b in self.diagnostics.bands],
+            int(self.diagnostics.seed),
+        )
         return {f"diag/{k}": v for k, v in out.items()}
 
     def on_test_epoch_end(self) -> None:
@@ -428,8 +533,10 @@ class HyperLDMModule(Stage, name="hyperldm"):
         if selected is not None:
             per_task["cfg_selected"] = per_task[cfg_label(selected)]
         else:
-            log.warning("no validation pass ran before test: the CFG scale cannot be selected on meta-val, so the table "
-                        "has no cfg_selected row (validate at the last epoch: trainer.check_val_every_n_epoch)")
+            log.warning(
+                "no validation pass ran before test: the CFG scale cannot be selected on meta-val, so the table "
+                "has no cfg_selected row (validate at the last epoch: trainer.check_val_every_n_epoch)"
+            )
         report = ci_report("test", per_task)
         for name, minus in self._paired_rows(per_task):  # paired per-task differences on the same tasks and noise
             report |= ci_report("test", {f"{name}_minus_{minus}": per_task[name] - per_task[minus]})
@@ -460,51 +567,88 @@ class HyperLDMModule(Stage, name="hyperldm"):
         rows = [("multitask (one shared adapter)", "multitask")] if self.multitask is not None else []
         rows += [("HNET (meta-learned init latent, no sampling)", "hnet_init")]
         rows += [("ridge map question -> fine-tuned latent", "ridge")] if self.ridge_alpha is not None else []
-        rows += [(f"HyperLDM, CFG scale {g:g}" + (" (unconditional)" if g == 0 else ""), cfg_label(g))
-                 for g in self.guidance_scales]
+        rows += [
+            (f"HyperLDM, CFG scale {g:g}" + (" (unconditional)" if g == 0 else ""), cfg_label(g))
+            for g in self.guidance_scales
+        ]
         rows += [("HyperLDM, CFG scale chosen on meta-val", "cfg_selected")]
         rows += [(f"HyperLDM + HyperCLIP guidance {g:g}", f"hyperclip{g:g}") for g in self.hyperclip_guidance.scales]
         if int(self.ensemble.size) > 1:
-            rows += [(f"HyperLDM ensemble of {int(self.ensemble.size)}, CFG {float(self.ensemble.cfg_scale):g}",
-                      f"ensemble{int(self.ensemble.size)}")]
-        rows += [(f"HyperLDM + few-shot guidance {g:g} (uses support labels)", f"fewshot{g:g}")
-                 for g in self.fewshot.scales]
-        rows += [(f"HyperLDM from the HNET init, t_frac {f:g}", f"pretrained_t{f:g}")
-                 for f in self.from_pretrained.t_fracs]
+            rows += [
+                (
+                    f"HyperLDM ensemble of {int(self.ensemble.size)}, CFG {float(self.ensemble.cfg_scale):g}",
+                    f"ensemble{int(self.ensemble.size)}",
+                )
+            ]
+        rows += [
+            (f"HyperLDM + few-shot guidance {g:g} (uses support labels)", f"fewshot{g:g}") for g in self.fewshot.scales
+        ]
+        rows += [
+            (f"HyperLDM from the HNET init, t_frac {f:g}", f"pretrained_t{f:g}") for f in self.from_pretrained.t_fracs
+        ]
         rows += [("oracle: latents fine-tuned on the task's train split", "oracle")]
         return rows
 
     def _table(self, report: dict[str, float], selected: float | None) -> str:
-        lines = ["", "zero-shot accuracy on meta-test tasks (mean +- 95% CI; CFG scale chosen on meta-val"
-                 + (f": {selected:g})" if selected is not None else ": no validation ran)")]
-        lines += [f"  {label:<58s} {report[f'test/{key}']:.3f} +- {report[f'test/{key}_ci95']:.3f}"
-                  for label, key in self._labels() if f"test/{key}" in report]
+        lines = [
+            "",
+            "zero-shot accuracy on meta-test tasks (mean +- 95% CI; CFG scale chosen on meta-val"
+            + (f": {selected:g})" if selected is not None else ": no validation ran)"),
+        ]
+        lines += [
+            f"  {label:<58s} {report[f'test/{key}']:.3f} +- {report[f'test/{key}_ci95']:.3f}"
+            for label, key in self._labels()
+            if f"test/{key}" in report
+        ]
         lines += ["paired per-task differences (same tasks, same sampling noise; mean +- 95% CI):"]
-        lines += [f"  {k[5:]:<58s} {v:+.3f} +- {report[k + '_ci95']:.3f}" for k, v in report.items()
-                  if "_minus_" in k and not k.endswith("_ci95")]
+        lines += [
+            f"  {k[5:]:<58s} {v:+.3f} +- {report[k + '_ci95']:.3f}"
+            for k, v in report.items()
+            if "_minus_" in k and not k.endswith("_ci95")
+        ]
         return "\n".join(lines)
 
     def _save_plot(self, report: dict[str, float]) -> Path:
         out = Path(self.trainer.default_root_dir)
         xs = self.guidance_scales
-        curve = {"HyperLDM (CFG)": [(g, report[f"test/{cfg_label(g)}"], report[f"test/{cfg_label(g)}_ci95"])
-                                    for g in xs]}
+        curve = {
+            "HyperLDM (CFG)": [(g, report[f"test/{cfg_label(g)}"], report[f"test/{cfg_label(g)}_ci95"]) for g in xs]
+        }
         for label, key in self._labels():  # every other row as a flat line across the scales
             if not key.startswith("cfg") and f"test/{key}" in report:
                 curve[label.split(" (")[0]] = [(g, report[f"test/{key}"], report[f"test/{key}_ci95"]) for g in xs]
-        path = save_curve_plot(curve, out / "accuracy_vs_guidance.png", xlabel="guidance scale",
-                               title="HyperLDM: meta-test zero-shot accuracy")
+        path = save_curve_plot(
+            curve,
+            out / "accuracy_vs_guidance.png",
+            xlabel="guidance scale",
+            title="HyperLDM: meta-test zero-shot accuracy",
+        )
         write_json(out / "accuracy_vs_guidance.json", curve)
         log_image(self.loggers, "test/accuracy_vs_guidance", path)
         return path
 
     def write_artifact(self, directory: Path) -> None:
-        torch.save({"denoiser": self.denoiser.state_dict(), "latent_mean": self.latent_mean.cpu(),
-                    "latent_std": self.latent_std.cpu()}, directory / DENOISER_WEIGHTS)
-        (directory / DENOISER_SPEC).write_text(json.dumps({
-            "latent_dim": self.base.latent_dim, "cond_dim": self.denoiser.cond_dim, **dataclasses.asdict(self.denoiser_spec),
-            "prediction": self.prediction, "schedule": dataclasses.asdict(self.schedule_spec), "uncond_rate": self.uncond_rate,
-        }, default=list))
+        torch.save(
+            {
+                "denoiser": self.denoiser.state_dict(),
+                "latent_mean": self.latent_mean.cpu(),
+                "latent_std": self.latent_std.cpu(),
+            },
+            directory / DENOISER_WEIGHTS,
+        )
+        (directory / DENOISER_SPEC).write_text(
+            json.dumps(
+                {
+                    "latent_dim": self.base.latent_dim,
+                    "cond_dim": self.denoiser.cond_dim,
+                    **dataclasses.asdict(self.denoiser_spec),
+                    "prediction": self.prediction,
+                    "schedule": dataclasses.asdict(self.schedule_spec),
+                    "uncond_rate": self.uncond_rate,
+                },
+                default=list,
+            )
+        )
 
 
 def load_denoiser_state(artifact: Artifact) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
 from metadiff.config import ConfigError
 from metadiff.config.typed import as_spec
@@ -79,8 +80,20 @@ def load_adaptation_base(upstream: dict[str, Artifact]) -> LatentLearner:
 
 
 class VAEModule(Stage, name="vae"):
-    def __init__(self, input: str, vae: VAESpec, kld_weight: float, normalize: bool,
-                 optimizer: Callable[..., torch.optim.Optimizer], upstream: dict[str, Artifact] | None = None):
+    @classmethod
+    def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
+        """It decodes the adaptation latents into weights with the HNET."""
+        return ("hnet", "adaptation")
+
+    def __init__(
+        self,
+        input: str,
+        vae: VAESpec,
+        kld_weight: float,
+        normalize: bool,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        upstream: dict[str, Artifact] | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
         self.vae_spec = as_spec(VAESpec, vae, "model.vae")
@@ -89,9 +102,12 @@ class VAEModule(Stage, name="vae"):
         if input not in INPUTS:
             raise ConfigError(f"model.input = '{input}' is not one of {INPUTS}")
         self.base, self.input = load_adaptation_base(upstream), input
-        self.vae = WeightVAE(self.base.shape.n_params if input == "weights" else self.base.latent_dim,
-                             latent_dim=self.vae_spec.latent_dim, hidden=self.vae_spec.hidden,
-                             logvar_shift=self.vae_spec.logvar_shift)
+        self.vae = WeightVAE(
+            self.base.shape.n_params if input == "weights" else self.base.latent_dim,
+            latent_dim=self.vae_spec.latent_dim,
+            hidden=self.vae_spec.hidden,
+            logvar_shift=self.vae_spec.logvar_shift,
+        )
         self.kld_weight, self.normalize, self.optimizer_factory = kld_weight, normalize, optimizer
         # every rank evaluates all tasks (EveryRankSampler): nothing to gather
         self.values = PerTaskValues([f"{s}/{v}" for s in (*EVAL_SPLITS, "meta_test") for v in EVAL_VALUES], sync=False)
@@ -127,8 +143,16 @@ class VAEModule(Stage, name="vae"):
             x = self.vae_input(z)
         terms = self.vae.losses(x)
         loss = terms["rec"] + self.kld_weight * terms["kl"]
-        self.log_dict({"train/loss": loss, "train/rec_loss": terms["rec"], "train/kl_loss": terms["kl"],
-                       "train/mu_norm": terms["mu_norm"]}, prog_bar=True, batch_size=z.shape[0])
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/rec_loss": terms["rec"],
+                "train/kl_loss": terms["kl"],
+                "train/mu_norm": terms["mu_norm"],
+            },
+            prog_bar=True,
+            batch_size=z.shape[0],
+        )
         return loss
 
     # -- evaluation: task accuracy of encoded vs decoded weights --------------------------------------------------
@@ -136,8 +160,10 @@ class VAEModule(Stage, name="vae"):
         z = self.trainer.datamodule.adaptation.eval_latents[split][batch.task_index.cpu()].to(self.device)
         w = self.base.decode(z)
         w_hat = self.weights_of(self.vae.reconstruct(w if self.input == "weights" else z))  # w: decoded once
-        acc = {name: masked_task_accuracy(self._weight_logits(weights, batch), batch.query_y, batch.query_mask)
-               for name, weights in (("encoded_acc", w), ("decoded_acc", w_hat))}
+        acc = {
+            name: masked_task_accuracy(self._weight_logits(weights, batch), batch.query_y, batch.query_mask)
+            for name, weights in (("encoded_acc", w), ("decoded_acc", w_hat))
+        }
         self.values.update(f"{split}/encoded_acc", acc["encoded_acc"])
         self.values.update(f"{split}/decoded_acc", acc["decoded_acc"])
         self.values.update(f"{split}/decoded_minus_encoded", acc["decoded_acc"] - acc["encoded_acc"])
@@ -145,8 +171,13 @@ class VAEModule(Stage, name="vae"):
         self.values.update(f"{split}/relative_mse", (w_hat - w).pow(2).sum(-1) / spread)
 
     def _weight_logits(self, flat: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
-        return adapter_logits(self.base.shape.unflatten(flat), batch.query_x.float(), batch.answers,
-                              batch.answer_mask, scale=self.base.logit_scale)
+        return adapter_logits(
+            self.base.shape.unflatten(flat),
+            batch.query_x.float(),
+            batch.answers,
+            batch.answer_mask,
+            scale=self.base.logit_scale,
+        )
 
     def validation_step(self, batch: TaskBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, EVAL_SPLITS[dataloader_idx])
@@ -167,8 +198,15 @@ class VAEModule(Stage, name="vae"):
 
     def write_artifact(self, directory: Path) -> None:
         torch.save(self.vae.state_dict(), directory / VAE_WEIGHTS)
-        (directory / VAE_SPEC).write_text(json.dumps({
-            "input": self.input, "in_dim": self.vae.in_dim, "latent_dim": self.vae.latent_dim,
-            "hidden": list(self.vae_spec.hidden), "logvar_shift": self.vae.logvar_shift,
-            "normalize": self.normalize,
-        }))
+        (directory / VAE_SPEC).write_text(
+            json.dumps(
+                {
+                    "input": self.input,
+                    "in_dim": self.vae.in_dim,
+                    "latent_dim": self.vae.latent_dim,
+                    "hidden": list(self.vae_spec.hidden),
+                    "logvar_shift": self.vae.logvar_shift,
+                    "normalize": self.normalize,
+                }
+            )
+        )
