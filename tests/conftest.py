@@ -21,7 +21,7 @@ CONF_DIR = REPO / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one torch thread each, also
-    os.environ["OMP_NUM_THREADS"] = "1"   # in the train.py subprocesses (inherited), instead of 4 threads fighting
+    os.environ["OMP_NUM_THREADS"] = "1"  # in the train.py subprocesses (inherited), instead of 4 threads fighting
     import torch
 
     torch.set_num_threads(1)
@@ -65,9 +65,14 @@ def vqa_tree(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def vqa_overrides(tree: dict[str, Path]) -> list[str]:
     """Point a *_vqa experiment at the fixture tree, with the tiny CLIP instead of ViT-L/14."""
-    return [f"paths.vqa_dir={tree['vqa_dir']}", f"paths.coco_dir={tree['coco_dir']}",
-            f"data.source.prompts={tree['prompts']}", "model.arch=metadiff-tiny-vit",
-            f"model.pretrained={tree['checkpoint']}", "data.num_workers=0"]
+    return [
+        f"paths.vqa_dir={tree['vqa_dir']}",
+        f"paths.coco_dir={tree['coco_dir']}",
+        f"data.source.prompts={tree['prompts']}",
+        "model.arch=metadiff-tiny-vit",
+        f"model.pretrained={tree['checkpoint']}",
+        "data.num_workers=0",
+    ]
 
 
 FEWSHOT_STAGES = ("multitask", "maml", "hnet")
@@ -98,10 +103,17 @@ def short_chain(bench: str, tree: dict[str, Path] | None = None, *also: str) -> 
     overrides = vqa_overrides(tree)
     paths, prompts, model = overrides[:2], overrides[2], overrides[3:5]
     budgets = OmegaConf.load(SHORT_CHAIN).upstream_overrides
-    stages = [f"++upstream_overrides.{name}={_quoted([prompts, *budgets[name]])}"
-              for name in budgets if name.endswith("_vqa")]
-    return [choice, *paths, prompts, "data.num_workers=0", *stages,
-            f"++upstream_overrides.features_vqa={_quoted([prompts, *model])}"]
+    stages = [
+        f"++upstream_overrides.{name}={_quoted([prompts, *budgets[name]])}" for name in budgets if name.endswith("_vqa")
+    ]
+    return [
+        choice,
+        *paths,
+        prompts,
+        "data.num_workers=0",
+        *stages,
+        f"++upstream_overrides.features_vqa={_quoted([prompts, *model])}",
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -136,20 +148,45 @@ def image_smoke_overrides(experiment: str, tree: Path) -> list[str]:
     """Smoke settings of the data-free stages: tiny UNets and checks, short upstreams; folder sets read `tree`."""
     bench = image_bench(experiment)
     episodes = ["data.episodes.episodes_per_batch=2"]  # fast_dev_run tests 1 batch: 2 episodes, not 20
-    data = episodes if bench == "glyphs" else [f"paths.{bench}_dir={tree}", "data.train.holdout_per_class=2",
-                                               "data.num_workers=0", "data.train.batch_size=4", *episodes]
+    data = (
+        episodes
+        if bench == "glyphs"
+        else [
+            f"paths.{bench}_dir={tree}",
+            "data.train.holdout_per_class=2",
+            "data.num_workers=0",
+            "data.train.batch_size=4",
+            *episodes,
+        ]
+    )
     grid = ["model.grid.n=2", "model.grid.steps=2"]
-    tiny_unet = [*grid, *([] if bench == "glyphs" else ["model.unet.block_out_channels=[32,32,32,32]",
-                                                        "model.unet.norm_num_groups=8", "model.unet.layers_per_block=1"])]
+    tiny_unet = [
+        *grid,
+        *(
+            []
+            if bench == "glyphs"
+            else [
+                "model.unet.block_out_channels=[32,32,32,32]",
+                "model.unet.norm_num_groups=8",
+                "model.unet.layers_per_block=1",
+            ]
+        ),
+    ]
     zoo = ["zoo.n_models=2", "zoo.classes_per_model=3"]  # 6 pseudo classes: enough for 5-way dfml episodes
     if experiment.startswith("classifier_"):
         return data
     if experiment.startswith("diffusion_unet_"):
         return [*data, *zoo, *tiny_unet]
     member = [*data, "trainer.max_steps=1", *tiny_unet]
-    return [*data, *zoo, "model.check.n_per_model=2", "model.check.steps=2", "model.grid.n_per_model=2",
-            f"+upstream_overrides.diffusion_unet_{bench}={_quoted(member)}",
-            f"+upstream_overrides.classifier_{bench}={_quoted([*data, 'trainer.max_steps=1', 'test=false'])}"]
+    return [
+        *data,
+        *zoo,
+        "model.check.n_per_model=2",
+        "model.check.steps=2",
+        "model.grid.n_per_model=2",
+        f"+upstream_overrides.diffusion_unet_{bench}={_quoted(member)}",
+        f"+upstream_overrides.classifier_{bench}={_quoted([*data, 'trainer.max_steps=1', 'test=false'])}",
+    ]
 
 
 def dfml_smoke_overrides(experiment: str, tree: Path) -> list[str]:
@@ -161,16 +198,31 @@ def dfml_smoke_overrides(experiment: str, tree: Path) -> list[str]:
     nested = [o for o in zoo_run if o.startswith("+upstream_overrides.")]
     zoo_own = [o for o in zoo_run if o not in data and o not in nested and not o.startswith("zoo.")]
     zoo = [*data, *zoo_own, "zoo.n_models=2", "zoo.classes_per_model=3"]
-    dfml = [*data, f"model.generation.per_class={11 if twin else 7}",  # 5-shot episodes need 5 + 6 per class "model.generation.batch_size=32", "model.generation.steps=2",
-            "model.generation.every=1", "model.episodes.per_batch=2", "model.grid.per_class=2",
-            "data.episodes.n_val_episodes=2"]
+    # 5-shot episodes need 5 + 6 images per class
+    dfml = [
+        *data,
+        f"model.generation.per_class={11 if twin else 7}",
+        "model.generation.batch_size=32",
+        "model.generation.steps=2",
+        "model.generation.every=1",
+        "model.episodes.per_batch=2",
+        "model.grid.per_class=2",
+        "data.episodes.n_val_episodes=2",
+    ]
     overrides = [*nested, f"+upstream_overrides.diffusion_zoo_{bench}={_quoted(zoo)}", *dfml]
     if experiment.startswith("dfml_"):
         return overrides
     dfml_upstream = [*dfml, "trainer.max_epochs=1", "data.train.steps_per_epoch=2", "test=false"]
-    return [*nested, f"+upstream_overrides.diffusion_zoo_{bench}={_quoted(zoo)}",
-            f"+upstream_overrides.dfml_{bench}{twin}={_quoted(dfml_upstream)}", *data, "model.mix.denoise_steps=2",
-            "model.head.clean_steps=2", "model.head.mix_steps=2", "model.head.final_steps=2"]
+    return [
+        *nested,
+        f"+upstream_overrides.diffusion_zoo_{bench}={_quoted(zoo)}",
+        f"+upstream_overrides.dfml_{bench}{twin}={_quoted(dfml_upstream)}",
+        *data,
+        "model.mix.denoise_steps=2",
+        "model.head.clean_steps=2",
+        "model.head.mix_steps=2",
+        "model.head.final_steps=2",
+    ]
 
 
 def smoke_overrides(experiment: str, tree: dict[str, Path], images: Path | None = None) -> list[str]:
@@ -208,16 +260,23 @@ def compose_config(overrides: list[str], root: Path, output_dir: Path) -> DictCo
     return cfg
 
 
-def run_train(args: list[str], root: Path, timeout: int = 900, check: bool = True,
-              env: dict[str, str] | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str],
+    root: Path,
+    timeout: int = 900,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    fresh: bool = False,
+) -> subprocess.CompletedProcess:
     """Run the real entry point `python train.py ...` in its own process (`env`: extra environment variables;
     `fresh`: a new interpreter instead of a fork of the worker's warm one, see train_process.py)."""
     argv = [*args, f"paths.root_dir={root}", "hydra.job.chdir=false"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     proc = run_entry_point(argv, env, timeout, fresh=fresh)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
