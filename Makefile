@@ -59,8 +59,9 @@ sweep: install ## example Hydra multirun: make sweep ARGS="seed=1,2"
 meta-vqa: install ## build Meta-VQA task files from VQA v2: make meta-vqa VQA_DIR=/data/VQA [OUT=dir]
 	$(PY) -m metadiff.data.meta_vqa build --vqa-dir $(VQA_DIR) --out $(or $(OUT),outputs/data/meta_vqa/built)
 
-lint: install ## ruff
+lint: install ## ruff lint and format check (CI runs this first)
 	$(VENV)/bin/ruff check src tests train.py
+	$(VENV)/bin/ruff format --check src tests train.py
 
 format: install ## ruff format + import sort
 	$(VENV)/bin/ruff check --fix src tests train.py

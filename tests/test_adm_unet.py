@@ -59,8 +59,15 @@ def test_set_heads_equals_a_four_head_attention(processor: str) -> None:
     """Re-splitting a built diffusers Attention into 4 heads = constructing it with 4 heads (same weights)."""
     from diffusers.models import attention_processor as ap
 
-    common = dict(rescale_output_factor=1.0, eps=1e-5, norm_num_groups=8, residual_connection=True, bias=True,
-                  upcast_softmax=True, _from_deprecated_attn_block=True)  # as diffusers' AttnDownBlock2D builds it
+    common = dict(
+        rescale_output_factor=1.0,
+        eps=1e-5,
+        norm_num_groups=8,
+        residual_connection=True,
+        bias=True,
+        upcast_softmax=True,
+        _from_deprecated_attn_block=True,
+    )  # as diffusers' AttnDownBlock2D builds it
     torch.manual_seed(0)
     one = ap.Attention(48, heads=1, dim_head=48, **common)
     with torch.no_grad():  # larger q/k weights, so that the head split visibly changes the softmax
@@ -78,8 +85,14 @@ def test_set_heads_equals_a_four_head_attention(processor: str) -> None:
 
 
 def test_learn_sigma_interface_and_old_configs() -> None:
-    unet = {"block_out_channels": [8, 8], "layers_per_block": 1, "down_block_types": ["DownBlock2D"] * 2,
-            "up_block_types": ["UpBlock2D"] * 2, "norm_num_groups": 4, "attention_head_dim": 4}
+    unet = {
+        "block_out_channels": [8, 8],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D"] * 2,
+        "up_block_types": ["UpBlock2D"] * 2,
+        "norm_num_groups": 4,
+        "attention_head_dim": 4,
+    }
     model = ImageDenoiser(8, 1, unet, learn_sigma=True, attention_heads=None)
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 5, 9])
     eps, v = model.forward_with_variance(x, t)
@@ -111,8 +124,9 @@ def test_normal_kl_closed_forms() -> None:
 @pytest.mark.parametrize("mean, std", [(0.0, 0.1), (0.93, 0.004), (-1.4, 0.3), (0.5, 3.0), (0.999, 1e-4)])
 def test_discretized_likelihood_is_a_distribution_over_the_256_levels(mean: float, std: float) -> None:
     levels = torch.linspace(-1, 1, 256, dtype=torch.float64)
-    logp = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mean),
-                                               torch.full_like(levels, 2 * math.log(std)))
+    logp = discretized_gaussian_log_likelihood(
+        levels, torch.full_like(levels, mean), torch.full_like(levels, 2 * math.log(std))
+    )
     assert float(logp.exp().sum()) == pytest.approx(1.0, abs=1e-6)
     phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
     k, half = 128, 1 / 255
@@ -140,8 +154,9 @@ def test_vb_term_is_zero_at_the_true_posterior_and_trains_only_the_variance() ->
     torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
 
 
-def _hand_step(schedule: NoiseSchedule, x: torch.Tensor, eps: torch.Tensor, v: torch.Tensor, t: int, t_prev: int,
-               z: torch.Tensor) -> torch.Tensor:
+def _hand_step(
+    schedule: NoiseSchedule, x: torch.Tensor, eps: torch.Tensor, v: torch.Tensor, t: int, t_prev: int, z: torch.Tensor
+) -> torch.Tensor:
     ab, ab_prev = float(schedule.alphas_cumprod[t]), float(schedule.alphas_cumprod[t_prev])
     beta = 1 - ab / ab_prev
     beta_tilde = beta * (1 - ab_prev) / (1 - ab)
@@ -162,8 +177,12 @@ def test_learned_variance_step_matches_hand_computation_and_diffusers() -> None:
         ours = step(schedule, x, eps, 500, 460, eta=1.0, generator=torch.Generator().manual_seed(5), v=v)
         torch.testing.assert_close(ours, _hand_step(schedule, x, eps, v, 500, 460, z), rtol=1e-5, atol=1e-5)
     # respaced (leading, stride 20): diffusers' learned_range builds beta from the kept pair too
-    theirs = DDPMScheduler(num_train_timesteps=1000, trained_betas=schedule.betas.float().numpy(),
-                           variance_type="learned_range", clip_sample=False)
+    theirs = DDPMScheduler(
+        num_train_timesteps=1000,
+        trained_betas=schedule.betas.float().numpy(),
+        variance_type="learned_range",
+        clip_sample=False,
+    )
     theirs.set_timesteps(50)
     steps = schedule.set_timesteps(50, spacing="leading")
     assert steps.tolist() == theirs.timesteps.tolist()
@@ -210,16 +229,23 @@ def test_diffusionmix_denoises_with_the_learned_variance(monkeypatch: pytest.Mon
     from metadiff.dfml.diffusionmix import interpolate
     from metadiff.diffusion.zoo import DiffusionZoo
 
-    unet = {"block_out_channels": [8, 8], "layers_per_block": 1, "down_block_types": ["DownBlock2D"] * 2,
-            "up_block_types": ["UpBlock2D"] * 2, "norm_num_groups": 4, "attention_head_dim": 4}
+    unet = {
+        "block_out_channels": [8, 8],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D"] * 2,
+        "up_block_types": ["UpBlock2D"] * 2,
+        "norm_num_groups": 4,
+        "attention_head_dim": 4,
+    }
     model = ImageDenoiser(8, 1, unet, learn_sigma=True).eval()
     calls: list[int] = []
     with_variance = model.forward_with_variance
     monkeypatch.setattr(model, "forward_with_variance", lambda x, t: calls.append(int(t[0])) or with_variance(x, t))
     zoo = DiffusionZoo([model], NoiseSchedule.make("cosine", 1000), {}, [], [], 8, 1)
     a, b = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
-    out = interpolate(zoo, 0, a, b, t=50, lam=0.3, compat="fixed", generator=torch.Generator().manual_seed(0),
-                      denoise_steps=3)
+    out = interpolate(
+        zoo, 0, a, b, t=50, lam=0.3, compat="fixed", generator=torch.Generator().manual_seed(0), denoise_steps=3
+    )
     assert calls == [50, 25, 0] and out.shape == a.shape  # every ancestral step read (eps, v)
 
 
@@ -276,11 +302,22 @@ def test_learned_variance_finds_the_optimal_reverse_variance_of_gaussian_data() 
 
 
 def test_stage_trains_with_learn_sigma_and_records_it(cache_root: Path) -> None:
-    proc = run_train(["experiment=diffusion_unet_glyphs", "model.learn_sigma=true", "model.attention_heads=4",
-                      "model.unet.attention_head_dim=null",
-                      "trainer.max_steps=2", "test=false", "callbacks.ema.update_starting_at_step=0",
-                      "optimized_metric=null", "trainer.check_val_every_n_epoch=100", "task_name=unet_sigma",
-                      "trainer.enable_progress_bar=false"], cache_root)
+    proc = run_train(
+        [
+            "experiment=diffusion_unet_glyphs",
+            "model.learn_sigma=true",
+            "model.attention_heads=4",
+            "model.unet.attention_head_dim=null",
+            "trainer.max_steps=2",
+            "test=false",
+            "callbacks.ema.update_starting_at_step=0",
+            "optimized_metric=null",
+            "trainer.check_val_every_n_epoch=100",
+            "task_name=unet_sigma",
+            "trainer.enable_progress_bar=false",
+        ],
+        cache_root,
+    )
     m = run_metrics(proc, "diffusion_unet")
     assert m["train/loss"] == pytest.approx(m["train/mse"] + m["train/vb"], rel=1e-5)  # the hybrid loss was trained
     path = written_artifact(proc.stdout + proc.stderr, "diffusion_unet")

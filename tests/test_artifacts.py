@@ -113,8 +113,10 @@ def test_manifests_name_upstreams_relative_to_the_artifacts_root(tmp_path: Path)
 
 
 def test_old_manifests_with_absolute_upstream_paths_still_load(tmp_path: Path) -> None:
-    art = Artifact(tmp_path / "features" / "t-abc", {"fingerprint": "f", "upstream": {
-        "clip": {"path": "/old/outputs/artifacts/clip/c-123", "fingerprint": "c"}}})
+    art = Artifact(
+        tmp_path / "features" / "t-abc",
+        {"fingerprint": "f", "upstream": {"clip": {"path": "/old/outputs/artifacts/clip/c-123", "fingerprint": "c"}}},
+    )
     assert art.upstream_path("clip") == Path("/old/outputs/artifacts/clip/c-123")
     with pytest.raises(KeyError, match="no upstream 'vae'"):
         art.upstream_path("vae")
@@ -179,17 +181,21 @@ def test_concurrent_overwriting_publishes_leave_one_complete_copy(tmp_path: Path
     assert [p.name for p in target.parent.iterdir()] == ["task-abc"]  # no temporary or moved-aside copies left
 
 
-@pytest.mark.parametrize(("env", "follower"), [
-    ({}, False),
-    ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, False),  # rank 0 after Lightning's launcher set its variables
-    ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, True),   # a rank that Lightning's subprocess launcher started
-    ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, True),   # rank 0 of the second node
-    ({"RANK": "3"}, True),                          # torchrun
-    ({"SLURM_PROCID": "2"}, True),
-    ({"SLURM_PROCID": "0"}, False),
-])
-def test_follower_ranks_are_told_apart_before_any_trainer(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
-                                                          follower: bool) -> None:
+@pytest.mark.parametrize(
+    ("env", "follower"),
+    [
+        ({}, False),
+        ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, False),  # rank 0 after Lightning's launcher set its variables
+        ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, True),  # a rank that Lightning's subprocess launcher started
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, True),  # rank 0 of the second node
+        ({"RANK": "3"}, True),  # torchrun
+        ({"SLURM_PROCID": "2"}, True),
+        ({"SLURM_PROCID": "0"}, False),
+    ],
+)
+def test_follower_ranks_are_told_apart_before_any_trainer(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], follower: bool
+) -> None:
     # followers build a missing upstream alongside their rank 0 instead of waiting for the lock it holds
     for name in RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -200,8 +206,15 @@ def test_follower_ranks_are_told_apart_before_any_trainer(monkeypatch: pytest.Mo
 
 # ----------------------------------------------------------------------------------------- pipeline, no training
 def _state() -> tuple:
-    return (torch.get_float32_matmul_precision(), torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-            torch.rand(1).item(), float(np.random.rand()), random.random(), os.environ.get("PL_GLOBAL_SEED"))
+    return (
+        torch.get_float32_matmul_precision(),
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.rand(1).item(),
+        float(np.random.rand()),
+        random.random(),
+        os.environ.get("PL_GLOBAL_SEED"),
+    )
 
 
 def _messy_stage(calls: list[str]) -> object:
@@ -229,9 +242,9 @@ def _seeded_state() -> tuple:
     return state
 
 
-def test_upstreams_are_built_once_by_the_given_runner_and_give_back_process_state(tmp_path: Path,
-                                                                                   caplog: pytest.LogCaptureFixture) \
-        -> None:
+def test_upstreams_are_built_once_by_the_given_runner_and_give_back_process_state(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = _composed(tmp_path, "a", "experiment=features_synthvqa")
     calls: list[str] = []
     with preserved_process_state():
@@ -268,14 +281,25 @@ def test_an_inherited_group_reaches_the_upstream_also_when_chosen_as_a_list(debu
 
 # --------------------------------------------------------------------------------------- relocation, real chain
 SMALL_SYNTH = ["data.source.generator.n_scenes=1500", "data.source.generator.n_tasks=200"]  # as test_meta_val
-SHORT_CLIP = "[" + ",".join(f"'{o}'" for o in ["trainer.max_steps=2", "data.n_train_pairs=512", "data.n_val_tasks=5",
-                                                "test=false", *SMALL_SYNTH]) + "]"
+SHORT_CLIP = (
+    "["
+    + ",".join(
+        f"'{o}'"
+        for o in ["trainer.max_steps=2", "data.n_train_pairs=512", "data.n_val_tasks=5", "test=false", *SMALL_SYNTH]
+    )
+    + "]"
+)
 
 
 def _artifacts(root: Path) -> set[str]:
     base = root / "outputs" / "artifacts"
-    return {f"{s.name}/{a.name}" for s in base.iterdir() if not s.name.startswith(".")
-            for a in s.iterdir() if not a.name.startswith(".")}
+    return {
+        f"{s.name}/{a.name}"
+        for s in base.iterdir()
+        if not s.name.startswith(".")
+        for a in s.iterdir()
+        if not a.name.startswith(".")
+    }
 
 
 def test_a_copied_outputs_tree_is_reused_under_another_root(tmp_path: Path) -> None:
@@ -294,8 +318,9 @@ def test_a_copied_outputs_tree_is_reused_under_another_root(tmp_path: Path) -> N
     assert "building it now" not in log
     assert _artifacts(tmp_path / "b") == built  # the features artifact is republished in place, nothing new
     written = re.findall(r"artifact written: (\S+)", log)
-    assert [Path(p).relative_to(tmp_path / "b" / "outputs" / "artifacts").as_posix() for p in written] == \
-        [a for a in built if a.startswith("features/")]
+    assert [Path(p).relative_to(tmp_path / "b" / "outputs" / "artifacts").as_posix() for p in written] == [
+        a for a in built if a.startswith("features/")
+    ]
     features = load_artifact(Path(written[0]))
     assert features.manifest["upstream"]["clip"]["path"] == clip
     assert features.upstream_path("clip") == tmp_path / "b" / "outputs" / "artifacts" / clip

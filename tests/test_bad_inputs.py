@@ -48,8 +48,11 @@ def _corrupt_image(tmp: Path, images: Path) -> list[str]:
     shutil.copytree(images, tree)
     for file in (tree / "meta_train").rglob("*.png"):
         file.write_bytes(b"\x89PNG but not really")
-    return ["experiment=classifier_miniimagenet", "debug=fdr",
-            *[o.replace(str(images), str(tree)) for o in image_smoke_overrides("classifier_miniimagenet", images)]]
+    return [
+        "experiment=classifier_miniimagenet",
+        "debug=fdr",
+        *[o.replace(str(images), str(tree)) for o in image_smoke_overrides("classifier_miniimagenet", images)],
+    ]
 
 
 def _missing_checkpoint(tmp: Path, images: Path) -> list[str]:
@@ -103,15 +106,21 @@ CATALOGUE: dict[str, tuple[BadInput, str]] = {
     "missing_checkpoint": (_missing_checkpoint, r"ckpt_path=.*gone\.ckpt: no such checkpoint file"),
     "truncated_checkpoint": (_truncated_checkpoint, r"ckpt_path=.*last\.ckpt: not a readable checkpoint, truncated"),
     "not_a_checkpoint": (_not_a_checkpoint, r"ckpt_path=.*notes\.ckpt: a zip file but not a torch checkpoint"),
-    "artifact_of_another_stage": (_artifact_of_another_stage,
-                                  r"upstream\.clip\.path=.*artifact holds a 'diffusion_zoo' artifact, but upstream "
-                                  r"'clip' \(clip_synthvqa\) must be a 'clip' artifact"),
+    "artifact_of_another_stage": (
+        _artifact_of_another_stage,
+        r"upstream\.clip\.path=.*artifact holds a 'diffusion_zoo' artifact, but upstream "
+        r"'clip' \(clip_synthvqa\) must be a 'clip' artifact",
+    ),
     "corrupt_artifact_manifest": (_corrupt_manifest, r"artifact manifest .*manifest\.json is not valid JSON"),
-    "ddp_sim_without_a_device_count": (_ddp_sim_without_a_device_count,
-                                       r"trainer\.devices: 'auto', but .*StageRanksDDPStrategy needs the number of "
-                                       r"ranks to spawn"),
-    "corrupt_image_in_a_spawned_rank": (_corrupt_image_in_a_spawned_rank,
-                                        r"unreadable image .*images/meta_train/n\d+/\d+\.png"),
+    "ddp_sim_without_a_device_count": (
+        _ddp_sim_without_a_device_count,
+        r"trainer\.devices: 'auto', but .*StageRanksDDPStrategy needs the number of "
+        r"ranks to spawn",
+    ),
+    "corrupt_image_in_a_spawned_rank": (
+        _corrupt_image_in_a_spawned_rank,
+        r"unreadable image .*images/meta_train/n\d+/\d+\.png",
+    ),
 }
 
 
@@ -126,21 +135,35 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(case: str, tmp_path: Pat
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert re.search(expected, errors[0]), f"{case}: {errors[0]!r} does not match {expected!r}"
     artifacts = root / "outputs" / "artifacts"
-    half_written = [p for p in artifacts.rglob("*") if p.is_dir() and p.parent.parent == artifacts] \
-        if artifacts.exists() else []
+    half_written = (
+        [p for p in artifacts.rglob("*") if p.is_dir() and p.parent.parent == artifacts] if artifacts.exists() else []
+    )
     assert not half_written, f"{case}: artifact dirs left behind: {half_written}"
 
 
 def test_diverging_run_stops_naming_stage_and_step(tmp_path: Path) -> None:
     """A weight turned NaN after 3 batches: the next loss is NaN, and the guard stops the run before that step's
     update, in one line that names stage, task, epoch, step and batch (exit 2), with no artifact written."""
-    proc = run_train(["experiment=clip_synthvqa", "debug=diverge", "callbacks.poison.after=3", "data.n_train_pairs=256",
-                      "data.batch_size=32", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"],
-                     tmp_path, check=False, timeout=300)
+    proc = run_train(
+        [
+            "experiment=clip_synthvqa",
+            "debug=diverge",
+            "callbacks.poison.after=3",
+            "data.n_train_pairs=256",
+            "data.batch_size=32",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+        ],
+        tmp_path,
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert error == ("error: stage 'clip' (clip_synthvqa): the training loss is nan at epoch 0, global step 3, "
-                     "batch 3; lower the learning rate or check the inputs"), error
+    assert error == (
+        "error: stage 'clip' (clip_synthvqa): the training loss is nan at epoch 0, global step 3, "
+        "batch 3; lower the learning rate or check the inputs"
+    ), error
     assert not (tmp_path / "outputs" / "artifacts" / "clip").exists()
 
 
@@ -148,9 +171,20 @@ def test_diverging_manual_optimisation_stage_is_stopped_too(cache_root: Path, im
     """dfml optimises by hand (two optimisers, `manual_backward`): the same guard sees its losses."""
     from conftest import dfml_smoke_overrides
 
-    proc = run_train(["experiment=dfml_miniimagenet", *dfml_smoke_overrides("dfml_miniimagenet", image_tree),
-                      "debug=diverge", "callbacks.poison.after=1", "trainer.max_epochs=1", "data.train.steps_per_epoch=3",
-                      "trainer.enable_progress_bar=false"], cache_root, check=False, timeout=900)
+    proc = run_train(
+        [
+            "experiment=dfml_miniimagenet",
+            *dfml_smoke_overrides("dfml_miniimagenet", image_tree),
+            "debug=diverge",
+            "callbacks.poison.after=1",
+            "trainer.max_epochs=1",
+            "data.train.steps_per_epoch=3",
+            "trainer.enable_progress_bar=false",
+        ],
+        cache_root,
+        check=False,
+        timeout=900,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in proc.stderr

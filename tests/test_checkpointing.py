@@ -64,8 +64,16 @@ class Tiny(Stage, name="tiny_checkpoint_test"):
 
 
 def _trainer(tmp: Path, callbacks: list[pl.Callback], io: CountingIO, epochs: int = EPOCHS) -> pl.Trainer:
-    return pl.Trainer(default_root_dir=tmp, max_epochs=epochs, accelerator="cpu", logger=False, callbacks=callbacks,
-                      plugins=[io], enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(
+        default_root_dir=tmp,
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        callbacks=callbacks,
+        plugins=[io],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
 
 
 def _default_checkpoint_callback(tmp: Path) -> pl.Callback:
@@ -85,20 +93,29 @@ def test_the_default_callbacks_do_not_write_a_checkpoint_every_epoch(tmp_path: P
 
 def test_spacing_follows_the_interval_and_the_io_budget(tmp_path: Path) -> None:
     every = CountingIO()
-    _trainer(tmp_path / "a", [SpacedCheckpoint(min_interval_s=0, max_io_fraction=1.0,
-                                               dirpath=tmp_path / "a" / "ckpt")], every).fit(Tiny())
+    _trainer(
+        tmp_path / "a",
+        [SpacedCheckpoint(min_interval_s=0, max_io_fraction=1.0, dirpath=tmp_path / "a" / "ckpt")],
+        every,
+    ).fit(Tiny())
     assert every.files == EPOCHS  # due at every epoch end: one file each, not two
     last = tmp_path / "a" / "ckpt" / "last.ckpt"
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"] and not last.is_symlink()
     assert torch.load(last, weights_only=False)["epoch"] == EPOCHS - 1
     # a budget so small that the first write uses it up for the rest of training
     once = CountingIO()
-    _trainer(tmp_path / "b", [SpacedCheckpoint(min_interval_s=0, max_io_fraction=1e-9,
-                                               dirpath=tmp_path / "b" / "ckpt")], once).fit(Tiny())
+    _trainer(
+        tmp_path / "b",
+        [SpacedCheckpoint(min_interval_s=0, max_io_fraction=1e-9, dirpath=tmp_path / "b" / "ckpt")],
+        once,
+    ).fit(Tiny())
     assert once.files == 1
     never = CountingIO()
-    _trainer(tmp_path / "c", [SpacedCheckpoint(min_interval_s=3600, max_io_fraction=1.0,
-                                               dirpath=tmp_path / "c" / "ckpt")], never).fit(Tiny())
+    _trainer(
+        tmp_path / "c",
+        [SpacedCheckpoint(min_interval_s=3600, max_io_fraction=1.0, dirpath=tmp_path / "c" / "ckpt")],
+        never,
+    ).fit(Tiny())
     assert never.files == 0
 
 
@@ -109,6 +126,7 @@ def _weights(checkpoint: dict[str, Any]) -> set[str]:
 def test_frozen_upstream_nets_stay_out_of_checkpoints_and_come_back_on_resume(tmp_path: Path) -> None:
     """With the EMA on (it keeps a second copy of every weight in the checkpoint), declared frozen nets are in
     neither copy; a fresh module resumes from the file with Lightning's strict load and its EMA intact."""
+
     def ema() -> InPlaceEMA:
         return InPlaceEMA(decay=0.9, update_every_n_steps=1, update_starting_at_step=0)
 
@@ -127,8 +145,9 @@ def test_frozen_upstream_nets_stay_out_of_checkpoints_and_come_back_on_resume(tm
     resumed = Tiny()
     run = tmp_path / "declared_True"
     io = CountingIO()
-    trainer = _trainer(run, [SpacedCheckpoint(min_interval_s=0, max_io_fraction=1.0, dirpath=run / "again"), ema()],
-                       io, epochs=3)
+    trainer = _trainer(
+        run, [SpacedCheckpoint(min_interval_s=0, max_io_fraction=1.0, dirpath=run / "again"), ema()], io, epochs=3
+    )
     trainer.fit(resumed, ckpt_path=str(run / "last.ckpt"))
     assert trainer.current_epoch == 3 and io.files == 1  # resumed after epoch 2 and trained epoch 3
     torch.testing.assert_close(resumed.upstream_net.weight, Tiny().upstream_net.weight, rtol=0, atol=0)
@@ -136,5 +155,9 @@ def test_frozen_upstream_nets_stay_out_of_checkpoints_and_come_back_on_resume(tm
 
 def test_a_frozen_net_that_an_optimizer_trains_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="upstream_net.weight is declared a frozen upstream net"):
-        _trainer(tmp_path, [SpacedCheckpoint(min_interval_s=0, max_io_fraction=1.0, dirpath=tmp_path)],
-                 CountingIO(), epochs=1).fit(Tiny(train_upstream=True))
+        _trainer(
+            tmp_path,
+            [SpacedCheckpoint(min_interval_s=0, max_io_fraction=1.0, dirpath=tmp_path)],
+            CountingIO(),
+            epochs=1,
+        ).fit(Tiny(train_upstream=True))

@@ -69,8 +69,11 @@ def write_openai_archive(model: torch.nn.Module, path: Path) -> None:
     mask = traced.attn_mask
     del traced.attn_mask
     object.__setattr__(traced, "attn_mask", mask)
-    scalars = {"input_resolution": traced.visual.image_size[0], "context_length": traced.context_length,
-               "vocab_size": traced.vocab_size}
+    scalars = {
+        "input_resolution": traced.visual.image_size[0],
+        "context_length": traced.context_length,
+        "vocab_size": traced.vocab_size,
+    }
     del traced.context_length, traced.vocab_size
     for name, value in scalars.items():
         traced.register_buffer(name, torch.tensor(value))
@@ -90,6 +93,7 @@ def fp16_rounded(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # --- local files ---------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("wrapping", ["plain", "training_checkpoint", "dataparallel"])
 def test_open_clip_state_dict_file_gives_the_same_model(wrapping: str, tmp_path: Path) -> None:
@@ -223,6 +227,7 @@ def test_tags_bring_their_own_normalisation() -> None:
 
 # --- the Hugging Face cache, offline -------------------------------------------------------------------------------
 
+
 def run_offline(script: str, hf_home: Path) -> dict:
     """`script` in a fresh interpreter with HF_HUB_OFFLINE=1, HF_HOME=hf_home and sockets disabled; it leaves its
     answer in the variable `result`, printed here as the last line of JSON."""
@@ -237,8 +242,14 @@ def run_offline(script: str, hf_home: Path) -> dict:
     )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE")}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(hf_home))
-    proc = subprocess.run([sys.executable, "-c", prelude + script + "\nprint(json.dumps(result))"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + script + "\nprint(json.dumps(result))"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -250,7 +261,9 @@ def test_tag_missing_from_offline_cache_is_one_line_before_any_model_is_built(tm
         "import open_clip.model\n"
         "def _no_build(*a, **k):\n    raise AssertionError('a model was built before the error')\n"
         "open_clip.model.CLIP.__init__ = _no_build\n"
-        "result = error_of(lambda: create_clip('RN50', 'openai'))\n", hf_home)
+        "result = error_of(lambda: create_clip('RN50', 'openai'))\n",
+        hf_home,
+    )
     kind, message = result
     assert kind == "MissingInputError", message
     assert "'openai' of 'RN50'" in message and "HF_HUB_OFFLINE=1" in message and "run once online" in message
@@ -265,15 +278,21 @@ def test_offline_tag_through_the_entry_point_is_one_error_line(vqa_tree: dict, t
     hf_home.mkdir()
     overrides = [o for o in vqa_overrides(vqa_tree) if not o.startswith(("model.arch=", "model.pretrained="))]
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub")}
-    proc = run_train(["experiment=features_vqa", *overrides, "model.arch=RN50", "model.pretrained=openai"],
-                     tmp_path / "root", check=False, env=env, fresh=True)  # fresh: huggingface_hub reads env at import
+    proc = run_train(
+        ["experiment=features_vqa", *overrides, "model.arch=RN50", "model.pretrained=openai"],
+        tmp_path / "root",
+        check=False,
+        env=env,
+        fresh=True,
+    )  # fresh: huggingface_hub reads env at import
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert "'openai' of 'RN50'" in error and "run once online" in error and str(hf_home) in error
 
 
-def write_hub_repo(cache: Path, repo_id: str, model_cfg: dict, weights: dict[str, torch.Tensor],
-                   preprocess_cfg: dict) -> None:
+def write_hub_repo(
+    cache: Path, repo_id: str, model_cfg: dict, weights: dict[str, torch.Tensor], preprocess_cfg: dict
+) -> None:
     """An open_clip model repo in the standard huggingface_hub cache layout, as a download leaves it."""
     revision = "0123456789abcdef0123456789abcdef01234567"
     repo = cache / f"models--{repo_id.replace('/', '--')}"
@@ -281,10 +300,12 @@ def write_hub_repo(cache: Path, repo_id: str, model_cfg: dict, weights: dict[str
     snapshot.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
-    (snapshot / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
-                                                                "preprocess_cfg": preprocess_cfg}))
-    safetensors.torch.save_file({k: v.contiguous() for k, v in weights.items()},
-                                str(snapshot / "open_clip_model.safetensors"))
+    (snapshot / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+    )
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in weights.items()}, str(snapshot / "open_clip_model.safetensors")
+    )
 
 
 IMAGES_SEED, TEXTS = 123, ["a red circle", "two squares"]
@@ -327,7 +348,8 @@ def test_hub_repo_in_offline_cache_gives_the_same_model(tmp_path: Path) -> None:
         outputs_script("hf-hub:metadiff/tiny-clip", tmp_path / "out.pt")
         + "result['other'] = error_of(lambda: create_clip('metadiff-tiny-vit', 'hf-hub:metadiff/other-clip'))\n"
         "result['absent'] = error_of(lambda: create_clip('metadiff-tiny-vit', 'hf-hub:metadiff/absent'))\n",
-        hf_home)
+        hf_home,
+    )
     kind, name, path = result["weights"]
     assert (kind, name) == ("hf-hub", "hf-hub:metadiff/tiny-clip") and path.startswith(str(hf_home / "hub"))
     assert (result["mean"], result["std"]) == (mean, std)  # the repo's normalisation
@@ -340,6 +362,7 @@ def test_hub_repo_in_offline_cache_gives_the_same_model(tmp_path: Path) -> None:
 
 
 # --- the feature store's key ---------------------------------------------------------------------------------------
+
 
 def _store_key(weights: Path) -> tuple[str, dict]:
     source = SimpleNamespace(name="synthvqa", fingerprint=lambda: "data-fp")  # all FeatureExtractor asks of it here
@@ -375,7 +398,9 @@ def test_tag_in_offline_cache_gives_the_same_model_with_the_tags_activation(tmp_
         f"cfg = {tag_cfg!r}\n"
         f"open_clip.list_pretrained_tags_by_model = lambda arch: ['tinytag'] if arch == {ARCH!r} else []\n"
         f"open_clip.get_pretrained_cfg = lambda arch, tag: cfg if (arch, tag) == ({ARCH!r}, 'tinytag') else {{}}\n"
-        + outputs_script("tinytag", tmp_path / "out.pt"), hf_home)
+        + outputs_script("tinytag", tmp_path / "out.pt"),
+        hf_home,
+    )
     kind, name, path = result["weights"]
     assert (kind, name) == ("tag", "tinytag") and path.startswith(str(hf_home / "hub"))
     assert (result["mean"], result["std"]) == (tag_cfg["mean"], tag_cfg["std"])

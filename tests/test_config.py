@@ -39,8 +39,11 @@ def test_short_chain_selects_with_other_debug_options(tmp_path: Path) -> None:
     """`debug=[short_chain,fdr]`: both options apply (a second `debug=` override would replace the first)."""
     cfg = compose_config(["experiment=hyperldm_synthvqa", "debug=[short_chain,fdr]"], tmp_path, tmp_path / "out")
     assert cfg.trainer.fast_dev_run is True
-    assert list(cfg.upstream_overrides.clip_synthvqa) == ["trainer.max_steps=2", "data.n_train_pairs=512",
-                                                          "data.n_val_tasks=5"]
+    assert list(cfg.upstream_overrides.clip_synthvqa) == [
+        "trainer.max_steps=2",
+        "data.n_train_pairs=512",
+        "data.n_val_tasks=5",
+    ]
 
 
 def test_misspelt_override_fails_before_any_work(tmp_path: Path) -> None:
@@ -56,8 +59,13 @@ def test_misspelt_key_inside_config_names_it_and_suggests(tmp_path: Path) -> Non
         validate_config(cfg)
 
 
-@pytest.mark.parametrize("key, suggestion", [("latents_per_bach", "latents_per_batch"),   # the subclass's own key
-                                             ("tasks_per_bach", "tasks_per_batch")])     # a key it forwards
+@pytest.mark.parametrize(
+    "key, suggestion",
+    [
+        ("latents_per_bach", "latents_per_batch"),  # the subclass's own key
+        ("tasks_per_bach", "tasks_per_batch"),
+    ],
+)  # a key it forwards
 def test_misspelt_key_of_a_datamodule_forwarding_kwargs_is_caught(key: str, suggestion: str, tmp_path: Path) -> None:
     cfg = compose_config(["experiment=vae_synthvqa", f"+data.{key}=3"], tmp_path, tmp_path / "out")
     with pytest.raises(ConfigError, match=rf"'data\.{key}'.*did you mean '{suggestion}'"):
@@ -86,13 +94,15 @@ def test_generator_typo_names_nested_key(tmp_path: Path) -> None:
     generator = OmegaConf.to_container(cfg.data.source.generator)
     generator["n_scene"] = 10
     with pytest.raises(ConfigError, match=r"data\.source\.generator\.n_scene"):
-        SynthVQASource(cache_dir=str(tmp_path), generator=generator, answer_prompt=None,
-                       meta_val={"fraction": 0.0, "seed": 0})
+        SynthVQASource(
+            cache_dir=str(tmp_path), generator=generator, answer_prompt=None, meta_val={"fraction": 0.0, "seed": 0}
+        )
     generator.pop("n_scene")
     generator["scene"]["colour"] = "red"
     with pytest.raises(ConfigError, match=r"data\.source\.generator\.scene\.colour"):
-        SynthVQASource(cache_dir=str(tmp_path), generator=generator, answer_prompt=None,
-                       meta_val={"fraction": 0.0, "seed": 0})
+        SynthVQASource(
+            cache_dir=str(tmp_path), generator=generator, answer_prompt=None, meta_val={"fraction": 0.0, "seed": 0}
+        )
 
 
 def test_unimportable_target_is_named(tmp_path: Path) -> None:

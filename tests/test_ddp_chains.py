@@ -33,18 +33,24 @@ from conftest import (
 
 pytestmark = pytest.mark.slow
 
-FEW_STEPS = [f"++upstream_overrides.{name}=" + _quoted(["trainer.max_epochs=1", "trainer.max_steps=4",
-                                                          "model.n_shot_max=0"])
-             for name in ("hnet_synthvqa", "multitask_synthvqa")]
+FEW_STEPS = [
+    f"++upstream_overrides.{name}=" + _quoted(["trainer.max_epochs=1", "trainer.max_steps=4", "model.n_shot_max=0"])
+    for name in ("hnet_synthvqa", "multitask_synthvqa")
+]
 CHAINS = {
     # fast_dev_run evaluates one batch: 16 tasks, not the configured batch of all guidance variants on many tasks;
     # the pretraining stages take a few steps instead of short_chain's epoch (their evaluation stays whole)
-    "hyperldm": ([["experiment=hyperldm_synthvqa", debug("short_chain", "fdr"), "data.eval_tasks_per_batch=16",
-                   *FEW_STEPS],
-                  ["experiment=vae_synthvqa", debug("short_chain", "fdr"), *FEW_STEPS]],
-                 ["clip", "features", "hnet", "adaptation", "multitask", "hyperclip", "hyperldm", "vae"]),
-    "datafree": ([["experiment=diffusionmix_glyphs", debug("fdr")]],
-                 ["classifier", "diffusion_unet", "diffusion_unet", "diffusion_zoo", "dfml", "diffusionmix"]),
+    "hyperldm": (
+        [
+            ["experiment=hyperldm_synthvqa", debug("short_chain", "fdr"), "data.eval_tasks_per_batch=16", *FEW_STEPS],
+            ["experiment=vae_synthvqa", debug("short_chain", "fdr"), *FEW_STEPS],
+        ],
+        ["clip", "features", "hnet", "adaptation", "multitask", "hyperclip", "hyperldm", "vae"],
+    ),
+    "datafree": (
+        [["experiment=diffusionmix_glyphs", debug("fdr")]],
+        ["classifier", "diffusion_unet", "diffusion_unet", "diffusion_zoo", "dfml", "diffusionmix"],
+    ),
 }
 # values that are a rank's own by definition: its clock, its memory, its share of the work, its last training batch
 PER_RANK = re.compile(r"^(time/|sys/|train/|pseudo/images_generated$|features/images_per_s$)")

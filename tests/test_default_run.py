@@ -15,8 +15,14 @@ import pytest
 
 from conftest import run_metrics, run_train, short_chain, task_metrics
 
-UPSTREAMS = ("clip_synthvqa", "features_synthvqa", "hnet_synthvqa", "adaptation_synthvqa", "multitask_synthvqa",
-             "hyperclip_synthvqa")
+UPSTREAMS = (
+    "clip_synthvqa",
+    "features_synthvqa",
+    "hnet_synthvqa",
+    "adaptation_synthvqa",
+    "multitask_synthvqa",
+    "hyperclip_synthvqa",
+)
 
 
 def assert_ends_with_the_claims(proc: subprocess.CompletedProcess) -> dict[str, float]:
@@ -40,8 +46,18 @@ def assert_ends_with_the_claims(proc: subprocess.CompletedProcess) -> dict[str, 
 @pytest.mark.slow
 def test_default_command_on_a_short_chain_ends_with_the_claims_table(tmp_path: Path) -> None:
     # a cold interpreter, as a newcomer starts it (the other checks fork the worker's warm one: train_process.py)
-    proc = run_train([*short_chain("synthvqa"), "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2",
-                      "model.sampling.steps=10", "model.ensemble.size=2"], tmp_path, timeout=1200, fresh=True)
+    proc = run_train(
+        [
+            *short_chain("synthvqa"),
+            "trainer.max_epochs=2",
+            "trainer.check_val_every_n_epoch=2",
+            "model.sampling.steps=10",
+            "model.ensemble.size=2",
+        ],
+        tmp_path,
+        timeout=1200,
+        fresh=True,
+    )
     m = assert_ends_with_the_claims(proc)
     assert m["test/selected_scale"] in (0.0, 1.0, 1.5, 4.0, 7.5, 15.0)
 

@@ -20,8 +20,13 @@ from metadiff.diffusion.zoo import DiffusionZoo
 from metadiff.nets.unet import ImageDenoiser
 from metadiff.store import Artifact
 
-UNET = {"block_out_channels": [8, 8], "layers_per_block": 1, "down_block_types": ["DownBlock2D"] * 2,
-        "up_block_types": ["UpBlock2D"] * 2, "norm_num_groups": 4}
+UNET = {
+    "block_out_channels": [8, 8],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D"] * 2,
+    "up_block_types": ["UpBlock2D"] * 2,
+    "norm_num_groups": 4,
+}
 CONV4 = {"name": "conv4", "in_channels": 1, "mean": [0.5], "std": [0.5], "width": 8, "depth": 2}
 
 
@@ -29,8 +34,15 @@ def tiny_zoo() -> DiffusionZoo:
     torch.manual_seed(0)
     models = [ImageDenoiser(8, 1, UNET).eval() for _ in range(2)]
     class_map = [{"class": c, "model": c // 2, "local": c % 2} for c in range(4)]
-    return DiffusionZoo(models, NoiseSchedule.make("cosine", 1000), {"name": "cosine", "n_timesteps": 1000},
-                        class_map, [str(c) for c in range(4)], image_size=8, channels=1)
+    return DiffusionZoo(
+        models,
+        NoiseSchedule.make("cosine", 1000),
+        {"name": "cosine", "n_timesteps": 1000},
+        class_map,
+        [str(c) for c in range(4)],
+        image_size=8,
+        channels=1,
+    )
 
 
 def _artifact(path: Path) -> Artifact:
@@ -85,8 +97,9 @@ def _pseudo_data(tmp: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     from metadiff.dfml.pseudo_data import PseudoData
 
     classes = torch.arange(4).repeat_interleave(2)
-    data = PseudoData(torch.randint(0, 255, (8, 1, 4, 4), dtype=torch.uint8), classes.clone(), classes,
-                      classes // 2, round=1)
+    data = PseudoData(
+        torch.randint(0, 255, (8, 1, 4, 4), dtype=torch.uint8), classes.clone(), classes, classes // 2, round=1
+    )
     with written_as_on_gpu():
         data.save(tmp / "round1.pt")
     loaded = PseudoData.load(tmp / "round1.pt")
@@ -101,7 +114,7 @@ def _glyphs(tmp: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
     render = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf/data/glyphs.yaml").source.render)
     spec = as_spec(GlyphSpec, {**render, "n_classes": 2, "images_per_class": 2, "image_size": 8}, "render")
-    rendered = load_glyphs(spec, tmp)       # renders and caches; the cache is then rewritten as a GPU job's
+    rendered = load_glyphs(spec, tmp)  # renders and caches; the cache is then rewritten as a GPU job's
     (cache,) = tmp.glob("glyphs-*.pt")
     with written_as_on_gpu():
         torch.save(rendered, cache)
@@ -110,8 +123,12 @@ def _glyphs(tmp: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 READERS: dict[str, Callable[[Path], tuple[list[torch.Tensor], list[torch.Tensor]]]] = {
-    "zoo": _zoo, "unet": _unet, "classifier": _classifier, "dfml_meta_model": _meta_model,
-    "pseudo_data": _pseudo_data, "glyphs": _glyphs,
+    "zoo": _zoo,
+    "unet": _unet,
+    "classifier": _classifier,
+    "dfml_meta_model": _meta_model,
+    "pseudo_data": _pseudo_data,
+    "glyphs": _glyphs,
 }
 
 

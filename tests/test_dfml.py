@@ -41,7 +41,9 @@ def test_pseudo_episodes_are_labelled_consistently_and_seeded(tmp_path) -> None:
     assert torch.equal(pixel_class(ep.query), ep.query_classes)
     for b in range(4):
         way_class = pixel_class(ep.support[b])[ep.support_labels[b] == 0].unique()
-        assert len(way_class) == 1 and set(ep.query_classes[b][ep.query_labels[b] == 0].tolist()) == set(way_class.tolist())
+        assert len(way_class) == 1 and set(ep.query_classes[b][ep.query_labels[b] == 0].tolist()) == set(
+            way_class.tolist()
+        )
         assert len(pixel_class(ep.support[b]).unique()) == 5
     again = data.episodes(shape, 4, torch.Generator().manual_seed(0))
     assert torch.equal(again.query, ep.query)
@@ -62,10 +64,12 @@ def test_class_learner_kl_reductions_and_noise_domains() -> None:
     backbone = build_backbone("conv4", in_channels=1, mean=[0.5], std=[0.5], width=8).eval()
     head, learner = MLPHead(8, 6, norm="none"), MLPHead(8, 6, norm="none", time_conditioned=True)
     images, labels = torch.rand(12, 1, 16, 16), torch.arange(6).repeat(2)
-    _, ce_b, kl_b = class_learner_loss(backbone, head, learner, images, labels, schedule, "fixed", "batchmean",
-                                       torch.Generator().manual_seed(1))
-    _, ce_m, kl_m = class_learner_loss(backbone, head, learner, images, labels, schedule, "fixed", "mean",
-                                       torch.Generator().manual_seed(1))
+    _, ce_b, kl_b = class_learner_loss(
+        backbone, head, learner, images, labels, schedule, "fixed", "batchmean", torch.Generator().manual_seed(1)
+    )
+    _, ce_m, kl_m = class_learner_loss(
+        backbone, head, learner, images, labels, schedule, "fixed", "mean", torch.Generator().manual_seed(1)
+    )
     assert torch.allclose(ce_b, ce_m) and torch.allclose(kl_m * 6, kl_b)  # 'mean' also divides by the classes
     t, noise = torch.tensor([0]), torch.zeros(1, 1, 16, 16)
     # t = 0 with no noise: fixed gives back the [0, 1] image via [-1, 1]; faithful noises the input as is
@@ -138,8 +142,9 @@ def test_episode_heads_train_each_episode_as_if_alone(norm: str) -> None:
     heads = EpisodeHeads(3, 8, 5, norm, "cpu")
     start = {k: v.detach().clone() for k, v in heads.params.items()}
     opt = torch.optim.SGD(heads.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    train_heads(heads, opt, 20, lambda: F.cross_entropy(heads(features).transpose(1, 2), labels,
-                                                         reduction="none").mean(1))
+    train_heads(
+        heads, opt, 20, lambda: F.cross_entropy(heads(features).transpose(1, 2), labels, reduction="none").mean(1)
+    )
     for b in range(3):  # the same head trained alone on its own episode
         alone = MLPHead(8, 5, norm=norm)
         alone.load_state_dict({k: v[b] for k, v in start.items()})
@@ -188,8 +193,11 @@ def test_backbone_keys_of_another_backbone_are_a_config_error() -> None:
 
     net = build_backbone("resnet12", in_channels=3, mean=[0.5] * 3, std=[0.5] * 3, widths=[8, 8, 8, 16])
     assert net(torch.rand(2, 3, 64, 64)).shape == (2, 16, 4, 4) and net.out_dim == 16
-    with pytest.raises(ConfigError, match=r"\['depth', 'width'\] are not keys of backbone 'resnet12' .*"
-                                          r"model/backbone=resnet12"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\['depth', 'width'\] are not keys of backbone 'resnet12' .*"
+        r"model/backbone=resnet12",
+    ):
         build_backbone("resnet12", in_channels=3, mean=[0.5] * 3, std=[0.5] * 3, width=64, depth=4)
     with pytest.raises(ConfigError, match=r"model.backbone.name='vit': expected one of \['conv4', 'resnet12'\]"):
         build_backbone("vit", in_channels=3, mean=[0.5], std=[0.5])
@@ -205,7 +213,7 @@ def test_real_pseudo_data_is_the_covered_classes_real_images_under_their_pseudo_
     class_map = [{"class": 3, "model": 0, "local": 0}, {"class": 1, "model": 1, "local": 0}]
     data = real_pseudo_data(split, class_map, per_class=3, round_index=2)
     assert data.labels.tolist() == [0, 0, 0, 1, 1, 1] and data.models.tolist() == [0, 0, 0, 1, 1, 1]
-    assert data.images[:3].eq(120).all() and data.images[3:].eq(40).all()   # class 3's pixels, then class 1's
+    assert data.images[:3].eq(120).all() and data.images[3:].eq(40).all()  # class 3's pixels, then class 1's
     with pytest.raises(ValueError, match="per_class=5: meta-train class 3 has only 4"):
         real_pseudo_data(split, class_map, per_class=5, round_index=0)
 

@@ -16,16 +16,33 @@ from metadiff.store import load_artifact
 
 
 @pytest.mark.parametrize("compat", ["fixed", "faithful"])
-def test_dfml_regenerates_selects_and_publishes(compat: str, cache_root: Path, tmp_path: Path,
-                                                image_tree: Path) -> None:
+def test_dfml_regenerates_selects_and_publishes(
+    compat: str, cache_root: Path, tmp_path: Path, image_tree: Path
+) -> None:
     run_dir = tmp_path / "run"
-    proc = run_train(["experiment=dfml_glyphs", *dfml_smoke_overrides("dfml_glyphs", image_tree), f"compat={compat}",
-                      "trainer.max_epochs=2", "data.train.steps_per_epoch=3", "trainer.enable_progress_bar=false",
-                      "data.episodes.n_episodes=20",
-                      f"task_name=dfml_{compat}", f"paths.output_dir={run_dir}"], cache_root)
+    proc = run_train(
+        [
+            "experiment=dfml_glyphs",
+            *dfml_smoke_overrides("dfml_glyphs", image_tree),
+            f"compat={compat}",
+            "trainer.max_epochs=2",
+            "data.train.steps_per_epoch=3",
+            "trainer.enable_progress_bar=false",
+            "data.episodes.n_episodes=20",
+            f"task_name=dfml_{compat}",
+            f"paths.output_dir={run_dir}",
+        ],
+        cache_root,
+    )
     m = run_metrics(proc, "dfml")
-    for key in ("test/trained_1shot", "test/random_init_1shot", "test/trained_5shot", "test/random_init_5shot",
-                "test/reference_1shot", "test/reference_5shot"):
+    for key in (
+        "test/trained_1shot",
+        "test/random_init_1shot",
+        "test/trained_5shot",
+        "test/random_init_5shot",
+        "test/reference_1shot",
+        "test/reference_5shot",
+    ):
         assert m[key + "_ci95"] > 0.0, key  # 20 episodes that do not all score the same
     for k in (1, 5):  # paired over the same episodes: the mean difference is the difference of the means (up to the
         # float32 rounding of each episode's difference)
@@ -41,7 +58,7 @@ def test_dfml_regenerates_selects_and_publishes(compat: str, cache_root: Path, t
     rounds = [PseudoData.load(run_dir / "pseudo" / f"round{r}.pt") for r in (0, 1)]
     for r, data in enumerate(rounds):
         assert data.round == r and data.images.dtype == torch.uint8 and len(data) == 6 * 7
-        assert data.classes.tolist() == sorted(data.classes.tolist())          # 6 pseudo classes x 7 images
+        assert data.classes.tolist() == sorted(data.classes.tolist())  # 6 pseudo classes x 7 images
         expected = data.classes if compat == "fixed" else torch.tensor(lexicographic_labels(6))[data.classes]
         assert torch.equal(data.labels, expected)
         assert (run_dir / f"pseudo_round{r}.png").stat().st_size > 100
@@ -66,17 +83,27 @@ def test_dfml_regenerates_selects_and_publishes(compat: str, cache_root: Path, t
 
 
 def test_diffusionmix_reports_each_norm_and_the_paired_differences(cache_root: Path, image_tree: Path) -> None:
-    proc = run_train(["experiment=diffusionmix_glyphs", *dfml_smoke_overrides("diffusionmix_glyphs", image_tree),
-                      "data.episodes.n_episodes=6", "data.episodes.episodes_per_batch=3", "model.mix.batch_size=2",
-                      "trainer.enable_progress_bar=false"], cache_root)
+    proc = run_train(
+        [
+            "experiment=diffusionmix_glyphs",
+            *dfml_smoke_overrides("diffusionmix_glyphs", image_tree),
+            "data.episodes.n_episodes=6",
+            "data.episodes.episodes_per_batch=3",
+            "model.mix.batch_size=2",
+            "trainer.enable_progress_bar=false",
+        ],
+        cache_root,
+    )
     m = run_metrics(proc, "diffusionmix")
     readouts = ("prototype", "head", "head_diffusionmix", "head_batch_stats", "head_diffusionmix_batch_stats")
     for name in readouts:  # a mean over 6 episodes of 5 x 15 queries each
         assert (m[f"test/{name}_1shot"] * 6 * 75) == pytest.approx(round(m[f"test/{name}_1shot"] * 6 * 75), abs=1e-3)
     assert not any(key.endswith("_5shot") for key in m)  # one meta-model per K: the 1-shot twin tests 1-shot only
-    for diff, (a, b) in {"diffusionmix_gain": ("head_diffusionmix", "head"),
-                         "diffusionmix_gain_batch_stats": ("head_diffusionmix_batch_stats", "head_batch_stats"),
-                         "head_batch_stats_minus_head": ("head_batch_stats", "head"),
-                         "head_minus_prototype": ("head", "prototype")}.items():
+    for diff, (a, b) in {
+        "diffusionmix_gain": ("head_diffusionmix", "head"),
+        "diffusionmix_gain_batch_stats": ("head_diffusionmix_batch_stats", "head_batch_stats"),
+        "head_batch_stats_minus_head": ("head_batch_stats", "head"),
+        "head_minus_prototype": ("head", "prototype"),
+    }.items():
         assert m[f"test/{diff}_1shot"] == pytest.approx(m[f"test/{a}_1shot"] - m[f"test/{b}_1shot"], abs=1e-6), diff
     assert "paired per-episode differences" in proc.stdout

@@ -57,9 +57,15 @@ def test_ddpm_step_mean_is_the_posterior_mean() -> None:
     for t, t_prev in ((500, 499), (500, 380), (10, 0)):
         x0 = (x_t - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
         beta = 1 - ab[t] / ab[t_prev]
-        mean = (ab[t_prev].sqrt() * beta / (1 - ab[t])) * x0 + ((1 - beta).sqrt() * (1 - ab[t_prev]) / (1 - ab[t])) * x_t
-        draws = torch.stack([step(schedule, x_t, eps, t, t_prev, eta=1.0, generator=torch.Generator().manual_seed(s))
-                             for s in range(4000)])
+        mean = (ab[t_prev].sqrt() * beta / (1 - ab[t])) * x0 + (
+            (1 - beta).sqrt() * (1 - ab[t_prev]) / (1 - ab[t])
+        ) * x_t
+        draws = torch.stack(
+            [
+                step(schedule, x_t, eps, t, t_prev, eta=1.0, generator=torch.Generator().manual_seed(s))
+                for s in range(4000)
+            ]
+        )
         torch.testing.assert_close(draws.mean(0), mean, atol=0.01 * float(beta.sqrt()) * 10, rtol=0)
         var = beta * (1 - ab[t_prev]) / (1 - ab[t])
         assert float(draws.var(0).mean()) == pytest.approx(float(var), rel=0.1)
@@ -69,8 +75,13 @@ def test_ddim_step_matches_diffusers_on_uniform_spacing() -> None:
     from diffusers import DDIMScheduler
 
     schedule = NoiseSchedule.make("linear", 1000)
-    theirs = DDIMScheduler(num_train_timesteps=1000, trained_betas=schedule.betas.float().numpy(), clip_sample=False,
-                           set_alpha_to_one=True, timestep_spacing="leading")
+    theirs = DDIMScheduler(
+        num_train_timesteps=1000,
+        trained_betas=schedule.betas.float().numpy(),
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing="leading",
+    )
     theirs.set_timesteps(50)
     ours = schedule.set_timesteps(50, spacing="leading")
     assert ours.tolist() == theirs.timesteps.tolist()
@@ -107,8 +118,14 @@ def _gaussian_eps(schedule: NoiseSchedule, mu: torch.Tensor, std: float):
 def test_samplers_reproduce_a_known_gaussian(method: str, n_steps: int) -> None:
     schedule = NoiseSchedule.make("cosine", 1000)
     mu, std = torch.tensor([2.0, -1.0, 0.5]), 0.3
-    x = sample(_gaussian_eps(schedule, mu, std), schedule, schedule.set_timesteps(n_steps), shape=(4000, 3),
-               method=method, generator=torch.Generator().manual_seed(0))
+    x = sample(
+        _gaussian_eps(schedule, mu, std),
+        schedule,
+        schedule.set_timesteps(n_steps),
+        shape=(4000, 3),
+        method=method,
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(x.mean(0), mu, atol=0.03, rtol=0)
     assert float(x.std(0).mean()) == pytest.approx(std, rel=0.08)
 
@@ -118,8 +135,13 @@ def test_sdedit_start_keeps_what_the_start_says() -> None:
     schedule = NoiseSchedule.make("cosine", 1000)
     mu, std = torch.zeros(3), 1.0
     start = torch.full((500, 3), 1.5)
-    x = sample(_gaussian_eps(schedule, mu, std), schedule, schedule.set_timesteps(50, start_frac=0.3),
-               x_start=start, generator=torch.Generator().manual_seed(0))
+    x = sample(
+        _gaussian_eps(schedule, mu, std),
+        schedule,
+        schedule.set_timesteps(50, start_frac=0.3),
+        x_start=start,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert 1.0 < float(x.mean()) < 1.5  # pulled slightly toward the data mean, far from a fresh sample (mean 0)
 
 
@@ -153,12 +175,24 @@ def test_gradient_guidance_pushes_samples_to_the_target() -> None:
         return -((x - target) ** 2).sum(-1)
 
     free = sample(eps, schedule, steps, shape=(2000, 2), generator=torch.Generator().manual_seed(0))
-    guided = sample(eps, schedule, steps, shape=(2000, 2), guidance=classifier_guidance(log_prob, 0.5, schedule),
-                    generator=torch.Generator().manual_seed(0))
+    guided = sample(
+        eps,
+        schedule,
+        steps,
+        shape=(2000, 2),
+        guidance=classifier_guidance(log_prob, 0.5, schedule),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert float(free[:, 0].mean()) == pytest.approx(0.0, abs=0.1)
     assert float(guided[:, 0].mean()) > 0.5
-    fewshot = sample(eps, schedule, steps, shape=(2000, 2), generator=torch.Generator().manual_seed(0),
-                     guidance=normalized_gradient_guidance(lambda x, t: ((x - target) ** 2).sum(-1), 0.3))
+    fewshot = sample(
+        eps,
+        schedule,
+        steps,
+        shape=(2000, 2),
+        generator=torch.Generator().manual_seed(0),
+        guidance=normalized_gradient_guidance(lambda x, t: ((x - target) ** 2).sum(-1), 0.3),
+    )
     assert float(fewshot[:, 0].mean()) > 0.3
 
 

@@ -58,7 +58,9 @@ def test_store_matches_direct_forward_pass(built_store) -> None:
     x = normalize_images(torch.from_numpy(np.array(images[[0, 7, 11999]])), bundle.mean, bundle.std)
     with torch.no_grad():
         direct = bundle.model.encode_image(x).numpy()
-    np.testing.assert_allclose(store.images(["synth_000000", "synth_000007", "synth_011999"]), direct, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        store.images(["synth_000000", "synth_000007", "synth_011999"]), direct, rtol=1e-4, atol=1e-5
+    )
     question = next(iter(store.index.question))
     with torch.no_grad():
         direct_q = bundle.model.encode_text(bundle.tokenizer([question])).numpy()[0]
@@ -81,8 +83,11 @@ def test_other_model_on_same_store_is_an_error(built_store, tmp_path: Path) -> N
     other = tmp_path / "other_tiny.pt"
     torch.save(create_clip("metadiff-tiny-vit").model.state_dict(), other)
     (store_dir,) = (root / "outputs" / "data" / "features").glob("synthvqa-metadiff-tiny-vit-*[!l]")
-    proc = run_train(["experiment=features_synthvqa", f"model.pretrained={other}", "~upstream.clip",
-                      f"model.store_dir={store_dir}"], root, check=False)  # a fixed folder, built for another model
+    proc = run_train(
+        ["experiment=features_synthvqa", f"model.pretrained={other}", "~upstream.clip", f"model.store_dir={store_dir}"],
+        root,
+        check=False,
+    )  # a fixed folder, built for another model
     assert proc.returncode == 2
     assert "was built for a different model or data" in proc.stderr and "checkpoint_sha256" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -32,9 +32,17 @@ def test_two_ranks_write_disjoint_files_and_give_the_one_process_store(vqa_tree:
     one, two, audit = tmp_path / "one", tmp_path / "two", tmp_path / "audit"
     run_train(["experiment=features_vqa", *vqa_overrides(vqa_tree)], one)
     features = two / "outputs" / "data" / "features"
-    proc = run_train(["experiment=features_vqa", *vqa_overrides(vqa_tree), "trainer=ddp_sim",
-                      "+callbacks.audit._target_=file_audit.WriteOpens", f"+callbacks.audit.watch={features}",
-                      f"+callbacks.audit.log_dir={audit}"], two)
+    proc = run_train(
+        [
+            "experiment=features_vqa",
+            *vqa_overrides(vqa_tree),
+            "trainer=ddp_sim",
+            "+callbacks.audit._target_=file_audit.WriteOpens",
+            f"+callbacks.audit.watch={features}",
+            f"+callbacks.audit.log_dir={audit}",
+        ],
+        two,
+    )
     assert TWO_RANKS in proc.stdout + proc.stderr
     opened = [set(json.loads((audit / f"rank{rank}.json").read_text())) for rank in (0, 1)]
     assert opened[0] and opened[1], opened

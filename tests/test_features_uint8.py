@@ -36,13 +36,24 @@ def task_dir(vqa_tree: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _source(vqa_tree: dict, task_dir: Path, resize: str = "squash") -> MetaVQASource:
-    return MetaVQASource(image_dir=str(vqa_tree["coco_dir"]), task_dir=str(task_dir), prompts=str(vqa_tree["prompts"]),
-                         meta_val={"fraction": 0.1, "seed": 0}, resize=resize)
+    return MetaVQASource(
+        image_dir=str(vqa_tree["coco_dir"]),
+        task_dir=str(task_dir),
+        prompts=str(vqa_tree["prompts"]),
+        meta_val={"fraction": 0.1, "seed": 0},
+        resize=resize,
+    )
 
 
 def test_the_image_loader_hands_over_uint8(vqa_tree: dict, task_dir: Path) -> None:
-    data = FeatureSourceDataModule(source=_source(vqa_tree, task_dir), arch=ARCH, batch_size=BATCH, text_batch_size=4,
-                                   num_workers=0, pin_memory=True)
+    data = FeatureSourceDataModule(
+        source=_source(vqa_tree, task_dir),
+        arch=ARCH,
+        batch_size=BATCH,
+        text_batch_size=4,
+        num_workers=0,
+        pin_memory=True,
+    )
     data.setup("predict")
     images, rows = next(iter(data.predict_dataloader()[0]))
     size = create_clip(ARCH).image_size
@@ -51,8 +62,9 @@ def test_the_image_loader_hands_over_uint8(vqa_tree: dict, task_dir: Path) -> No
 
 
 @pytest.mark.parametrize("resize", ["squash", "shorter_side_center_crop"])
-def test_normalised_uint8_images_are_the_old_float_images_to_the_bit(vqa_tree: dict, task_dir: Path,
-                                                                     resize: str) -> None:
+def test_normalised_uint8_images_are_the_old_float_images_to_the_bit(
+    vqa_tree: dict, task_dir: Path, resize: str
+) -> None:
     """Workers' part + the device part = the old worker pipeline (torchvision Resize/CenterCrop, ToTensor, Normalize)."""
     from metadiff.data.sources import ImageNormalizer
 
@@ -72,12 +84,15 @@ def test_normalised_uint8_images_are_the_old_float_images_to_the_bit(vqa_tree: d
 
 def test_stored_features_equal_the_old_float_pipeline(vqa_tree: dict, task_dir: Path, tmp_path: Path) -> None:
     source = _source(vqa_tree, task_dir)
-    data = FeatureSourceDataModule(source=source, arch=ARCH, batch_size=BATCH, text_batch_size=4, num_workers=0,
-                                   pin_memory=True)
-    model = FeatureExtractor(source=source, arch=ARCH, store_dir=str(tmp_path / "store"),
-                             pretrained=str(vqa_tree["checkpoint"]))
-    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
-               ).predict(model, datamodule=data, return_predictions=False)
+    data = FeatureSourceDataModule(
+        source=source, arch=ARCH, batch_size=BATCH, text_batch_size=4, num_workers=0, pin_memory=True
+    )
+    model = FeatureExtractor(
+        source=source, arch=ARCH, store_dir=str(tmp_path / "store"), pretrained=str(vqa_tree["checkpoint"])
+    )
+    pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    ).predict(model, datamodule=data, return_predictions=False)
     store = FeatureStore(tmp_path / "store")
     bundle = create_clip(ARCH, vqa_tree["checkpoint"])
     transform = image_transform(bundle.image_size, bundle.mean, bundle.std, "squash")
@@ -85,7 +100,7 @@ def test_stored_features_equal_the_old_float_pipeline(vqa_tree: dict, task_dir: 
     old = []
     for start in range(0, len(names), BATCH):  # the old path: float images from the workers, the same batches
         batch = []
-        for name in names[start:start + BATCH]:
+        for name in names[start : start + BATCH]:
             with Image.open(source.image_path(name)) as image:
                 batch.append(transform(image.convert("RGB")))
         with torch.no_grad():

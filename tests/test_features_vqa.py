@@ -30,7 +30,8 @@ def test_features_vqa_builds_tasks_then_store_and_reuses_it(vqa_tree: dict, tmp_
     from PIL import Image
 
     image = image_transform(bundle.image_size, bundle.mean, bundle.std, "squash")(
-        Image.open(vqa_tree["coco_dir"] / "val2014" / f"{name}.jpg").convert("RGB"))
+        Image.open(vqa_tree["coco_dir"] / "val2014" / f"{name}.jpg").convert("RGB")
+    )
     with torch.no_grad():
         direct = bundle.model.eval().encode_image(image[None]).numpy()[0]
     np.testing.assert_allclose(store.images([name])[0], direct, rtol=1e-4, atol=1e-5)
@@ -52,8 +53,9 @@ def test_missing_image_stops_the_run_in_one_line(vqa_tree: dict, tmp_path: Path)
     coco = tmp_path / "coco"
     shutil.copytree(vqa_tree["coco_dir"], coco)
     (coco / "train2014" / "COCO_train2014_000000000007.jpg").unlink()
-    proc = run_train(["experiment=features_vqa", *vqa_overrides(vqa_tree), f"paths.coco_dir={coco}"], tmp_path,
-                     check=False)
+    proc = run_train(
+        ["experiment=features_vqa", *vqa_overrides(vqa_tree), f"paths.coco_dir={coco}"], tmp_path, check=False
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: 1 COCO image(s)" in proc.stderr and "COCO_train2014_000000000007.jpg" in proc.stderr
 
@@ -79,15 +81,28 @@ class _CountImages(pl.Callback):
         self.images += batch[0].shape[0] if dataloader_idx == 0 else 0
 
 
-def _extract(vqa_tree: dict, task_dir: Path, store_dir: Path, callback: pl.Callback,
-             precision: str = "32-true") -> None:
-    source = MetaVQASource(image_dir=str(vqa_tree["coco_dir"]), task_dir=str(task_dir),
-                           prompts=str(vqa_tree["prompts"]), meta_val={"fraction": 0.1, "seed": 0})
+def _extract(
+    vqa_tree: dict, task_dir: Path, store_dir: Path, callback: pl.Callback, precision: str = "32-true"
+) -> None:
+    source = MetaVQASource(
+        image_dir=str(vqa_tree["coco_dir"]),
+        task_dir=str(task_dir),
+        prompts=str(vqa_tree["prompts"]),
+        meta_val={"fraction": 0.1, "seed": 0},
+    )
     data = FeatureSourceDataModule(source=source, arch=ARCH, batch_size=8, text_batch_size=4)
-    model = FeatureExtractor(source=source, arch=ARCH, store_dir=str(store_dir), pretrained=str(vqa_tree["checkpoint"]),
-                             precision=precision)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[callback], precision=precision)
+    model = FeatureExtractor(
+        source=source, arch=ARCH, store_dir=str(store_dir), pretrained=str(vqa_tree["checkpoint"]), precision=precision
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        precision=precision,
+    )
     trainer.predict(model, datamodule=data, return_predictions=False)
 
 
@@ -107,8 +122,9 @@ def test_interrupted_extraction_resumes_where_it_stopped(vqa_tree: dict, tmp_pat
     reference = tmp_path / "reference"
     _extract(vqa_tree, tmp_path / "tasks", reference, _CountImages())
     for table in ("image", "question", "answer"):
-        np.testing.assert_allclose(FeatureStore(store_dir).tables[table], FeatureStore(reference).tables[table],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            FeatureStore(store_dir).tables[table], FeatureStore(reference).tables[table], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_bf16_mixed_extraction_matches_fp32(vqa_tree: dict, tmp_path: Path) -> None:

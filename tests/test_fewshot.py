@@ -57,7 +57,7 @@ def rotated_answer_store(root: Path, n_tasks: int = 48, seed: int = 0) -> _Tasks
     builder.write("answer", np.arange(4 * n_tasks), np.concatenate(answer_rows).astype(np.float32))
     builder.commit("fp", {}, {})
     # no meta-val split (validation falls back to meta-test, as with data.source.meta_val.fraction = 0)
-    return _Tasks({"meta_train": tasks[: n_tasks * 3 // 4], "meta_val": [], "meta_test": tasks[n_tasks * 3 // 4:]})
+    return _Tasks({"meta_train": tasks[: n_tasks * 3 // 4], "meta_val": [], "meta_test": tasks[n_tasks * 3 // 4 :]})
 
 
 def _fit(tmp_path: Path, mode: str, train_steps: int) -> dict[str, float]:
@@ -65,15 +65,37 @@ def _fit(tmp_path: Path, mode: str, train_steps: int) -> dict[str, float]:
     source = rotated_answer_store(tmp_path / "store")
     data = MetaTaskDataModule(source, tasks_per_batch=8, eval_tasks_per_batch=16, store_dir=str(tmp_path / "store"))
     model = FewShotModule(
-        method=mode, learner={"mode": mode, "adapter_hidden": 64, "hnet_hidden": [32], "embedding_dim": 8,
-                              "question_init": False, "logit_scale": 10.0, "adapter_init_std": 0.3,
-                              "zero_init_output": False, "alpha": 1.0},
-        inner={"steps": train_steps, "lr": 0.5, "second_order": False}, eval_steps=5,
-        optimizer=functools.partial(torch.optim.Adam, lr=1e-2), n_shot_max=2, n_shot_reruns=1, plot=False,
-        embed_dim=E)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=40, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, inference_mode=False,
-                         check_val_every_n_epoch=100, default_root_dir=tmp_path)
+        method=mode,
+        learner={
+            "mode": mode,
+            "adapter_hidden": 64,
+            "hnet_hidden": [32],
+            "embedding_dim": 8,
+            "question_init": False,
+            "logit_scale": 10.0,
+            "adapter_init_std": 0.3,
+            "zero_init_output": False,
+            "alpha": 1.0,
+        },
+        inner={"steps": train_steps, "lr": 0.5, "second_order": False},
+        eval_steps=5,
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
+        n_shot_max=2,
+        n_shot_reruns=1,
+        plot=False,
+        embed_dim=E,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=40,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        check_val_every_n_epoch=100,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data, verbose=False)
     return model.summary_metrics

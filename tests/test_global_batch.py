@@ -23,12 +23,16 @@ LAUNCHERS = [["trainer=cpu"], ["trainer=ddp_sim"], ["trainer=ddp_cpu"], ["traine
 
 @pytest.mark.parametrize("experiment", ["hnet_synthvqa", "hyperldm_synthvqa", "diffusion_unet_glyphs"])
 def test_the_fingerprint_is_the_same_on_any_world_size(experiment: str, tmp_path: Path) -> None:
-    prints = {" ".join(o): config_fingerprint(compose_config([f"experiment={experiment}", *o], tmp_path, tmp_path / "o"))
-              for o in LAUNCHERS}
+    prints = {
+        " ".join(o): config_fingerprint(compose_config([f"experiment={experiment}", *o], tmp_path, tmp_path / "o"))
+        for o in LAUNCHERS
+    }
     assert len(set(prints.values())) == 1, prints
     # GPU runs: one GPU vs DDP on all of a node's GPUs, same precision: one artifact
-    gpu = [config_fingerprint(compose_config([f"experiment={experiment}", f"trainer={t}"], tmp_path, tmp_path / "o"))
-           for t in ("gpu", "ddp")]
+    gpu = [
+        config_fingerprint(compose_config([f"experiment={experiment}", f"trainer={t}"], tmp_path, tmp_path / "o"))
+        for t in ("gpu", "ddp")
+    ]
     assert gpu[0] == gpu[1]
 
 
@@ -46,15 +50,19 @@ def test_an_upstream_that_inherits_the_trainer_gets_the_same_devices(tmp_path: P
     cfg = compose_config(["experiment=hnet_synthvqa", "trainer=ddp_sim", "trainer.devices=3"], tmp_path, tmp_path / "o")
     features = compose_upstream(cfg, "features")
     assert features.trainer.devices == 3 and features.trainer.accelerator == "cpu"
-    listed = compose_config(["experiment=hnet_synthvqa", "trainer=ddp_sim", "trainer.devices=[0,1]"], tmp_path,
-                            tmp_path / "o")
+    listed = compose_config(
+        ["experiment=hnet_synthvqa", "trainer=ddp_sim", "trainer.devices=[0,1]"], tmp_path, tmp_path / "o"
+    )
     assert list(compose_upstream(listed, "features").trainer.devices) == [0, 1]
 
 
 def test_a_global_batch_that_does_not_divide_is_refused_in_one_line() -> None:
     assert per_rank_batch(32, 4, "data.tasks_per_batch") == 8
-    with pytest.raises(ConfigError, match=r"^data.tasks_per_batch=30: a global batch size must be a positive "
-                                          r"multiple of the number of ranks \(4\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data.tasks_per_batch=30: a global batch size must be a positive "
+        r"multiple of the number of ranks \(4\)",
+    ):
         per_rank_batch(30, 4, "data.tasks_per_batch")
 
 
@@ -73,6 +81,8 @@ def test_the_ranks_batches_together_are_the_one_process_batches(world: int, shuf
     shards = [_batches(EpochOrderShard(range(30), order, r, world), 6 // world) for r in range(world)]
     assert [sorted(sum((s[b] for s in shards), [])) for b in range(len(one))] == [sorted(b) for b in one]
     if shuffle:
-        dist = [_batches(torch.utils.data.DistributedSampler(range(30), world, r, shuffle=True, seed=3), 6 // world)
-                for r in range(world)]
+        dist = [
+            _batches(torch.utils.data.DistributedSampler(range(30), world, r, shuffle=True, seed=3), 6 // world)
+            for r in range(world)
+        ]
         assert [sorted(sum((s[b] for s in dist), [])) for b in range(len(one))] != [sorted(b) for b in one]

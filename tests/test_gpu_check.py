@@ -21,8 +21,12 @@ from metadiff.bench.gpu_check.runner import PartialFailure, Section, Skipped, ru
 
 REPO = Path(__file__).resolve().parents[1]
 CHAIN_A = ["features_vqa", "hnet_vqa", "multitask_vqa", "adaptation_vqa", "hyperldm_vqa"]
-CHAIN_B = ["diffusion_unet_miniimagenet", "diffusion_zoo_miniimagenet", "dfml_miniimagenet",
-           "diffusionmix_miniimagenet"]
+CHAIN_B = [
+    "diffusion_unet_miniimagenet",
+    "diffusion_zoo_miniimagenet",
+    "dfml_miniimagenet",
+    "diffusionmix_miniimagenet",
+]
 
 
 def test_a_failing_section_is_reported_and_the_others_still_run(tmp_path: Path) -> None:
@@ -36,37 +40,73 @@ def test_a_failing_section_is_reported_and_the_others_still_run(tmp_path: Path) 
         seen_on_disk.update(json.loads(path.read_text())["sections"])  # what a run killed here would have left
         raise PartialFailure("2 workers: bus error", {"images_per_s": 3.0})
 
-    sections = [Section("first", lambda r: {"images_per_s": 1.0}), Section("second", second),
-                Section("third", lambda r: (_ for _ in ()).throw(Skipped("1 device"))), Section("fourth", fourth),
-                Section("fifth", lambda r: {"seen": list(r)})]
+    sections = [
+        Section("first", lambda r: {"images_per_s": 1.0}),
+        Section("second", second),
+        Section("third", lambda r: (_ for _ in ()).throw(Skipped("1 device"))),
+        Section("fourth", fourth),
+        Section("fifth", lambda r: {"seen": list(r)}),
+    ]
     report = run_sections(sections, {"mode": "test"}, path)
     on_disk = json.loads(path.read_text())["sections"]
     assert on_disk == json.loads(json.dumps(report["sections"]))
-    assert [on_disk[n]["status"] for n in ("first", "second", "third", "fourth", "fifth")] == \
-        ["ok", "failed", "skipped", "failed", "ok"]
+    assert [on_disk[n]["status"] for n in ("first", "second", "third", "fourth", "fifth")] == [
+        "ok",
+        "failed",
+        "skipped",
+        "failed",
+        "ok",
+    ]
     assert on_disk["second"]["error"].startswith("ValueError: the device fell over [test_gpu_check.py:")
     assert "\n" not in on_disk["second"]["error"]
     assert on_disk["third"]["reason"] == "1 device"
-    assert on_disk["fourth"] == {"status": "failed", "error": "2 workers: bus error", "images_per_s": 3.0,
-                                 "seconds": on_disk["fourth"]["seconds"]}
+    assert on_disk["fourth"] == {
+        "status": "failed",
+        "error": "2 workers: bus error",
+        "images_per_s": 3.0,
+        "seconds": on_disk["fourth"]["seconds"],
+    }
     assert sorted(seen_on_disk) == ["first", "second", "third"]  # written after each section, before the next
     assert on_disk["fifth"]["seen"] == ["first", "second", "third", "fourth"]
     assert all(entry["seconds"] >= 0 for entry in on_disk.values())
 
 
 def test_checkpoint_plan_counts_the_writes_of_each_callback_kind() -> None:
-    spaced = OmegaConf.create({"model_checkpoint": {"_target_": "metadiff.checkpointing.SpacedCheckpoint",
-                                                    "min_interval_s": 600, "max_io_fraction": 0.02}})
+    spaced = OmegaConf.create(
+        {
+            "model_checkpoint": {
+                "_target_": "metadiff.checkpointing.SpacedCheckpoint",
+                "min_interval_s": 600,
+                "max_io_fraction": 0.02,
+            }
+        }
+    )
     # 10 h of training: one write per 600 s, unless a write takes longer than 2% of 600 s (12 s): then per 50 x it
     assert checkpoint_plan(spaced, epochs=1000, validations=40, train_seconds=36000, save_seconds=2.0) == (60, 1)
     assert checkpoint_plan(spaced, epochs=1000, validations=40, train_seconds=36000, save_seconds=20.0) == (36, 1)
     assert checkpoint_plan(spaced, epochs=10, validations=0, train_seconds=36000, save_seconds=2.0) == (10, 1)
-    every_epoch = OmegaConf.create({"model_checkpoint": {
-        "_target_": "lightning.pytorch.callbacks.ModelCheckpoint", "save_last": True, "save_top_k": 1,
-        "save_on_train_epoch_end": True}, "progress": {"_target_": "metadiff.progress.ProgressLines"}})
+    every_epoch = OmegaConf.create(
+        {
+            "model_checkpoint": {
+                "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "save_last": True,
+                "save_top_k": 1,
+                "save_on_train_epoch_end": True,
+            },
+            "progress": {"_target_": "metadiff.progress.ProgressLines"},
+        }
+    )
     assert checkpoint_plan(every_epoch, epochs=549, validations=27, train_seconds=1.0, save_seconds=None) == (1098, 2)
-    best = OmegaConf.create({"best": {"_target_": "lightning.pytorch.callbacks.ModelCheckpoint", "monitor": "val/a",
-                                      "save_top_k": 1, "save_last": False}})
+    best = OmegaConf.create(
+        {
+            "best": {
+                "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "monitor": "val/a",
+                "save_top_k": 1,
+                "save_last": False,
+            }
+        }
+    )
     assert checkpoint_plan(best, epochs=90, validations=9, train_seconds=1.0, save_seconds=None) == (9, 1)
     assert checkpoint_plan(None, epochs=90, validations=9, train_seconds=1.0, save_seconds=None) == (0, 0)
 
@@ -105,8 +145,11 @@ def test_the_two_rank_round_equals_the_one_rank_round(tmp_path: Path) -> None:
     settings = load_settings(quick=True, device="cpu", work=tmp_path)
     sizes = dataclasses.replace(settings.sizes, nccl=dataclasses.replace(settings.sizes.nccl, members=2))
     settings = dataclasses.replace(settings, sizes=sizes)
-    tiny = ("model.unet.block_out_channels=[32,32,32,32]", "model.unet.norm_num_groups=8",
-            "model.unet.layers_per_block=1")
+    tiny = (
+        "model.unet.block_out_channels=[32,32,32,32]",
+        "model.unet.norm_num_groups=8",
+        "model.unet.layers_per_block=1",
+    )
     out = two_rank_round(settings, (f"paths.root_dir={tmp_path}",), backend="gloo", unet_overrides=tiny)
     assert out["equal_to_one_rank"] is True
     assert out["images"] == 2 * 4 * settings.sizes.nccl.per_class  # 2 members x 4 classes x per_class
@@ -119,9 +162,25 @@ def test_quick_check_runs_every_section_at_real_size(tmp_path: Path) -> None:
     real models' sizes, positive throughputs, and a projection of every stage of both real chains."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     env.pop("OMP_NUM_THREADS", None)  # the check's own threads (xdist workers are set to 1)
-    proc = subprocess.run([sys.executable, "-m", "metadiff.bench.gpu_check", "--quick", "--out", str(tmp_path / "out"),
-                           "--work", str(tmp_path), "--device", "cpu"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1800)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metadiff.bench.gpu_check",
+            "--quick",
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert proc.returncode == 0, (_statuses(report), proc.stderr[-4000:])
     tables = (tmp_path / "out" / "gpu_check.md").read_text()
@@ -130,27 +189,37 @@ def test_quick_check_runs_every_section_at_real_size(tmp_path: Path) -> None:
 
 
 def _statuses(report: dict) -> dict:
-    return {name: (entry["status"], entry.get("error") or entry.get("reason"))
-            for name, entry in report["sections"].items()}
+    return {
+        name: (entry["status"], entry.get("error") or entry.get("reason")) for name, entry in report["sections"].items()
+    }
 
 
 def assert_quick_report(report: dict) -> None:
     """What a `--quick` report on a CPU must hold (also usable on a report written by hand: `make gpu-check-quick`)."""
     sections = report["sections"]
     statuses = _statuses(report)
-    assert list(sections) == ["environment", "clip_throughput", "features_pipeline", "hnet_step", "vqa_chain",
-                              "adm_step", "guided_ddim", "diffusionmix_step", "nccl_round"]
+    assert list(sections) == [
+        "environment",
+        "clip_throughput",
+        "features_pipeline",
+        "hnet_step",
+        "vqa_chain",
+        "adm_step",
+        "guided_ddim",
+        "diffusionmix_step",
+        "nccl_round",
+    ]
     assert all(status == "ok" for name, (status, _) in statuses.items() if name != "nccl_round"), statuses
     assert statuses["nccl_round"] == ("skipped", "1 device (0 CUDA device(s); the NCCL round needs >= 2)")
     assert report["mode"] == "quick" and report["device"] == "cpu"
     # the real sizes
     assert sections["clip_throughput"]["arch"] == "ViT-L-14-336"
     assert sections["clip_throughput"]["image_size"] == 336
-    assert 300e6 < sections["clip_throughput"]["image_tower_params"] < 310e6   # ViT-L/14's image tower: ~304 M
+    assert 300e6 < sections["clip_throughput"]["image_tower_params"] < 310e6  # ViT-L/14's image tower: ~304 M
     hnet = sections["hnet_step"]
-    assert hnet["embed_dim"] == 768 and hnet["adapter_weights"] == 394_240    # 2 x 768 x 256 + 256 + 768
-    assert 50e6 < hnet["learner_params"] < 52e6                                # 128 -> 394,240 weights: ~51 M
-    assert 120e6 < sections["adm_step"]["params"] < 122e6                      # the spec's ADM: ~121 M
+    assert hnet["embed_dim"] == 768 and hnet["adapter_weights"] == 394_240  # 2 x 768 x 256 + 256 + 768
+    assert 50e6 < hnet["learner_params"] < 52e6  # 128 -> 394,240 weights: ~51 M
+    assert 120e6 < sections["adm_step"]["params"] < 122e6  # the spec's ADM: ~121 M
     assert sections["adm_step"]["checkpoint"]["bytes"] > 3.5 * sections["adm_step"]["checkpoint"]["weights_bytes"]
     assert sections["guided_ddim"]["member_params"] == sections["adm_step"]["params"]
     # positive throughputs and the bf16 comparison

@@ -26,7 +26,7 @@ def test_alpha_bar_on_the_cpu_is_the_cumulative_product_as_before() -> None:
     schedule = NoiseSchedule.make("cosine", 1000)
     t = torch.tensor([-1, 0, 5, 999])
     table = torch.cat([torch.ones(1, dtype=torch.float64), torch.exp(torch.cumsum(torch.log1p(-schedule.betas), 0))])
-    assert torch.equal(schedule.alpha_bar(t), table[t + 1])       # bitwise: the CPU figures do not move
+    assert torch.equal(schedule.alpha_bar(t), table[t + 1])  # bitwise: the CPU figures do not move
     assert torch.equal(schedule.alpha_bar(t.reshape(2, 2)), table[t + 1].reshape(2, 2))
 
 

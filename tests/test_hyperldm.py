@@ -41,14 +41,35 @@ def test_exact_fraction_of_each_batch_gets_the_null_token(monkeypatch) -> None:
 
 
 def test_hyperldm_short_chain_prints_the_guidance_table(cache_root: Path) -> None:
-    proc = run_train(["experiment=hyperldm_synthvqa", *short_chain("synthvqa"), "trainer.max_epochs=10",
-                      "trainer.check_val_every_n_epoch=10", "model.guidance_scales=[0.0,1.0,4.0]",
-                      "model.sampling.steps=10", "model.ensemble.size=2", "model.hyperclip_guidance.scales=[10.0]",
-                      "trainer.enable_progress_bar=false"], cache_root)
+    proc = run_train(
+        [
+            "experiment=hyperldm_synthvqa",
+            *short_chain("synthvqa"),
+            "trainer.max_epochs=10",
+            "trainer.check_val_every_n_epoch=10",
+            "model.guidance_scales=[0.0,1.0,4.0]",
+            "model.sampling.steps=10",
+            "model.ensemble.size=2",
+            "model.hyperclip_guidance.scales=[10.0]",
+            "trainer.enable_progress_bar=false",
+        ],
+        cache_root,
+    )
     m = run_metrics(proc, "hyperldm")
     assert "zero-shot accuracy on meta-test tasks" in proc.stdout
-    for name in ("multitask", "hnet_init", "oracle", "ridge", "cfg0", "cfg1", "cfg4", "cfg_selected", "ensemble2",
-                 "hyperclip10", "fewshot1"):
+    for name in (
+        "multitask",
+        "hnet_init",
+        "oracle",
+        "ridge",
+        "cfg0",
+        "cfg1",
+        "cfg4",
+        "cfg_selected",
+        "ensemble2",
+        "hyperclip10",
+        "fewshot1",
+    ):
         assert 0.1 < m[f"test/{name}"] < 0.9, name
     # the scale chosen on meta-val is one of the scales, and its row is that scale's row
     assert m["test/selected_scale"] in (0.0, 1.0, 4.0)
@@ -69,10 +90,19 @@ def test_resumed_run_restores_the_ema_exactly(cache_root: Path, tmp_path: Path) 
     artifact use) equal those of an uninterrupted run bit for bit, so the EMA was saved and restored, and the
     training randomness continues where it stopped."""
     # one 2-row adaptation row of 783 latents per epoch in batches of 32: 25 steps per epoch, 100 in all
-    common = ["experiment=hyperldm_synthvqa", *short_chain("synthvqa"), "trainer.max_epochs=4", "test=false",
-              "data.rows_per_epoch=1", "data.latents_per_batch=32",
-              "trainer.check_val_every_n_epoch=100", "trainer.enable_progress_bar=false", "deterministic=true",
-              "callbacks.ema.update_starting_at_step=10", "task_name=ldm_resume"]
+    common = [
+        "experiment=hyperldm_synthvqa",
+        *short_chain("synthvqa"),
+        "trainer.max_epochs=4",
+        "test=false",
+        "data.rows_per_epoch=1",
+        "data.latents_per_batch=32",
+        "trainer.check_val_every_n_epoch=100",
+        "trainer.enable_progress_bar=false",
+        "deterministic=true",
+        "callbacks.ema.update_starting_at_step=10",
+        "task_name=ldm_resume",
+    ]
     artifacts = cache_root / "outputs" / "artifacts" / "hyperldm"
     run_train([*common, f"paths.output_dir={tmp_path / 'straight'}"], cache_root)
     (straight,) = artifacts.glob("ldm_resume-*/denoiser.pt")
@@ -80,12 +110,14 @@ def test_resumed_run_restores_the_ema_exactly(cache_root: Path, tmp_path: Path) 
     straight.parent.rename(tmp_path / "straight_artifact")
 
     run_dir = tmp_path / "interrupted"
-    killed = run_train([*with_debug(common, "kill"), f"paths.output_dir={run_dir}", "callbacks.kill.after=70"],
-                       cache_root, check=False)
+    killed = run_train(
+        [*with_debug(common, "kill"), f"paths.output_dir={run_dir}", "callbacks.kill.after=70"], cache_root, check=False
+    )
     assert killed.returncode == -9
     assert not list(artifacts.glob("ldm_resume-*"))
-    run_train([*common, f"paths.output_dir={run_dir}", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"],
-              cache_root)
+    run_train(
+        [*common, f"paths.output_dir={run_dir}", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"], cache_root
+    )
     (resumed,) = artifacts.glob("ldm_resume-*/denoiser.pt")
     got = torch.load(resumed, weights_only=True)["denoiser"]
     for key, value in expected.items():

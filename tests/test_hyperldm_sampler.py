@@ -24,7 +24,9 @@ def _toy(seed: int = 0, n_train: int = 120, n_test: int = 40, c_dim: int = 24, d
     z = c @ (torch.randn(d, c_dim, generator=g) / c_dim**0.5).T / 3.0
     z = (z - z[:n_train].mean(0)) / z[:n_train].std(0)  # normalised units, as the stage trains
     if shared:
-        c = c / c.norm(dim=-1, keepdim=True) + shared * torch.nn.functional.normalize(torch.randn(c_dim, generator=g), dim=0)
+        c = c / c.norm(dim=-1, keepdim=True) + shared * torch.nn.functional.normalize(
+            torch.randn(c_dim, generator=g), dim=0
+        )
     return c[:n_train], z[:n_train], c[n_train:], z[n_train:]
 
 
@@ -47,8 +49,9 @@ def _train(net: LatentDenoiser, schedule: NoiseSchedule, c, z, prediction: str, 
         cond[torch.randperm(32, generator=g)[:6]] = 0.0
         t = torch.randint(0, schedule.n_timesteps, (32,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        loss = ((net(schedule.add_noise(x0, noise, t), t, cond)
-                 - schedule.training_target(x0, noise, t, prediction)) ** 2).mean()
+        loss = (
+            (net(schedule.add_noise(x0, noise, t), t, cond) - schedule.training_target(x0, noise, t, prediction)) ** 2
+        ).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -73,8 +76,17 @@ def _draw(model: dict, net: LatentDenoiser, schedule: NoiseSchedule, c: torch.Te
     gen = torch.Generator().manual_seed(1)
     if s["method"] == "original":
         return sample_original(eps, schedule, (len(c), d), respacing=schedule.n_timesteps // s["steps"], generator=gen)
-    return sample(eps, schedule, schedule.set_timesteps(s["steps"], s["spacing"]), shape=(len(c), d),
-                  method=s["method"], eta=s["eta"], generator=gen, clip_x0=s["clip_x0"], prediction=model["prediction"])
+    return sample(
+        eps,
+        schedule,
+        schedule.set_timesteps(s["steps"], s["spacing"]),
+        shape=(len(c), d),
+        method=s["method"],
+        eta=s["eta"],
+        generator=gen,
+        clip_x0=s["clip_x0"],
+        prediction=model["prediction"],
+    )
 
 
 def test_default_sampler_recovers_condition_determined_latents(tmp_path: Path) -> None:
@@ -169,8 +181,15 @@ def test_noise_repeats_gives_every_block_the_same_noise() -> None:
     step's noise too), so an identical model gives identical samples per block."""
     schedule = NoiseSchedule.make("cosine", 100)
     model = lambda x, t: 0.3 * x  # noqa: E731
-    x = sample(model, schedule, schedule.set_timesteps(20), shape=(12, 3), method="ddpm",
-               generator=torch.Generator().manual_seed(0), noise_repeats=3)
+    x = sample(
+        model,
+        schedule,
+        schedule.set_timesteps(20),
+        shape=(12, 3),
+        method="ddpm",
+        generator=torch.Generator().manual_seed(0),
+        noise_repeats=3,
+    )
     torch.testing.assert_close(x[:4], x[4:8], rtol=0, atol=0)
     torch.testing.assert_close(x[:4], x[8:], rtol=0, atol=0)
     assert not torch.equal(x[0], x[1])

@@ -29,8 +29,9 @@ def _count_image_checks(monkeypatch: pytest.MonkeyPatch, coco_dir: Path) -> list
     return seen
 
 
-def test_a_stage_that_reads_features_only_never_checks_the_images(vqa_tree: dict, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stage_that_reads_features_only_never_checks_the_images(
+    vqa_tree: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """hnet_vqa's data setup (every rank of every features-only stage runs it): no filesystem check of an image;
     before, all 40 were checked again. The features stage's data preparation still checks each image once."""
     cfg = compose_config(["experiment=hnet_vqa", *vqa_overrides(vqa_tree)[:3]], tmp_path, tmp_path / "out")

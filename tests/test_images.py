@@ -22,10 +22,26 @@ from metadiff.errors import InputFileError, MissingInputError
 from metadiff.eval.fewshot import episode_accuracy, prototype_logits
 
 # a GlyphSpec names every value (specs have no defaults): a tiny set, drawn as the set's first version was
-TINY = {"n_classes": 6, "images_per_class": 24, "image_size": 16, "supersample": 2, "min_strokes": 4, "max_strokes": 12,
-        "pen_width": (4.0, 7.0), "rotation_deg": 12.0, "scale": (0.75, 1.0), "shear": 0.15, "shift": 0.08,
-        "stroke_shift": 3.0, "stroke_rotation_deg": 8.0, "stroke_scale": (0.9, 1.1), "stroke_drop": 0.0, "wobble": 0.0,
-        "points_per_stroke": 24, "seed": 0}
+TINY = {
+    "n_classes": 6,
+    "images_per_class": 24,
+    "image_size": 16,
+    "supersample": 2,
+    "min_strokes": 4,
+    "max_strokes": 12,
+    "pen_width": (4.0, 7.0),
+    "rotation_deg": 12.0,
+    "scale": (0.75, 1.0),
+    "shear": 0.15,
+    "shift": 0.08,
+    "stroke_shift": 3.0,
+    "stroke_rotation_deg": 8.0,
+    "stroke_scale": (0.9, 1.1),
+    "stroke_drop": 0.0,
+    "wobble": 0.0,
+    "points_per_stroke": 24,
+    "seed": 0,
+}
 
 
 def test_glyphs_are_deterministic_per_seed_and_vary_per_drawing() -> None:
@@ -95,8 +111,9 @@ def test_folder_split_errors_name_the_split_class_and_file(tmp_path: Path) -> No
 
 def _episodes(seed: int = 42, fixed: bool = True, **kwargs) -> EpisodeSampler:
     targets = torch.arange(10).repeat_interleave(25)
-    return EpisodeSampler(targets, EpisodeShape(5, 2, 3), n_episodes=12, episodes_per_batch=4, seed=seed,
-                          fixed=fixed, **kwargs)
+    return EpisodeSampler(
+        targets, EpisodeShape(5, 2, 3), n_episodes=12, episodes_per_batch=4, seed=seed, fixed=fixed, **kwargs
+    )
 
 
 def test_episodes_have_the_class_major_layout_and_distinct_images() -> None:
@@ -113,10 +130,18 @@ def test_fixed_episodes_are_identical_across_runs_and_processes() -> None:
     here = _episodes().all_episodes()
     assert torch.equal(here, _episodes().all_episodes())
     assert not torch.equal(here, _episodes(seed=7).all_episodes())
-    code = ("import torch, sys; sys.path.insert(0, 'tests'); from test_images import _episodes; "
-            "print(_episodes().all_episodes().flatten().tolist())")
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True,
-                         text=True, check=True, env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout
+    code = (
+        "import torch, sys; sys.path.insert(0, 'tests'); from test_images import _episodes; "
+        "print(_episodes().all_episodes().flatten().tolist())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+    ).stdout
     assert eval(out) == here.flatten().tolist()  # noqa: S307 - our own subprocess's list literal
 
 
@@ -131,7 +156,7 @@ def test_training_episodes_depend_on_seed_and_epoch_only() -> None:
 
 def test_ranks_split_the_fixed_episodes_exactly() -> None:
     shards = [list(_episodes(rank=r, world_size=3)) for r in range(3)]
-    seen = sorted(tuple(batch[i:i + 25]) for shard in shards for batch in shard for i in range(0, len(batch), 25))
+    seen = sorted(tuple(batch[i : i + 25]) for shard in shards for batch in shard for i in range(0, len(batch), 25))
     assert seen == sorted(tuple(e.tolist()) for e in _episodes().all_episodes())
 
 
@@ -204,22 +229,25 @@ def test_step_order_ranks_together_take_the_one_process_batches() -> None:
         ranks = [list(StepOrder(50, 4, seed=3, position=lambda p=position: p, rank=r, world_size=2)) for r in (0, 1)]
         assert len(ranks[0]) == len(ranks[1]) == len(single) // 2
         for step in range(len(single) // 8):
-            together = ranks[0][step * 4:(step + 1) * 4] + ranks[1][step * 4:(step + 1) * 4]
-            assert sorted(together) == sorted(single[step * 8:(step + 1) * 8])
+            together = ranks[0][step * 4 : (step + 1) * 4] + ranks[1][step * 4 : (step + 1) * 4]
+            assert sorted(together) == sorted(single[step * 8 : (step + 1) * 8])
 
 
 # ------------------------------------------------------------------ pickled miniImageNet / CIFAR-FS distributions
 
-PICKLE_FILES = {"meta_train": ["mini-imagenet-cache-train.pkl", "miniImageNet_category_split_train_phase_train.pickle"],
-                "meta_val": ["mini-imagenet-cache-val.pkl", "miniImageNet_category_split_val.pickle"],
-                "meta_test": ["mini-imagenet-cache-test.pkl", "miniImageNet_category_split_test.pickle"]}
+PICKLE_FILES = {
+    "meta_train": ["mini-imagenet-cache-train.pkl", "miniImageNet_category_split_train_phase_train.pickle"],
+    "meta_val": ["mini-imagenet-cache-val.pkl", "miniImageNet_category_split_val.pickle"],
+    "meta_test": ["mini-imagenet-cache-test.pkl", "miniImageNet_category_split_test.pickle"],
+}
 
 
 def _pickled_source(root: Path, fmt: str = "auto", files: dict | None = None, size: int = 8):
     from metadiff.data.images.sources import ImageSetSource
 
-    return ImageSetSource(str(root), size, [".png"], [0.5] * 3, [0.25] * 3, format=fmt,
-                          pickle_files=files or PICKLE_FILES)
+    return ImageSetSource(
+        str(root), size, [".png"], [0.5] * 3, [0.25] * 3, format=fmt, pickle_files=files or PICKLE_FILES
+    )
 
 
 def _solid(values: list[int], side: int) -> np.ndarray:
@@ -247,8 +275,11 @@ def test_metaoptnet_and_cifarfs_pickles_are_read_with_python2_strings(tmp_path: 
     labels = [70, 64, 70, 99, 64]  # global labels, as MetaOptNet's files hold them
     obj = {b"data": _solid([1, 2, 3, 4, 5], 32), b"labels": labels}  # Python 2 pickles: bytes keys
     (tmp_path / "CIFAR_FS_val.pickle").write_bytes(pickle.dumps(obj, protocol=2))
-    files = {"meta_train": ["CIFAR_FS_train.pickle"], "meta_val": ["CIFAR_FS_val.pickle"],
-             "meta_test": ["CIFAR_FS_test.pickle"]}
+    files = {
+        "meta_train": ["CIFAR_FS_train.pickle"],
+        "meta_val": ["CIFAR_FS_val.pickle"],
+        "meta_test": ["CIFAR_FS_test.pickle"],
+    }
     split = _pickled_source(tmp_path, "pickle", files, size=64).split("meta_val")
     assert split.classes == ["64", "70", "99"] and split.targets.tolist() == [1, 0, 1, 2, 0]
     assert split[3][0].shape == (3, 64, 64) and round(float(split[3][0].mean()) * 255) == 4
@@ -264,22 +295,29 @@ def test_auto_prefers_folders_and_pickle_errors_name_the_file(tmp_path: Path) ->
     with pytest.raises(InputFileError, match=r"unreadable pickle .*mini-imagenet-cache-train\.pkl"):
         _pickled_source(tmp_path, "pickle").split("meta_train")
     (tmp_path / "mini-imagenet-cache-val.pkl").write_bytes(pickle.dumps({"images": [], "targets": []}))
-    with pytest.raises(InputFileError, match=r"cache-val\.pkl: expected keys \{image_data, class_dict\} or "
-                                             r"\{data, labels\}, found \['images', 'targets'\]"):
+    with pytest.raises(
+        InputFileError,
+        match=r"cache-val\.pkl: expected keys \{image_data, class_dict\} or "
+        r"\{data, labels\}, found \['images', 'targets'\]",
+    ):
         _pickled_source(tmp_path).split("meta_val")
     bad = {"data": _solid([1, 2], 4), "labels": [0]}
     (tmp_path / "miniImageNet_category_split_test.pickle").write_bytes(pickle.dumps(bad))
     with pytest.raises(InputFileError, match=r"'labels' must hold one integer per image \(2\)"):
         _pickled_source(tmp_path).split("meta_test")
     (tmp_path / "miniImageNet_category_split_test.pickle").write_bytes(
-        pickle.dumps({"data": np.zeros((2, 4, 4), np.uint8), "labels": [0, 1]}))
+        pickle.dumps({"data": np.zeros((2, 4, 4), np.uint8), "labels": [0, 1]})
+    )
     with pytest.raises(InputFileError, match=r"'data' must be uint8 images \[N, H, W, 3\], got uint8 \(2, 4, 4\)"):
         _pickled_source(tmp_path).split("meta_test")
 
 
 def test_missing_split_names_both_forms_and_bad_format_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(MissingInputError, match=r"split 'meta_val' not found: .*meta_val is not a directory and "
-                                                r"none of \['mini-imagenet-cache-val.pkl', .*\] is in"):
+    with pytest.raises(
+        MissingInputError,
+        match=r"split 'meta_val' not found: .*meta_val is not a directory and "
+        r"none of \['mini-imagenet-cache-val.pkl', .*\] is in",
+    ):
         _pickled_source(tmp_path).split("meta_val")
     with pytest.raises(ConfigError, match=r"data.source.format='zip'"):
         _pickled_source(tmp_path, "zip")

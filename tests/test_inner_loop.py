@@ -17,10 +17,17 @@ def _batch(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     items = []
     for t, (n_support, n_query, n_answers) in enumerate(((3, 5, 2), (9, 4, 5), (6, 7, 3))):
-        items.append(TaskExample(
-            support_x=torch.randn(n_support, E, generator=g), support_y=torch.randint(n_answers, (n_support,), generator=g),
-            query_x=torch.randn(n_query, E, generator=g), query_y=torch.randint(n_answers, (n_query,), generator=g),
-            answers=torch.randn(n_answers, E, generator=g), question=torch.randn(E, generator=g), task_index=t))
+        items.append(
+            TaskExample(
+                support_x=torch.randn(n_support, E, generator=g),
+                support_y=torch.randint(n_answers, (n_support,), generator=g),
+                query_x=torch.randn(n_query, E, generator=g),
+                query_y=torch.randint(n_answers, (n_query,), generator=g),
+                answers=torch.randn(n_answers, E, generator=g),
+                question=torch.randn(E, generator=g),
+                task_index=t,
+            )
+        )
     return collate_tasks(items)
 
 
@@ -72,9 +79,14 @@ def test_inner_loop_lowers_support_loss_and_leaves_meta_params_alone_in_eval() -
     with torch.no_grad():
         start = learner.initial_inner(batch.question)
         adapted = InnerLoop(steps=20, lr=0.05).adapt(learner, batch)
-        losses = [masked_task_losses(learner.logits(inner, batch.question, batch.support_x, batch.answers,
-                                                    batch.answer_mask), batch.support_y, batch.support_mask)
-                  for inner in (start, adapted)]
+        losses = [
+            masked_task_losses(
+                learner.logits(inner, batch.question, batch.support_x, batch.answers, batch.answer_mask),
+                batch.support_y,
+                batch.support_mask,
+            )
+            for inner in (start, adapted)
+        ]
     assert (losses[1] < losses[0]).all(), losses
     for n, p in learner.named_parameters():
         assert torch.equal(p, before[n])
@@ -83,9 +95,13 @@ def test_inner_loop_lowers_support_loss_and_leaves_meta_params_alone_in_eval() -
 def test_identity_adapter_is_clip_zero_shot() -> None:
     batch = _batch(3)
     learner = FewShotLearner("mnet", embed_dim=E, adapter_hidden=8, zero_init_output=True)
-    logits = learner.logits(learner.initial_inner(batch.question), batch.question, batch.query_x, batch.answers,
-                            batch.answer_mask)
-    clip = 100.0 * torch.nn.functional.normalize(batch.query_x, dim=-1) @ torch.nn.functional.normalize(
-        batch.answers, dim=-1).transpose(1, 2)
+    logits = learner.logits(
+        learner.initial_inner(batch.question), batch.question, batch.query_x, batch.answers, batch.answer_mask
+    )
+    clip = (
+        100.0
+        * torch.nn.functional.normalize(batch.query_x, dim=-1)
+        @ torch.nn.functional.normalize(batch.answers, dim=-1).transpose(1, 2)
+    )
     real = batch.answer_mask.unsqueeze(1).expand_as(logits)
     torch.testing.assert_close(logits[real], clip[real])

@@ -75,9 +75,11 @@ def _task(i: int, size: int) -> Task:
 
 
 def test_chunks_cover_every_task_of_every_row_once_and_group_by_size() -> None:
-    tasks = {"meta_train": [_task(i, s) for i, s in enumerate([50, 3, 700, 9, 40])],
-             "meta_val": [_task(i, s) for i, s in enumerate([30, 5])],
-             "meta_test": [_task(i, s) for i, s in enumerate([8, 80, 2])]}
+    tasks = {
+        "meta_train": [_task(i, s) for i, s in enumerate([50, 3, 700, 9, 40])],
+        "meta_val": [_task(i, s) for i, s in enumerate([30, 5])],
+        "meta_test": [_task(i, s) for i, s in enumerate([8, 80, 2])],
+    }
     chunks = plan_chunks(tasks, rows=3, chunk_tasks=2)
     for kind, n_rows, n in (("train", 3, 5), ("meta_train", 1, 5), ("meta_val", 1, 2), ("meta_test", 1, 3)):
         for row in range(n_rows):
@@ -89,10 +91,15 @@ def test_chunks_cover_every_task_of_every_row_once_and_group_by_size() -> None:
 
 
 def _adaptation(rows: int = 4) -> AdaptationData:
-    return AdaptationData(train_latents=torch.arange(rows * 3 * 2.0).reshape(rows, 3, 2),
-                          eval_latents={"meta_train": torch.zeros(3, 2), "meta_test": torch.zeros(1, 2)},
-                          train_questions=torch.zeros(3, 5), tasks={"meta_train": ["q0", "q1", "q2"], "meta_test": ["t0"]},
-                          init_latent=torch.zeros(2), latent_mean=torch.zeros(2), latent_std=torch.ones(2))
+    return AdaptationData(
+        train_latents=torch.arange(rows * 3 * 2.0).reshape(rows, 3, 2),
+        eval_latents={"meta_train": torch.zeros(3, 2), "meta_test": torch.zeros(1, 2)},
+        train_questions=torch.zeros(3, 5),
+        tasks={"meta_train": ["q0", "q1", "q2"], "meta_test": ["t0"]},
+        init_latent=torch.zeros(2),
+        latent_mean=torch.zeros(2),
+        latent_std=torch.ones(2),
+    )
 
 
 def test_latent_rows_pick_one_reproducible_row_per_epoch() -> None:
@@ -129,8 +136,10 @@ def test_latent_rows_can_cover_several_rows_per_epoch_each_item_once() -> None:
 
 def test_adaptation_for_other_tasks_is_refused() -> None:
     data = _adaptation()
-    tasks = {"meta_train": [Task("q0", ["a"], [], []), Task("q1", ["a"], [], []), Task("q2", ["a"], [], [])],
-             "meta_test": [Task("t0", ["a"], [], [])]}
+    tasks = {
+        "meta_train": [Task("q0", ["a"], [], []), Task("q1", ["a"], [], []), Task("q2", ["a"], [], [])],
+        "meta_test": [Task("t0", ["a"], [], [])],
+    }
     data.check_tasks(tasks, Path("here"))
     tasks["meta_test"].append(Task("t1", ["a"], [], []))
     with pytest.raises(ArtifactMismatchError, match=r"built for 1 meta_test tasks .* has 2"):
@@ -157,10 +166,18 @@ def _artifact(root: Path, stage: str, task_name: str) -> Path:
 
 @pytest.mark.slow
 def test_adaptation_killed_half_way_resumes_to_the_same_dataset(cache_root: Path) -> None:
-    args = ["experiment=adaptation_synthvqa", *CHAIN, "model.rows=2", "model.inner.steps=3", "model.chunk_tasks=128",
-            "task_name=adapt_resume", "trainer.enable_progress_bar=false"]
-    killed = run_train([*with_debug(args, "kill"), "callbacks.kill.phase=predict", "callbacks.kill.after=9"], cache_root,
-                       check=False)
+    args = [
+        "experiment=adaptation_synthvqa",
+        *CHAIN,
+        "model.rows=2",
+        "model.inner.steps=3",
+        "model.chunk_tasks=128",
+        "task_name=adapt_resume",
+        "trainer.enable_progress_bar=false",
+    ]
+    killed = run_train(
+        [*with_debug(args, "kill"), "callbacks.kill.phase=predict", "callbacks.kill.after=9"], cache_root, check=False
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     work = next((cache_root / "outputs" / "artifacts" / "adaptation" / ".work").glob("adapt_resume-*"))
     assert len(list(work.glob("*.pt"))) == 9
@@ -187,8 +204,16 @@ def test_adaptation_killed_half_way_resumes_to_the_same_dataset(cache_root: Path
 
 
 def test_vae_decoded_weights_keep_their_task_accuracy(cache_root: Path) -> None:
-    proc = run_train(["experiment=vae_synthvqa", *CHAIN, "trainer.max_epochs=40", "trainer.check_val_every_n_epoch=20",
-                      "trainer.enable_progress_bar=false"], cache_root)
+    proc = run_train(
+        [
+            "experiment=vae_synthvqa",
+            *CHAIN,
+            "trainer.max_epochs=40",
+            "trainer.check_val_every_n_epoch=20",
+            "trainer.enable_progress_bar=false",
+        ],
+        cache_root,
+    )
     m = run_metrics(proc, "vae")
     assert m["test/encoded_acc"] > 0.2
     assert abs(m["test/decoded_minus_encoded"]) < 0.05, m
@@ -198,8 +223,14 @@ def test_vae_decoded_weights_keep_their_task_accuracy(cache_root: Path) -> None:
 
 
 def test_hyperclip_retrieves_held_out_tasks_and_refuses_foreign_upstreams(cache_root: Path, tmp_path: Path) -> None:
-    args = ["experiment=hyperclip_synthvqa", *CHAIN, "trainer.max_epochs=8", "trainer.check_val_every_n_epoch=4",
-            "trainer.enable_progress_bar=false", "model.guidance.steps=10"]
+    args = [
+        "experiment=hyperclip_synthvqa",
+        *CHAIN,
+        "trainer.max_epochs=8",
+        "trainer.check_val_every_n_epoch=4",
+        "trainer.enable_progress_bar=false",
+        "model.guidance.steps=10",
+    ]
     m = run_metrics(run_train(args, cache_root), "hyperclip")
     assert m["test/retrieval/n_tasks"] == 373
     assert m["test/retrieval/10way"] > 0.2, m  # chance 0.1
@@ -218,8 +249,9 @@ def test_hyperclip_retrieves_held_out_tasks_and_refuses_foreign_upstreams(cache_
     assert "was built on features 000000000000" in proc.stderr
 
     # ... and so is one built for another task split
-    manifest["lineage"] = json.loads((_artifact(cache_root, "adaptation", "adaptation_synthvqa") / "manifest.json")
-                                     .read_text())["lineage"]
+    manifest["lineage"] = json.loads(
+        (_artifact(cache_root, "adaptation", "adaptation_synthvqa") / "manifest.json").read_text()
+    )["lineage"]
     (foreign / "manifest.json").write_text(json.dumps(manifest))
     data = torch.load(foreign / "adaptation.pt", weights_only=True)
     data["tasks"]["meta_test"] = data["tasks"]["meta_test"][:-1]

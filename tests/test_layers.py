@@ -65,22 +65,26 @@ def test_only_entry_points_import_the_run_loop(path: Path) -> None:
     if module_name(path) in MAY_IMPORT_RUN:
         return
     assert not any(_is(m, RUN_LOOP) for m in imports_of_file(path)), (
-        f"{module_name(path)} imports {RUN_LOOP}: take the stage runner as a parameter (see metadiff.pipeline)")
+        f"{module_name(path)} imports {RUN_LOOP}: take the stage runner as a parameter (see metadiff.pipeline)"
+    )
 
 
 def test_the_store_sits_below_the_pipeline_and_the_run_loop() -> None:
     assert not {m for m in imports_of("metadiff.store") if _is(m, "metadiff.pipeline") or _is(m, RUN_LOOP)}
 
 
-@pytest.mark.parametrize(("source", "module"), [
-    ("import metadiff.run", "metadiff.stages.x"),
-    ("from metadiff.run import train", "metadiff.stages.x"),
-    ("from metadiff import run", "metadiff.stages.x"),
-    ("def f():\n    from metadiff.run import train", "metadiff.stages.x"),
-    ("from ..run import train", "metadiff.stages.x"),
-    ("from .. import run", "metadiff.stages.x"),
-    ("from . import run", "metadiff.x"),
-])
+@pytest.mark.parametrize(
+    ("source", "module"),
+    [
+        ("import metadiff.run", "metadiff.stages.x"),
+        ("from metadiff.run import train", "metadiff.stages.x"),
+        ("from metadiff import run", "metadiff.stages.x"),
+        ("def f():\n    from metadiff.run import train", "metadiff.stages.x"),
+        ("from ..run import train", "metadiff.stages.x"),
+        ("from .. import run", "metadiff.stages.x"),
+        ("from . import run", "metadiff.x"),
+    ],
+)
 def test_the_check_sees_every_form_of_import(source: str, module: str) -> None:
     # the tests above would pass vacuously if the parser missed a form of import
     assert any(_is(m, RUN_LOOP) for m in imported_modules(source, module)), source
@@ -116,8 +120,14 @@ def test_imports_go_only_downward(path: Path) -> None:
     if name == "metadiff":
         return
     own = package_of(name)
-    upward = sorted(m for m in imports_of_file(path) if m.startswith("metadiff.") and package_of(m) != own
-                    and package_of(m) in layers and layers[package_of(m)] >= layers[own])
+    upward = sorted(
+        m
+        for m in imports_of_file(path)
+        if m.startswith("metadiff.")
+        and package_of(m) != own
+        and package_of(m) in layers
+        and layers[package_of(m)] >= layers[own]
+    )
     assert not upward, f"{name} (layer {layers[own]}) imports from its layer or above: {upward}"
 
 
@@ -132,8 +142,10 @@ def test_a_stage_takes_only_artifact_readers_from_another_stage(path: Path) -> N
     assert not helpers, f"{module_name(path)} imports another stage's helpers {helpers}: move them down a layer"
 
 
-@pytest.mark.parametrize(("source", "upward"), [("from metadiff.stages.dfml import load_meta_model", False),
-                                               ("from metadiff.stages.dfml import save_grid", True)])
+@pytest.mark.parametrize(
+    ("source", "upward"),
+    [("from metadiff.stages.dfml import load_meta_model", False), ("from metadiff.stages.dfml import save_grid", True)],
+)
 def test_the_stage_rule_tells_readers_from_helpers(source: str, upward: bool) -> None:
     taken = [m for m in imported_modules(source, "metadiff.stages.diffusionmix") if STAGE_IMPORT.match(m)]
     assert any(not m.rpartition(".")[2].startswith("load_") for m in taken) is upward

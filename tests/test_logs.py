@@ -24,20 +24,24 @@ from train_process import _forkserver, _run_entry_point
 
 # What every run printed before (issue 20): each must be gone from a redirected run.
 CHATTER = [
-    "litlogger",                                          # Lightning's advertising tip (Trainer)
-    "litmodels",                                          # ... and its checkpoint tip
+    "litlogger",  # Lightning's advertising tip (Trainer)
+    "litmodels",  # ... and its checkpoint tip
     "Trainer already configured with model summary callbacks",
     "Loading `train_dataloader` to estimate number of stepping batches",
     "TPU available",
-    "isinstance(treespec, LeafSpec)",                     # FutureWarning from Lightning's own pytree helper
-    "[root][INFO]",                                       # open_clip's INFO trace of building a model
+    "isinstance(treespec, LeafSpec)",  # FutureWarning from Lightning's own pytree helper
+    "[root][INFO]",  # open_clip's INFO trace of building a model
     "Parsing model identifier",
-    "No pretrained weights loaded",                       # open_clip, before create_clip loads a checkpoint itself
+    "No pretrained weights loaded",  # open_clip, before create_clip loads a checkpoint itself
 ]
-PROGRESS = re.compile(r"\[metadiff\.progress\]\[INFO\] - clip_synthvqa \(clip\) training: batch (\d+)/(\d+), "
-                      r"epoch (\d+)/2, step (\d+)/(\d+) \| \d+:\d\d:\d\d elapsed \| train/loss [-\d.e]+")
-VALIDATION = re.compile(r"\[metadiff\.progress\]\[INFO\] - clip_synthvqa \(clip\) validation at epoch (\d)/2, "
-                        r"step \d+/\d+ \| \d+:\d\d:\d\d elapsed \| .*val/zeroshot_acc [\d.]+")
+PROGRESS = re.compile(
+    r"\[metadiff\.progress\]\[INFO\] - clip_synthvqa \(clip\) training: batch (\d+)/(\d+), "
+    r"epoch (\d+)/2, step (\d+)/(\d+) \| \d+:\d\d:\d\d elapsed \| train/loss [-\d.e]+"
+)
+VALIDATION = re.compile(
+    r"\[metadiff\.progress\]\[INFO\] - clip_synthvqa \(clip\) validation at epoch (\d)/2, "
+    r"step \d+/\d+ \| \d+:\d\d:\d\d elapsed \| .*val/zeroshot_acc [\d.]+"
+)
 
 
 def _run_into_one_pipe(argv: list[str], root: Path, timeout: float = 600) -> tuple[int | None, str]:
@@ -67,16 +71,24 @@ def _run_into_one_pipe(argv: list[str], root: Path, timeout: float = 600) -> tup
 
 def test_a_redirected_run_prints_progress_lines_no_chatter_and_ends_with_its_summary(cache_root: Path) -> None:
     code, out = _run_into_one_pipe(
-        ["experiment=clip_synthvqa", "data.n_train_pairs=128", "data.batch_size=32", "data.n_val_tasks=10",
-         "trainer.max_epochs=2", "+trainer.limit_test_batches=2",
-         "callbacks.progress.every_s=0.001"], cache_root)
+        [
+            "experiment=clip_synthvqa",
+            "data.n_train_pairs=128",
+            "data.batch_size=32",
+            "data.n_val_tasks=10",
+            "trainer.max_epochs=2",
+            "+trainer.limit_test_batches=2",
+            "callbacks.progress.every_s=0.001",
+        ],
+        cache_root,
+    )
     assert code == 0, out[-4000:]
 
     progress = [m for m in map(PROGRESS.search, out.splitlines()) if m]
     assert len(progress) >= 3, out[-4000:]
     steps = [int(m[4]) for m in progress]
-    assert steps == sorted(set(steps)) and steps[0] >= 1, steps          # the step count only goes up
-    assert {int(m[5]) for m in progress} == {8}                          # 4 batches x 2 epochs
+    assert steps == sorted(set(steps)) and steps[0] >= 1, steps  # the step count only goes up
+    assert {int(m[5]) for m in progress} == {8}  # 4 batches x 2 epochs
     assert {int(m[3]) for m in progress} == {1, 2}
     assert [int(m[1]) for m in map(VALIDATION.search, out.splitlines()) if m] == [1, 2]  # one line per validation
 
@@ -86,7 +98,7 @@ def test_a_redirected_run_prints_progress_lines_no_chatter_and_ends_with_its_sum
 
     lines = [line for line in out.splitlines() if line.strip()]
     header = max(i for i, line in enumerate(lines) if line.startswith("== clip_synthvqa (clip) finished: =="))
-    tail = lines[header + 1:]
+    tail = lines[header + 1 :]
     assert tail[-1].startswith("  outputs: "), tail[-3:]
     assert tail[:-1] and all(re.fullmatch(r"  \S+ +-?\d+\.\d{4}", line) for line in tail[:-1]), tail
     printed, published = parse_summary(out), run_metrics(out, "clip")  # the block shows every metric, to 4 places
@@ -103,10 +115,18 @@ class FakeClock:
 
 
 def _trainer(**changes: object) -> SimpleNamespace:
-    fields = {"is_global_zero": True, "current_epoch": 0, "max_epochs": 3, "global_step": 0, "max_steps": -1,
-              "num_training_batches": 10, "estimated_stepping_batches": 300, "sanity_checking": False,
-              "progress_bar_metrics": {"train/loss": 2.5, "v_num": 0.0},
-              "callback_metrics": {"val/acc": 0.75, "val/chance": 0.2}}
+    fields = {
+        "is_global_zero": True,
+        "current_epoch": 0,
+        "max_epochs": 3,
+        "global_step": 0,
+        "max_steps": -1,
+        "num_training_batches": 10,
+        "estimated_stepping_batches": 300,
+        "sanity_checking": False,
+        "progress_bar_metrics": {"train/loss": 2.5, "v_num": 0.0},
+        "callback_metrics": {"val/acc": 0.75, "val/chance": 0.2},
+    }
     return SimpleNamespace(**{**fields, **changes})
 
 
@@ -128,12 +148,14 @@ def test_progress_lines_are_throttled_by_the_clock(caplog: pytest.LogCaptureFixt
             printed_at.append(second)
     assert printed_at == [30, 60, 150, 180]  # >= 30 s after the previous line, never two within 30 s
     assert caplog.records[0].getMessage() == (
-        "task (stage) training: batch 1/10, epoch 1/3, step 30/300 | 0:00:30 elapsed | train/loss 2.5 | val/acc 0.75")
+        "task (stage) training: batch 1/10, epoch 1/3, step 30/300 | 0:00:30 elapsed | train/loss 2.5 | val/acc 0.75"
+    )
 
     caplog.clear()
     lines.on_validation_end(trainer, module)  # a validation result is always reported, whatever the clock says
     assert caplog.records[-1].getMessage() == (
-        "task (stage) validation at epoch 1/3, step 180/300 | 0:03:00 elapsed | val/acc 0.75, val/chance 0.2")
+        "task (stage) validation at epoch 1/3, step 180/300 | 0:03:00 elapsed | val/acc 0.75, val/chance 0.2"
+    )
     clock.now += 1000  # due again, but:
     lines.on_validation_end(_trainer(sanity_checking=True), module)  # the sanity check is no result
     lines.on_train_batch_end(_trainer(is_global_zero=False), module, None, None, batch_idx=0)  # other ranks: quiet
@@ -158,7 +180,8 @@ def test_lines_name_the_loader_of_several_and_the_epochs_training_ran(caplog: py
     lines.on_train_start(stopped, SimpleNamespace(automatic_optimization=False))
     lines.on_train_end(stopped, None)
     assert caplog.records[-1].getMessage() == (
-        "feat (features) training done: epoch 1/2, step 2/2 | 0:00:05 elapsed | train/loss 2.5")
+        "feat (features) training done: epoch 1/2, step 2/2 | 0:00:05 elapsed | train/loss 2.5"
+    )
 
 
 def test_progress_interval_must_give_a_line_at_least_once_a_minute() -> None:
@@ -210,9 +233,13 @@ def test_filters_drop_the_known_chatter_and_nothing_else(caplog: pytest.LogCaptu
         warnings.warn_explicit(message, FutureWarning, "mine.py", 1, module="mypackage")  # not Lightning's: shown
         warnings.warn("a user's own warning", UserWarning, stacklevel=1)
     logged = [r.getMessage() for r in caplog.records]
-    assert logged == ["GPU available: False, used: False",
-                      "Trainer already configured with model summary callbacks (a warning is never dropped)",
-                      "No pretrained weights loaded for model 'x'. Model initialized randomly."]  # not open_clip's
-    assert [(w.category, str(w.message)) for w in caught] == [(FutureWarning, message),
-                                                              (UserWarning, "a user's own warning")]
+    assert logged == [
+        "GPU available: False, used: False",
+        "Trainer already configured with model summary callbacks (a warning is never dropped)",
+        "No pretrained weights loaded for model 'x'. Model initialized randomly.",
+    ]  # not open_clip's
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (FutureWarning, message),
+        (UserWarning, "a user's own warning"),
+    ]
     assert len(logging.getLogger().filters) == len(set(map(type, logging.getLogger().filters)))

@@ -101,12 +101,17 @@ def test_split_is_deterministic_in_its_seed_and_changes_with_it() -> None:
     assert len(MetaValSplit(fraction=0.1, seed=0).carve(_tasks(2))[1]) == 1  # round(0.2) = 0, at least one
 
 
-@pytest.mark.parametrize("values, key", [({"fraction": 1.0, "seed": 0}, "fraction = 1.0"),
-                                         ({"fraction": -0.1, "seed": 0}, "fraction = -0.1"),
-                                         ({"fraction": "0.1", "seed": 0}, "fraction = '0.1'"),
-                                         ({"fraction": 0.1, "seed": 0.5}, "seed = 0.5"),
-                                         ({"fraction": 0.1}, r"'data\.source\.meta_val\.seed' is missing"),
-                                         ({"fractoin": 0.1, "seed": 0}, r"'data\.source\.meta_val\.fractoin'")])
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        ({"fraction": 1.0, "seed": 0}, "fraction = 1.0"),
+        ({"fraction": -0.1, "seed": 0}, "fraction = -0.1"),
+        ({"fraction": "0.1", "seed": 0}, "fraction = '0.1'"),
+        ({"fraction": 0.1, "seed": 0.5}, "seed = 0.5"),
+        ({"fraction": 0.1}, r"'data\.source\.meta_val\.seed' is missing"),
+        ({"fractoin": 0.1, "seed": 0}, r"'data\.source\.meta_val\.fractoin'"),
+    ],
+)
 def test_bad_meta_val_config_names_the_key(values: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         MetaValSplit.from_config(values)
@@ -126,9 +131,12 @@ def test_synthvqa_split_counts_and_fingerprints(tmp_path: Path) -> None:
     file_train = _questions(load_task_file(default.root / "meta_train.json"))
     assert sorted(_questions(default.tasks("meta_train") + default.tasks("meta_val"))) == sorted(file_train)
     assert _questions(default.tasks("meta_test")) == _questions(load_task_file(default.root / "meta_test.json"))
-    fingerprints = {(f, s): _source(tmp_path, "hnet_synthvqa", [f"data.source.meta_val.fraction={f}",
-                                                                f"data.source.meta_val.seed={s}"]).fingerprint()
-                    for f, s in ((0.1, 0), (0.1, 1), (0.2, 0), (0.0, 0), (0.0, 1))}
+    fingerprints = {
+        (f, s): _source(
+            tmp_path, "hnet_synthvqa", [f"data.source.meta_val.fraction={f}", f"data.source.meta_val.seed={s}"]
+        ).fingerprint()
+        for f, s in ((0.1, 0), (0.1, 1), (0.2, 0), (0.0, 0), (0.0, 1))
+    }
     assert len({fingerprints[k] for k in ((0.1, 0), (0.1, 1), (0.2, 0), (0.0, 0))}) == 4
     assert fingerprints[(0.1, 0)] == default.fingerprint()
     assert fingerprints[(0.0, 0)] == fingerprints[(0.0, 1)]  # no meta-val: the seed picks nothing
@@ -161,16 +169,20 @@ def test_synthvqa_validation_loaders_never_hold_a_meta_test_task(tmp_path: Path)
 def test_real_format_validation_loaders_never_hold_a_meta_test_task(vqa_tree: dict, tmp_path: Path) -> None:
     """Task files built from the self-written VQA v2 tree (3 tasks: 2 meta-train -> 1 + 1 meta-val, 1 meta-test),
     through the latents DataModule's parent and the images the real source checks."""
-    overrides = [f"paths.vqa_dir={vqa_tree['vqa_dir']}", f"paths.coco_dir={vqa_tree['coco_dir']}",
-                 f"data.source.prompts={vqa_tree['prompts']}"]
+    overrides = [
+        f"paths.vqa_dir={vqa_tree['vqa_dir']}",
+        f"paths.coco_dir={vqa_tree['coco_dir']}",
+        f"data.source.prompts={vqa_tree['prompts']}",
+    ]
     source = _source(tmp_path, "hnet_vqa", overrides)
     file_train = _questions(load_task_file(source.root / "meta_train.json"))
     splits = _check_loaders(tmp_path, "hnet_vqa", overrides, file_train)
     assert (len(splits["meta_train"]), len(splits["meta_val"]), len(splits["meta_test"])) == (1, 1, 1)
 
 
-def test_without_meta_val_validation_reads_meta_test_and_says_so(tmp_path: Path,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_without_meta_val_validation_reads_meta_test_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """fraction 0 (the authors' protocol) is an explicit choice: validation reads meta-test, with a warning."""
     source = _source(tmp_path, "hnet_synthvqa", [*SMALL_SYNTH, "data.source.meta_val.fraction=0"])
     with caplog.at_level(logging.WARNING):
@@ -185,17 +197,41 @@ def test_without_meta_val_validation_reads_meta_test_and_says_so(tmp_path: Path,
 def test_fewshot_validation_logs_the_optimised_metric_and_no_meta_test_metric(tmp_path: Path) -> None:
     """The metric hnet/maml/multitask optimise (their configs) is what validation logs, for the meta-val split."""
     source = rotated_answer_store(tmp_path / "store", n_tasks=24)
-    source._tasks["meta_val"], source._tasks["meta_train"] = source._tasks["meta_train"][:6], \
-        source._tasks["meta_train"][6:]
+    source._tasks["meta_val"], source._tasks["meta_train"] = (
+        source._tasks["meta_train"][:6],
+        source._tasks["meta_train"][6:],
+    )
     data = MetaTaskDataModule(source, tasks_per_batch=8, eval_tasks_per_batch=16, store_dir=str(tmp_path / "store"))
     model = FewShotModule(
-        method="hnet", learner={"mode": "enet", "adapter_hidden": 16, "hnet_hidden": [8], "embedding_dim": 4,
-                                "question_init": False, "logit_scale": 10.0, "adapter_init_std": 0.3,
-                                "zero_init_output": False, "alpha": 1.0},
-        inner={"steps": 1, "lr": 0.5, "second_order": False}, eval_steps=1, optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
-        n_shot_max=0, n_shot_reruns=1, plot=False, embed_dim=16)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                         enable_model_summary=False, inference_mode=False, default_root_dir=tmp_path)
+        method="hnet",
+        learner={
+            "mode": "enet",
+            "adapter_hidden": 16,
+            "hnet_hidden": [8],
+            "embedding_dim": 4,
+            "question_init": False,
+            "logit_scale": 10.0,
+            "adapter_init_std": 0.3,
+            "zero_init_output": False,
+            "alpha": 1.0,
+        },
+        inner={"steps": 1, "lr": 0.5, "second_order": False},
+        eval_steps=1,
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
+        n_shot_max=0,
+        n_shot_reruns=1,
+        plot=False,
+        embed_dim=16,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        default_root_dir=tmp_path,
+    )
     trainer.validate(model, datamodule=data, verbose=False)
     logged = set(trainer.callback_metrics)
     for experiment in ("hnet_synthvqa", "maml_synthvqa", "multitask_synthvqa", "hnet_vqa"):

@@ -75,21 +75,41 @@ def test_reader_loads_the_authors_published_files() -> None:
     assert (train["tasks"], test["tasks"]) == (870, 373)
     assert (train["examples_total"], test["examples_total"]) == (74512, 29600)
     assert train["answers_median"] == test["answers_median"] == 7
-    out = subprocess.run([sys.executable, "-m", "metadiff.data.meta_vqa", "stats", str(AUTHORS)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "metadiff.data.meta_vqa", "stats", str(AUTHORS)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "tasks" in out and "870.000" in out and "373.000" in out
 
 
 def test_build_command_writes_files_and_reports(vqa_tree: dict, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "metadiff.data.meta_vqa", "build", "--vqa-dir",
-                           str(vqa_tree["vqa_dir"]), "--out", str(tmp_path / "mv")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metadiff.data.meta_vqa",
+            "build",
+            "--vqa-dir",
+            str(vqa_tree["vqa_dir"]),
+            "--out",
+            str(tmp_path / "mv"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "built 3 tasks (2 meta-train, 1 meta-test)" in proc.stdout
-    assert sorted(p.name for p in (tmp_path / "mv").iterdir()) == ["meta_test.json", "meta_train.json",
-                                                                   "ques_ans_count.json"]
+    assert sorted(p.name for p in (tmp_path / "mv").iterdir()) == [
+        "meta_test.json",
+        "meta_train.json",
+        "ques_ans_count.json",
+    ]
 
 
 # ---- bad input: one line naming the file and what was expected ------------------------------------------------
+
 
 def _copy_tree(vqa_tree: dict, tmp_path: Path) -> Path:
     import shutil
@@ -163,6 +183,7 @@ def test_source_needs_tasks_or_vqa(tmp_path: Path) -> None:
 
 
 # ---- views, n-shot, task batches ------------------------------------------------------------------------------
+
 
 def _task(n_per_answer: tuple[int, ...] = (6, 3, 1)) -> Task:
     examples = [(f"img{a}_{i}", a) for a, n in enumerate(n_per_answer) for i in range(n)]

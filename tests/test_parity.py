@@ -36,10 +36,19 @@ pytestmark = pytest.mark.slow
 # tasks in a fixed order: 8 tasks a step (global) in 1 process; 4 per rank on 2, rank r taking tasks r, r+2, ... of
 # the same 8 (metadiff.data.global_batch.EpochOrderShard without shuffling)
 STEPS = 5
-MAML = ["experiment=maml_synthvqa", debug("short_chain"), "upstream.features.inherit_groups=[]",  # 1 feature store
-        "data.shuffle=false", "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0",
-        "trainer.max_epochs=1", "test=false", "model.inner.steps=2", "trainer.enable_progress_bar=false",
-        "callbacks=none"]
+MAML = [
+    "experiment=maml_synthvqa",
+    debug("short_chain"),
+    "upstream.features.inherit_groups=[]",  # 1 feature store
+    "data.shuffle=false",
+    "model.optimizer._target_=torch.optim.SGD",
+    "model.optimizer.lr=1.0",
+    "trainer.max_epochs=1",
+    "test=false",
+    "model.inner.steps=2",
+    "trainer.enable_progress_bar=false",
+    "callbacks=none",
+]
 
 
 def _learner(proc) -> dict[str, torch.Tensor]:
@@ -54,12 +63,16 @@ def test_ddp_steps_equal_one_process_on_the_global_batch(cache_root: Path) -> No
     moved up to 0.356 from the init, DDP vs 1 process differ by at most 2.4e-7; with DDP's gradient sync removed
     (`StageRanksDDPStrategy.configure_ddp` a no-op, so no DistributedDataParallel wrapper; tried once by hand) they
     differ by up to 0.0155 in 57.8% of `adapter.weights.W1` and this fails."""
-    init = _learner(run_train([*MAML, "trainer.max_steps=0", "data.tasks_per_batch=8", "task_name=maml_init"],
-                              cache_root))
-    single = run_train([*MAML, f"trainer.max_steps={STEPS}", "data.tasks_per_batch=8", "task_name=maml_single"],
-                       cache_root)
-    double = run_train([*MAML, f"trainer.max_steps={STEPS}", "trainer=ddp_sim", "data.tasks_per_batch=8",
-                        "task_name=maml_ddp"], cache_root)
+    init = _learner(
+        run_train([*MAML, "trainer.max_steps=0", "data.tasks_per_batch=8", "task_name=maml_init"], cache_root)
+    )
+    single = run_train(
+        [*MAML, f"trainer.max_steps={STEPS}", "data.tasks_per_batch=8", "task_name=maml_single"], cache_root
+    )
+    double = run_train(
+        [*MAML, f"trainer.max_steps={STEPS}", "trainer=ddp_sim", "data.tasks_per_batch=8", "task_name=maml_ddp"],
+        cache_root,
+    )
     assert TWO_RANKS in double.stdout + double.stderr
     # a grand-upstream inherits from its parent, not from the top-level run: the DDP run built no CLIP of its own
     assert "upstream 'features': using" in double.stdout + double.stderr
@@ -73,10 +86,20 @@ def test_ddp_steps_equal_one_process_on_the_global_batch(cache_root: Path) -> No
 
 # clip_synthvqa's model on a global batch of 32 pairs, SGD, for CLIP_STEPS steps
 CLIP_STEPS = 3
-CLIP = ["experiment=clip_synthvqa", "data.n_train_pairs=256", "data.batch_size=32", "data.n_val_tasks=10",
-        f"trainer.max_steps={CLIP_STEPS}", "test=false", "trainer.enable_progress_bar=false", "callbacks=none",
-        "model.optimizer._target_=torch.optim.SGD", "~model.optimizer.betas",
-        "model.optimizer.lr=1.0", "model.warmup_steps=0"]
+CLIP = [
+    "experiment=clip_synthvqa",
+    "data.n_train_pairs=256",
+    "data.batch_size=32",
+    "data.n_val_tasks=10",
+    f"trainer.max_steps={CLIP_STEPS}",
+    "test=false",
+    "trainer.enable_progress_bar=false",
+    "callbacks=none",
+    "model.optimizer._target_=torch.optim.SGD",
+    "~model.optimizer.betas",
+    "model.optimizer.lr=1.0",
+    "model.warmup_steps=0",
+]
 
 
 def _clip(proc) -> dict[str, torch.Tensor]:
@@ -104,9 +127,18 @@ def test_clip_steps_on_two_ranks_equal_one_process(cache_root: Path) -> None:
 
 # hnet_synthvqa's own recipe (Adam, inner lr 10, 10 inner steps) in task order, in float64, for a few meta-steps,
 # then meta-test (one batch of 128 tasks): the global batch on 1 process and on 2 ranks
-HNET = ["experiment=hnet_synthvqa", debug("short_chain"), "upstream.features.inherit_groups=[]", "data.shuffle=false",
-        "data.tasks_per_batch=8", "model.n_shot_max=0", "trainer.enable_progress_bar=false", "callbacks=none",
-        "trainer.precision=64-true", "+trainer.limit_test_batches=1"]
+HNET = [
+    "experiment=hnet_synthvqa",
+    debug("short_chain"),
+    "upstream.features.inherit_groups=[]",
+    "data.shuffle=false",
+    "data.tasks_per_batch=8",
+    "model.n_shot_max=0",
+    "trainer.enable_progress_bar=false",
+    "callbacks=none",
+    "trainer.precision=64-true",
+    "+trainer.limit_test_batches=1",
+]
 HNET_STEPS = 10
 HNET_METRICS = ("train/query_loss", "test/zeroshot_acc", "test/fewshot_acc", "test/clip_acc")
 
@@ -140,8 +172,10 @@ def test_hnet_on_two_ranks_gives_the_one_process_metrics(cache_root: Path) -> No
     one, two = _hnet(single), _hnet(double)
     moved = max(float((one[k] - init[k]).abs().max()) for k in one)
     assert moved > 1e-3, f"{HNET_STEPS} steps moved the weights by only {moved:.2e}"
-    print(f"hnet: {HNET_STEPS} steps moved the weights by {moved:.2e}; 2 ranks vs 1 differ by "
-          f"{max(float((two[k] - one[k]).abs().max()) for k in one):.2e}")
+    print(
+        f"hnet: {HNET_STEPS} steps moved the weights by {moved:.2e}; 2 ranks vs 1 differ by "
+        f"{max(float((two[k] - one[k]).abs().max()) for k in one):.2e}"
+    )
     for key, value in one.items():
         assert value.dtype == torch.float64, f"{key}: {value.dtype}, not a float64 run"
         torch.testing.assert_close(two[key], value, rtol=0, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
@@ -154,14 +188,40 @@ def test_hnet_on_two_ranks_gives_the_one_process_metrics(cache_root: Path) -> No
 # family -> (overrides of every run, metric, tolerance)
 FAMILIES: dict[str, tuple[list[str], str, float]] = {
     # validation metric, no test phase: under ddp_sim every phase spawns its processes again
-    "clip": (["experiment=clip_synthvqa", "data.n_train_pairs=256", "data.batch_size=32", "data.n_val_tasks=10",
-              "trainer.max_epochs=1", "test=false"], "val/zeroshot_acc", 0.05),
+    "clip": (
+        [
+            "experiment=clip_synthvqa",
+            "data.n_train_pairs=256",
+            "data.batch_size=32",
+            "data.n_val_tasks=10",
+            "trainer.max_epochs=1",
+            "test=false",
+        ],
+        "val/zeroshot_acc",
+        0.05,
+    ),
     # conv stages: few steps and 8 fixed episodes (the runs are compared on the same ones), because bf16
     # convolutions are ~30x slower than fp32 on AVX2-only CPUs
-    "image": (["experiment=classifier_glyphs", "trainer.max_steps=4", "data.train.batch_size=32",
-               "data.episodes.n_episodes=8"], "test/trained_5shot", 0.1),
-    "dfml": (["experiment=dfml_glyphs", "trainer.max_epochs=1", "data.train.steps_per_epoch=2",
-              "data.episodes.n_episodes=8"], "test/trained_5shot", 0.1),
+    "image": (
+        [
+            "experiment=classifier_glyphs",
+            "trainer.max_steps=4",
+            "data.train.batch_size=32",
+            "data.episodes.n_episodes=8",
+        ],
+        "test/trained_5shot",
+        0.1,
+    ),
+    "dfml": (
+        [
+            "experiment=dfml_glyphs",
+            "trainer.max_epochs=1",
+            "data.train.steps_per_epoch=2",
+            "data.episodes.n_episodes=8",
+        ],
+        "test/trained_5shot",
+        0.1,
+    ),
 }
 
 
@@ -191,8 +251,9 @@ def test_ddp_and_bf16_match_one_process(family: str, cache_root: Path, image_tre
         # every rank that reports agrees on the evaluation: the episodes/tasks were gathered before the metric
         assert printed and len({r[metric] for r in printed}) == 1, [r[metric] for r in printed]
         (runs[trainer],) = task_metrics(ddp, task)  # rank 0 publishes
-    runs["bf16"] = run_metrics(run_train([*common, "trainer.precision=bf16-mixed", f"task_name=parity_{family}_bf16"],
-                                         cache_root), stage)
+    runs["bf16"] = run_metrics(
+        run_train([*common, "trainer.precision=bf16-mixed", f"task_name=parity_{family}_bf16"], cache_root), stage
+    )
     for name in (*DDP_TRAINERS, "bf16"):
         gap = abs(runs[name][metric] - runs["single"][metric])
         assert gap <= tolerance, f"{family}: {name} {metric} {runs[name][metric]} vs 1 process {runs['single'][metric]}"

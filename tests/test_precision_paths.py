@@ -23,11 +23,21 @@ from metadiff.nets.adapter import AdapterShape, adapter_logits
 from metadiff.nets.unet import ImageDenoiser
 from metadiff.store import Artifact
 
-TINY_UNET_OVERRIDES = (("block_out_channels", "[8,8]"), ("layers_per_block", "1"),
-                       ("down_block_types", "[DownBlock2D,DownBlock2D]"), ("up_block_types", "[UpBlock2D,UpBlock2D]"),
-                       ("norm_num_groups", "4"), ("attention_head_dim", "null"))
-TINY_UNET = {"block_out_channels": [8, 8], "layers_per_block": 1, "down_block_types": ["DownBlock2D"] * 2,
-             "up_block_types": ["UpBlock2D"] * 2, "norm_num_groups": 4}
+TINY_UNET_OVERRIDES = (
+    ("block_out_channels", "[8,8]"),
+    ("layers_per_block", "1"),
+    ("down_block_types", "[DownBlock2D,DownBlock2D]"),
+    ("up_block_types", "[UpBlock2D,UpBlock2D]"),
+    ("norm_num_groups", "4"),
+    ("attention_head_dim", "null"),
+)
+TINY_UNET = {
+    "block_out_channels": [8, 8],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D"] * 2,
+    "up_block_types": ["UpBlock2D"] * 2,
+    "norm_num_groups": 4,
+}
 
 
 def _identity_adapter_inputs(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -61,7 +71,7 @@ def test_hyperclip_logits_are_fp32_under_bf16_autocast() -> None:
     encoder = HyperCLIPEncoder(in_dim=32, embed_dim=64, hidden=[32])
     x, text = torch.randn(8, 32), torch.randn(5, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        embedded = encoder(x)       # the MLP in bf16, as autocast wants it
+        embedded = encoder(x)  # the MLP in bf16, as autocast wants it
         logits = encoder.logits(x, text)
     expected = encoder.logit_scale * embedded.float() @ torch.nn.functional.normalize(text, dim=-1).T
     assert logits.dtype == torch.float32
@@ -71,8 +81,12 @@ def test_hyperclip_logits_are_fp32_under_bf16_autocast() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # the zoo's sampling outside the *_step hooks, on a tiny rendered glyph set (16 classes, 6/5/5) with tiny UNets
 
-SMALL_GLYPHS = ["data.source.render.n_classes=16", "data.source.render.images_per_class=20",
-                "data.source.split_sizes=[6,5,5]", "data.train.eval_batch_size=4"]
+SMALL_GLYPHS = [
+    "data.source.render.n_classes=16",
+    "data.source.render.images_per_class=20",
+    "data.source.split_sizes=[6,5,5]",
+    "data.train.eval_batch_size=4",
+]
 ZOO = ["zoo.n_models=2", "zoo.classes_per_model=3"]
 GLYPH_BACKBONE = {"name": "conv4", "in_channels": 1, "mean": [0.177], "std": [0.345], "width": 8, "depth": 2}
 
@@ -106,17 +120,24 @@ def write_upstreams(root: Path) -> dict[str, Artifact]:
         path.mkdir()
         model = _tiny_member(k)
         torch.save(model.state_dict(), path / "unet.pt")
-        (path / "unet.json").write_text(json.dumps({"config": model.config, "schedule": schedule,
-                                                    "classes": [3 * k, 3 * k + 1, 3 * k + 2]}))
+        (path / "unet.json").write_text(
+            json.dumps({"config": model.config, "schedule": schedule, "classes": [3 * k, 3 * k + 1, 3 * k + 2]})
+        )
         found[f"unet{k}"] = Artifact(path, {"fingerprint": f"unet{k}"})
     judge = ImageClassifier(GLYPH_BACKBONE, 6, "batchnorm")
     (root / "judge").mkdir()
     torch.save(judge.state_dict(), root / "judge" / "classifier.pt")
     (root / "judge" / "classifier.json").write_text(json.dumps(judge.spec))
     found["judge"] = Artifact(root / "judge", {"fingerprint": "judge"})
-    zoo = DiffusionZoo([_tiny_member(k) for k in range(2)], NoiseSchedule.make(**schedule), schedule,
-                       [{"class": c, "model": c // 3, "local": c % 3} for c in range(6)],
-                       [str(c) for c in range(6)], image_size=32, channels=1)
+    zoo = DiffusionZoo(
+        [_tiny_member(k) for k in range(2)],
+        NoiseSchedule.make(**schedule),
+        schedule,
+        [{"class": c, "model": c // 3, "local": c % 3} for c in range(6)],
+        [str(c) for c in range(6)],
+        image_size=32,
+        channels=1,
+    )
     (root / "zoo").mkdir()
     save_zoo(zoo, root / "zoo")
     found["zoo"] = Artifact(root / "zoo", {"fingerprint": "zoo"})
@@ -152,35 +173,66 @@ def _unet_dtypes(run: Callable[[], object]) -> set[torch.dtype]:
 
 
 def _bf16_trainer(root: Path) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", fast_dev_run=1, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        fast_dev_run=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
 
 
 def test_unet_sample_grid_runs_in_bf16_when_the_trainer_is_bf16(glyph_root: Path, tmp_path: Path) -> None:
-    data, module = _stage("diffusion_unet_glyphs", [*ZOO, "model.grid.n=2", "model.grid.steps=2",
-                                                    *(f"model.unet.{k}={v}" for k, v in TINY_UNET_OVERRIDES)],
-                          glyph_root, {})
+    data, module = _stage(
+        "diffusion_unet_glyphs",
+        [*ZOO, "model.grid.n=2", "model.grid.steps=2", *(f"model.unet.{k}={v}" for k, v in TINY_UNET_OVERRIDES)],
+        glyph_root,
+        {},
+    )
     seen = _unet_dtypes(lambda: _bf16_trainer(tmp_path).test(module, datamodule=data, verbose=False))
-    assert seen == {torch.bfloat16}, seen     # the held-out loss (test_step) and the grid (on_test_epoch_end)
+    assert seen == {torch.bfloat16}, seen  # the held-out loss (test_step) and the grid (on_test_epoch_end)
     assert (tmp_path / "samples.png").is_file()
 
 
-def test_zoo_check_runs_in_bf16_when_the_trainer_is_bf16(glyph_root: Path, tmp_path: Path,
-                                                         upstreams: dict[str, Artifact]) -> None:
-    data, module = _stage("diffusion_zoo_glyphs", [*ZOO, "model.check.n_per_model=2", "model.check.batch_size=2",
-                                                   "model.check.steps=2", "model.grid.n_per_model=2"],
-                          glyph_root, {k: v for k, v in upstreams.items() if k != "zoo"})
+def test_zoo_check_runs_in_bf16_when_the_trainer_is_bf16(
+    glyph_root: Path, tmp_path: Path, upstreams: dict[str, Artifact]
+) -> None:
+    data, module = _stage(
+        "diffusion_zoo_glyphs",
+        [
+            *ZOO,
+            "model.check.n_per_model=2",
+            "model.check.batch_size=2",
+            "model.check.steps=2",
+            "model.grid.n_per_model=2",
+        ],
+        glyph_root,
+        {k: v for k, v in upstreams.items() if k != "zoo"},
+    )
     seen = _unet_dtypes(lambda: _bf16_trainer(tmp_path).test(module, datamodule=data, verbose=False))
     assert seen == {torch.bfloat16}, seen
 
 
-def test_dfml_pseudo_data_is_generated_in_bf16_when_the_trainer_is_bf16(glyph_root: Path, tmp_path: Path,
-                                                                        upstreams: dict[str, Artifact]) -> None:
-    data, module = _stage("dfml_glyphs", ["model.generation.per_class=2", "model.generation.batch_size=6",
-                                          "model.generation.steps=2", "model.episodes.per_batch=1",
-                                          "model.episodes.n_query=1", "data.episodes.n_val_episodes=1",
-                                          "data.episodes.episodes_per_batch=1"],
-                          glyph_root, {"zoo": upstreams["zoo"]})
+def test_dfml_pseudo_data_is_generated_in_bf16_when_the_trainer_is_bf16(
+    glyph_root: Path, tmp_path: Path, upstreams: dict[str, Artifact]
+) -> None:
+    data, module = _stage(
+        "dfml_glyphs",
+        [
+            "model.generation.per_class=2",
+            "model.generation.batch_size=6",
+            "model.generation.steps=2",
+            "model.episodes.per_batch=1",
+            "model.episodes.n_query=1",
+            "data.episodes.n_val_episodes=1",
+            "data.episodes.episodes_per_batch=1",
+        ],
+        glyph_root,
+        {"zoo": upstreams["zoo"]},
+    )
     seen = _unet_dtypes(lambda: _bf16_trainer(tmp_path).fit(module, datamodule=data))
-    assert seen == {torch.bfloat16}, seen     # every UNet forward of dfml is the pseudo-data generation
+    assert seen == {torch.bfloat16}, seen  # every UNet forward of dfml is the pseudo-data generation
     assert module.pseudo is not None and len(module.pseudo) == 12

@@ -33,13 +33,27 @@ GEN = {"per_class": 5, "batch_size": 4, "steps": 2, "scale": 1.0, "spacing": "le
 
 def tiny(compat: str) -> tuple[DiffusionZoo, torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
-    unet = {"block_out_channels": [8, 8], "layers_per_block": 1, "down_block_types": ["DownBlock2D"] * 2,
-            "up_block_types": ["UpBlock2D"] * 2, "norm_num_groups": 4}
-    models = [ImageDenoiser.from_config({"image_size": 8, "channels": 1, "unet": unet}).eval().requires_grad_(False)
-              for _ in range(2)]
+    unet = {
+        "block_out_channels": [8, 8],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D"] * 2,
+        "up_block_types": ["UpBlock2D"] * 2,
+        "norm_num_groups": 4,
+    }
+    models = [
+        ImageDenoiser.from_config({"image_size": 8, "channels": 1, "unet": unet}).eval().requires_grad_(False)
+        for _ in range(2)
+    ]
     class_map = [{"class": c, "model": c // 3, "local": c % 3} for c in range(6)]
-    zoo = DiffusionZoo(models, NoiseSchedule.make("cosine", 1000), {"name": "cosine"}, class_map,
-                       [str(c) for c in range(6)], image_size=8, channels=1)
+    zoo = DiffusionZoo(
+        models,
+        NoiseSchedule.make("cosine", 1000),
+        {"name": "cosine"},
+        class_map,
+        [str(c) for c in range(6)],
+        image_size=8,
+        channels=1,
+    )
     backbone = build_backbone("conv4", in_channels=1, mean=[0.5], std=[0.5], width=8, depth=2).eval()
     learner = MLPHead(8, 6, norm=LEARNER_NORM[compat], time_conditioned=True).eval()
     return zoo, backbone, learner
@@ -47,8 +61,19 @@ def tiny(compat: str) -> tuple[DiffusionZoo, torch.nn.Module, torch.nn.Module]:
 
 def one_process(compat: str, seed: int = 3) -> PseudoData:
     zoo, backbone, learner = tiny(compat)
-    return generate_pseudo_data(zoo, backbone, learner, GEN["per_class"], GEN["batch_size"], GEN["steps"],
-                                GEN["scale"], compat, seed, round_index=1, spacing=GEN["spacing"])
+    return generate_pseudo_data(
+        zoo,
+        backbone,
+        learner,
+        GEN["per_class"],
+        GEN["batch_size"],
+        GEN["steps"],
+        GEN["scale"],
+        compat,
+        seed,
+        round_index=1,
+        spacing=GEN["spacing"],
+    )
 
 
 def assert_same_round(a: PseudoData, b: PseudoData) -> None:
@@ -128,10 +153,22 @@ def test_generate_pseudo_data_on_two_ranks_samples_only_its_share(compat: str) -
                 barrier.wait(timeout=120)
                 return torch.stack(slots)
 
-            results[rank] = generate_pseudo_data(zoo, backbone, learner, GEN["per_class"], GEN["batch_size"],
-                                                 GEN["steps"], GEN["scale"], compat, 3, round_index=1,
-                                                 spacing=GEN["spacing"], rank=rank, world_size=2,
-                                                 all_gather=all_gather)
+            results[rank] = generate_pseudo_data(
+                zoo,
+                backbone,
+                learner,
+                GEN["per_class"],
+                GEN["batch_size"],
+                GEN["steps"],
+                GEN["scale"],
+                compat,
+                3,
+                round_index=1,
+                spacing=GEN["spacing"],
+                rank=rank,
+                world_size=2,
+                all_gather=all_gather,
+            )
         except BaseException as error:  # noqa: BLE001 - reported by the main thread
             errors.append(error)
             barrier.abort()
@@ -154,9 +191,15 @@ def test_generate_pseudo_data_on_two_ranks_samples_only_its_share(compat: str) -
 def test_ddp_round_equals_the_one_process_round(cache_root: Path, image_tree: Path, tmp_path: Path) -> None:
     """`trainer=ddp_cpu` (2 processes): round 0 saved by rank 0 is the 1-process run's, pixel for pixel, and each
     rank sampled one of the round's two batches (2 zoo members x 3 classes x 7 images, batches of 32)."""
-    common = ["experiment=dfml_glyphs", *dfml_smoke_overrides("dfml_glyphs", image_tree), "trainer.max_epochs=1",
-              "data.train.steps_per_epoch=1", "data.episodes.n_episodes=2", "test=false",
-              "trainer.enable_progress_bar=false"]
+    common = [
+        "experiment=dfml_glyphs",
+        *dfml_smoke_overrides("dfml_glyphs", image_tree),
+        "trainer.max_epochs=1",
+        "data.train.steps_per_epoch=1",
+        "data.episodes.n_episodes=2",
+        "test=false",
+        "trainer.enable_progress_bar=false",
+    ]
     # both runs on the 1-process run's upstreams (the zoo above all): inherited, the trainer group would make the DDP
     # run build its own
     upstreams = compose_config(common, cache_root, tmp_path / "compose").upstream
@@ -165,10 +208,18 @@ def test_ddp_round_equals_the_one_process_round(cache_root: Path, image_tree: Pa
     # count): CPU kernels' float results can depend on the thread count, and the DDP launcher would otherwise give
     # each rank cpu_count / world_size threads against the 1-process run's cpu_count
     env = {"OMP_NUM_THREADS": "1"}
-    single = run_train([*common, "task_name=pseudo_ranks_1", f"paths.output_dir={tmp_path / 'single'}"], cache_root,
-                       env=env, fresh=True)
-    ddp = run_train([*common, "trainer=ddp_cpu", "task_name=pseudo_ranks_ddp", f"paths.output_dir={tmp_path / 'ddp'}"],
-                    cache_root, env=env, fresh=True)
+    single = run_train(
+        [*common, "task_name=pseudo_ranks_1", f"paths.output_dir={tmp_path / 'single'}"],
+        cache_root,
+        env=env,
+        fresh=True,
+    )
+    ddp = run_train(
+        [*common, "trainer=ddp_cpu", "task_name=pseudo_ranks_ddp", f"paths.output_dir={tmp_path / 'ddp'}"],
+        cache_root,
+        env=env,
+        fresh=True,
+    )
     assert "MEMBER: 2/2" in ddp.stdout + ddp.stderr
     one = PseudoData.load(tmp_path / "single" / "pseudo" / "round0.pt")
     two = PseudoData.load(tmp_path / "ddp" / "pseudo" / "round0.pt")

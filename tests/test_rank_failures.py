@@ -11,8 +11,10 @@ import pytest
 
 from conftest import run_train
 
-DIVERGED = ("error: stage 'classifier' (classifier_glyphs): the training loss is nan on rank 1 of 2 at epoch 0, "
-            "global step 2, batch 2; lower the learning rate or check the inputs")
+DIVERGED = (
+    "error: stage 'classifier' (classifier_glyphs): the training loss is nan on rank 1 of 2 at epoch 0, "
+    "global step 2, batch 2; lower the learning rate or check the inputs"
+)
 
 
 @pytest.mark.slow
@@ -22,10 +24,21 @@ def test_a_loss_non_finite_on_one_rank_stops_every_rank_in_one_line(launcher: st
     the same line naming the rank (exit 2). `ddp_cpu` runs the command once per rank (as `trainer=ddp`/torchrun
     on GPUs): each rank prints its own line, and before the fix rank 0 died in the all-reduce with gloo's traceback
     (exit 1). The timeout bounds the hang that NCCL would give."""
-    proc = run_train(["experiment=classifier_glyphs", "debug=diverge", "callbacks.poison.after=2",
-                      "callbacks.poison.rank=1", "trainer.max_steps=6", "test=false",
-                      "trainer.enable_progress_bar=false", f"trainer={launcher}"],
-                     tmp_path, check=False, timeout=240)
+    proc = run_train(
+        [
+            "experiment=classifier_glyphs",
+            "debug=diverge",
+            "callbacks.poison.after=2",
+            "callbacks.poison.rank=1",
+            "trainer.max_steps=6",
+            "test=false",
+            "trainer.enable_progress_bar=false",
+            f"trainer={launcher}",
+        ],
+        tmp_path,
+        check=False,
+        timeout=240,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [DIVERGED] * (2 if launcher == "ddp_cpu" else 1), proc.stderr[-3000:]

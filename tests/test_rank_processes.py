@@ -59,8 +59,15 @@ class _SeenItems(pl.LightningModule):
 
 def _test_loop_items(every_rank: bool) -> list[list[int]]:
     model = _SeenItems(every_rank)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=StageRanksDDPStrategy(), logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=StageRanksDDPStrategy(),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.test(model)
     seen = [None] * trainer.world_size
     torch.distributed.all_gather_object(seen, model.seen)
@@ -93,17 +100,35 @@ def test_every_rank_evaluates_all_items_once_under_two_rank_ddp() -> None:
 
 # What a SLURM allocation puts in a job's environment (one task on one node): Lightning picks its SLURMEnvironment
 # from these and would read every spawned rank as global rank 0 of SLURM_NTASKS=1.
-FAKE_SLURM = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242",
-              "SLURM_JOB_NAME": "metadiff", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-              "SLURM_NODELIST": "localhost"}
+FAKE_SLURM = {
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "metadiff",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "localhost",
+}
 
 
 def test_ddp_sim_inside_a_slurm_allocation_runs_its_own_two_ranks(tmp_path: Path) -> None:
     """`trainer=ddp_sim` in a SLURM job: the ranks it starts join as ranks 0 and 1 of 2 and the stage publishes its
     artifact. Before the ranks took Lightning's own environment explicitly, SLURM's refused devices=2 against
     --ntasks-per-node=1 (and without that variable both ranks were rank 0 of 1, the second failing on the port)."""
-    proc = run_train(["experiment=classifier_glyphs", "trainer=ddp_sim", "trainer.max_steps=2", "test=false",
-                      "trainer.enable_progress_bar=false"], tmp_path, timeout=180, env=FAKE_SLURM)
+    proc = run_train(
+        [
+            "experiment=classifier_glyphs",
+            "trainer=ddp_sim",
+            "trainer.max_steps=2",
+            "test=false",
+            "trainer.enable_progress_bar=false",
+        ],
+        tmp_path,
+        timeout=180,
+        env=FAKE_SLURM,
+    )
     output = proc.stdout + proc.stderr
     assert output.count(TWO_RANKS) == 1, output[-3000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output, output[-3000:]

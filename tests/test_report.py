@@ -28,26 +28,51 @@ def _png(path: Path) -> None:
     Image.new("RGB", (6, 4), (200, 30, 30)).save(path)
 
 
-def publish(root: Path, stage: str, task: str, seed: int, metrics: dict[str, float], pngs: tuple[str, ...] = (),
-            lr: float = 0.01, upstream: dict[str, Artifact] | None = None) -> Artifact:
+def publish(
+    root: Path,
+    stage: str,
+    task: str,
+    seed: int,
+    metrics: dict[str, float],
+    pngs: tuple[str, ...] = (),
+    lr: float = 0.01,
+    upstream: dict[str, Artifact] | None = None,
+) -> Artifact:
     """An artifact written by metadiff.store.publish_artifact (the writer every stage uses), from a small config
     with the keys a real one has: a seed, keys that follow it (model.train_seed, upstream_overrides), paths."""
-    cfg = OmegaConf.create({
-        "task_name": task, "stage": stage, "seed": seed, "tags": [stage], "variant": None,
-        "upstream_overrides": {"clip_synthvqa": [f"seed={seed}"]},
-        "model": {"lr": lr, "train_seed": seed},
-        "trainer": {"max_epochs": 2, "default_root_dir": str(root / "logs" / f"{task}-{seed}-{lr}")},
-        "paths": {"artifacts_dir": str(root / "outputs" / "artifacts"),
-                  "output_dir": str(root / "logs" / f"{task}-{seed}-{lr}")},
-    })
+    cfg = OmegaConf.create(
+        {
+            "task_name": task,
+            "stage": stage,
+            "seed": seed,
+            "tags": [stage],
+            "variant": None,
+            "upstream_overrides": {"clip_synthvqa": [f"seed={seed}"]},
+            "model": {"lr": lr, "train_seed": seed},
+            "trainer": {"max_epochs": 2, "default_root_dir": str(root / "logs" / f"{task}-{seed}-{lr}")},
+            "paths": {
+                "artifacts_dir": str(root / "outputs" / "artifacts"),
+                "output_dir": str(root / "logs" / f"{task}-{seed}-{lr}"),
+            },
+        }
+    )
     return publish_artifact(cfg, lambda d: [_png(d / name) for name in pngs], metrics, upstream)
 
 
 def hnet_metrics(seed: int) -> dict[str, float]:
     acc, ci = HNET_ACC[seed]
-    return {"test/fewshot_acc": acc, "test/fewshot_acc_ci95": ci, "test/clip_acc": 0.5, "test/clip_acc_ci95": 0.027,
-            "test/fewshot_minus_clip": acc - 0.5, "test/fewshot_minus_clip_ci95": 0.02, "test/n_tasks": 373.0,
-            "val/fewshot_acc": acc + 0.01, "val/fewshot_acc_ci95": 0.04, "sys/peak_rss_mib": 1800.5}
+    return {
+        "test/fewshot_acc": acc,
+        "test/fewshot_acc_ci95": ci,
+        "test/clip_acc": 0.5,
+        "test/clip_acc_ci95": 0.027,
+        "test/fewshot_minus_clip": acc - 0.5,
+        "test/fewshot_minus_clip_ci95": 0.02,
+        "test/n_tasks": 373.0,
+        "val/fewshot_acc": acc + 0.01,
+        "val/fewshot_acc_ci95": 0.04,
+        "sys/peak_rss_mib": 1800.5,
+    }
 
 
 @pytest.fixture
@@ -55,12 +80,22 @@ def tree(tmp_path: Path) -> dict[str, Artifact]:
     """3 seeds of one hnet task (one with a plot), the same task with another lr, a dfml run (the other family)
     with two plots, and a stage the report does not know."""
     root = tmp_path
-    arts = {f"hnet{s}": publish(root, "hnet", "hnet_synthvqa", s, hnet_metrics(s),
-                                pngs=("accuracy_vs_shots.png",) if s == 1 else ()) for s in HNET_ACC}
+    arts = {
+        f"hnet{s}": publish(
+            root, "hnet", "hnet_synthvqa", s, hnet_metrics(s), pngs=("accuracy_vs_shots.png",) if s == 1 else ()
+        )
+        for s in HNET_ACC
+    }
     arts["hnet_lr"] = publish(root, "hnet", "hnet_synthvqa", 1, hnet_metrics(2), lr=0.1)
-    dfml = {"test/trained_1shot": 0.575, "test/trained_1shot_ci95": 0.008, "test/random_init_1shot": 0.343,
-            "test/random_init_1shot_ci95": 0.006, "test/trained_minus_random_init_1shot": 0.232,
-            "test/trained_minus_random_init_1shot_ci95": 0.009, "test/gap_closed_1shot": 0.46}
+    dfml = {
+        "test/trained_1shot": 0.575,
+        "test/trained_1shot_ci95": 0.008,
+        "test/random_init_1shot": 0.343,
+        "test/random_init_1shot_ci95": 0.006,
+        "test/trained_minus_random_init_1shot": 0.232,
+        "test/trained_minus_random_init_1shot_ci95": 0.009,
+        "test/gap_closed_1shot": 0.46,
+    }
     arts["dfml"] = publish(root, "dfml", "dfml_glyphs", 42, dfml, pngs=("pseudo_round0.png", "accuracy_per_round.png"))
     arts["odd"] = publish(root, "mystage", "mystage_x", 0, {"test/score": 3.5})
     return arts
@@ -78,13 +113,20 @@ def md_table(markdown: str, heading: str) -> list[dict[str, str]]:
 def test_tables_show_mean_ci_overrides_and_seed_aggregate(tree: dict[str, Artifact], tmp_path: Path) -> None:
     md_path, _ = make_report([tmp_path / "outputs"], tmp_path / "report")
     markdown = md_path.read_text()
-    assert markdown.index("## HyperCLIP / HyperLDM") < markdown.index("## Data-free meta-learning") \
+    assert (
+        markdown.index("## HyperCLIP / HyperLDM")
+        < markdown.index("## Data-free meta-learning")
         < markdown.index("## Other stages")
+    )
     rows = md_table(markdown, "### hnet")
     runs = [r for r in rows if not r["run"].startswith("**")]
     # labelled by the one key that differs; model.train_seed and upstream_overrides follow the seed: not shown
-    assert [(r["seed"], r["config"]) for r in runs] == [("1", "model.lr=0.01"), ("2", "model.lr=0.01"),
-                                                         ("3", "model.lr=0.01"), ("1", "model.lr=0.1")]
+    assert [(r["seed"], r["config"]) for r in runs] == [
+        ("1", "model.lr=0.01"),
+        ("2", "model.lr=0.01"),
+        ("3", "model.lr=0.01"),
+        ("1", "model.lr=0.1"),
+    ]
     assert [r["fewshot_acc"] for r in runs[:3]] == ["0.606 ± 0.023", "0.620 ± 0.021", "0.590 ± 0.025"]
     assert runs[0]["fewshot_minus_clip"] == "+0.106 ± 0.020"  # paired differences are signed
     assert runs[0]["artifact"] == f"`{tree['hnet1'].fingerprint}`"
@@ -112,10 +154,22 @@ def test_spread_is_mean_sample_sd_and_range() -> None:
 
 
 def test_headline_columns_are_chosen_from_ci_partners_and_differences() -> None:
-    keys = {"test/hnet_init", "test/hnet_init_ci95", "test/cfg_selected", "test/cfg_selected_ci95", "test/cfg0",
-            "test/cfg0_ci95", "test/cfg_selected_minus_hnet_init", "test/cfg_selected_minus_hnet_init_ci95",
-            "test/cfg0_minus_hnet_init", "test/cfg0_minus_hnet_init_ci95", "test/selected_scale", "val/cfg0",
-            "val/cfg0_ci95", "sys/peak_rss_mib"}
+    keys = {
+        "test/hnet_init",
+        "test/hnet_init_ci95",
+        "test/cfg_selected",
+        "test/cfg_selected_ci95",
+        "test/cfg0",
+        "test/cfg0_ci95",
+        "test/cfg_selected_minus_hnet_init",
+        "test/cfg_selected_minus_hnet_init_ci95",
+        "test/cfg0_minus_hnet_init",
+        "test/cfg0_minus_hnet_init_ci95",
+        "test/selected_scale",
+        "val/cfg0",
+        "val/cfg0_ci95",
+        "sys/peak_rss_mib",
+    }
     plain, diffs = headline_metrics(keys)
     assert plain == ["test/hnet_init", "test/cfg0", "test/cfg_selected"]  # most compared first, then by name
     assert diffs == ["test/cfg0_minus_hnet_init", "test/cfg_selected_minus_hnet_init"]
@@ -131,8 +185,9 @@ def test_many_metrics_are_capped_and_the_rest_folded(tmp_path: Path) -> None:
     md_path, html_path = make_report([tmp_path / "outputs"], tmp_path / "report", max_columns=5)
     markdown = md_path.read_text()
     assert list(md_table(markdown, "### clip")[0]) == ["run", "seed", "m0", "m1", "m2", "m3", "m4", "artifact"]
-    assert [r["metric"] for r in md_table(markdown, "#### clip: all other metrics")] == \
-        [f"`test/m{i}`" for i in range(5, 12)]
+    assert [r["metric"] for r in md_table(markdown, "#### clip: all other metrics")] == [
+        f"`test/m{i}`" for i in range(5, 12)
+    ]
     assert "<details><summary>All other metrics (7)</summary>" in html_path.read_text()
 
 
@@ -149,10 +204,12 @@ def test_plots_are_copied_and_referenced_relatively(tree: dict[str, Artifact], t
 
     md_path, html_path = make_report([tmp_path / "outputs"], tmp_path / "report")
     out = tmp_path / "report"
-    expected = [f"plots/hnet/{tree['hnet1'].path.name}/accuracy_vs_shots.png",
-                f"plots/hnet/{tree['hnet2'].path.name}/accuracy_vs_guidance.png",
-                f"plots/dfml/{tree['dfml'].path.name}/accuracy_per_round.png",
-                f"plots/dfml/{tree['dfml'].path.name}/pseudo_round0.png"]
+    expected = [
+        f"plots/hnet/{tree['hnet1'].path.name}/accuracy_vs_shots.png",
+        f"plots/hnet/{tree['hnet2'].path.name}/accuracy_vs_guidance.png",
+        f"plots/dfml/{tree['dfml'].path.name}/accuracy_per_round.png",
+        f"plots/dfml/{tree['dfml'].path.name}/pseudo_round0.png",
+    ]
     copied = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
     assert copied == sorted(expected)
     markdown, page = md_path.read_text(), html_path.read_text()
@@ -187,7 +244,7 @@ class _Checker(HTMLParser):
 
 
 def test_html_is_well_formed(tree: dict[str, Artifact], tmp_path: Path) -> None:
-    publish(tmp_path, "clip", "clip_<b>&\"odd\"", 1, {"test/acc": 0.5, "test/acc_ci95": 0.1})  # escaped, not markup
+    publish(tmp_path, "clip", 'clip_<b>&"odd"', 1, {"test/acc": 0.5, "test/acc_ci95": 0.1})  # escaped, not markup
     _, html_path = make_report([tmp_path / "outputs"], tmp_path / "report")
     checker = _Checker()
     checker.feed(html_path.read_text())
@@ -202,15 +259,17 @@ def test_html_is_well_formed(tree: dict[str, Artifact], tmp_path: Path) -> None:
     assert links and set(links) <= set(ids)
 
 
-def test_malformed_manifest_is_one_line_naming_the_file(tree: dict[str, Artifact], tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_malformed_manifest_is_one_line_naming_the_file(
+    tree: dict[str, Artifact], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "outputs" / "artifacts" / "hnet" / "hnet_synthvqa-000000000000"
     bad.mkdir()
     (bad / "manifest.json").write_text('{"stage": "hnet", "metrics": {"test/a"')  # truncated
     wrong = tmp_path / "outputs" / "artifacts" / "clip" / "clip_x-111111111111"
     wrong.mkdir(parents=True)
-    (wrong / "manifest.json").write_text(json.dumps({"stage": "clip", "task_name": "clip_x",
-                                                     "metrics": {"test/acc": "high"}}))
+    (wrong / "manifest.json").write_text(
+        json.dumps({"stage": "clip", "task_name": "clip_x", "metrics": {"test/acc": "high"}})
+    )
     main([str(tmp_path / "outputs"), "--out", str(tmp_path / "report")])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("warning: skipped ") for line in err)
@@ -228,15 +287,17 @@ def test_malformed_manifest_is_one_line_naming_the_file(tree: dict[str, Artifact
     assert not (tmp_path / "strict").exists()
 
 
-def test_cli_defaults_rerun_and_foreign_plots_dir(tree: dict[str, Artifact], tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_defaults_rerun_and_foreign_plots_dir(
+    tree: dict[str, Artifact], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("METADIFF_ROOT", raising=False)
     main([])  # the outputs dir of paths.root_dir = the current directory, as a run writes it
     out = tmp_path / "outputs" / "report"
-    assert capsys.readouterr().out.split() == [str(Path("outputs/report/report.md")),
-                                               str(Path("outputs/report/report.html"))]
+    assert capsys.readouterr().out.split() == [
+        str(Path("outputs/report/report.md")),
+        str(Path("outputs/report/report.html")),
+    ]
     main([])  # a rerun replaces the report in place and leaves no temporary files
     assert sorted(p.name for p in out.iterdir()) == ["plots", "report.html", "report.md"]
     monkeypatch.setenv("METADIFF_ROOT", str(tmp_path))
@@ -260,13 +321,23 @@ def test_report_of_a_real_multirun_over_seeds(cache_root: Path, tmp_path: Path) 
     """The report of the suite's one-batch CLIP sweep (tests/test_run.py: `-m seed=1,2`), under its own task name so
     that no other test republishes these artifacts while they are copied: two runs that differ only in their seed
     (and the keys that follow it) make one aggregate row, with no config column."""
-    proc = run_train(["-m", "experiment=clip_synthvqa", "debug=fdr", "seed=1,2", "task_name=report_clip",
-                      f"hydra.sweep.dir={tmp_path}/sweep"], cache_root)
+    proc = run_train(
+        [
+            "-m",
+            "experiment=clip_synthvqa",
+            "debug=fdr",
+            "seed=1,2",
+            "task_name=report_clip",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cache_root,
+    )
     written = [Path(p) for p in re.findall(r"artifact written: (\S+)", proc.stdout + proc.stderr)]
     assert len(written) == 2 and {p.parent.name for p in written} == {"clip"}
     for path in written:  # only these two, not everything the session's cache holds
-        shutil.copytree(path, tmp_path / "outputs" / "artifacts" / "clip" / path.name,
-                        ignore=shutil.ignore_patterns("*.pt"))
+        shutil.copytree(
+            path, tmp_path / "outputs" / "artifacts" / "clip" / path.name, ignore=shutil.ignore_patterns("*.pt")
+        )
     md_path, html_path = make_report([tmp_path / "outputs"], tmp_path / "report")
     rows = md_table(md_path.read_text(), "### clip")
     assert [r["seed"] for r in rows] == ["1", "2", "1, 2"] and "config" not in rows[0]

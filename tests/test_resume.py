@@ -39,27 +39,48 @@ def assert_resume_matches(args: list[str], root: Path, tmp: Path, kill_after: in
 
 
 def test_clip_resumes_to_the_same_metrics(cache_root: Path, tmp_path: Path) -> None:
-    args = ["experiment=clip_synthvqa", "data.n_train_pairs=128", "data.batch_size=32", "data.n_val_tasks=10",
-            "trainer.max_epochs=2"]  # 4 batches an epoch: killed in epoch 1
+    args = [
+        "experiment=clip_synthvqa",
+        "data.n_train_pairs=128",
+        "data.batch_size=32",
+        "data.n_val_tasks=10",
+        "trainer.max_epochs=2",
+    ]  # 4 batches an epoch: killed in epoch 1
     assert_resume_matches(args, cache_root, tmp_path, 6, ["train/loss", "val/zeroshot_acc", "test/zeroshot_acc"])
 
 
 def test_fewshot_pretraining_resumes_to_the_same_metrics(cache_root: Path, tmp_path: Path) -> None:
     # no validation and one test batch (128 meta-test tasks): evaluation is most of this run's time, and the test
     # metrics of the final weights are what a resumed run must reproduce
-    args = ["experiment=hnet_synthvqa", debug("short_chain"), "trainer.max_epochs=2",
-            "+trainer.limit_train_batches=4", "trainer.check_val_every_n_epoch=3", "+trainer.limit_test_batches=1",
-            "model.n_shot_max=0"]
+    args = [
+        "experiment=hnet_synthvqa",
+        debug("short_chain"),
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=4",
+        "trainer.check_val_every_n_epoch=3",
+        "+trainer.limit_test_batches=1",
+        "model.n_shot_max=0",
+    ]
     assert_resume_matches(args, cache_root, tmp_path, 6, ["train/query_loss", "test/fewshot_acc", "test/zeroshot_acc"])
 
 
 def test_dfml_resumes_mid_round_to_the_same_metrics(cache_root: Path, image_tree: Path, tmp_path: Path) -> None:
     """Killed in epoch 1 (round 1): the resumed run reloads round 1's pseudo data or regenerates it identically,
     and keeps the round-0 selection state, so selection and test match."""
-    args = ["experiment=dfml_miniimagenet", *dfml_smoke_overrides("dfml_miniimagenet", image_tree),
-            "trainer.max_epochs=2", "data.train.steps_per_epoch=2", "data.episodes.n_episodes=4"]  # exact equality: 4 do
-    assert_resume_matches(args, cache_root, tmp_path, 3, ["test/trained_1shot", "test/trained_5shot",
-                                                          "val/selected_epoch", "val/accuracy"])
+    args = [
+        "experiment=dfml_miniimagenet",
+        *dfml_smoke_overrides("dfml_miniimagenet", image_tree),
+        "trainer.max_epochs=2",
+        "data.train.steps_per_epoch=2",
+        "data.episodes.n_episodes=4",
+    ]  # exact equality: 4 do
+    assert_resume_matches(
+        args,
+        cache_root,
+        tmp_path,
+        3,
+        ["test/trained_1shot", "test/trained_5shot", "val/selected_epoch", "val/accuracy"],
+    )
 
 
 def test_resumed_run_resumes_the_upstream_it_was_building(cache_root: Path, tmp_path: Path) -> None:
@@ -68,15 +89,28 @@ def test_resumed_run_resumes_the_upstream_it_was_building(cache_root: Path, tmp_
     (`debug=kill`, which the CLIP inherits with the `debug` group) kills the CLIP in its second epoch, and the rerun
     restores the CLIP's checkpoint and publishes the weights of an uninterrupted build. Before (the upstream got no
     `ckpt_path` and a run folder not keyed by its identity), the rerun trained the CLIP again from step 0."""
-    budget = ["data.n_train_pairs=128", "data.batch_size=32", "data.n_val_tasks=10", "trainer.max_epochs=2",
-              "trainer.max_steps=-1"]  # 4 batches an epoch: killed in epoch 1
+    budget = [
+        "data.n_train_pairs=128",
+        "data.batch_size=32",
+        "data.n_val_tasks=10",
+        "trainer.max_epochs=2",
+        "trainer.max_steps=-1",
+    ]  # 4 batches an epoch: killed in epoch 1
     clip = f"+upstream_overrides.clip_synthvqa={_quoted(budget)}"
     common = ["experiment=features_synthvqa", clip, "deterministic=true", "trainer.enable_progress_bar=false"]
 
     def run(name: str, *extra: str, check: bool = True):
-        return run_train([*common, f"paths.artifacts_dir={tmp_path / name / 'artifacts'}",
-                          f"paths.output_dir={tmp_path / name / 'run'}", f"task_name={name}", *extra], cache_root,
-                         check=check)
+        return run_train(
+            [
+                *common,
+                f"paths.artifacts_dir={tmp_path / name / 'artifacts'}",
+                f"paths.output_dir={tmp_path / name / 'run'}",
+                f"task_name={name}",
+                *extra,
+            ],
+            cache_root,
+            check=check,
+        )
 
     first = run("straight")
     straight = written_artifact(first.stdout + first.stderr, "clip")

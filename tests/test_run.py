@@ -37,10 +37,10 @@ def _chain_group(experiment: str) -> tuple[pytest.MarkDecorator, ...]:
 
 
 @pytest.mark.parametrize("experiment", [pytest.param(e, marks=_chain_group(e)) for e in SMOKE])
-def test_every_experiment_runs_with_fast_dev_run(experiment: str, cache_root: Path, vqa_tree: dict,
-                                                 image_tree: Path) -> None:
-    proc = run_train([f"experiment={experiment}", *smoke_overrides(experiment, vqa_tree, image_tree)],
-                     cache_root)
+def test_every_experiment_runs_with_fast_dev_run(
+    experiment: str, cache_root: Path, vqa_tree: dict, image_tree: Path
+) -> None:
+    proc = run_train([f"experiment={experiment}", *smoke_overrides(experiment, vqa_tree, image_tree)], cache_root)
     metrics = parse_summary(proc.stdout)
     assert metrics, f"{experiment}: no metrics summary printed"
     assert "time/run_seconds" in metrics
@@ -72,8 +72,14 @@ def test_multirun_runs_two_jobs(cache_root: Path, tmp_path: Path) -> None:
         assert (tmp_path / "sweep" / job / "resolved_config.yaml").is_file()
 
 
-SHORT = ["experiment=clip_synthvqa", "data.n_train_pairs=128", "data.batch_size=32",
-         "data.n_val_tasks=10", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
+SHORT = [
+    "experiment=clip_synthvqa",
+    "data.n_train_pairs=128",
+    "data.batch_size=32",
+    "data.n_val_tasks=10",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def test_wandb_offline_writes_local_run_and_exits_cleanly(cache_root: Path, tmp_path: Path) -> None:
@@ -124,8 +130,7 @@ def test_resnet12_backbone_runs_in_the_image_stages(experiment: str, tmp_path: P
     """`model/backbone=resnet12` swaps the whole backbone node (the Conv4 keys null) and the stage trains and tests
     with its 512-d (here 16-d) features."""
     small = ["model/backbone=resnet12", "model.backbone.widths=[8,8,8,16]"]
-    proc = run_train([f"experiment={experiment}", *smoke_overrides(experiment, {}, image_tree), *small],
-                     tmp_path)
+    proc = run_train([f"experiment={experiment}", *smoke_overrides(experiment, {}, image_tree), *small], tmp_path)
     assert any(k.startswith("test/") for k in run_metrics(proc, experiment.split("_")[0])), proc.stdout[-2000:]
     from omegaconf import OmegaConf
 
@@ -133,5 +138,11 @@ def test_resnet12_backbone_runs_in_the_image_stages(experiment: str, tmp_path: P
     config = OmegaConf.load(own)
     assert config.task_name == experiment
     assert OmegaConf.to_container(config.model.backbone) == {
-        "name": "resnet12", "width": None, "depth": None, "widths": [8, 8, 8, 16], "drop": 0.1, "block_size": 4,
-        "anneal_calls": 40000}
+        "name": "resnet12",
+        "width": None,
+        "depth": None,
+        "widths": [8, 8, 8, 16],
+        "drop": 0.1,
+        "block_size": 4,
+        "anneal_calls": 40000,
+    }

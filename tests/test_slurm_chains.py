@@ -15,8 +15,9 @@ SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmL
 
 
 @pytest.mark.parametrize(("launcher", "limit_min"), [("slurm_zoo_member", 180), ("slurm_chain", 360)])
-def test_real_chain_launchers_are_one_gpu_slurm_jobs_that_requeue(launcher: str, limit_min: int,
-                                                                  tmp_path: Path) -> None:
+def test_real_chain_launchers_are_one_gpu_slurm_jobs_that_requeue(
+    launcher: str, limit_min: int, tmp_path: Path
+) -> None:
     cfg = compose_config([f"hydra/launcher={launcher}", "trainer=gpu"], tmp_path, tmp_path / "out")
     conf = cfg.hydra.launcher
     assert conf._target_ == SLURM_LAUNCHER
@@ -43,18 +44,35 @@ def test_members_swept_as_submitit_jobs_are_reused_by_the_zoo(image_tree: Path, 
     member = [*image_smoke_overrides("diffusion_unet_glyphs", image_tree), "trainer.max_steps=1"]
     no_validation = "optimized_metric=null"  # a 1-step member validates never: no val/loss for the sweep to report
     sweep = tmp_path / "sweep"
-    run_train(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15",
-               "experiment=diffusion_unet_glyphs", *member, "data.class_subset.member=0,1", "ckpt_path=last",
-               no_validation,
-               "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}"], tmp_path / "root", timeout=600)
+    run_train(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=15",
+            "experiment=diffusion_unet_glyphs",
+            *member,
+            "data.class_subset.member=0,1",
+            "ckpt_path=last",
+            no_validation,
+            "trainer.enable_progress_bar=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path / "root",
+        timeout=600,
+    )
     members = sorted((tmp_path / "root" / "outputs" / "artifacts" / "diffusion_unet").glob("*/manifest.json"))
     assert len(members) == 2, members
     assert all((sweep / job / "resolved_config.yaml").is_file() for job in "01")
-    proc = run_train(["experiment=diffusion_zoo_glyphs", debug("fdr"), *zoo_run, "trainer.enable_progress_bar=false"],
-                     tmp_path / "root", timeout=600)
+    proc = run_train(
+        ["experiment=diffusion_zoo_glyphs", debug("fdr"), *zoo_run, "trainer.enable_progress_bar=false"],
+        tmp_path / "root",
+        timeout=600,
+    )
     log = proc.stdout + proc.stderr
     for k, manifest in enumerate(members):
-        assert f"upstream 'unet{k}': using {manifest.parent}" in log or \
-            f"upstream 'unet{1 - k}': using {manifest.parent}" in log, log[-3000:]
+        assert (
+            f"upstream 'unet{k}': using {manifest.parent}" in log
+            or f"upstream 'unet{1 - k}': using {manifest.parent}" in log
+        ), log[-3000:]
     assert not [p for p in written_artifacts(log) if p.parent.name == "diffusion_unet"], "a member was rebuilt"
     assert len(list((tmp_path / "root" / "outputs" / "artifacts" / "diffusion_unet").iterdir())) == 2

@@ -32,8 +32,15 @@ def upstreams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Artifact]:
 def _heldout_loss(root: Path, run_dir: Path, *speed: str) -> tuple[float, torch.nn.Module]:
     torch.manual_seed(0)  # the same initial UNet
     data, module = _stage("diffusion_unet_glyphs", [*UNET, *speed], root, {})
-    trainer = pl.Trainer(accelerator="cpu", devices=1, fast_dev_run=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=run_dir)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        fast_dev_run=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=run_dir,
+    )
     trainer.test(module, datamodule=data, verbose=False)
     return float(trainer.callback_metrics["test/heldout_loss"]), module
 
@@ -73,17 +80,23 @@ def _record_compiles(monkeypatch: pytest.MonkeyPatch) -> tuple[list[Callable], l
 def test_compile_is_applied_when_asked(glyph_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     compiled, calls = _record_compiles(monkeypatch)
     _, module = _heldout_loss(glyph_root, tmp_path, "model.speed.compile=true")
-    assert [fn.__self__ for fn in compiled] == [module.denoiser.unet]   # once, the diffusers UNet's call
+    assert [fn.__self__ for fn in compiled] == [module.denoiser.unet]  # once, the diffusers UNet's call
     assert calls, "the stage's forward passes did not go through the compiled call"
     assert all(not k.startswith("_orig_mod") for k in module.denoiser.state_dict())  # the checkpoint keys stay
 
 
-def test_dfml_applies_both_to_the_zoo_members_it_samples(glyph_root: Path, upstreams: dict[str, Artifact],
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dfml_applies_both_to_the_zoo_members_it_samples(
+    glyph_root: Path, upstreams: dict[str, Artifact], monkeypatch: pytest.MonkeyPatch
+) -> None:
     compiled, _ = _record_compiles(monkeypatch)
-    _, module = _stage("dfml_glyphs", ["model.speed.compile=true", "model.speed.channels_last=true"], glyph_root,
-                       {"zoo": upstreams["zoo"]})
+    _, module = _stage(
+        "dfml_glyphs",
+        ["model.speed.compile=true", "model.speed.channels_last=true"],
+        glyph_root,
+        {"zoo": upstreams["zoo"]},
+    )
     members = [m.unet for m in module.zoo.models]
     assert [fn.__self__ for fn in compiled] == members
-    assert all(m.down_blocks[0].resnets[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
-               for m in members)
+    assert all(
+        m.down_blocks[0].resnets[0].conv1.weight.is_contiguous(memory_format=torch.channels_last) for m in members
+    )

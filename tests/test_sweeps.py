@@ -10,15 +10,30 @@ from omegaconf import OmegaConf
 
 from conftest import TWO_RANKS, compose_config, dfml_smoke_overrides, run_train, short_chain, task_metrics
 
-SHORT_CLIP = ["experiment=clip_synthvqa", "data.n_train_pairs=128", "data.batch_size=32", "data.n_val_tasks=10",
-              "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
+SHORT_CLIP = [
+    "experiment=clip_synthvqa",
+    "data.n_train_pairs=128",
+    "data.batch_size=32",
+    "data.n_val_tasks=10",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+]
 
 
 @pytest.mark.slow
 def test_multirun_with_ddp_runs_each_job_on_two_processes(cache_root: Path, tmp_path: Path) -> None:
-    proc = run_train(["-m", *SHORT_CLIP, "trainer=ddp_sim", "test=false",
-                      "optimized_metric=val/zeroshot_acc", "seed=1,2", f"hydra.sweep.dir={tmp_path}"],
-                     cache_root)
+    proc = run_train(
+        [
+            "-m",
+            *SHORT_CLIP,
+            "trainer=ddp_sim",
+            "test=false",
+            "optimized_metric=val/zeroshot_acc",
+            "seed=1,2",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cache_root,
+    )
     out = proc.stdout + proc.stderr
     assert out.count(TWO_RANKS) == 2, "each of the 2 jobs should start 2 processes"
     jobs = task_metrics(proc, "clip_synthvqa")
@@ -26,8 +41,9 @@ def test_multirun_with_ddp_runs_each_job_on_two_processes(cache_root: Path, tmp_
 
 
 def test_joblib_launcher_runs_the_jobs_in_worker_processes(cache_root: Path, tmp_path: Path) -> None:
-    proc = run_train(["-m", *SHORT_CLIP, "hydra/launcher=local_parallel", "seed=1,2", f"hydra.sweep.dir={tmp_path}"],
-                     cache_root)
+    proc = run_train(
+        ["-m", *SHORT_CLIP, "hydra/launcher=local_parallel", "seed=1,2", f"hydra.sweep.dir={tmp_path}"], cache_root
+    )
     assert "Joblib.Parallel(n_jobs=2,backend=loky,prefer=processes" in proc.stdout + proc.stderr
     for job in ("0", "1"):
         assert (tmp_path / job / "resolved_config.yaml").is_file()
@@ -42,13 +58,25 @@ def test_slurm_launcher_config_targets_submitit_with_requeue(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_optuna_search_of_the_dfml_guidance_scale_returns_val_accuracy(cache_root: Path, image_tree: Path,
-                                                                      tmp_path: Path) -> None:
-    proc = run_train(["experiment=dfml_miniimagenet", *dfml_smoke_overrides("dfml_miniimagenet", image_tree),
-                      "hparams_search=dfml_guidance", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
-                      "trainer.max_epochs=1", "data.train.steps_per_epoch=2", "data.episodes.n_episodes=20",
-                      "trainer.enable_progress_bar=false",
-                      f"hydra.sweep.dir={tmp_path}"], cache_root, timeout=1200)
+def test_optuna_search_of_the_dfml_guidance_scale_returns_val_accuracy(
+    cache_root: Path, image_tree: Path, tmp_path: Path
+) -> None:
+    proc = run_train(
+        [
+            "experiment=dfml_miniimagenet",
+            *dfml_smoke_overrides("dfml_miniimagenet", image_tree),
+            "hparams_search=dfml_guidance",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=2",
+            "trainer.max_epochs=1",
+            "data.train.steps_per_epoch=2",
+            "data.episodes.n_episodes=20",
+            "trainer.enable_progress_bar=false",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cache_root,
+        timeout=1200,
+    )
     trials = task_metrics(proc, "dfml_miniimagenet")
     assert len(trials) == 2
     result = OmegaConf.load(tmp_path / "optimization_results.yaml")
@@ -60,10 +88,23 @@ def test_optuna_search_of_the_dfml_guidance_scale_returns_val_accuracy(cache_roo
 
 @pytest.mark.slow
 def test_optuna_search_of_the_hyperldm_guidance_scale_optimises_that_scale(cache_root: Path, tmp_path: Path) -> None:
-    proc = run_train(["experiment=hyperldm_synthvqa", *short_chain("synthvqa"), "hparams_search=hyperldm_guidance",
-                      "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=2",
-                      "trainer.check_val_every_n_epoch=2", "model.sampling.steps=5", "data.max_val_tasks=16",
-                      "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}"], cache_root, timeout=1200)
+    proc = run_train(
+        [
+            "experiment=hyperldm_synthvqa",
+            *short_chain("synthvqa"),
+            "hparams_search=hyperldm_guidance",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=2",
+            "trainer.max_epochs=2",
+            "trainer.check_val_every_n_epoch=2",
+            "model.sampling.steps=5",
+            "data.max_val_tasks=16",
+            "trainer.enable_progress_bar=false",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cache_root,
+        timeout=1200,
+    )
     trials = task_metrics(proc, "hyperldm_synthvqa")
     assert len(trials) == 2
     values = []

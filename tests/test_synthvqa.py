@@ -343,15 +343,21 @@ def test_question_captions_are_question_then_true_answer() -> None:
 def test_generic_answer_prompt_replaces_every_template(tmp_path: Path) -> None:
     from metadiff.data.synthvqa.source import SynthVQASource
 
-    declarative = SynthVQASource(cache_dir=str(tmp_path), generator=B.SynthVQAConfig(), answer_prompt=None,
-                                 meta_val={"fraction": 0.0, "seed": 0})
-    generic = SynthVQASource(cache_dir=str(tmp_path), generator=B.SynthVQAConfig(), answer_prompt="{}",
-                             meta_val={"fraction": 0.0, "seed": 0})
+    declarative = SynthVQASource(
+        cache_dir=str(tmp_path), generator=B.SynthVQAConfig(), answer_prompt=None, meta_val={"fraction": 0.0, "seed": 0}
+    )
+    generic = SynthVQASource(
+        cache_dir=str(tmp_path), generator=B.SynthVQAConfig(), answer_prompt="{}", meta_val={"fraction": 0.0, "seed": 0}
+    )
     assert generic.prompt_template("What color is the circle?") == "{}"
     assert generic.fingerprint() != declarative.fingerprint()  # the feature store must not be shared
     with pytest.raises(ValueError, match="answer_prompt = 'a photo'"):
-        SynthVQASource(cache_dir=str(tmp_path), generator=B.SynthVQAConfig(), answer_prompt="a photo",
-                       meta_val={"fraction": 0.0, "seed": 0})
+        SynthVQASource(
+            cache_dir=str(tmp_path),
+            generator=B.SynthVQAConfig(),
+            answer_prompt="a photo",
+            meta_val={"fraction": 0.0, "seed": 0},
+        )
 
 
 def test_the_build_command_makes_the_benchmark_the_experiments_use(tmp_path: Path) -> None:

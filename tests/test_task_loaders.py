@@ -18,14 +18,27 @@ from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
 from test_fewshot import rotated_answer_store
 
-REAL_DATA_TASK_STAGES = ("hnet_vqa", "maml_vqa", "multitask_vqa", "adaptation_vqa", "hyperldm_vqa", "vae_vqa",
-                         "hyperclip_vqa")
+REAL_DATA_TASK_STAGES = (
+    "hnet_vqa",
+    "maml_vqa",
+    "multitask_vqa",
+    "adaptation_vqa",
+    "hyperldm_vqa",
+    "vae_vqa",
+    "hyperclip_vqa",
+)
 
 
 def _data(tmp_path: Path, workers: int) -> MetaTaskDataModule:
     source = rotated_answer_store(tmp_path / "store")
-    data = MetaTaskDataModule(source, tasks_per_batch=8, eval_tasks_per_batch=16, store_dir=str(tmp_path / "store"),
-                              num_workers=workers, pin_memory=True)
+    data = MetaTaskDataModule(
+        source,
+        tasks_per_batch=8,
+        eval_tasks_per_batch=16,
+        store_dir=str(tmp_path / "store"),
+        num_workers=workers,
+        pin_memory=True,
+    )
     data.setup("fit")
     return data
 
@@ -51,8 +64,11 @@ def test_task_episodes_pickle_without_their_feature_tables(tmp_path: Path) -> No
 
 def test_two_workers_give_the_batches_of_one_process(tmp_path: Path) -> None:
     one, two = _data(tmp_path / "a", 0), _data(tmp_path / "b", 2)
-    loaders = [(one.train_dataloader(), two.train_dataloader()),
-               *zip(one.val_dataloader(), two.val_dataloader(), strict=True), (one.test_dataloader(), two.test_dataloader())]
+    loaders = [
+        (one.train_dataloader(), two.train_dataloader()),
+        *zip(one.val_dataloader(), two.val_dataloader(), strict=True),
+        (one.test_dataloader(), two.test_dataloader()),
+    ]
     for plain, parallel in loaders:
         assert parallel.num_workers == 2
         expected, got = _batches(plain), _batches(parallel)
@@ -79,7 +95,9 @@ def test_task_loaders_pin_only_when_the_batches_go_to_cuda(tmp_path: Path) -> No
     data.trainer = _on(torch.device("cpu"))
     assert not data.train_dataloader().pin_memory
     data.trainer = _on(torch.device("cuda", 0))
-    assert all(loader.pin_memory for loader in [data.train_dataloader(), *data.val_dataloader(), data.test_dataloader()])
+    assert all(
+        loader.pin_memory for loader in [data.train_dataloader(), *data.val_dataloader(), data.test_dataloader()]
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (not run on the CPU-only CI)")
@@ -91,21 +109,32 @@ def test_a_pinned_task_batch_is_pinned_field_by_field(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("experiment", ["diffusion_unet_miniimagenet", "dfml_miniimagenet", "classifier_glyphs"])
-def test_image_loaders_pin_only_when_the_batches_go_to_cuda(experiment: str, image_tree: Path,
-                                                            tmp_path: Path) -> None:
+def test_image_loaders_pin_only_when_the_batches_go_to_cuda(experiment: str, image_tree: Path, tmp_path: Path) -> None:
     """The zoo members' image batches (and the evaluation episodes, `Episodes.pin_memory`) of the image stages."""
     from hydra.utils import instantiate
 
-    overrides = [f"experiment={experiment}", f"paths.miniimagenet_dir={image_tree}", "data.train.holdout_per_class=2",
-                 "data.episodes.n_episodes=2", "data.episodes.episodes_per_batch=2", "data.episodes.n_query=2"]
+    overrides = [
+        f"experiment={experiment}",
+        f"paths.miniimagenet_dir={image_tree}",
+        "data.train.holdout_per_class=2",
+        "data.episodes.n_episodes=2",
+        "data.episodes.episodes_per_batch=2",
+        "data.episodes.n_query=2",
+    ]
     if experiment.startswith("diffusion_unet"):
         overrides += ["zoo.n_models=2", "zoo.classes_per_model=3"]
     if experiment.startswith("dfml"):
         overrides += ["data.episodes.n_val_episodes=2"]
     if "glyphs" in experiment:
-        overrides = [overrides[0], "data.source.render.n_classes=16", "data.source.render.images_per_class=20",
-                     "data.source.split_sizes=[6,5,5]", *overrides[2:]]
+        overrides = [
+            overrides[0],
+            "data.source.render.n_classes=16",
+            "data.source.render.images_per_class=20",
+            "data.source.split_sizes=[6,5,5]",
+            *overrides[2:],
+        ]
     data = instantiate(compose_config(overrides, tmp_path, tmp_path / "run").data)
+
     def loaders() -> list[torch.utils.data.DataLoader]:
         found = [] if data.data_free else [data.train_dataloader()]
         for more in (data.val_dataloader(), data.test_dataloader()):
@@ -130,15 +159,22 @@ def _rank_batches(data: MetaTaskDataModule, monkeypatch: pytest.MonkeyPatch, ran
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_step_is_the_one_process_global_batch_with_an_incomplete_last_batch(
-        world: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    world: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Meta-train task counts rarely divide the global batch (synthvqa: 783 tasks in batches of 32). Before, one
     process trained on the incomplete last batch whole (here 27 tasks in batches of 8: 3) while each rank took an equal share of it
     (`EpochOrderShard` drops the odd task): on 2 ranks a different last step every epoch, and HNET's weights after an
     epoch differed even in float64. Now training drops it in every world size: the ranks' batch b together is the
     one-process batch b, every step."""
     source = rotated_answer_store(tmp_path / "store", n_tasks=36)
-    data = MetaTaskDataModule(source, tasks_per_batch=8, eval_tasks_per_batch=16, store_dir=str(tmp_path / "store"),
-                              shuffle=False, drop_last=True)
+    data = MetaTaskDataModule(
+        source,
+        tasks_per_batch=8,
+        eval_tasks_per_batch=16,
+        store_dir=str(tmp_path / "store"),
+        shuffle=False,
+        drop_last=True,
+    )
     data.setup("fit")
     n_train = len(data.episodes("meta_train"))
     assert n_train % 8 and (n_train % 8) % world, f"{n_train} tasks: the check needs an unequal incomplete batch"
@@ -150,10 +186,19 @@ def test_every_step_is_the_one_process_global_batch_with_an_incomplete_last_batc
 
 def test_keeping_an_unequally_shared_last_batch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = rotated_answer_store(tmp_path / "store", n_tasks=36)
-    data = MetaTaskDataModule(source, tasks_per_batch=8, eval_tasks_per_batch=16, store_dir=str(tmp_path / "store"),
-                              shuffle=False, drop_last=False)
+    data = MetaTaskDataModule(
+        source,
+        tasks_per_batch=8,
+        eval_tasks_per_batch=16,
+        store_dir=str(tmp_path / "store"),
+        shuffle=False,
+        drop_last=False,
+    )
     data.setup("fit")
     n_train = len(data.episodes("meta_train"))
-    with pytest.raises(ConfigError, match=rf"^data.drop_last=false with {n_train} training items on 2 ranks: the "
-                                          r"incomplete last batch of each epoch cannot be shared equally"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^data.drop_last=false with {n_train} training items on 2 ranks: the "
+        r"incomplete last batch of each epoch cannot be shared equally",
+    ):
         _rank_batches(data, monkeypatch, 0, 2)

@@ -14,23 +14,43 @@ from metadiff.stages.diffusion_zoo import load_zoo
 from metadiff.store import load_artifact
 
 ZOO = ["zoo.n_models=2", "zoo.classes_per_model=3"]
-MEMBER = ["trainer.max_steps=40", "callbacks.ema.update_starting_at_step=0", "model.grid.n=8", "model.grid.steps=3",
-          "trainer.check_val_every_n_epoch=100", "optimized_metric=null",  # no validation pass: val/loss is not logged
-          "trainer.enable_progress_bar=false"]
+MEMBER = [
+    "trainer.max_steps=40",
+    "callbacks.ema.update_starting_at_step=0",
+    "model.grid.n=8",
+    "model.grid.steps=3",
+    "trainer.check_val_every_n_epoch=100",
+    "optimized_metric=null",  # no validation pass: val/loss is not logged
+    "trainer.enable_progress_bar=false",
+]
 JUDGE = ["trainer.max_epochs=2", "test=false", "trainer.enable_progress_bar=false"]
 
 
 def zoo_overrides() -> list[str]:
     """The zoo with short members and a short judge, set through `upstream_overrides`."""
-    return [*ZOO, "+upstream_overrides.diffusion_unet_glyphs=[" + ",".join(f"'{o}'" for o in MEMBER) + "]",
-            "+upstream_overrides.classifier_glyphs=[" + ",".join(f"'{o}'" for o in JUDGE) + "]",
-            "model.check.n_per_model=16", "model.check.steps=3", "model.grid.n_per_model=8",
-            "trainer.enable_progress_bar=false"]
+    return [
+        *ZOO,
+        "+upstream_overrides.diffusion_unet_glyphs=[" + ",".join(f"'{o}'" for o in MEMBER) + "]",
+        "+upstream_overrides.classifier_glyphs=[" + ",".join(f"'{o}'" for o in JUDGE) + "]",
+        "model.check.n_per_model=16",
+        "model.check.steps=3",
+        "model.grid.n_per_model=8",
+        "trainer.enable_progress_bar=false",
+    ]
 
 
 def test_multirun_members_are_reused_by_the_zoo(cache_root: Path, tmp_path: Path) -> None:
-    sweep = run_train(["-m", "experiment=diffusion_unet_glyphs", *ZOO, *MEMBER, "data.class_subset.member=0,1",
-                       f"hydra.sweep.dir={tmp_path}/sweep"], cache_root)
+    sweep = run_train(
+        [
+            "-m",
+            "experiment=diffusion_unet_glyphs",
+            *ZOO,
+            *MEMBER,
+            "data.class_subset.member=0,1",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cache_root,
+    )
     assert sweep.stdout.count("(diffusion_unet) finished") == 2
     for job in ("0", "1"):
         assert (tmp_path / "sweep" / job / "samples.png").stat().st_size > 100  # the grid is in the run dir
@@ -63,8 +83,17 @@ def test_multirun_members_are_reused_by_the_zoo(cache_root: Path, tmp_path: Path
 
 @pytest.mark.slow
 def test_killed_member_resumes_to_the_same_ema_weights(cache_root: Path, tmp_path: Path) -> None:
-    common = ["experiment=diffusion_unet_glyphs", *ZOO, *MEMBER, "trainer.max_steps=30", "data.train.batch_size=16",
-              "deterministic=true", "test=false", "task_name=unet_resume", "data.class_subset.member=1"]
+    common = [
+        "experiment=diffusion_unet_glyphs",
+        *ZOO,
+        *MEMBER,
+        "trainer.max_steps=30",
+        "data.train.batch_size=16",
+        "deterministic=true",
+        "test=false",
+        "task_name=unet_resume",
+        "data.class_subset.member=1",
+    ]
     artifacts = cache_root / "outputs" / "artifacts" / "diffusion_unet"
     run_train([*common, f"paths.output_dir={tmp_path / 'straight'}"], cache_root)
     (straight,) = artifacts.glob("unet_resume-*/unet.pt")
@@ -72,11 +101,13 @@ def test_killed_member_resumes_to_the_same_ema_weights(cache_root: Path, tmp_pat
     straight.parent.rename(tmp_path / "straight_artifact")
 
     run_dir = tmp_path / "interrupted"
-    killed = run_train([*common, f"paths.output_dir={run_dir}", "debug=kill", "callbacks.kill.after=22"], cache_root,
-                       check=False)
+    killed = run_train(
+        [*common, f"paths.output_dir={run_dir}", "debug=kill", "callbacks.kill.after=22"], cache_root, check=False
+    )
     assert killed.returncode == -9 and not list(artifacts.glob("unet_resume-*"))
-    run_train([*common, f"paths.output_dir={run_dir}", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"],
-              cache_root)
+    run_train(
+        [*common, f"paths.output_dir={run_dir}", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"], cache_root
+    )
     (resumed,) = artifacts.glob("unet_resume-*/unet.pt")
     got = torch.load(resumed, weights_only=True)
     for key, value in expected.items():

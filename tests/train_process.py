@@ -71,8 +71,9 @@ def _run_entry_point(argv: list[str], env: dict[str, str], stdout_path: str, std
         sys.stderr.flush()
 
 
-def run_entry_point(argv: list[str], env: dict[str, str], timeout: float,
-                    fresh: bool = False) -> subprocess.CompletedProcess:
+def run_entry_point(
+    argv: list[str], env: dict[str, str], timeout: float, fresh: bool = False
+) -> subprocess.CompletedProcess:
     """`python train.py *argv` with environment `env`; a CompletedProcess as `subprocess.run` gives (text output).
     `fresh=True`: a brand-new interpreter (subprocess), for checks of the command line from a cold start."""
     cmd = [sys.executable, str(ENTRY_POINT), *argv]

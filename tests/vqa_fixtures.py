@@ -54,9 +54,16 @@ def write_vqa_tree(root: Path) -> dict[str, Path]:
     def ask(image_id: int, question: str, answer: str, answer_type: str) -> None:
         qid = 1 + len(questions) + 1000 * len(json_written)
         questions.append({"image_id": image_id, "question": question, "question_id": qid})
-        annotations.append({"question_id": qid, "image_id": image_id, "answer_type": answer_type,
-                            "multiple_choice_answer": answer, "question_type": "what",
-                            "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": 1}]})
+        annotations.append(
+            {
+                "question_id": qid,
+                "image_id": image_id,
+                "answer_type": answer_type,
+                "multiple_choice_answer": answer,
+                "question_type": "what",
+                "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": 1}],
+            }
+        )
 
     json_written: list[str] = []
     for split, ids in SPLITS.items():
@@ -78,11 +85,14 @@ def write_vqa_tree(root: Path) -> dict[str, Path]:
         (vqa / "Questions").mkdir(parents=True, exist_ok=True)
         (vqa / "Annotations").mkdir(parents=True, exist_ok=True)
         (vqa / "Questions" / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(
-            json.dumps({"data_subtype": split, "questions": questions}))
+            json.dumps({"data_subtype": split, "questions": questions})
+        )
         (vqa / "Annotations" / f"v2_mscoco_{split}_annotations.json").write_text(
-            json.dumps({"data_subtype": split, "annotations": annotations}))
+            json.dumps({"data_subtype": split, "annotations": annotations})
+        )
         json_written.append(split)
     prompts = root / "prompt_meta.json"
-    prompts.write_text(json.dumps({"What color is the shape?": "the shape is {}",
-                                   "How many shapes are there?": "there are {} shapes"}))
+    prompts.write_text(
+        json.dumps({"What color is the shape?": "the shape is {}", "How many shapes are there?": "there are {} shapes"})
+    )
     return {"vqa_dir": vqa, "coco_dir": coco, "prompts": prompts}

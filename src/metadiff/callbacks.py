@@ -73,15 +73,17 @@ class StopOnNonFiniteLoss(pl.Callback):
         self.stage, self.task_name = stage, task_name
         self.batch_idx = -1
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.batch_idx = batch_idx
 
     def _code(self, loss: torch.Tensor) -> torch.Tensor:
         """FINITE, INF or NAN for this rank's loss, as a tensor on the loss's device (no host sync here)."""
         loss = loss.detach()
-        return torch.where(torch.isnan(loss).any(), self.NAN,
-                           torch.where(torch.isfinite(loss).all(), self.FINITE, self.INF))
+        return torch.where(
+            torch.isnan(loss).any(), self.NAN, torch.where(torch.isfinite(loss).all(), self.FINITE, self.INF)
+        )
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         code = self._code(loss)
@@ -131,10 +133,12 @@ class RestoreRNGStates(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         version, internal, gauss = random.getstate()
-        return {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-                "python": [version, list(internal), gauss]}
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": [version, list(internal), gauss],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
@@ -165,15 +169,19 @@ class InPlaceEMA(WeightAveraging):
     upstream nets included (HyperLDM holds an 8.6M-parameter HNET): 37 ms against 5 ms per update for that module
     on 2 CPU cores, the same averages to 3e-8. `WeightAveraging` is Lightning's public base for custom averaging."""
 
-    def __init__(self, decay: float, update_every_n_steps: int, update_starting_at_step: int,
-                 use_buffers: bool = True):
+    def __init__(self, decay: float, update_every_n_steps: int, update_starting_at_step: int, use_buffers: bool = True):
         super().__init__(use_buffers=use_buffers, multi_avg_fn=_EMAUpdate(decay))
         if not 0.0 < decay < 1.0 or update_every_n_steps < 1 or update_starting_at_step < 0:
-            raise ValueError(f"callbacks.ema: decay {decay} must be in (0, 1), update_every_n_steps "
-                             f"{update_every_n_steps} >= 1 and update_starting_at_step {update_starting_at_step} >= 0")
+            raise ValueError(
+                f"callbacks.ema: decay {decay} must be in (0, 1), update_every_n_steps "
+                f"{update_every_n_steps} >= 1 and update_starting_at_step {update_starting_at_step} >= 0"
+            )
         self.update_every_n_steps, self.update_starting_at_step = update_every_n_steps, update_starting_at_step
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """Step-based only, as the EMA configs use it: from `update_starting_at_step`, every n-th step."""
-        return (step_idx is not None and step_idx >= self.update_starting_at_step
-                and step_idx % self.update_every_n_steps == 0)
+        return (
+            step_idx is not None
+            and step_idx >= self.update_starting_at_step
+            and step_idx % self.update_every_n_steps == 0
+        )

@@ -27,8 +27,10 @@ class SpacedCheckpoint(ModelCheckpoint):
 
     def __init__(self, min_interval_s: float, max_io_fraction: float, **kwargs: Any) -> None:
         if min_interval_s < 0 or not 0.0 < max_io_fraction <= 1.0:
-            raise ValueError(f"callbacks.model_checkpoint: min_interval_s {min_interval_s} must be >= 0 and "
-                             f"max_io_fraction {max_io_fraction} in (0, 1]")
+            raise ValueError(
+                f"callbacks.model_checkpoint: min_interval_s {min_interval_s} must be >= 0 and "
+                f"max_io_fraction {max_io_fraction} in (0, 1]"
+            )
         # one file, written by this class only: no top-k files, no Lightning-triggered saves
         super().__init__(save_top_k=0, save_last=True, save_on_train_epoch_end=True, **kwargs)
         self.min_interval_s, self.max_io_fraction = float(min_interval_s), float(max_io_fraction)
@@ -42,8 +44,9 @@ class SpacedCheckpoint(ModelCheckpoint):
 
     def _due(self) -> bool:
         now = time.monotonic()
-        return (now - self._last >= self.min_interval_s
-                and self.save_seconds <= self.max_io_fraction * (now - self._start))
+        return now - self._last >= self.min_interval_s and self.save_seconds <= self.max_io_fraction * (
+            now - self._start
+        )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:

@@ -74,8 +74,11 @@ def _list_choices(task_overrides: list[str], choices: dict[str, str | None]) -> 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(task_overrides)
-    return {o.key_or_group: f"[{','.join(map(str, o.value()))}]" for o in parsed
-            if choices.get(o.key_or_group) is None and not o.is_add() and isinstance(o.value(), list)}
+    return {
+        o.key_or_group: f"[{','.join(map(str, o.value()))}]"
+        for o in parsed
+        if choices.get(o.key_or_group) is None and not o.is_add() and isinstance(o.value(), list)
+    }
 
 
 def _inherited_choices(cfg: DictConfig, name: str) -> dict[str, str]:
@@ -101,8 +104,8 @@ def _spec_of(cfg: DictConfig, name: str) -> tuple[DictConfig, list[str]]:
         return specs[name], []
     for base, spec in specs.items():
         fan = spec.get("fan_out")
-        if fan and name.startswith(base) and name[len(base):].isdigit() and int(name[len(base):]) < int(fan.count):
-            return spec, [f"{fan.key}={int(name[len(base):])}"]
+        if fan and name.startswith(base) and name[len(base) :].isdigit() and int(name[len(base) :]) < int(fan.count):
+            return spec, [f"{fan.key}={int(name[len(base) :])}"]
     raise KeyError(f"no upstream '{name}' in this config (upstreams: {upstream_names(cfg)})")
 
 
@@ -201,9 +204,11 @@ def find_or_build(cfg: DictConfig, build: StageRunner | None = None) -> Artifact
 
     def build_it(_path: Path) -> None:
         if build is None:
-            raise ArtifactMissingError(f"no {cfg.stage} artifact for {cfg.task_name} under "
-                                       f"{Path(cfg.paths.artifacts_dir) / cfg.stage}; build it first with: "
-                                       f"python train.py experiment=<experiment of {cfg.task_name}> [overrides]")
+            raise ArtifactMissingError(
+                f"no {cfg.stage} artifact for {cfg.task_name} under "
+                f"{Path(cfg.paths.artifacts_dir) / cfg.stage}; build it first with: "
+                f"python train.py experiment=<experiment of {cfg.task_name}> [overrides]"
+            )
         log.info("%s (%s) has no artifact: building it now", cfg.task_name, cfg.stage)
         with preserved_process_state():
             build(cfg)
@@ -222,12 +227,14 @@ def _given_upstream(cfg: DictConfig, name: str, path: Path) -> Artifact:
     if found.manifest.get("stage") != wanted:
         raise ArtifactMismatchError(
             f"upstream.{name}.path={path} holds a '{found.manifest.get('stage')}' artifact, but upstream "
-            f"'{name}' ({_spec_of(cfg, name)[0].experiment}) must be a '{wanted}' artifact")
+            f"'{name}' ({_spec_of(cfg, name)[0].experiment}) must be a '{wanted}' artifact"
+        )
     return found
 
 
-def _find_or_build(cfg: DictConfig, build: StageRunner | None,
-                   build_it: Callable[[Path], None]) -> tuple[Artifact, bool]:
+def _find_or_build(
+    cfg: DictConfig, build: StageRunner | None, build_it: Callable[[Path], None]
+) -> tuple[Artifact, bool]:
     """(the artifact of `cfg`, whether this call built it; `build_it` gets the artifact's path). Its own upstreams
     are resolved first, outside the build lock; a lock taken inside it can only be an upstream's (the stage DAG has
     no cycles), so two builders never wait on each other in a circle. The follower ranks of a DDP job build alongside
@@ -240,6 +247,7 @@ def _find_or_build(cfg: DictConfig, build: StageRunner | None,
         if built:
             build_it(path)  # join rank 0's build: a DDP run of the job's ranks
     else:
+
         def announced_build() -> None:
             if decisions is None:
                 build_it(path)
@@ -284,5 +292,6 @@ def _build_upstream(cfg: DictConfig, name: str, up_cfg: DictConfig, build: Stage
         with preserved_process_state():  # the parent stage goes on with its own RNGs, precision, threads, flags
             build(up_cfg)
     except UserError as err:  # say which upstream failed and the command that builds it alone
-        raise UpstreamMissingError(f"{err} [while building upstream '{name}'; alone: {upstream_command(cfg, name)}]") \
-            from err
+        raise UpstreamMissingError(
+            f"{err} [while building upstream '{name}'; alone: {upstream_command(cfg, name)}]"
+        ) from err

@@ -66,11 +66,19 @@ class ProgressLines(pl.Callback):
     when stdout is not a terminal (see the module docstring). `metric`: the validation metric worth watching (the
     experiment's `optimized_metric`), or None. `clock` is for tests (a fake clock instead of sleeping)."""
 
-    def __init__(self, task_name: str, stage: str, every_s: float, metric: str | None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        task_name: str,
+        stage: str,
+        every_s: float,
+        metric: str | None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if not 0 < every_s <= MAX_EVERY_S:
-            raise ValueError(f"callbacks.progress.every_s={every_s}: must be in (0, {MAX_EVERY_S:g}] seconds, so a "
-                             f"redirected run reports at least once a minute")
+            raise ValueError(
+                f"callbacks.progress.every_s={every_s}: must be in (0, {MAX_EVERY_S:g}] seconds, so a "
+                f"redirected run reports at least once a minute"
+            )
         self.task_name, self.stage, self.every_s, self.metric = task_name, stage, float(every_s), metric
         self.clock = clock
         self.active = not stdout_is_terminal()
@@ -121,8 +129,9 @@ class ProgressLines(pl.Callback):
         self._last = now
         return True
 
-    def _report(self, trainer: pl.Trainer, doing: str, batch_idx: int, per_loader: list[int | float],
-                dataloader_idx: int = 0) -> None:
+    def _report(
+        self, trainer: pl.Trainer, doing: str, batch_idx: int, per_loader: list[int | float], dataloader_idx: int = 0
+    ) -> None:
         if not (self.active and trainer.is_global_zero and self.due()):
             return
         batches = float(per_loader[dataloader_idx]) if dataloader_idx < len(per_loader) else float("inf")
@@ -137,24 +146,49 @@ class ProgressLines(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # manual optimisation (dfml: two optimizers) counts a step per optimizer.step(), not per batch
-        self._max_steps = float(trainer.estimated_stepping_batches) if pl_module.automatic_optimization else (
-            float(trainer.max_steps) if trainer.max_steps > 0 else None)
+        self._max_steps = (
+            float(trainer.estimated_stepping_batches)
+            if pl_module.automatic_optimization
+            else (float(trainer.max_steps) if trainer.max_steps > 0 else None)
+        )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._report(trainer, "training", batch_idx, [trainer.num_training_batches])
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if not trainer.sanity_checking:
             self._report(trainer, "validating", batch_idx, trainer.num_val_batches, dataloader_idx)
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._report(trainer, "testing", batch_idx, trainer.num_test_batches, dataloader_idx)
 
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._report(trainer, "predicting", batch_idx, trainer.num_predict_batches, dataloader_idx)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -162,11 +196,25 @@ class ProgressLines(pl.Callback):
             return
         keys = sorted(k for k in trainer.callback_metrics if k.startswith("val"))
         results = ", ".join(_readouts(trainer.callback_metrics, keys)) or "no val metrics logged"
-        log.info("%s (%s) validation at %s | %s elapsed | %s", self.task_name, self.stage, self._where(trainer),
-                 self._elapsed(), results)
+        log.info(
+            "%s (%s) validation at %s | %s elapsed | %s",
+            self.task_name,
+            self.stage,
+            self._where(trainer),
+            self._elapsed(),
+            results,
+        )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active and trainer.is_global_zero:
             where = self._where(trainer, finished=True)
-            log.info("%s", " | ".join([f"{self.task_name} ({self.stage}) training done: {where}",
-                                       f"{self._elapsed()} elapsed", *self._training_readouts(trainer)]))
+            log.info(
+                "%s",
+                " | ".join(
+                    [
+                        f"{self.task_name} ({self.stage}) training done: {where}",
+                        f"{self._elapsed()} elapsed",
+                        *self._training_readouts(trainer),
+                    ]
+                ),
+            )

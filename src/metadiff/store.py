@@ -38,7 +38,7 @@ DEFAULT_FINGERPRINT_EXCLUDE = (
     "callbacks.model_checkpoint",  # where and how often checkpoints go, the summary, crash drills: not the result
     "callbacks.model_summary",
     "callbacks.kill",
-    "callbacks.progress",          # progress lines on a redirected console: never the result
+    "callbacks.progress",  # progress lines on a redirected console: never the result
     "tags",
     "task_name",
     "ckpt_path",
@@ -50,8 +50,8 @@ DEFAULT_FINGERPRINT_EXCLUDE = (
     # where and on how many devices it ran: batch sizes are global (metadiff.data.global_batch), so the world size
     # changes neither the recipe nor the artifact; precision stays in (it changes what is computed)
     *(f"trainer.{key}" for key in ("accelerator", "devices", "num_nodes", "strategy", "sync_batchnorm")),
-    "data.pin_memory",             # page-locked host batches: how fast they reach a GPU, not what they hold
-    "model.speed",                 # opt-in torch.compile / channels_last: how fast, not what is computed
+    "data.pin_memory",  # page-locked host batches: how fast they reach a GPU, not what they hold
+    "model.speed",  # opt-in torch.compile / channels_last: how fast, not what is computed
     "trainer.enable_progress_bar",
     "trainer.default_root_dir",
     "trainer.log_every_n_steps",
@@ -96,7 +96,9 @@ class Artifact:
         moved outputs tree still resolves), older ones as an absolute path, which is taken as it is."""
         entry = self.manifest.get("upstream", {}).get(name)
         if entry is None:
-            raise KeyError(f"artifact {self.path} has no upstream '{name}' (upstreams: {sorted(self.manifest.get('upstream', {}))})")
+            raise KeyError(
+                f"artifact {self.path} has no upstream '{name}' (upstreams: {sorted(self.manifest.get('upstream', {}))})"
+            )
         path = Path(entry["path"])
         return path if path.is_absolute() else self.root / path
 
@@ -132,7 +134,7 @@ def _abstract_paths(node: Any, tokens: list[tuple[str, str]]) -> Any:
     if isinstance(node, str):
         for directory, token in tokens:
             if node == directory or node.startswith(directory + "/"):
-                return token + node[len(directory):]
+                return token + node[len(directory) :]
     return node
 
 
@@ -192,8 +194,10 @@ def publish_artifact(
                 "variant": cfg.get("variant"),
                 "task_name": cfg.task_name,
                 "fingerprint": path.name.rsplit("-", 1)[-1],
-                "upstream": {name: {"path": _stored_path(a.path, root), "fingerprint": a.fingerprint}
-                             for name, a in upstream.items()},
+                "upstream": {
+                    name: {"path": _stored_path(a.path, root), "fingerprint": a.fingerprint}
+                    for name, a in upstream.items()
+                },
                 "lineage": lineage(upstream),
                 "metrics": {k: float(v) for k, v in metrics.items()},
             },

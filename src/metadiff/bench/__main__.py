@@ -20,9 +20,14 @@ from metadiff.bench.summary import write_summary
 from metadiff.run import train  # the stage runner that builds the sampling benchmark's chain if it is missing
 from metadiff.utils.io import write_json
 
-BENCHMARKS = {"features": bench_feature_extraction, "features_vqa": bench_feature_extraction_vqa,
-              "inner_loop": bench_inner_loop, "pseudo_data": bench_pseudo_data,
-              "pseudo_data_ranks": bench_pseudo_data_ranks, "sampling": bench_sampling}
+BENCHMARKS = {
+    "features": bench_feature_extraction,
+    "features_vqa": bench_feature_extraction_vqa,
+    "inner_loop": bench_inner_loop,
+    "pseudo_data": bench_pseudo_data,
+    "pseudo_data_ranks": bench_pseudo_data_ranks,
+    "sampling": bench_sampling,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,11 +36,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), default=sorted(BENCHMARKS))
     parser.add_argument("--data-dir", type=Path, default=Path("outputs/data"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sampling-overrides", nargs="*", default=[],
-                        help="Hydra overrides of hyperldm_synthvqa for the sampling benchmark, e.g. seed=1")
+    parser.add_argument(
+        "--sampling-overrides",
+        nargs="*",
+        default=[],
+        help="Hydra overrides of hyperldm_synthvqa for the sampling benchmark, e.g. seed=1",
+    )
     args = parser.parse_args(argv)
-    machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"}
+    machine = {
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+    }
     for name in args.only:
         start = time.time()
         extra = {"overrides": tuple(args.sampling_overrides), "build": train} if name == "sampling" else {}

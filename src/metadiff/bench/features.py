@@ -36,19 +36,30 @@ def bare_images_per_s(model: torch.nn.Module, batches: list[torch.Tensor], devic
     return sum(b.shape[0] for b in batches) / (time.perf_counter() - start)
 
 
-def pipeline_images_per_s(source: TaskSource, arch: str, checkpoint: Path, store: Path, batch_size: int, device: str,
-                          num_workers: int = 0) -> float:
+def pipeline_images_per_s(
+    source: TaskSource, arch: str, checkpoint: Path, store: Path, batch_size: int, device: str, num_workers: int = 0
+) -> float:
     model = FeatureExtractor(source=source, arch=arch, store_dir=str(store), pretrained=str(checkpoint))
     data = FeatureSourceDataModule(source=source, arch=arch, batch_size=batch_size, num_workers=num_workers)
-    trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[])
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[],
+    )
     trainer.predict(model, datamodule=data, return_predictions=False)
     return model.summary_metrics["features/images_per_s"]
 
 
 def bench_feature_extraction(data_dir: Path, device: str, batch_size: int = 512, repeats: int = 2) -> dict:
-    source = SynthVQASource(cache_dir=str(Path(data_dir) / "synthvqa"), generator=SynthVQAConfig(), answer_prompt=None,
-                            meta_val={"fraction": 0.0, "seed": 0})  # timing only: the split is irrelevant
+    source = SynthVQASource(
+        cache_dir=str(Path(data_dir) / "synthvqa"),
+        generator=SynthVQAConfig(),
+        answer_prompt=None,
+        meta_val={"fraction": 0.0, "seed": 0},
+    )  # timing only: the split is irrelevant
     source.prepare()
     bundle = create_clip(ARCH)
     model = bundle.model.eval().to(device)
@@ -61,7 +72,9 @@ def bench_feature_extraction(data_dir: Path, device: str, batch_size: int = 512,
         torch.save(bundle.model.state_dict(), checkpoint)
         for i in range(repeats):
             bare.append(bare_images_per_s(model, batches, device))
-            pipeline.append(pipeline_images_per_s(source, ARCH, checkpoint, Path(tmp) / f"store{i}", batch_size, device))
+            pipeline.append(
+                pipeline_images_per_s(source, ARCH, checkpoint, Path(tmp) / f"store{i}", batch_size, device)
+            )
     return {
         "benchmark": "feature extraction, synthvqa images (12000 x 48px), metadiff-tiny-vit",
         "batch_size": batch_size,

@@ -24,13 +24,17 @@ def synthetic_task_batch(n_tasks: int, embed_dim: int, seed: int = 0):
         n_answers = int(torch.randint(2, 12, (1,), generator=g))
         n_support = int(torch.randint(6, 25, (1,), generator=g))
         n_query = int(torch.randint(12, 60, (1,), generator=g))
-        items.append(TaskExample(
-            support_x=torch.randn(n_support, embed_dim, generator=g),
-            support_y=torch.randint(n_answers, (n_support,), generator=g),
-            query_x=torch.randn(n_query, embed_dim, generator=g),
-            query_y=torch.randint(n_answers, (n_query,), generator=g),
-            answers=torch.randn(n_answers, embed_dim, generator=g), question=torch.randn(embed_dim, generator=g),
-            task_index=t))
+        items.append(
+            TaskExample(
+                support_x=torch.randn(n_support, embed_dim, generator=g),
+                support_y=torch.randint(n_answers, (n_support,), generator=g),
+                query_x=torch.randn(n_query, embed_dim, generator=g),
+                query_y=torch.randint(n_answers, (n_query,), generator=g),
+                answers=torch.randn(n_answers, embed_dim, generator=g),
+                question=torch.randn(embed_dim, generator=g),
+                task_index=t,
+            )
+        )
     return collate_tasks(items)
 
 
@@ -58,8 +62,15 @@ def _tasks_per_s(step, learner, loop, batch, device: str) -> float:
     return batch.n_tasks / (time.perf_counter() - start)
 
 
-def bench_inner_loop(data_dir, device: str, n_tasks: int = 32, embed_dim: int = 128, adapter_hidden: int = 256,
-                     steps: int = 10, repeats: int = 3) -> dict:
+def bench_inner_loop(
+    data_dir,
+    device: str,
+    n_tasks: int = 32,
+    embed_dim: int = 128,
+    adapter_hidden: int = 256,
+    steps: int = 10,
+    repeats: int = 3,
+) -> dict:
     batch = synthetic_task_batch(n_tasks, embed_dim)
     batch = type(batch)(**{k: v.to(device) for k, v in vars(batch).items()})
     results = {}
@@ -73,8 +84,13 @@ def bench_inner_loop(data_dir, device: str, n_tasks: int = 32, embed_dim: int = 
                 batched.append(_tasks_per_s(_meta_step_batched, learner, loop, batch, device))
                 per_task.append(_tasks_per_s(_meta_step_per_task, learner, loop, batch, device))
             key = f"{mode}_{'second' if order else 'first'}_order"
-            results[key] = {"batched_tasks_per_s": max(batched), "per_task_tasks_per_s": max(per_task),
-                            "speedup": max(batched) / max(per_task)}
-    return {"benchmark": f"meta-step throughput, {n_tasks} tasks/batch, {steps} inner steps, e={embed_dim}, "
-                         f"adapter hidden {adapter_hidden}, hnet [128,128,128]",
-            "results": results}
+            results[key] = {
+                "batched_tasks_per_s": max(batched),
+                "per_task_tasks_per_s": max(per_task),
+                "speedup": max(batched) / max(per_task),
+            }
+    return {
+        "benchmark": f"meta-step throughput, {n_tasks} tasks/batch, {steps} inner steps, e={embed_dim}, "
+        f"adapter hidden {adapter_hidden}, hnet [128,128,128]",
+        "results": results,
+    }

@@ -51,14 +51,25 @@ def build_random_zoo(device: str) -> tuple[DiffusionZoo, torch.nn.Module, torch.
     size, channels = source.image_size, source.channels
     n_models, per_model = int(zoo_cfg.zoo.n_models), int(zoo_cfg.zoo.classes_per_model)
     torch.manual_seed(0)
-    member = {"image_size": size, "channels": channels,
-              "unet": as_spec(UNetSpec, unet.model.unet, "model.unet").kwargs(),  # as the stage builds it
-              "learn_sigma": unet.model.learn_sigma, "attention_heads": unet.model.attention_heads}
+    member = {
+        "image_size": size,
+        "channels": channels,
+        "unet": as_spec(UNetSpec, unet.model.unet, "model.unet").kwargs(),  # as the stage builds it
+        "learn_sigma": unet.model.learn_sigma,
+        "attention_heads": unet.model.attention_heads,
+    }
     models = [ImageDenoiser.from_config(member).eval().requires_grad_(False).to(device) for _ in range(n_models)]
     schedule_cfg = dict(unet.model.schedule)
     classes = [list(range(k * per_model, (k + 1) * per_model)) for k in range(n_models)]
-    zoo = DiffusionZoo(models, NoiseSchedule.make(**schedule_cfg), schedule_cfg, class_map(classes),
-                       [str(c) for c in range(n_models * per_model)], size, channels)
+    zoo = DiffusionZoo(
+        models,
+        NoiseSchedule.make(**schedule_cfg),
+        schedule_cfg,
+        class_map(classes),
+        [str(c) for c in range(n_models * per_model)],
+        size,
+        channels,
+    )
     backbone = build_backbone(**source.backbone_spec(dict(dfml.model.backbone))).to(device).eval()
     learner = MLPHead(backbone.out_dim, len(zoo.class_map), norm="batch_stats", time_conditioned=True).to(device)
     return zoo, backbone, learner.eval(), dict(dfml.model.generation)
@@ -72,14 +83,15 @@ def bench_pseudo_data(data_dir: Path, device: str, per_class: int = 4, repeats: 
     for _ in range(repeats):
         for name, scale in (("unguided", 0.0), ("guided", float(generation["scale"]) or 1.0)):
             start = time.perf_counter()
-            data = generate_pseudo_data(zoo, backbone, learner, per_class, batch, steps, scale, "fixed", 0,
-                                        spacing=generation["spacing"])
+            data = generate_pseudo_data(
+                zoo, backbone, learner, per_class, batch, steps, scale, "fixed", 0, spacing=generation["spacing"]
+            )
             seconds[name].append(time.perf_counter() - start)
             assert len(data.labels) == n_images
     best = {k: min(v) for k, v in seconds.items()}
     return {
         "benchmark": f"dfml pseudo-data generation, {EXPERIMENT} configs: {zoo.n_models} UNet members, "
-                     f"{len(zoo.class_map)} classes x {per_class}, DDIM {steps} steps, batch {batch}",
+        f"{len(zoo.class_map)} classes x {per_class}, DDIM {steps} steps, batch {batch}",
         "images": n_images,
         "images_per_s": {k: n_images / v for k, v in best.items()},
         "guided_over_unguided_time": best["guided"] / best["unguided"],
@@ -104,10 +116,21 @@ def _gloo_all_gather(local: torch.Tensor) -> torch.Tensor:
 
 
 def _round(zoo, backbone, learner, generation: dict, per_class: int, rank: int = 0, world_size: int = 1):
-    return generate_pseudo_data(zoo, backbone, learner, per_class, int(generation["batch_size"]),
-                                int(generation["steps"]), float(generation["scale"]) or 1.0, "fixed", 0,
-                                spacing=generation["spacing"], rank=rank, world_size=world_size,
-                                all_gather=_gloo_all_gather if world_size > 1 else None)
+    return generate_pseudo_data(
+        zoo,
+        backbone,
+        learner,
+        per_class,
+        int(generation["batch_size"]),
+        int(generation["steps"]),
+        float(generation["scale"]) or 1.0,
+        "fixed",
+        0,
+        spacing=generation["spacing"],
+        rank=rank,
+        world_size=world_size,
+        all_gather=_gloo_all_gather if world_size > 1 else None,
+    )
 
 
 def _rank_worker(rank: int, world_size: int, port: int, threads: int, per_class: int, commands, results) -> None:
@@ -127,8 +150,9 @@ def _rank_worker(rank: int, world_size: int, port: int, threads: int, per_class:
         dist.destroy_process_group()
 
 
-def bench_pseudo_data_ranks(data_dir: Path, device: str, per_class: int = 10, repeats: int = 5,
-                            threads: int = 1) -> dict:
+def bench_pseudo_data_ranks(
+    data_dir: Path, device: str, per_class: int = 10, repeats: int = 5, threads: int = 1
+) -> dict:
     """One round of pseudo data on 1 rank (this process) vs 2 gloo CPU ranks (spawned once, kept between runs),
     `threads` torch threads per rank (a rank stands for a device). The ways alternate `repeats` times after one
     untimed warm-up each; the 2-rank time of a run is its slowest rank's. Checks the 2-rank round equals the 1-rank
@@ -140,8 +164,12 @@ def bench_pseudo_data_ranks(data_dir: Path, device: str, per_class: int = 10, re
     context = mp.get_context("spawn")
     commands, results = [context.Queue() for _ in range(world_size)], context.Queue()
     port = _free_port()
-    workers = [context.Process(target=_rank_worker, args=(r, world_size, port, threads, per_class, commands[r],
-                                                          results), daemon=True) for r in range(world_size)]
+    workers = [
+        context.Process(
+            target=_rank_worker, args=(r, world_size, port, threads, per_class, commands[r], results), daemon=True
+        )
+        for r in range(world_size)
+    ]
     for w in workers:
         w.start()
     seconds: dict[str, list[float]] = {"1_rank": [], "2_ranks": []}
@@ -183,9 +211,11 @@ def bench_pseudo_data_ranks(data_dir: Path, device: str, per_class: int = 10, re
     one_rank, two_ranks = statistics.median(seconds["1_rank"]), statistics.median(seconds["2_ranks"])
     return {
         "benchmark": f"dfml pseudo data, one round on 1 rank vs 2 gloo CPU ranks ({threads} torch thread(s) each), "
-                     f"{EXPERIMENT} configs: {zoo.n_models} UNet members, {len(zoo.class_map)} classes x "
-                     f"{per_class}, DDIM {generation['steps']} steps, batch {generation['batch_size']}, guided",
-        "images": n_images, "repeats": repeats, "threads_per_rank": threads,
+        f"{EXPERIMENT} configs: {zoo.n_models} UNet members, {len(zoo.class_map)} classes x "
+        f"{per_class}, DDIM {generation['steps']} steps, batch {generation['batch_size']}, guided",
+        "images": n_images,
+        "repeats": repeats,
+        "threads_per_rank": threads,
         "images_per_rank": [shares[r] for r in range(world_size)],
         "seconds": {k: _spread(v) for k, v in seconds.items()},
         "seconds_per_rank_2_ranks": {str(r): _spread(v) for r, v in per_rank.items()},

@@ -33,8 +33,11 @@ def _module_and_batches(device: str, overrides: list[str], build: StageRunner | 
     from metadiff.stages.hyperldm import load_denoiser_state
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True,
-                      overrides=[f"experiment={EXPERIMENT}", "paths.output_dir=outputs/bench/sampling", *overrides])
+        cfg = compose(
+            config_name="train",
+            return_hydra_config=True,
+            overrides=[f"experiment={EXPERIMENT}", "paths.output_dir=outputs/bench/sampling", *overrides],
+        )
         HydraConfig.instance().set_config(cfg)
     artifact = find_or_build(cfg, build)
     upstream = resolve_upstreams(cfg)  # all found now
@@ -57,8 +60,11 @@ def _sample_all(module, batches, scale: float, method: str, steps: int, device: 
     for batch in batches:
         gen = torch.Generator().manual_seed(int(batch.task_index[0]))
         with torch.no_grad():
-            out.append(module.sample_latents(batch.question.to(device), torch.full((batch.n_tasks,), scale,
-                                                                                  device=device), gen))
+            out.append(
+                module.sample_latents(
+                    batch.question.to(device), torch.full((batch.n_tasks,), scale, device=device), gen
+                )
+            )
     return out
 
 
@@ -75,9 +81,15 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": float(statistics.median(values)), "min": min(values), "max": max(values)}
 
 
-def bench_sampling(data_dir: Path, device: str, scale: float = 1.0, repeats: int = 5,
-                   ddim_steps: tuple[int, ...] = (10, 25, 50), overrides: tuple[str, ...] = (),
-                   build: StageRunner | None = None) -> dict:
+def bench_sampling(
+    data_dir: Path,
+    device: str,
+    scale: float = 1.0,
+    repeats: int = 5,
+    ddim_steps: tuple[int, ...] = (10, 25, 50),
+    overrides: tuple[str, ...] = (),
+    build: StageRunner | None = None,
+) -> dict:
     """DDIM at several step counts vs DDPM-1000 on the same tasks and noise: accuracy (deterministic given the seeds)
     and sampler time, the ways alternated `repeats` times (median and range; this machine is noisy). `overrides`
     of the experiment (e.g. `seed=1`) pick which chain's artifact is measured; `build` (the stage runner, which the
@@ -93,9 +105,15 @@ def bench_sampling(data_dir: Path, device: str, scale: float = 1.0, repeats: int
             seconds[f"{method}{k}"].append(time.perf_counter() - start)
             accuracy.setdefault(f"{method}{k}", _accuracy(module, batches, latents, device))
     ddpm = statistics.median(seconds["ddpm1000"])
-    rows = {name: {"accuracy": accuracy[name], "seconds": _spread(seconds[name]),
-                   "speedup_over_ddpm1000": ddpm / statistics.median(seconds[name]),
-                   "accuracy_minus_ddpm1000": accuracy[name] - accuracy["ddpm1000"]} for name in seconds}
+    rows = {
+        name: {
+            "accuracy": accuracy[name],
+            "seconds": _spread(seconds[name]),
+            "speedup_over_ddpm1000": ddpm / statistics.median(seconds[name]),
+            "accuracy_minus_ddpm1000": accuracy[name] - accuracy["ddpm1000"],
+        }
+        for name in seconds
+    }
     close = [name for name in rows if name != "ddpm1000" and abs(rows[name]["accuracy_minus_ddpm1000"]) <= 0.01]
     fastest_close = max(close, key=lambda n: rows[n]["speedup_over_ddpm1000"]) if close else None
 
@@ -115,12 +133,23 @@ def bench_sampling(data_dir: Path, device: str, scale: float = 1.0, repeats: int
         for name, fn in (("batched", batched), ("two_passes", two_passes)):
             start = time.perf_counter()
             with torch.no_grad():
-                sample(fn, module.schedule, steps, shape=(question.shape[0], module.base.latent_dim),
-                       generator=torch.Generator().manual_seed(0), device=device)
+                sample(
+                    fn,
+                    module.schedule,
+                    steps,
+                    shape=(question.shape[0], module.base.latent_dim),
+                    generator=torch.Generator().manual_seed(0),
+                    device=device,
+                )
             times[name].append(time.perf_counter() - start)
     return {
-        "experiment": EXPERIMENT, "overrides": list(overrides), "n_tasks": int(question.shape[0]), "guidance_scale": scale, "repeats": repeats,
-        "samplers": rows, "fastest_within_1pt_of_ddpm1000": fastest_close,
+        "experiment": EXPERIMENT,
+        "overrides": list(overrides),
+        "n_tasks": int(question.shape[0]),
+        "guidance_scale": scale,
+        "repeats": repeats,
+        "samplers": rows,
+        "fastest_within_1pt_of_ddpm1000": fastest_close,
         "ddim_minus_ddpm_accuracy": rows["ddim50"]["accuracy_minus_ddpm1000"],
         "ddpm_over_ddim_time": rows["ddim50"]["speedup_over_ddpm1000"],
         "cfg_sampler_seconds": {k: min(v) for k, v in times.items()},

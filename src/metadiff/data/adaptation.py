@@ -100,7 +100,7 @@ class LatentRows(Dataset):
         if self.rows_per_epoch == 1:  # the draw of earlier versions: the same row for the same (seed, epoch)
             self.epoch_rows = torch.tensor([int(rng.integers(self.data.rows))])
         else:
-            self.epoch_rows = torch.from_numpy(rng.permutation(self.data.rows)[:self.rows_per_epoch])
+            self.epoch_rows = torch.from_numpy(rng.permutation(self.data.rows)[: self.rows_per_epoch])
 
     def __len__(self) -> int:
         return int(self.data.train_latents.shape[1]) * self.rows_per_epoch
@@ -115,8 +115,14 @@ class AdaptationDataModule(MetaTaskDataModule):
     """Training batches of (latent, question) pairs from the adaptation dataset; validation/test batches of whole
     tasks (support = train split, query = test split) whose fine-tuned latents are `data.eval_latents[split]`."""
 
-    def __init__(self, *args, latents_per_batch: int = 32, rows_per_epoch: int | None = 1,
-                 upstream: dict[str, Artifact] | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        latents_per_batch: int = 32,
+        rows_per_epoch: int | None = 1,
+        upstream: dict[str, Artifact] | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, upstream=upstream, **kwargs)
         if not upstream or "adaptation" not in upstream:
             raise ConfigError("this stage needs an upstream 'adaptation' dataset (upstream.adaptation in its config)")
@@ -140,5 +146,4 @@ class AdaptationDataModule(MetaTaskDataModule):
             batch_size = per_rank_batch(batch_size, world, "data.latents_per_batch")
             check_last_batch_shares(len(rows), world, self.drop_last, "data.drop_last")
             order = EpochOrderShard(rows, order, torch.distributed.get_rank(), world)
-        return DataLoader(rows, batch_size=batch_size, sampler=order, drop_last=self.drop_last,
-                          **self.loader_options())
+        return DataLoader(rows, batch_size=batch_size, sampler=order, drop_last=self.drop_last, **self.loader_options())

@@ -28,8 +28,10 @@ def rank(trainer: pl.Trainer | None) -> int:
 def per_rank_batch(global_batch: int, world: int, key: str) -> int:
     """The share of a global batch that one of `world` ranks loads; refused in one line when it does not divide."""
     if global_batch < 1 or global_batch % world:
-        raise ConfigError(f"{key}={global_batch}: a global batch size must be a positive multiple of the number of "
-                          f"ranks ({world}); each rank loads {key} / {world}")
+        raise ConfigError(
+            f"{key}={global_batch}: a global batch size must be a positive multiple of the number of "
+            f"ranks ({world}); each rank loads {key} / {world}"
+        )
     return global_batch // world
 
 
@@ -55,6 +57,8 @@ def check_last_batch_shares(n_items: int, world: int, drop_last: bool, key: str)
     ranks, so unequal shares weigh items unequally, and `EpochOrderShard` drops the `n_items % world` items that would
     make them unequal. Refused in one line where that would happen, so the world size never changes the recipe."""
     if not drop_last and world > 1 and n_items % world:
-        raise ConfigError(f"{key}=false with {n_items} training items on {world} ranks: the incomplete last batch of "
-                          f"each epoch cannot be shared equally (one process trains on {n_items % world} more items "
-                          f"than the ranks together); set {key}=true, which drops it in every world size")
+        raise ConfigError(
+            f"{key}=false with {n_items} training items on {world} ranks: the incomplete last batch of "
+            f"each epoch cannot be shared equally (one process trains on {n_items % world} more items "
+            f"than the ranks together); set {key}=true, which drops it in every world size"
+        )

@@ -50,8 +50,9 @@ class StepOrder(Sampler[int]):
     one more batch under the old epoch number and shifts every later epoch by one (measured with lightning 2.6:
     the resumed run drew epoch 2's order for the batches an uninterrupted run took from epoch 1)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, position: Callable[[], int], rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self, n: int, batch_size: int, seed: int, position: Callable[[], int], rank: int = 0, world_size: int = 1
+    ):
         # under DDP the stream is cut into global batches of batch_size x world_size, and rank r takes every
         # world_size-th index of each: together the ranks train on exactly the batches of one process
         self.n, self.seed, self.position, self.rank, self.world_size = n, seed, position, rank, world_size
@@ -90,15 +91,18 @@ class StepPositionMixin:
     def step_order(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> StepOrder:
         """The training order, starting at the position of the trainer's next step."""
         self._step_batch_size = batch_size
-        return StepOrder(n, batch_size, seed, position=lambda: self.trained_samples(batch_size), rank=rank,
-                         world_size=world_size)
+        return StepOrder(
+            n, batch_size, seed, position=lambda: self.trained_samples(batch_size), rank=rank, world_size=world_size
+        )
 
     def trained_samples(self, batch_size: int) -> int:
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return self._restored_samples
-        return max(self._restored_samples,
-                   trainer.global_step * trainer.accumulate_grad_batches * batch_size * trainer.world_size)
+        return max(
+            self._restored_samples,
+            trainer.global_step * trainer.accumulate_grad_batches * batch_size * trainer.world_size,
+        )
 
     def state_dict(self) -> dict[str, int]:
         return {"trained_samples": self.trained_samples(self._step_batch_size)}

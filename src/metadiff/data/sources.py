@@ -43,10 +43,11 @@ class MetaValSplit:
     seed: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, int | float) \
-                or not 0 <= self.fraction < 1:
-            raise ConfigError(f"data.source.meta_val.fraction = {self.fraction!r}: expected a number in [0, 1) "
-                              "(0 = no meta-val: validate on meta-test as the original did)")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, int | float) or not 0 <= self.fraction < 1:
+            raise ConfigError(
+                f"data.source.meta_val.fraction = {self.fraction!r}: expected a number in [0, 1) "
+                "(0 = no meta-val: validate on meta-test as the original did)"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"data.source.meta_val.seed = {self.seed!r}: expected an integer")
 
@@ -74,11 +75,15 @@ class MetaValSplit:
         random.Random(self.seed).shuffle(order)
         k = max(1, round(self.fraction * len(order)))
         if k >= len(order):
-            raise ConfigError(f"data.source.meta_val.fraction = {self.fraction}: {k} meta-val tasks would leave none "
-                              f"of the {len(order)} meta-train tasks for training")
+            raise ConfigError(
+                f"data.source.meta_val.fraction = {self.fraction}: {k} meta-val tasks would leave none "
+                f"of the {len(order)} meta-train tasks for training"
+            )
         held = set(order[:k])
-        return ([t for i, t in enumerate(meta_train) if i not in held],
-                [t for i, t in enumerate(meta_train) if i in held])
+        return (
+            [t for i, t in enumerate(meta_train) if i not in held],
+            [t for i, t in enumerate(meta_train) if i in held],
+        )
 
 
 class ImageSource(Protocol):
@@ -143,7 +148,8 @@ class ImageNormalizer:
         stats = self._stats.get(images.device)
         if stats is None:
             stats = self._stats[images.device] = tuple(
-                torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(images.device) for v in (self.mean, self.std))
+                torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(images.device) for v in (self.mean, self.std)
+            )
         mean, std = stats
         return images.float().div(255).sub(mean).div(std)
 
@@ -190,8 +196,14 @@ class TaskFileSource:
     def _tasks(self) -> dict[str, list[Task]]:
         files = {split: load_task_file(self.root / f"{split}.json") for split in TASK_FILE_SPLITS}
         meta_train, meta_val = self.meta_val.carve(files["meta_train"])
-        log.info("%s tasks: %d meta-train, %d meta-val (data.source.meta_val = %s), %d meta-test", self.name,
-                 len(meta_train), len(meta_val), self.meta_val.describe(), len(files["meta_test"]))
+        log.info(
+            "%s tasks: %d meta-train, %d meta-val (data.source.meta_val = %s), %d meta-test",
+            self.name,
+            len(meta_train),
+            len(meta_val),
+            self.meta_val.describe(),
+            len(files["meta_test"]),
+        )
         return {"meta_train": meta_train, "meta_val": meta_val, "meta_test": files["meta_test"]}
 
     @cached_property
@@ -215,8 +227,11 @@ def dataclass_from_config(cls: type, values: Mapping[str, Any], key: str) -> Any
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown config key '{key}.{unknown[0]}' (valid keys: {sorted(names)})")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [name for name in required if name not in values]
     if missing:
         raise ConfigError(f"config key '{key}.{missing[0]}' is missing (required keys: {required})")

@@ -56,8 +56,8 @@ class AugmentSpec:
     """`model.augment` of the dfml stage."""
 
     enabled: bool
-    crop_padding: int               # RandomCrop(size, padding) with black padding; 0: off
-    hflip: bool                     # RandomHorizontalFlip(0.5)
+    crop_padding: int  # RandomCrop(size, padding) with black padding; 0: off
+    hflip: bool  # RandomHorizontalFlip(0.5)
     color_jitter: ColorJitterSpec
     erasing: ErasingSpec
 
@@ -77,8 +77,8 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
     padded = F.pad(x, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]    # [N, 1, H, 1]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]    # [N, 1, 1, W]
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # [N, 1, H, 1]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # [N, 1, 1, W]
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     return padded[batch, chans, rows, cols]
@@ -96,8 +96,9 @@ def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.
     return (factor.view(-1, 1, 1, 1) * x + (1 - factor.view(-1, 1, 1, 1)) * other).clamp(0, 1)
 
 
-def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation: float,
-                 gen: torch.Generator) -> torch.Tensor:
+def color_jitter(
+    x: torch.Tensor, brightness: float, contrast: float, saturation: float, gen: torch.Generator
+) -> torch.Tensor:
     n = x.shape[0]
     if brightness:
         x = _blend(x, torch.zeros_like(x), _uniform(n, 1 - brightness, 1 + brightness, gen).to(x))
@@ -109,8 +110,15 @@ def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation
     return x
 
 
-def random_erasing(x: torch.Tensor, p: float, scale: tuple[float, float], ratio: tuple[float, float],
-                   fill: torch.Tensor, gen: torch.Generator, attempts: int = 10) -> torch.Tensor:
+def random_erasing(
+    x: torch.Tensor,
+    p: float,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    fill: torch.Tensor,
+    gen: torch.Generator,
+    attempts: int = 10,
+) -> torch.Tensor:
     """With probability p per image, fill one random box (area share ~ U[scale], log aspect ~ U[log ratio]) with
     `fill` [C]; as torchvision, up to `attempts` draws for a box that fits, none erased if no draw fits."""
     n, c, h, w = x.shape

@@ -23,8 +23,9 @@ from metadiff.utils.transfer import host_to_device
 KL_REDUCTIONS = ("batchmean", "mean")
 
 
-def noised_guide_input(images: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor, noise: torch.Tensor,
-                       compat: str) -> torch.Tensor:
+def noised_guide_input(
+    images: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor, noise: torch.Tensor, compat: str
+) -> torch.Tensor:
     """What g sees of [0, 1] `images` noised to step t (the input guidance gives it at that step)."""
     check_compat(compat)
     if compat == "fixed":
@@ -32,9 +33,17 @@ def noised_guide_input(images: torch.Tensor, schedule: NoiseSchedule, t: torch.T
     return schedule.add_noise(images, noise, t)
 
 
-def class_learner_loss(backbone: nn.Module, teacher_head: nn.Module, class_learner: nn.Module, images: torch.Tensor,
-                       labels: torch.Tensor, schedule: NoiseSchedule, compat: str, kl_reduction: str,
-                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def class_learner_loss(
+    backbone: nn.Module,
+    teacher_head: nn.Module,
+    class_learner: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    schedule: NoiseSchedule,
+    compat: str,
+    kl_reduction: str,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CE + KL, CE, KL) of the class-learner on `images` [N, C, H, W] in [0, 1] with pseudo `labels` [N]; t is
     uniform over the schedule's steps, per image."""
     if kl_reduction not in KL_REDUCTIONS:

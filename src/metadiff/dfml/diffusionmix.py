@@ -27,9 +27,17 @@ def denoise_timesteps(start: int, steps: int | None) -> torch.Tensor:
     return torch.linspace(start, 0, steps).round().long().unique_consecutive()
 
 
-def interpolate(zoo: DiffusionZoo, model: int, x_a: torch.Tensor, x_b: torch.Tensor, t: int,
-                lam: float | torch.Tensor, compat: str, generator: torch.Generator,
-                denoise_steps: int | None = None) -> torch.Tensor:
+def interpolate(
+    zoo: DiffusionZoo,
+    model: int,
+    x_a: torch.Tensor,
+    x_b: torch.Tensor,
+    t: int,
+    lam: float | torch.Tensor,
+    compat: str,
+    generator: torch.Generator,
+    denoise_steps: int | None = None,
+) -> torch.Tensor:
     """Mix [0, 1] images x_a, x_b [N, C, H, W] with weight lam (a float or one per image [N]) on x_b at noise step
     t, denoise with zoo model `model` by ancestral (DDPM) steps, all t of them or `denoise_steps` respaced ones, with
     the model's learned variance when it has one (respaced betas between the kept steps);
@@ -48,8 +56,17 @@ def interpolate(zoo: DiffusionZoo, model: int, x_a: torch.Tensor, x_b: torch.Ten
     start = t if fixed else t - 1
     timesteps = denoise_timesteps(start, denoise_steps)
     denoiser = zoo.models[model]  # a learned variance (spec §4.6) is used by these ancestral steps
-    out = sample(eps_model_of(denoiser), zoo.schedule, timesteps, x_start=x_t, noise_start=False, method="ddpm",
-                 generator=generator, device=x_t.device, clip_x0=1.0)
+    out = sample(
+        eps_model_of(denoiser),
+        zoo.schedule,
+        timesteps,
+        x_start=x_t,
+        noise_start=False,
+        method="ddpm",
+        generator=generator,
+        device=x_t.device,
+        clip_x0=1.0,
+    )
     return from_diffusion(out) if fixed else out
 
 

@@ -35,8 +35,9 @@ class EpisodeHeads:
         return vmap(one)(self.params, self.buffers, features)
 
 
-def train_heads(heads: EpisodeHeads, optimizer: torch.optim.Optimizer, steps: int,
-                loss_per_episode: Callable[[], torch.Tensor]) -> None:
+def train_heads(
+    heads: EpisodeHeads, optimizer: torch.optim.Optimizer, steps: int, loss_per_episode: Callable[[], torch.Tensor]
+) -> None:
     """`steps` full-batch steps on the summed per-episode losses ([B] tensor from `loss_per_episode`)."""
     for _ in range(steps):
         optimizer.zero_grad()

@@ -50,10 +50,10 @@ def jpeg_round_trip(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
 
 @dataclass
 class PseudoData:
-    images: torch.Tensor     # uint8 [N, C, H, W]
-    labels: torch.Tensor     # the label the meta-model trains on [N]
-    classes: torch.Tensor    # the pseudo class that was asked for (guidance) [N]
-    models: torch.Tensor     # zoo member that generated each image [N]
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # the label the meta-model trains on [N]
+    classes: torch.Tensor  # the pseudo class that was asked for (guidance) [N]
+    models: torch.Tensor  # zoo member that generated each image [N]
     round: int
     ranks: torch.Tensor = field(default=None)  # DDP rank that generated each image [N] (all 0 in one process)
 
@@ -64,30 +64,45 @@ class PseudoData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def episodes(self, shape: EpisodeShape, n: int, generator: torch.Generator,
-                 device: torch.device | str = "cpu") -> Episodes:
+    def episodes(
+        self, shape: EpisodeShape, n: int, generator: torch.Generator, device: torch.device | str = "cpu"
+    ) -> Episodes:
         """`n` random training episodes (spec §2.5: N classes, K support + Q queries each) as [0, 1] images;
         `query_classes` are the queries' pseudo labels for the global head."""
         by_class = group_by_class(self.labels, shape, f"pseudo data of round {self.round}")
-        idx = torch.stack([draw_episode(by_class, shape, generator) for _ in range(n)])      # [n, N*(K+Q)]
+        idx = torch.stack([draw_episode(by_class, shape, generator) for _ in range(n)])  # [n, N*(K+Q)]
         images = self.images[idx].to(device).float().div_(255)
         n_support = shape.n_way * shape.k_shot
         ways = torch.arange(shape.n_way, device=device)
-        return Episodes(images[:, :n_support], ways.repeat_interleave(shape.k_shot).expand(n, -1),
-                        images[:, n_support:], ways.repeat_interleave(shape.n_query).expand(n, -1),
-                        self.labels[idx[:, n_support:]].to(device))
+        return Episodes(
+            images[:, :n_support],
+            ways.repeat_interleave(shape.k_shot).expand(n, -1),
+            images[:, n_support:],
+            ways.repeat_interleave(shape.n_query).expand(n, -1),
+            self.labels[idx[:, n_support:]].to(device),
+        )
 
     def save(self, path: Path) -> None:
         """Tensors plus the explicit label manifest, written atomically."""
         with atomic_path(path) as tmp:
-            save_tensors({"images": self.images, "labels": self.labels, "classes": self.classes, "models": self.models,
-                        "round": self.round, "ranks": self.ranks}, tmp)
+            save_tensors(
+                {
+                    "images": self.images,
+                    "labels": self.labels,
+                    "classes": self.classes,
+                    "models": self.models,
+                    "round": self.round,
+                    "ranks": self.ranks,
+                },
+                tmp,
+            )
 
     @classmethod
     def load(cls, path: Path) -> PseudoData:
         state = load_tensors(path)
-        return cls(state["images"], state["labels"], state["classes"], state["models"], int(state["round"]),
-                   state.get("ranks"))
+        return cls(
+            state["images"], state["labels"], state["classes"], state["models"], int(state["round"]), state.get("ranks")
+        )
 
 
 @torch.no_grad()
@@ -98,8 +113,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 # one generation chunk: a batch of one zoo member's pseudo classes, as the 1-process run batches them
 @dataclass(frozen=True)
 class Chunk:
-    index: int               # position in the round's plan; also what seeds the chunk's generator
-    model: int               # zoo member that samples it
+    index: int  # position in the round's plan; also what seeds the chunk's generator
+    model: int  # zoo member that samples it
     classes: tuple[int, ...]  # the pseudo class asked for, per image
 
 
@@ -111,7 +126,7 @@ def plan_chunks(zoo: DiffusionZoo, per_class: int, batch_size: int) -> list[Chun
     for k in range(zoo.n_models):
         mine = wanted[torch.isin(wanted, torch.tensor(zoo.classes_of(k)))].tolist()
         for start in range(0, len(mine), batch_size):
-            chunks.append(Chunk(len(chunks), k, tuple(mine[start:start + batch_size])))
+            chunks.append(Chunk(len(chunks), k, tuple(mine[start : start + batch_size])))
     return chunks
 
 
@@ -133,9 +148,17 @@ def chunk_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # < 2**63: any torch.Generator seed
 
 
-def generate_chunks(zoo: DiffusionZoo, backbone: torch.nn.Module, class_learner: torch.nn.Module,
-                    chunks: list[Chunk], steps: int, scale: float, compat: str, seed: int,
-                    spacing: str = "trailing") -> list[torch.Tensor]:
+def generate_chunks(
+    zoo: DiffusionZoo,
+    backbone: torch.nn.Module,
+    class_learner: torch.nn.Module,
+    chunks: list[Chunk],
+    steps: int,
+    scale: float,
+    compat: str,
+    seed: int,
+    spacing: str = "trailing",
+) -> list[torch.Tensor]:
     """The uint8 images of each of `chunks` (in the given order), each from its own generator `chunk_seed(seed,
     chunk.index)`; `faithful`: after their JPEG round trip (per image, so a rank can do it for its own chunks)."""
     check_compat(compat)
@@ -143,19 +166,37 @@ def generate_chunks(zoo: DiffusionZoo, backbone: torch.nn.Module, class_learner:
     for chunk in chunks:
         device = next(zoo.models[chunk.model].parameters()).device
         targets = torch.tensor([guidance_target(c, compat) for c in chunk.classes], device=device)
-        guide = classifier_guidance(class_log_prob(backbone, class_learner, targets, compat), scale,
-                                    zoo.schedule) if scale else None
+        guide = (
+            classifier_guidance(class_log_prob(backbone, class_learner, targets, compat), scale, zoo.schedule)
+            if scale
+            else None
+        )
         generator = torch.Generator().manual_seed(chunk_seed(seed, chunk.index))
         # fixed: x0_hat clipped after guidance too (else the first `trailing` step explodes, see sample()); the
         # original did not re-clip and, with its `leading` spacing, never needed to
-        images = to_uint8(zoo.sample(chunk.model, len(chunk.classes), steps, generator, spacing=spacing,
-                                     guidance=guide, reclip_guided=compat == "fixed"))
+        images = to_uint8(
+            zoo.sample(
+                chunk.model,
+                len(chunk.classes),
+                steps,
+                generator,
+                spacing=spacing,
+                guidance=guide,
+                reclip_guided=compat == "fixed",
+            )
+        )
         out.append(jpeg_round_trip(images) if compat == "faithful" else images)
     return out
 
 
-def assemble_pseudo_data(zoo: DiffusionZoo, chunks: list[Chunk], images: dict[int, torch.Tensor], compat: str,
-                         round_index: int, made_on: dict[int, int] | None = None) -> PseudoData:
+def assemble_pseudo_data(
+    zoo: DiffusionZoo,
+    chunks: list[Chunk],
+    images: dict[int, torch.Tensor],
+    compat: str,
+    round_index: int,
+    made_on: dict[int, int] | None = None,
+) -> PseudoData:
     """The round's `PseudoData` from every chunk's images (`images[chunk.index]`), in plan order; `made_on`:
     chunk index -> the rank that generated it (all 0 if not given)."""
     missing = [c.index for c in chunks if c.index not in images]
@@ -171,10 +212,22 @@ def assemble_pseudo_data(zoo: DiffusionZoo, chunks: list[Chunk], images: dict[in
     return PseudoData(torch.cat([images[c.index] for c in chunks]), labels, classes, models, round_index, ranks)
 
 
-def generate_pseudo_data(zoo: DiffusionZoo, backbone: torch.nn.Module, class_learner: torch.nn.Module,
-                         per_class: int, batch_size: int, steps: int, scale: float, compat: str, seed: int,
-                         round_index: int = 0, spacing: str = "trailing", rank: int = 0, world_size: int = 1,
-                         all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PseudoData:
+def generate_pseudo_data(
+    zoo: DiffusionZoo,
+    backbone: torch.nn.Module,
+    class_learner: torch.nn.Module,
+    per_class: int,
+    batch_size: int,
+    steps: int,
+    scale: float,
+    compat: str,
+    seed: int,
+    round_index: int = 0,
+    spacing: str = "trailing",
+    rank: int = 0,
+    world_size: int = 1,
+    all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> PseudoData:
     """`per_class` images of every pseudo class, each model's classes batched together (`plan_chunks`), guided
     toward their class (scale 0: unguided; the labels then only say which zoo member made an image).
 
@@ -195,31 +248,34 @@ def generate_pseudo_data(zoo: DiffusionZoo, backbone: torch.nn.Module, class_lea
     chunks = plan_chunks(zoo, per_class, batch_size)
     if world_size == 1:
         images = generate_chunks(zoo, backbone, class_learner, chunks, steps, scale, compat, seed, spacing)
-        return assemble_pseudo_data(zoo, chunks, {c.index: x for c, x in zip(chunks, images, strict=True)}, compat,
-                                    round_index)
+        return assemble_pseudo_data(
+            zoo, chunks, {c.index: x for c, x in zip(chunks, images, strict=True)}, compat, round_index
+        )
     if all_gather is None:
         raise ValueError(f"generate_pseudo_data on {world_size} ranks needs an all_gather")
     shares = split_chunks(chunks, world_size)
-    mine = generate_chunks(zoo, backbone, class_learner, [chunks[i] for i in shares[rank]], steps, scale, compat,
-                           seed, spacing)
+    mine = generate_chunks(
+        zoo, backbone, class_learner, [chunks[i] for i in shares[rank]], steps, scale, compat, seed, spacing
+    )
     rows = [sum(len(chunks[i].classes) for i in share) for share in shares]
     image_shape = (zoo.channels, zoo.image_size, zoo.image_size)
     local = torch.zeros((max(rows), *image_shape), dtype=torch.uint8)  # padded: all_gather wants one shape
     if mine:
-        local[:rows[rank]] = torch.cat(mine)
-    gathered = all_gather(local).cpu()                                    # [world_size, max(rows), C, H, W]
+        local[: rows[rank]] = torch.cat(mine)
+    gathered = all_gather(local).cpu()  # [world_size, max(rows), C, H, W]
     images, made_on = {}, {}
     for r, share in enumerate(shares):
         start = 0
         for i in share:
             n = len(chunks[i].classes)
-            images[i], made_on[i] = gathered[r, start:start + n], r
+            images[i], made_on[i] = gathered[r, start : start + n], r
             start += n
     return assemble_pseudo_data(zoo, chunks, images, compat, round_index, made_on)
 
 
-def real_pseudo_data(split: ImageSplit, class_map: list[dict[str, int]], per_class: int,
-                     round_index: int) -> PseudoData:
+def real_pseudo_data(
+    split: ImageSplit, class_map: list[dict[str, int]], per_class: int, round_index: int
+) -> PseudoData:
     """The positive control of the pipeline (not data-free): the first `per_class` real meta-train images of every
     class the zoo covers, labelled with its pseudo class. A meta-model trained on these with the same budget is what
     dfml would reach if the zoo's guided samples were the real classes, so `reference - this` is what the training
@@ -228,11 +284,17 @@ def real_pseudo_data(split: ImageSplit, class_map: list[dict[str, int]], per_cla
     for pseudo_class, entry in enumerate(class_map):
         idx = split.indices_of([entry["class"]])[:per_class]
         if len(idx) < per_class:
-            raise ValueError(f"model.generation.per_class={per_class}: meta-train class {entry['class']} has only "
-                             f"{len(idx)} images")
+            raise ValueError(
+                f"model.generation.per_class={per_class}: meta-train class {entry['class']} has only {len(idx)} images"
+            )
         images.append(torch.stack([split[int(i)][0] for i in idx]))
         labels.append(torch.full((per_class,), pseudo_class))
     classes = torch.cat(labels)
-    return PseudoData(to_uint8(torch.cat(images)), classes.clone(), classes,
-                      torch.tensor([class_map[c]["model"] for c in classes.tolist()]), round_index,
-                      torch.zeros(len(classes), dtype=torch.long))
+    return PseudoData(
+        to_uint8(torch.cat(images)),
+        classes.clone(),
+        classes,
+        torch.tensor([class_map[c]["model"] for c in classes.tolist()]),
+        round_index,
+        torch.zeros(len(classes), dtype=torch.long),
+    )

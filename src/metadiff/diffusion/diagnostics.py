@@ -20,8 +20,15 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def denoiser_diagnostics(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, cond: torch.Tensor,
-                         prediction: str, bands: Sequence[int], seed: int) -> dict[str, float]:
+def denoiser_diagnostics(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    prediction: str,
+    bands: Sequence[int],
+    seed: int,
+) -> dict[str, float]:
     """{f"{name}_t{lo}-{hi}": value} for name in eps_mse, x0_mse, cond_effect and consecutive band edges."""
     gen = torch.Generator().manual_seed(seed)
     null = torch.zeros_like(cond)

@@ -30,23 +30,26 @@ def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, l
     return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1)
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
-                                        levels: int = 256) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, levels: int = 256
+) -> torch.Tensor:
     """log P(x) per element, x on the `levels`-level grid of [-1, 1], under N(mean, exp(logvar)) integrated over x's
     bin [x - 1/(levels-1), x + 1/(levels-1)]; the end bins reach to -inf / +inf, so the levels' masses sum to 1."""
     half = 1.0 / (levels - 1)
     inv_std = torch.exp(-0.5 * logvar)
     upper, lower = (x - mean + half) * inv_std, (x - mean - half) * inv_std
     # the bin's mass from whichever tail is small, so a bin far in the upper tail does not cancel to 0
-    mass = torch.where(lower > 0, special.ndtr(-lower) - special.ndtr(-upper),
-                       special.ndtr(upper) - special.ndtr(lower))
+    mass = torch.where(
+        lower > 0, special.ndtr(-lower) - special.ndtr(-upper), special.ndtr(upper) - special.ndtr(lower)
+    )
     inner = torch.log(mass.clamp_min(1e-12))
     top = torch.where(x > 1 - half, special.log_ndtr(-lower), inner)
     return torch.where(x < -1 + half, special.log_ndtr(upper), top)
 
 
-def vb_terms_bpd(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                 v: torch.Tensor) -> torch.Tensor:
+def vb_terms_bpd(
+    schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
     """L_vb per sample [B] in bits per dim for x_t = add_noise(x0, ., t), the model's (eps, v) at (x_t, t). eps is
     detached here: the term trains the variance only (the mean is the MSE's job). Variances as improved DDPM:
     beta_tilde_0 = 0 is replaced by beta_tilde_1 (the learned range's lower end at t = 0)."""
@@ -67,8 +70,15 @@ def vb_terms_bpd(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t
     return torch.where(t == 0, nll, kl) / math.log(2.0)
 
 
-def hybrid_loss(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                eps: torch.Tensor, v: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def hybrid_loss(
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    v: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
     """{"loss", "mse", "vb"}: eps-MSE (mean over pixels and batch) + the batch mean of `vb_terms_bpd`, unweighted;
     without a variance output (`v` None) the loss is the MSE alone and no "vb" is returned."""
     mse = F.mse_loss(eps, noise)

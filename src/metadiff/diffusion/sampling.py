@@ -40,8 +40,13 @@ Guidance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  #
 METHODS = {"ddim": None, "ddpm": 1.0}  # method -> forced eta (None: the configured eta)
 
 
-def _noise(shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype, device: torch.device | str,
-           repeats: int = 1) -> torch.Tensor:
+def _noise(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    repeats: int = 1,
+) -> torch.Tensor:
     """Standard normal noise drawn on the CPU (the same numbers on every device) and copied without a host wait
     (`host_to_device`); `repeats` > 1 draws shape[0] // repeats rows and tiles them on the device, so the r groups of
     a batch (e.g. one per guidance scale) share their noise."""
@@ -51,9 +56,18 @@ def _noise(shape: tuple[int, ...], generator: torch.Generator | None, dtype: tor
     return host_to_device(rows, device).repeat(repeats, *([1] * (len(shape) - 1)))
 
 
-def step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, eta: float = 0.0,
-         generator: torch.Generator | None = None, x0: torch.Tensor | None = None,
-         noise_repeats: int = 1, v: torch.Tensor | None = None) -> torch.Tensor:
+def step(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: int,
+    t_prev: int,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    x0: torch.Tensor | None = None,
+    noise_repeats: int = 1,
+    v: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One step from timestep t to t_prev (< t; -1 = the clean end). `x0`: the x0_hat that goes with `eps`, when the
     caller has it without dividing by sqrt(alpha-bar) (v- or x0-prediction, a clipped x0_hat). `v`: a learned
     variance's raw output, used by the ancestral step (eta = 1) to t_prev >= 0 (the step to -1 adds no noise)."""
@@ -64,8 +78,9 @@ def step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, 
     if v is not None and eta > 0 and t_prev >= 0:
         if eta != 1.0:
             raise ValueError(f"a learned variance defines the ancestral step (eta = 1), not eta = {eta}")
-        c0, ct, beta, beta_tilde = posterior_coefficients(torch.tensor(ab_t, dtype=torch.float64),
-                                                          torch.tensor(ab_prev, dtype=torch.float64))
+        c0, ct, beta, beta_tilde = posterior_coefficients(
+            torch.tensor(ab_t, dtype=torch.float64), torch.tensor(ab_prev, dtype=torch.float64)
+        )
         log_var = learned_range_log_variance(v, float(beta.log()), float(beta_tilde.log()))
         z = _noise(tuple(x_t.shape), generator, x_t.dtype, x_t.device, noise_repeats)
         return float(c0) * x0 + float(ct) * x_t + torch.exp(0.5 * log_var) * z
@@ -76,9 +91,15 @@ def step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, 
     return out
 
 
-def cfg_eps(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-            t: torch.Tensor, cond: torch.Tensor, null_cond: torch.Tensor,
-            scale: float | torch.Tensor, rescale: float = 0.0) -> torch.Tensor:
+def cfg_eps(
+    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    null_cond: torch.Tensor,
+    scale: float | torch.Tensor,
+    rescale: float = 0.0,
+) -> torch.Tensor:
     """Classifier-free guided eps with conditional and unconditional predictions from ONE forward pass over the
     doubled batch. `scale` may be a tensor [B]: several guidance scales evaluated in the same batch.
 
@@ -109,8 +130,9 @@ def _grad(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Ten
         return torch.autograd.grad(fn(x, t).sum(), x)[0]
 
 
-def classifier_guidance(log_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scale: float,
-                        schedule: NoiseSchedule) -> Guidance:
+def classifier_guidance(
+    log_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scale: float, schedule: NoiseSchedule
+) -> Guidance:
     """Gradient (classifier) guidance: eps <- eps - scale * sqrt(1 - ab_t) * grad_x log p(y | x_t), where
     `log_prob(x_t, t)` returns [B] log-probabilities of the wanted outcome (Dhariwal & Nichol's eps form, valid for
     DDIM and DDPM alike)."""
@@ -122,8 +144,7 @@ def classifier_guidance(log_prob: Callable[[torch.Tensor, torch.Tensor], torch.T
     return guide
 
 
-def normalized_gradient_guidance(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                                 scale: float) -> Guidance:
+def normalized_gradient_guidance(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scale: float) -> Guidance:
     """The HyperLDM few-shot guidance (spec §4.8): eps <- eps + scale * |eps| * g / |g| with g = grad_x loss(x_t),
     norms per sample (the original had one sample per call, so this is the same rule batched)."""
 
@@ -136,12 +157,23 @@ def normalized_gradient_guidance(loss: Callable[[torch.Tensor, torch.Tensor], to
     return guide
 
 
-def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor, shape: tuple[int, ...] | None = None,
-           method: str = "ddim", eta: float = 0.0, guidance: Guidance | None = None,
-           x_start: torch.Tensor | None = None, noise_start: bool = True,
-           generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-           clip_x0: float | None = None, reclip_guided: bool = False, prediction: str = "eps",
-           noise_repeats: int = 1) -> torch.Tensor:
+def sample(
+    eps_model: EpsModel,
+    schedule: NoiseSchedule,
+    timesteps: torch.Tensor,
+    shape: tuple[int, ...] | None = None,
+    method: str = "ddim",
+    eta: float = 0.0,
+    guidance: Guidance | None = None,
+    x_start: torch.Tensor | None = None,
+    noise_start: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    clip_x0: float | None = None,
+    reclip_guided: bool = False,
+    prediction: str = "eps",
+    noise_repeats: int = 1,
+) -> torch.Tensor:
     """Run the reverse process over `timesteps` (descending, from `schedule.set_timesteps`).
 
     `eps_model` outputs the `prediction` parameterisation ('eps', 'v' or 'x0'; classifier-free guidance is linear in
@@ -184,15 +216,33 @@ def sample(eps_model: EpsModel, schedule: NoiseSchedule, timesteps: torch.Tensor
             if reclip_guided and clip_x0 is not None:
                 x0 = schedule.predict_x0(x, eps, t_batch).clamp(-clip_x0, clip_x0)
                 eps = schedule.predict_eps(x, x0, t_batch)
-        x = step(schedule, x, eps, t, steps[i + 1] if i + 1 < len(steps) else -1, eta, generator,
-                 x0=None if prediction == "eps" else x0, noise_repeats=noise_repeats, v=v if eta > 0 else None)
+        x = step(
+            schedule,
+            x,
+            eps,
+            t,
+            steps[i + 1] if i + 1 < len(steps) else -1,
+            eta,
+            generator,
+            x0=None if prediction == "eps" else x0,
+            noise_repeats=noise_repeats,
+            v=v if eta > 0 else None,
+        )
     return x
 
 
-def sample_original(eps_model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], respacing: int = 1,
-                    start_frac: float = 1.0, x_start: torch.Tensor | None = None,
-                    guidance: Guidance | None = None, generator: torch.Generator | None = None,
-                    device: torch.device | str = "cpu", noise_repeats: int = 1) -> torch.Tensor:
+def sample_original(
+    eps_model: EpsModel,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    respacing: int = 1,
+    start_frac: float = 1.0,
+    x_start: torch.Tensor | None = None,
+    guidance: Guidance | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    noise_repeats: int = 1,
+) -> torch.Tensor:
     """The original HyperLDM sampler, formula for formula (spec §4.8), kept for `compat=faithful`:
 
         ab' = ab[::k], ab'_prev = [1, ab'[:-1]], beta' = 1 - ab' / ab'_prev, sigma'^2 = beta' (1 - ab'_prev) / (1 - ab')

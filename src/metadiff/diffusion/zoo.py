@@ -34,17 +34,37 @@ def eps_model_of(denoiser: ImageDenoiser | EpsModel) -> EpsModel:
     return denoiser.sampling_model() if isinstance(denoiser, ImageDenoiser) else denoiser
 
 
-def sample_images(denoiser: ImageDenoiser, schedule: NoiseSchedule, n: int, steps: int, generator: torch.Generator,
-                  spacing: str = "trailing", method: str = "ddim", eta: float = 0.0, guidance: Guidance | None = None,
-                  clip_x0: float | None = 1.0, reclip_guided: bool = False) -> torch.Tensor:
+def sample_images(
+    denoiser: ImageDenoiser,
+    schedule: NoiseSchedule,
+    n: int,
+    steps: int,
+    generator: torch.Generator,
+    spacing: str = "trailing",
+    method: str = "ddim",
+    eta: float = 0.0,
+    guidance: Guidance | None = None,
+    clip_x0: float | None = 1.0,
+    reclip_guided: bool = False,
+) -> torch.Tensor:
     """`n` images in [0, 1] from one image denoiser, x0_hat clipped to the pixel range; ancestral steps
     (`method='ddpm'`) use the denoiser's learned variance when it has one."""
     config = denoiser.config
     timesteps = schedule.set_timesteps(steps, spacing)
     shape = (n, config["channels"], config["image_size"], config["image_size"])
-    x = sample(eps_model_of(denoiser), schedule, timesteps, shape=shape, method=method, eta=eta,
-               guidance=guidance, generator=generator, device=next(denoiser.parameters()).device,
-               clip_x0=clip_x0, reclip_guided=reclip_guided)
+    x = sample(
+        eps_model_of(denoiser),
+        schedule,
+        timesteps,
+        shape=shape,
+        method=method,
+        eta=eta,
+        guidance=guidance,
+        generator=generator,
+        device=next(denoiser.parameters()).device,
+        clip_x0=clip_x0,
+        reclip_guided=reclip_guided,
+    )
     return from_diffusion(x)
 
 
@@ -53,7 +73,7 @@ class DiffusionZoo:
     models: list[ImageDenoiser]
     schedule: NoiseSchedule
     schedule_cfg: dict[str, Any]
-    class_map: list[dict[str, int]]     # pseudo class i -> {"class": meta-train index, "model": k, "local": j}
+    class_map: list[dict[str, int]]  # pseudo class i -> {"class": meta-train index, "model": k, "local": j}
     class_names: list[str]
     image_size: int
     channels: int
@@ -70,9 +90,30 @@ class DiffusionZoo:
         self.models = [m.to(device) for m in self.models]
         return self
 
-    def sample(self, model: int, n: int, steps: int, generator: torch.Generator, spacing: str = "trailing",
-               method: str = "ddim", eta: float = 0.0, guidance: Guidance | None = None,
-               clip_x0: float | None = 1.0, reclip_guided: bool = False) -> torch.Tensor:
+    def sample(
+        self,
+        model: int,
+        n: int,
+        steps: int,
+        generator: torch.Generator,
+        spacing: str = "trailing",
+        method: str = "ddim",
+        eta: float = 0.0,
+        guidance: Guidance | None = None,
+        clip_x0: float | None = 1.0,
+        reclip_guided: bool = False,
+    ) -> torch.Tensor:
         """`n` images in [0, 1] from zoo model `model` (DDIM over `steps` respaced timesteps by default)."""
-        return sample_images(self.models[model], self.schedule, n, steps, generator, spacing, method, eta, guidance,
-                             clip_x0, reclip_guided)
+        return sample_images(
+            self.models[model],
+            self.schedule,
+            n,
+            steps,
+            generator,
+            spacing,
+            method,
+            eta,
+            guidance,
+            clip_x0,
+            reclip_guided,
+        )

@@ -46,8 +46,11 @@ def zeroshot_accuracy(task: Task, store: FeatureStore) -> float:
 def baseline_report(tasks: Sequence[Task], store: FeatureStore, prefix: str) -> dict[str, float]:
     """Mean and 95% CI over tasks of every baseline, plus chance (mean 1/A)."""
     out: dict[str, float] = {f"{prefix}/chance": float(torch.tensor([1 / t.n_answers for t in tasks]).mean())}
-    for name, fn in (("majority", majority_accuracy), ("prototype", lambda t: prototype_accuracy(t, store)),
-                     ("zeroshot", lambda t: zeroshot_accuracy(t, store))):
+    for name, fn in (
+        ("majority", majority_accuracy),
+        ("prototype", lambda t: prototype_accuracy(t, store)),
+        ("zeroshot", lambda t: zeroshot_accuracy(t, store)),
+    ):
         mean, ci = mean_ci95([fn(t) for t in tasks])
         out[f"{prefix}/{name}_acc"], out[f"{prefix}/{name}_acc_ci95"] = mean, ci
     return out

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-def prototype_logits(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int,
-                     scale: float = 1.0) -> torch.Tensor:
+def prototype_logits(
+    support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int, scale: float = 1.0
+) -> torch.Tensor:
     """scale · cos(query, prototype) [B, Q, N]; prototypes are the class means of the (unnormalised) support
     features [B, S, D], as the original's eval mode.
 
@@ -17,7 +18,7 @@ def prototype_logits(support: torch.Tensor, support_labels: torch.Tensor, query:
     with this readout in bf16, 0.502 with bf16 features and this fp32 readout."""
     with torch.autocast(device_type=support.device.type, enabled=False):
         support, query = support.float(), query.float()
-        onehot = F.one_hot(support_labels, n_way).to(support.dtype)              # [B, S, N]
+        onehot = F.one_hot(support_labels, n_way).to(support.dtype)  # [B, S, N]
         protos = torch.einsum("bsn,bsd->bnd", onehot, support) / onehot.sum(1).unsqueeze(-1)
         return scale * torch.einsum("bqd,bnd->bqn", F.normalize(query, dim=-1), F.normalize(protos, dim=-1))
 
@@ -30,8 +31,9 @@ def episode_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 def embed_episodes(embed, episodes) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of support and query images of a batch of episodes through `embed` ([n, C, H, W] -> [n, D])."""
     b, s = episodes.support.shape[:2]
-    images = torch.cat([rearrange(episodes.support, "b s c h w -> (b s) c h w"),
-                        rearrange(episodes.query, "b q c h w -> (b q) c h w")])
+    images = torch.cat(
+        [rearrange(episodes.support, "b s c h w -> (b s) c h w"), rearrange(episodes.query, "b q c h w -> (b q) c h w")]
+    )
     feats = embed(images)
     support, query = feats[: b * s], feats[b * s :]
     return rearrange(support, "(b s) d -> b s d", b=b), rearrange(query, "(b q) d -> b q d", b=b)
@@ -42,12 +44,14 @@ def prototype_episode_accuracy(features, episodes, scale: float) -> torch.Tensor
     [n, D]), the scoring the baseline, the dfml checkpoint selection and its test share."""
     support, query = embed_episodes(features, episodes)
     n_way = int(episodes.support_labels.max()) + 1
-    return episode_accuracy(prototype_logits(support, episodes.support_labels, query, n_way, scale),
-                            episodes.query_labels)
+    return episode_accuracy(
+        prototype_logits(support, episodes.support_labels, query, n_way, scale), episodes.query_labels
+    )
 
 
-def readout_lines(title: str, report: dict[str, float], shots: list[int], readouts: tuple[str, ...],
-                  width: int = 12) -> str:
+def readout_lines(
+    title: str, report: dict[str, float], shots: list[int], readouts: tuple[str, ...], width: int = 12
+) -> str:
     """The printed table of a few-shot test: one `k-shot readout mean +- ci95` line per shot and readout, read from
     `report` keys `test/{readout}_{k}shot`."""
     lines = ["", title]
@@ -58,8 +62,9 @@ def readout_lines(title: str, report: dict[str, float], shots: list[int], readou
     return "\n".join(lines)
 
 
-def paired_lines(title: str, report: dict[str, float], names: list[str], notes: dict[str, str] | None = None,
-                 width: int = 52) -> str:
+def paired_lines(
+    title: str, report: dict[str, float], names: list[str], notes: dict[str, str] | None = None, width: int = 52
+) -> str:
     """The printed paired differences of a few-shot test: one `name mean +- ci95[, note]` line per name, read from
     `report` keys `test/{name}` (written by `eval.per_task.paired_report`); `notes` appends e.g. a gap share."""
     lines = [f"  {title}"]

@@ -28,8 +28,7 @@ def log_image(loggers: list, key: str, path: Path) -> None:
             experiment.add_image(key, matplotlib.image.imread(path), dataformats="HWC")
 
 
-def save_curve_plot(curves: dict[str, list[tuple[float, float, float]]], path: Path, title: str,
-                    xlabel: str) -> Path:
+def save_curve_plot(curves: dict[str, list[tuple[float, float, float]]], path: Path, title: str, xlabel: str) -> Path:
     """Accuracy vs a swept value (shots, guidance scale), one line per method with its 95% CI band.
 
     A method whose accuracy does not depend on the swept value (a reference row repeated at every x) is drawn as a
@@ -47,8 +46,13 @@ def save_curve_plot(curves: dict[str, list[tuple[float, float, float]]], path: P
             ax.plot(xs, mean, linestyle="--", linewidth=1.2, label=name)
             continue
         (line,) = ax.plot(xs, mean, marker="o", label=name)
-        ax.fill_between(xs, [m - p[2] for m, p in zip(mean, points, strict=True)],
-                        [m + p[2] for m, p in zip(mean, points, strict=True)], color=line.get_color(), alpha=0.15)
+        ax.fill_between(
+            xs,
+            [m - p[2] for m, p in zip(mean, points, strict=True)],
+            [m + p[2] for m, p in zip(mean, points, strict=True)],
+            color=line.get_color(),
+            alpha=0.15,
+        )
     ax.set(xlabel=xlabel, ylabel="query accuracy", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small", frameon=False)

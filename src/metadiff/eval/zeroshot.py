@@ -30,10 +30,17 @@ def per_task_accuracy(
 
 
 @torch.no_grad()
-def encode_texts(encode: Callable[[torch.Tensor], torch.Tensor], tokenize: Callable, texts: Sequence[str],
-                 batch_size: int, device: torch.device) -> torch.Tensor:
+def encode_texts(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    tokenize: Callable,
+    texts: Sequence[str],
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
     """Encode many texts in batches (the prompt set of all tasks at once)."""
-    out = [encode(tokenize(list(texts[i : i + batch_size])).to(device)).float() for i in range(0, len(texts), batch_size)]
+    out = [
+        encode(tokenize(list(texts[i : i + batch_size])).to(device)).float() for i in range(0, len(texts), batch_size)
+    ]
     return torch.cat(out)
 
 

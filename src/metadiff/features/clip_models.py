@@ -93,8 +93,15 @@ def create_clip(arch: str, pretrained: str | Path | None = None) -> ClipBundle:
     else:
         model = load_weights_file(arch, _path(weights), what=_describe(weights))
     size, mean, std = image_preprocessing(arch, pretrained)
-    return ClipBundle(model=model, tokenizer=open_clip.get_tokenizer(arch), image_size=size, mean=mean, std=std,
-                      arch=arch, weights=weights)
+    return ClipBundle(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(arch),
+        image_size=size,
+        mean=mean,
+        std=std,
+        arch=arch,
+        weights=weights,
+    )
 
 
 def check_arch(arch: str) -> None:
@@ -117,6 +124,7 @@ def _describe(weights: Weights) -> str:
 
 # --- what `pretrained` names ---------------------------------------------------------------------------------------
 
+
 def weights_kind(arch: str, pretrained: str | Path | None) -> WeightsKind:
     """Classify without I/O beyond a file check: hub prefix, then open_clip tag (as open_clip orders them), then file.
 
@@ -131,8 +139,13 @@ def weights_kind(arch: str, pretrained: str | Path | None) -> WeightsKind:
     path = Path(value).expanduser()
     if path.is_file():
         return "file"
-    if isinstance(pretrained, Path) or "/" in value or "\\" in value or value.startswith(("~", ".")) \
-            or path.suffix.lower() in WEIGHT_SUFFIXES:
+    if (
+        isinstance(pretrained, Path)
+        or "/" in value
+        or "\\" in value
+        or value.startswith(("~", "."))
+        or path.suffix.lower() in WEIGHT_SUFFIXES
+    ):
         raise MissingInputError(
             f"weights file not found: {path} (model.pretrained must be an existing local file, an open_clip tag of "
             f"'{arch}' or hf-hub:org/repo; no download is attempted for files)"
@@ -159,10 +172,13 @@ def resolve_weights(arch: str, pretrained: str | Path | None) -> Weights:
         what = f"'{value}' of '{arch}' ({cfg['hf_hub'].rstrip('/')})"
         path = _from_hub_cache(lambda: open_clip.download_pretrained(cfg), what, howto)
         return Weights("tag", value, path)
-    model_id = value[len(HF_HUB_PREFIX):]
+    model_id = value[len(HF_HUB_PREFIX) :]
     _check_hub_architecture(arch, model_id)  # from the small config file, before fetching the weights
-    path = _from_hub_cache(lambda: open_clip.pretrained.download_pretrained_from_hf(model_id), f"'{value}'",
-                           f"open_clip.create_model('{value}')")
+    path = _from_hub_cache(
+        lambda: open_clip.pretrained.download_pretrained_from_hf(model_id),
+        f"'{value}'",
+        f"open_clip.create_model('{value}')",
+    )
     return Weights("hf-hub", value, path)
 
 
@@ -172,11 +188,14 @@ def _from_hub_cache(fetch: Callable[[], str], what: str, howto: str) -> Path:
         return Path(fetch())
     except (OSError, RuntimeError, ValueError) as err:  # hub, HTTP and offline errors are OSError subclasses
         hf_cache = huggingface_hub.constants.HF_HUB_CACHE
-        why = ("and HF_HUB_OFFLINE=1 forbids downloading" if huggingface_hub.is_offline_mode()
-               else f"and could not be downloaded ({type(err).__name__}: {_one_line(str(err))})")
+        why = (
+            "and HF_HUB_OFFLINE=1 forbids downloading"
+            if huggingface_hub.is_offline_mode()
+            else f"and could not be downloaded ({type(err).__name__}: {_one_line(str(err))})"
+        )
         raise MissingInputError(
             f"pretrained weights {what} are not in the Hugging Face cache {hf_cache} "
-            f"{why}: run once online: python -c \"import open_clip; {howto}\" (or set HF_HOME to a cache that has "
+            f'{why}: run once online: python -c "import open_clip; {howto}" (or set HF_HOME to a cache that has '
             "them), or set model.pretrained to a local weights file"
         ) from None
 
@@ -185,12 +204,15 @@ def _hub_config(model_id: str) -> dict[str, Any]:
     """The repo's open_clip_config.json (model_cfg + preprocess_cfg), from the Hugging Face cache."""
     path = _from_hub_cache(
         lambda: open_clip.pretrained.download_pretrained_from_hf(model_id, filename="open_clip_config.json"),
-        f"'{HF_HUB_PREFIX}{model_id}'", f"open_clip.create_model('{HF_HUB_PREFIX}{model_id}')")
+        f"'{HF_HUB_PREFIX}{model_id}'",
+        f"open_clip.create_model('{HF_HUB_PREFIX}{model_id}')",
+    )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise InputFileError(f"open_clip config {path} of '{HF_HUB_PREFIX}{model_id}' is not valid JSON "
-                             f"({_one_line(str(err))})") from None
+        raise InputFileError(
+            f"open_clip config {path} of '{HF_HUB_PREFIX}{model_id}' is not valid JSON ({_one_line(str(err))})"
+        ) from None
     if not isinstance(config, dict) or "model_cfg" not in config:
         raise InputFileError(f"open_clip config {path} of '{HF_HUB_PREFIX}{model_id}' has no 'model_cfg' entry")
     return config
@@ -226,6 +248,7 @@ def _one_line(text: str, limit: int = 200) -> str:
 
 # --- building the model --------------------------------------------------------------------------------------------
 
+
 def _random_model(arch: str) -> torch.nn.Module:
     return open_clip.create_model(arch, pretrained=None, pretrained_text=False, output_dict=True)
 
@@ -235,12 +258,15 @@ def _model_from_tag(arch: str, tag: str, path: Path) -> torch.nn.Module:
     since a model built without the activation its weights were trained with computes different features."""
     quick_gelu = bool(open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False))
     try:  # the resolved file, not the tag: open_clip would otherwise ask the hub a second time
-        return open_clip.create_model(arch, pretrained=str(path), pretrained_text=False, output_dict=True,
-                                      force_quick_gelu=quick_gelu)
+        return open_clip.create_model(
+            arch, pretrained=str(path), pretrained_text=False, output_dict=True, force_quick_gelu=quick_gelu
+        )
     except (RuntimeError, OSError, ValueError, KeyError) as err:
-        raise InputFileError(f"weights file {path} of tag '{tag}' for '{arch}' could not be loaded "
-                             f"({type(err).__name__}: {_one_line(str(err))}); delete it from the Hugging Face cache "
-                             "and fetch it again") from None
+        raise InputFileError(
+            f"weights file {path} of tag '{tag}' for '{arch}' could not be loaded "
+            f"({type(err).__name__}: {_one_line(str(err))}); delete it from the Hugging Face cache "
+            "and fetch it again"
+        ) from None
 
 
 def detect_format(path: Path) -> FileFormat:
@@ -277,8 +303,11 @@ def load_weights_file(arch: str, path: Path, what: str | None = None) -> torch.n
     return model
 
 
-_FORMAT_NAMES = {"torchscript": "OpenAI TorchScript archive", "safetensors": "safetensors file",
-                 "torch": "torch checkpoint"}
+_FORMAT_NAMES = {
+    "torchscript": "OpenAI TorchScript archive",
+    "safetensors": "safetensors file",
+    "torch": "torch checkpoint",
+}
 
 
 def read_state_dict(path: Path, fmt: FileFormat, what: str) -> dict[str, torch.Tensor]:
@@ -292,20 +321,29 @@ def read_state_dict(path: Path, fmt: FileFormat, what: str) -> dict[str, torch.T
     except Exception as err:  # noqa: BLE001 - truncated/corrupt files raise many types (pickle, zip, safetensors)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if isinstance(err, pickle.UnpicklingError) and found:  # torch's own advice (weights_only=False) is not ours
-            raise InputFileError(f"{what} holds pickled Python objects ({found.group(1)}), which are never unpickled "
-                                 "here; save the model's state_dict() instead") from None
-        detail = "refused by the weights_only unpickler" if isinstance(err, pickle.UnpicklingError) \
-            else _one_line(str(err))
-        raise InputFileError(f"{what} is not a readable {_FORMAT_NAMES[fmt]}, truncated or corrupt "
-                             f"({type(err).__name__}: {detail})") from None
+            raise InputFileError(
+                f"{what} holds pickled Python objects ({found.group(1)}), which are never unpickled "
+                "here; save the model's state_dict() instead"
+            ) from None
+        detail = (
+            "refused by the weights_only unpickler" if isinstance(err, pickle.UnpicklingError) else _one_line(str(err))
+        )
+        raise InputFileError(
+            f"{what} is not a readable {_FORMAT_NAMES[fmt]}, truncated or corrupt ({type(err).__name__}: {detail})"
+        ) from None
     if isinstance(loaded, Mapping) and "state_dict" in loaded:
         loaded = loaded["state_dict"]
-    if not isinstance(loaded, Mapping) or not loaded or \
-            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
-        raise InputFileError(f"{what} holds a {type(loaded).__name__} that is not a state dict of tensors "
-                             "(expected an open_clip model's state_dict())")
+    if (
+        not isinstance(loaded, Mapping)
+        or not loaded
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items())
+    ):
+        raise InputFileError(
+            f"{what} holds a {type(loaded).__name__} that is not a state dict of tensors "
+            "(expected an open_clip model's state_dict())"
+        )
     if all(k.startswith("module.") for k in loaded):
-        loaded = {k[len("module."):]: v for k, v in loaded.items()}
+        loaded = {k[len("module.") :]: v for k, v in loaded.items()}
     return dict(loaded)
 
 
@@ -315,8 +353,10 @@ def _model_from_openai_archive(arch: str, path: Path, what: str) -> torch.nn.Mod
     try:
         archive = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # noqa: BLE001 - corrupt archives raise RuntimeError or zip errors
-        raise InputFileError(f"{what} is not a readable OpenAI TorchScript archive, truncated or corrupt "
-                             f"({type(err).__name__}: {_one_line(str(err))})") from None
+        raise InputFileError(
+            f"{what} is not a readable OpenAI TorchScript archive, truncated or corrupt "
+            f"({type(err).__name__}: {_one_line(str(err))})"
+        ) from None
     state_dict = {k: v for k, v in archive.state_dict().items() if k not in OPENAI_ARCHIVE_SCALARS}
     del archive
     needed = ("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight")
@@ -324,12 +364,13 @@ def _model_from_openai_archive(arch: str, path: Path, what: str) -> torch.nn.Mod
     if not ("visual.proj" in state_dict or "visual.attnpool.positional_embedding" in state_dict):
         absent.append("visual.proj")  # a ViT's, or a ResNet's attention pool
     if absent:
-        raise InputFileError(f"{what} is a TorchScript archive without OpenAI CLIP's layout (no '{absent[0]}'); "
-                             f"expected one of OpenAI's CLIP archives for '{arch}'")
+        raise InputFileError(
+            f"{what} is a TorchScript archive without OpenAI CLIP's layout (no '{absent[0]}'); "
+            f"expected one of OpenAI's CLIP archives for '{arch}'"
+        )
     problem = _fit_problem(_architecture_shapes(arch), _shapes(state_dict))
     if problem:
-        raise InputFileError(f"{what} ({_FORMAT_NAMES['torchscript']}) does not fit architecture '{arch}': "
-                             f"{problem}")
+        raise InputFileError(f"{what} ({_FORMAT_NAMES['torchscript']}) does not fit architecture '{arch}': {problem}")
     model = open_clip.model.build_model_from_openai_state_dict(state_dict, cast_dtype=None).float()
     model.output_dict = True
     return model
@@ -358,26 +399,36 @@ def _fit_problem(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tu
         parts.append(f"{len(unexpected)} unexpected keys (e.g. '{unexpected[0]}')")
     if wrong:
         k = wrong[0]
-        parts.append(f"{len(wrong)} wrong shapes (e.g. '{k}' is {list(found[k])} in the file, {list(expected[k])} "
-                     "in the architecture)")
+        parts.append(
+            f"{len(wrong)} wrong shapes (e.g. '{k}' is {list(found[k])} in the file, {list(expected[k])} "
+            "in the architecture)"
+        )
     return "; ".join(parts) or None
 
 
 # --- what feeds the model ------------------------------------------------------------------------------------------
 
-def image_preprocessing(arch: str, pretrained: str | Path | None = None
-                        ) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+
+def image_preprocessing(
+    arch: str, pretrained: str | Path | None = None
+) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
     """Input size and normalisation of `arch`'s image tower (no model is built). Tags and hub repos carry their own
     normalisation (e.g. SigLIP's 0.5), which overrides the architecture's; local files carry none."""
     check_arch(arch)
     cfg = open_clip.get_model_config(arch)
     vision = cfg["vision_cfg"]
-    pp = {**vision.get("preprocess_cfg", {}), **cfg.get("preprocess_cfg", {}),
-          **_weights_preprocessing(arch, pretrained)}
+    pp = {
+        **vision.get("preprocess_cfg", {}),
+        **cfg.get("preprocess_cfg", {}),
+        **_weights_preprocessing(arch, pretrained),
+    }
     size = pp.get("size", vision.get("image_size", 224))
     size = size[0] if isinstance(size, list | tuple) else size
-    return (int(size), tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-            tuple(pp.get("std", open_clip.OPENAI_DATASET_STD)))
+    return (
+        int(size),
+        tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        tuple(pp.get("std", open_clip.OPENAI_DATASET_STD)),
+    )
 
 
 def _weights_preprocessing(arch: str, pretrained: str | Path | None) -> dict[str, Any]:
@@ -385,7 +436,7 @@ def _weights_preprocessing(arch: str, pretrained: str | Path | None) -> dict[str
     if kind == "tag":
         cfg = open_clip.get_pretrained_cfg(arch, str(pretrained))
     elif kind == "hf-hub":
-        cfg = _hub_config(str(pretrained)[len(HF_HUB_PREFIX):]).get("preprocess_cfg", {})
+        cfg = _hub_config(str(pretrained)[len(HF_HUB_PREFIX) :]).get("preprocess_cfg", {})
     else:
         return {}
     return {k: cfg[k] for k in ("size", "mean", "std") if k in cfg}

@@ -35,8 +35,10 @@ def read_shard(path: Path, size: int | None, n_rows: int, dim: int) -> tuple[np.
     leftover of a killed run), readable, rows within the table and values `[len(rows), dim]`. Every fault is one
     line naming the file."""
     if not path.is_file():
-        raise MissingInputError(f"feature store shard {path} is missing: a rank listed it but it is not there "
-                                f"(rerun the features stage to compute its rows again)")
+        raise MissingInputError(
+            f"feature store shard {path} is missing: a rank listed it but it is not there "
+            f"(rerun the features stage to compute its rows again)"
+        )
     actual = path.stat().st_size
     if size is not None and actual != size:
         raise InputFileError(f"feature store shard {path} is truncated: {actual} bytes, its rank wrote {size}")
@@ -46,8 +48,10 @@ def read_shard(path: Path, size: int | None, n_rows: int, dim: int) -> tuple[np.
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise InputFileError(f"feature store shard {path} is unreadable (truncated or corrupt: {err})") from None
     if rows.ndim != 1 or values.shape != (len(rows), dim) or (len(rows) and not 0 <= rows.min() <= rows.max() < n_rows):
-        raise InputFileError(f"feature store shard {path} does not fit its table: rows {rows.shape} in "
-                             f"[0, {n_rows}), values {values.shape}, expected [{len(rows)}, {dim}]")
+        raise InputFileError(
+            f"feature store shard {path} does not fit its table: rows {rows.shape} in "
+            f"[0, {n_rows}), values {values.shape}, expected [{len(rows)}, {dim}]"
+        )
     return rows, values
 
 
@@ -62,6 +66,8 @@ def write_shard_list(path: Path, shards: Mapping[str, int]) -> None:
 
 def read_shard_list(path: Path, rank: int, world_size: int) -> dict[str, int]:
     if not path.is_file():
-        raise MissingInputError(f"feature store shard list {path} is missing: rank {rank} of {world_size} did not "
-                                f"finish its part of the features (rerun the stage to resume)")
+        raise MissingInputError(
+            f"feature store shard list {path} is missing: rank {rank} of {world_size} did not "
+            f"finish its part of the features (rerun the stage to resume)"
+        )
     return {str(k): int(v) for k, v in read_json(path, what="feature store shard list")["shards"].items()}

@@ -76,11 +76,14 @@ class FeatureStore:
         try:
             table = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as err:
-            raise InputFileError(f"feature store table {path} is truncated or corrupt ({err}); delete {self.root} "
-                                 f"to rebuild the store") from None
+            raise InputFileError(
+                f"feature store table {path} is truncated or corrupt ({err}); delete {self.root} to rebuild the store"
+            ) from None
         if list(table.shape) != list(shape):
-            raise InputFileError(f"feature store table {path} has shape {list(table.shape)}, its manifest "
-                                 f"{list(shape)}; delete {self.root} to rebuild the store")
+            raise InputFileError(
+                f"feature store table {path} has shape {list(table.shape)}, its manifest "
+                f"{list(shape)}; delete {self.root} to rebuild the store"
+            )
         return table
 
     @property
@@ -119,7 +122,9 @@ def check_existing(root: Path, fingerprint: str, description: Mapping[str, Any])
     if manifest.get("fingerprint") == fingerprint:
         return True
     theirs = manifest.get("description", {})
-    diffs = [f"{k}: store has {theirs.get(k)!r}, config asks {v!r}" for k, v in description.items() if theirs.get(k) != v]
+    diffs = [
+        f"{k}: store has {theirs.get(k)!r}, config asks {v!r}" for k, v in description.items() if theirs.get(k) != v
+    ]
     raise FeatureStoreMismatchError(
         f"feature store {root} was built for a different model or data ({'; '.join(diffs) or 'fingerprint differs'}). "
         "Point the run at another store directory or delete this one."
@@ -145,8 +150,7 @@ class FeatureStoreBuilder:
         shards/<table>.<run>.r<rank>.<n>.npz    lists/<run>.rank<r>.json
     Nothing under `.partial` is ever read as a store."""
 
-    def __init__(self, root: Path, dim: int, index: FeatureIndex, fingerprint: str, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, root: Path, dim: int, index: FeatureIndex, fingerprint: str, rank: int = 0, world_size: int = 1):
         self.root, self.index, self.dim = Path(root), index, dim
         self.rank, self.world_size = rank, world_size
         self.partial = self.root.with_name(self.root.name + ".partial")
@@ -245,8 +249,12 @@ class FeatureStoreBuilder:
         shards = dict(self.carried)
         for rank in range(self.world_size):
             shards.update(read_shard_list(shard_list_path(self.lists, self.run, rank), rank, self.world_size))
-        tables = {name: np.lib.format.open_memmap(self.partial / f"{name}.npy", mode="w+", dtype=np.float32,
-                                                  shape=(n, self.dim)) for name, n in self.rows.items()}
+        tables = {
+            name: np.lib.format.open_memmap(
+                self.partial / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, self.dim)
+            )
+            for name, n in self.rows.items()
+        }
         filled = {name: np.zeros(n, dtype=bool) for name, n in self.rows.items()}
         for name, size in sorted(shards.items()):
             table = self._table_of(name)
@@ -255,8 +263,10 @@ class FeatureStoreBuilder:
             filled[table][rows] = True
         for name, done in filled.items():
             if not done.all():
-                raise FeatureStoreIncompleteError(f"feature table '{name}' is incomplete: {int((~done).sum())} rows "
-                                                  f"never written (no shard in {self.shards} holds them)")
+                raise FeatureStoreIncompleteError(
+                    f"feature table '{name}' is incomplete: {int((~done).sum())} rows "
+                    f"never written (no shard in {self.shards} holds them)"
+                )
         shapes = {name: list(t.shape) for name, t in tables.items()}
         for table in tables.values():
             table.flush()
@@ -267,9 +277,16 @@ class FeatureStoreBuilder:
             (self.partial / marker).unlink()
         write_json(
             self.partial / "index.json",
-            {"image": self.index.image, "question": self.index.question, "answer": {q: list(v) for q, v in self.index.answer.items()}},
+            {
+                "image": self.index.image,
+                "question": self.index.question,
+                "answer": {q: list(v) for q, v in self.index.answer.items()},
+            },
         )
-        write_json(self.partial / "manifest.json", {"fingerprint": fingerprint, "description": dict(description), "shapes": shapes, **extra})
+        write_json(
+            self.partial / "manifest.json",
+            {"fingerprint": fingerprint, "description": dict(description), "shapes": shapes, **extra},
+        )
         if self.root.exists():
             old = tmp_sibling(self.root)
             self.root.rename(old)
@@ -278,7 +295,9 @@ class FeatureStoreBuilder:
         return FeatureStore(self.root)
 
 
-def build_index(image_names: Sequence[str], questions: Sequence[str], answers: Mapping[str, Sequence[str]]) -> FeatureIndex:
+def build_index(
+    image_names: Sequence[str], questions: Sequence[str], answers: Mapping[str, Sequence[str]]
+) -> FeatureIndex:
     """Rows in the given order; answer rows are contiguous per question, in the task's answer order."""
     answer_rows: dict[str, tuple[int, int]] = {}
     row = 0

@@ -26,8 +26,9 @@ class InnerLoop:
     lr: float = 0.1
     second_order: bool = False
 
-    def adapt(self, learner: FewShotLearner, batch: TaskBatch, inner: Inner | None = None,
-              steps: int | None = None) -> Inner:
+    def adapt(
+        self, learner: FewShotLearner, batch: TaskBatch, inner: Inner | None = None, steps: int | None = None
+    ) -> Inner:
         """Adapted inner parameters [T, ...] after `steps` (default: self.steps) SGD steps on the support sets."""
         inner = learner.initial_inner(batch.question) if inner is None else inner
         steps = self.steps if steps is None else steps
@@ -46,7 +47,9 @@ class InnerLoop:
             logits = learner.logits(inner, batch.question, batch.support_x, batch.answers, batch.answer_mask)
             loss = masked_task_losses(logits, batch.support_y, batch.support_mask).sum()
             grads = torch.autograd.grad(loss, [inner[n] for n in names], create_graph=create_graph)
-            inner = {n: inner[n] - self.lr * (g if create_graph else g.detach()) for n, g in zip(names, grads, strict=True)}
+            inner = {
+                n: inner[n] - self.lr * (g if create_graph else g.detach()) for n, g in zip(names, grads, strict=True)
+            }
         return inner
 
 
@@ -54,12 +57,16 @@ def task_slice(batch: TaskBatch, t: int) -> TaskBatch:
     """Task t of a batch, unpadded (the reference path never sees padding)."""
     s, q, a = batch.support_mask[t], batch.query_mask[t], batch.answer_mask[t]
     return TaskBatch(
-        support_x=batch.support_x[t, s][None], support_y=batch.support_y[t, s][None],
+        support_x=batch.support_x[t, s][None],
+        support_y=batch.support_y[t, s][None],
         support_mask=torch.ones(1, int(s.sum()), dtype=torch.bool),
-        query_x=batch.query_x[t, q][None], query_y=batch.query_y[t, q][None],
+        query_x=batch.query_x[t, q][None],
+        query_y=batch.query_y[t, q][None],
         query_mask=torch.ones(1, int(q.sum()), dtype=torch.bool),
-        answers=batch.answers[t, a][None], answer_mask=torch.ones(1, int(a.sum()), dtype=torch.bool),
-        question=batch.question[t:t + 1], task_index=batch.task_index[t:t + 1],
+        answers=batch.answers[t, a][None],
+        answer_mask=torch.ones(1, int(a.sum()), dtype=torch.bool),
+        question=batch.question[t : t + 1],
+        task_index=batch.task_index[t : t + 1],
     )
 
 

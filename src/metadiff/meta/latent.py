@@ -20,8 +20,15 @@ from metadiff.utils.dtypes import full_precision
 class LatentLearner(AlphaQueryLogits, nn.Module):
     """z [T, d] -> generator -> flat adapter weights [T, P] -> logits. The generator is frozen (not meta-trained)."""
 
-    def __init__(self, generator: nn.Module, init_latent: torch.Tensor, shape: AdapterShape,
-                 logit_scale: float = 100.0, alpha: float = 1.0, question_init: bool = False):
+    def __init__(
+        self,
+        generator: nn.Module,
+        init_latent: torch.Tensor,
+        shape: AdapterShape,
+        logit_scale: float = 100.0,
+        alpha: float = 1.0,
+        question_init: bool = False,
+    ):
         super().__init__()
         self.generator, self.shape = generator.requires_grad_(False), shape
         self.logit_scale, self.alpha, self.question_init = logit_scale, alpha, question_init
@@ -43,12 +50,19 @@ class LatentLearner(AlphaQueryLogits, nn.Module):
     def adapter_weights(self, inner: Inner, question: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.shape.unflatten(self.decode(inner["z"]))
 
-    def logits(self, inner: Inner, question: torch.Tensor, x: torch.Tensor, answers: torch.Tensor,
-               answer_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return adapter_logits(self.adapter_weights(inner, question), full_precision(x), answers, answer_mask,
-                              scale=self.logit_scale)
+    def logits(
+        self,
+        inner: Inner,
+        question: torch.Tensor,
+        x: torch.Tensor,
+        answers: torch.Tensor,
+        answer_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return adapter_logits(
+            self.adapter_weights(inner, question), full_precision(x), answers, answer_mask, scale=self.logit_scale
+        )
 
-    def latent_logits(self, z: torch.Tensor, x: torch.Tensor, answers: torch.Tensor,
-                      answer_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def latent_logits(
+        self, z: torch.Tensor, x: torch.Tensor, answers: torch.Tensor, answer_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.logits({"z": z}, z, x, answers, answer_mask)
-

@@ -27,8 +27,15 @@ class AlphaQueryLogits:
 
     alpha: float
 
-    def query_logits(self, adapted: Inner, initial: Inner, question: torch.Tensor, x: torch.Tensor,
-                     answers: torch.Tensor, answer_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def query_logits(
+        self,
+        adapted: Inner,
+        initial: Inner,
+        question: torch.Tensor,
+        x: torch.Tensor,
+        answers: torch.Tensor,
+        answer_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits of the adapted model; with alpha != 1, alpha * (f(adapted) - f(init)) + f(init) (spec §3.4)."""
         out = self.logits(adapted, question, x, answers, answer_mask)
         if self.alpha != 1.0:
@@ -38,9 +45,19 @@ class AlphaQueryLogits:
 
 
 class FewShotLearner(AlphaQueryLogits, nn.Module):
-    def __init__(self, mode: str, embed_dim: int, adapter_hidden: int = 256, hnet_hidden: list[int] | tuple = (128,),
-                 embedding_dim: int = 128, question_init: bool = False, logit_scale: float = 100.0,
-                 adapter_init_std: float = 1.0, zero_init_output: bool = False, alpha: float = 1.0):
+    def __init__(
+        self,
+        mode: str,
+        embed_dim: int,
+        adapter_hidden: int = 256,
+        hnet_hidden: list[int] | tuple = (128,),
+        embedding_dim: int = 128,
+        question_init: bool = False,
+        logit_scale: float = 100.0,
+        adapter_init_std: float = 1.0,
+        zero_init_output: bool = False,
+        alpha: float = 1.0,
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"inner mode '{mode}' is not one of {MODES}")
@@ -76,7 +93,14 @@ class FewShotLearner(AlphaQueryLogits, nn.Module):
         """The adapter weights as the spec's flat vectors [T, P] (what adaptation datasets store)."""
         return self.shape.flatten(self.adapter_weights(inner, question))
 
-    def logits(self, inner: Inner, question: torch.Tensor, x: torch.Tensor, answers: torch.Tensor,
-               answer_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return adapter_logits(self.adapter_weights(inner, question), full_precision(x), answers, answer_mask,
-                              scale=self.logit_scale)
+    def logits(
+        self,
+        inner: Inner,
+        question: torch.Tensor,
+        x: torch.Tensor,
+        answers: torch.Tensor,
+        answer_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return adapter_logits(
+            self.adapter_weights(inner, question), full_precision(x), answers, answer_mask, scale=self.logit_scale
+        )

@@ -41,17 +41,24 @@ class AdapterShape:
         One `split` (views): its backward is one concatenation, where four slices would each allocate and fill a
         zero tensor of the full [..., P] gradient (measured: 18% of an HNET inner step)."""
         parts = torch.split(flat, [math.prod(shape) for shape in self.sizes.values()], dim=-1)
-        return {name: part.reshape(*flat.shape[:-1], *shape)
-                for (name, shape), part in zip(self.sizes.items(), parts, strict=True)}
+        return {
+            name: part.reshape(*flat.shape[:-1], *shape)
+            for (name, shape), part in zip(self.sizes.items(), parts, strict=True)
+        }
 
     def flatten(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         lead = weights["b1"].shape[:-1]
         return torch.cat([weights[name].reshape(*lead, -1) for name in self.sizes], dim=-1)
 
 
-def adapter_logits(weights: dict[str, torch.Tensor], x: torch.Tensor, answers: torch.Tensor,
-                   answer_mask: torch.Tensor | None = None, scale: float = 100.0,
-                   scaled_init: bool = False) -> torch.Tensor:
+def adapter_logits(
+    weights: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    answers: torch.Tensor,
+    answer_mask: torch.Tensor | None = None,
+    scale: float = 100.0,
+    scaled_init: bool = False,
+) -> torch.Tensor:
     """Logits [T, N, A] of T tasks: weights [T, ...], image features x [T, N, e], answer embeddings [T, A, e].
 
     `scaled_init=False` divides W1, W2 by sqrt(e), sqrt(h) in the forward (the spec's default); True means the
@@ -66,8 +73,9 @@ def adapter_logits(weights: dict[str, torch.Tensor], x: torch.Tensor, answers: t
     # the cosine in fp32 also under bf16/fp16 autocast, like the prototype readout: scaled by 100, a bf16 bmm of the
     # unit vectors (8 bits) moves the logits by up to ~0.4
     with torch.autocast(device_type=u.device.type, enabled=False):
-        logits = scale * torch.bmm(F.normalize(full_precision(u), dim=-1),
-                                   F.normalize(full_precision(answers), dim=-1).transpose(1, 2))
+        logits = scale * torch.bmm(
+            F.normalize(full_precision(u), dim=-1), F.normalize(full_precision(answers), dim=-1).transpose(1, 2)
+        )
     if answer_mask is not None:
         logits = logits.masked_fill(~answer_mask.unsqueeze(1), float("-inf"))
     return logits
@@ -92,9 +100,9 @@ class CLIPAdapter(nn.Module):
     def __init__(self, embed_dim: int, hidden_dim: int, init_std: float = 1.0, zero_output: bool = False):
         super().__init__()
         self.shape = AdapterShape(embed_dim, hidden_dim)
-        self.weights = nn.ParameterDict({
-            name: nn.Parameter(torch.randn(size) * init_std) for name, size in self.shape.sizes.items()
-        })
+        self.weights = nn.ParameterDict(
+            {name: nn.Parameter(torch.randn(size) * init_std) for name, size in self.shape.sizes.items()}
+        )
         if zero_output:  # W2 = b2 = 0: the identity adapter, i.e. exactly CLIP zero-shot (spec §3.1)
             nn.init.zeros_(self.weights["W2"])
             nn.init.zeros_(self.weights["b2"])

@@ -31,15 +31,15 @@ class Normalize(nn.Module):
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                         nn.MaxPool2d(2))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+    )
 
 
 class Conv4(nn.Module):
     """[Conv3x3 -> BN -> ReLU -> MaxPool2] x depth, `width` channels: 64x64 -> 64x4x4, 32x32 -> 64x2x2."""
 
-    def __init__(self, in_channels: int, mean: Sequence[float], std: Sequence[float], width: int = 64,
-                 depth: int = 4):
+    def __init__(self, in_channels: int, mean: Sequence[float], std: Sequence[float], width: int = 64, depth: int = 4):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.blocks = nn.Sequential(*[conv_block(in_channels if i == 0 else width, width) for i in range(depth)])
@@ -61,8 +61,9 @@ def drop_block(x: torch.Tensor, rate: float, block_size: int) -> torch.Tensor:
     n, c, h, w = x.shape
     size = min(block_size, h, w)
     gamma = rate / size**2 * (h * w) / ((h - size + 1) * (w - size + 1))
-    seeds = torch.bernoulli(torch.full((n, c, h - size + 1, w - size + 1), min(gamma, 1.0), device=x.device,
-                                       dtype=x.dtype))
+    seeds = torch.bernoulli(
+        torch.full((n, c, h - size + 1, w - size + 1), min(gamma, 1.0), device=x.device, dtype=x.dtype)
+    )
     blocks = F.max_pool2d(F.pad(seeds, (size - 1,) * 4), kernel_size=size, stride=1)  # seed (i, j) covers i..i+size-1
     keep = 1.0 - blocks
     return x * keep * (keep.numel() / keep.sum().clamp_min(1.0))
@@ -117,14 +118,22 @@ class ResNet12(nn.Module):
     """The MetaOptNet/CAN ResNet-12 (spec §3.2): stages of `widths`, dropout in the first two, DropBlock in the
     last two; 64x64 -> 512x4x4 with the default widths. Kaiming-normal (fan_out) init."""
 
-    def __init__(self, in_channels: int, mean: Sequence[float], std: Sequence[float],
-                 widths: Sequence[int] = (64, 128, 256, 512), drop: float = 0.1, block_size: int = 4,
-                 anneal_calls: int = 40000):
+    def __init__(
+        self,
+        in_channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        widths: Sequence[int] = (64, 128, 256, 512),
+        drop: float = 0.1,
+        block_size: int = 4,
+        anneal_calls: int = 40000,
+    ):
         super().__init__()
         self.normalize = Normalize(mean, std)
         chans = [in_channels, *widths]
-        self.stages = nn.Sequential(*[ResidualStage(chans[i], chans[i + 1], drop, i >= 2, block_size, anneal_calls)
-                                      for i in range(len(widths))])
+        self.stages = nn.Sequential(
+            *[ResidualStage(chans[i], chans[i + 1], drop, i >= 2, block_size, anneal_calls) for i in range(len(widths))]
+        )
         self.out_dim = int(widths[-1])
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -147,8 +156,10 @@ def build_backbone(name: str, **kwargs) -> nn.Module:
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         own = [k for k in params if k not in ("in_channels", "mean", "std")]
-        raise ConfigError(f"model.backbone: {unknown} are not keys of backbone '{name}' (it takes {own}); choose the "
-                          f"backbone as a whole with model/backbone={name}")
+        raise ConfigError(
+            f"model.backbone: {unknown} are not keys of backbone '{name}' (it takes {own}); choose the "
+            f"backbone as a whole with model/backbone={name}"
+        )
     return BACKBONES[name](**kwargs)
 
 
@@ -159,12 +170,12 @@ class BackboneSpec:
     of another architecture, or a null one of its own, is a one-line error."""
 
     name: str
-    width: int | None              # conv4
-    depth: int | None              # conv4
-    widths: list[int] | None       # resnet12
-    drop: float | None             # resnet12
-    block_size: int | None         # resnet12
-    anneal_calls: int | None       # resnet12
+    width: int | None  # conv4
+    depth: int | None  # conv4
+    widths: list[int] | None  # resnet12
+    drop: float | None  # resnet12
+    block_size: int | None  # resnet12
+    anneal_calls: int | None  # resnet12
 
     def __post_init__(self) -> None:
         if self.name not in BACKBONES:
@@ -174,10 +185,12 @@ class BackboneSpec:
         stray = [k for k in keys if k not in own and getattr(self, k) is not None]
         unset = [k for k in own if getattr(self, k) is None]
         if stray or unset:
-            raise ConfigError(f"model.backbone: backbone '{self.name}' takes {own}"
-                              + (f"; {stray} belong to another backbone (null them)" if stray else "")
-                              + (f"; {unset} are null" if unset else "")
-                              + f"; choose the backbone as a whole with model/backbone={self.name}")
+            raise ConfigError(
+                f"model.backbone: backbone '{self.name}' takes {own}"
+                + (f"; {stray} belong to another backbone (null them)" if stray else "")
+                + (f"; {unset} are null" if unset else "")
+                + f"; choose the backbone as a whole with model/backbone={self.name}"
+            )
 
     def arguments(self) -> dict:
         """`build_backbone`'s keys without the other architectures' (null) ones, in the config's order."""

@@ -21,19 +21,26 @@ NORMS = ("batch_stats", "batchnorm", "layernorm", "none")
 def _norm(kind: str, dim: int) -> nn.Module:
     if kind not in NORMS:
         raise ValueError(f"head norm '{kind}' is not one of {NORMS}")
-    return {"batch_stats": lambda: nn.BatchNorm1d(dim, track_running_stats=False),
-            "batchnorm": lambda: nn.BatchNorm1d(dim), "layernorm": lambda: nn.LayerNorm(dim),
-            "none": nn.Identity}[kind]()
+    return {
+        "batch_stats": lambda: nn.BatchNorm1d(dim, track_running_stats=False),
+        "batchnorm": lambda: nn.BatchNorm1d(dim),
+        "layernorm": lambda: nn.LayerNorm(dim),
+        "none": nn.Identity,
+    }[kind]()
 
 
 class MLPHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, norm: str = "batch_stats", time_conditioned: bool = False):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), _norm(norm, out_dim), nn.SiLU(),
-                                 nn.Linear(out_dim, out_dim))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, out_dim), _norm(norm, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim)
+        )
         self.out_dim = out_dim
-        self.time = nn.Sequential(nn.Linear(2 * out_dim, in_dim), nn.SiLU(), nn.Linear(in_dim, in_dim)) \
-            if time_conditioned else None
+        self.time = (
+            nn.Sequential(nn.Linear(2 * out_dim, in_dim), nn.SiLU(), nn.Linear(in_dim, in_dim))
+            if time_conditioned
+            else None
+        )
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

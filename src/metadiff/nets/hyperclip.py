@@ -21,8 +21,15 @@ REDUCTIONS = ("sum", "mean")
 
 
 class HyperCLIPEncoder(nn.Module):
-    def __init__(self, in_dim: int, embed_dim: int, hidden: list[int] | tuple = (128, 128),
-                 nonlinearity: str = "softplus", logit_scale: float = 100.0, learn_logit_scale: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        embed_dim: int,
+        hidden: list[int] | tuple = (128, 128),
+        nonlinearity: str = "softplus",
+        logit_scale: float = 100.0,
+        learn_logit_scale: bool = False,
+    ):
         super().__init__()
         self.mlp = Mlp(in_dim, list(hidden), embed_dim, nonlinearity=nonlinearity)
         self.register_buffer("input_mean", torch.zeros(in_dim))

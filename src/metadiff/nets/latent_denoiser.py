@@ -53,8 +53,16 @@ class ResidualBlock(nn.Module):
 
 
 class LatentDenoiser(nn.Module):
-    def __init__(self, latent_dim: int, cond_dim: int, hidden: list[int] | tuple = (128, 128), time_dim: int = 100,
-                 version: str = "v1", head_on: str = "block", cond_norm: str = "none"):
+    def __init__(
+        self,
+        latent_dim: int,
+        cond_dim: int,
+        hidden: list[int] | tuple = (128, 128),
+        time_dim: int = 100,
+        version: str = "v1",
+        head_on: str = "block",
+        cond_norm: str = "none",
+    ):
         super().__init__()
         if version not in VERSIONS:
             raise ValueError(f"denoiser version '{version}' is not one of {VERSIONS}")

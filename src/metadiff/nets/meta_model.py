@@ -18,7 +18,7 @@ from metadiff.nets.heads import MLPHead
 
 def class_means(values: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
     """Per-way means of `values` [B, S, ...] over the support items of each way -> [B, N, ...]."""
-    onehot = F.one_hot(labels, n_way).to(values.dtype)                       # [B, S, N]
+    onehot = F.one_hot(labels, n_way).to(values.dtype)  # [B, S, N]
     flat = values.flatten(2)
     means = torch.einsum("bsn,bsf->bnf", onehot, flat) / onehot.sum(1).unsqueeze(-1)
     return means.view(*means.shape[:2], *values.shape[2:])
@@ -33,23 +33,28 @@ class MetaModel(nn.Module):
     def maps(self, support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone maps of an episode batch in one pass: support [B, S, D, h, w], query [B, Q, D, h, w]."""
         b, s = support.shape[:2]
-        images = torch.cat([rearrange(support, "b s c h w -> (b s) c h w"),
-                            rearrange(query, "b q c h w -> (b q) c h w")])
+        images = torch.cat(
+            [rearrange(support, "b s c h w -> (b s) c h w"), rearrange(query, "b q c h w -> (b q) c h w")]
+        )
         maps = self.backbone(images)
-        return (rearrange(maps[: b * s], "(b s) d h w -> b s d h w", b=b),
-                rearrange(maps[b * s :], "(b q) d h w -> b q d h w", b=b))
+        return (
+            rearrange(maps[: b * s], "(b s) d h w -> b s d h w", b=b),
+            rearrange(maps[b * s :], "(b q) d h w -> b q d h w", b=b),
+        )
 
-    def train_forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
-                      n_way: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_forward(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(global logits [B*Q, C], spatial episodic scores [B*Q, N, h, w])."""
         f_s, f_q = self.maps(support, query)
-        protos = F.normalize(class_means(f_s, support_labels, n_way).mean(dim=(3, 4)), dim=-1)   # [B, N, D]
+        protos = F.normalize(class_means(f_s, support_labels, n_way).mean(dim=(3, 4)), dim=-1)  # [B, N, D]
         spatial = self.scale_cls * torch.einsum("bqdhw,bnd->bqnhw", F.normalize(f_q, dim=2), protos)
         global_logits = self.head(F.normalize(f_q.mean(dim=(3, 4)), dim=-1).flatten(0, 1))
         return global_logits, spatial.flatten(0, 1)
 
-    def episode_scores(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
-                       n_way: int) -> torch.Tensor:
+    def episode_scores(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, n_way: int
+    ) -> torch.Tensor:
         """Eval-mode scores [B, Q, N] = s · cos(GAP(F_q), GAP(P_n)), in fp32 under autocast too, like
         `eval.fewshot.prototype_logits` (why: there). Its own op order, which the published dfml figures used."""
         f_s, f_q = self.maps(support, query)

@@ -16,8 +16,8 @@ from torch import nn
 class SpeedSpec:
     """`model.speed`: how the stage's nets execute (not what they compute, up to float rounding)."""
 
-    compile: bool           # torch.compile the net's forward (`nn.Module.compile`: same module, same state_dict keys)
-    channels_last: bool     # NHWC weights; convolutions then also give NHWC outputs for NCHW inputs
+    compile: bool  # torch.compile the net's forward (`nn.Module.compile`: same module, same state_dict keys)
+    channels_last: bool  # NHWC weights; convolutions then also give NHWC outputs for NCHW inputs
 
 
 def speed_up(net: nn.Module, spec: SpeedSpec) -> nn.Module:

@@ -36,28 +36,42 @@ def set_attention_heads(unet: nn.Module, heads: int) -> None:
     for module in unet.modules():
         if isinstance(module, Attention):
             if module.inner_dim % heads:
-                raise ConfigError(f"model.attention_heads = {heads} does not divide an attention layer's "
-                                  f"{module.inner_dim} channels")
+                raise ConfigError(
+                    f"model.attention_heads = {heads} does not divide an attention layer's {module.inner_dim} channels"
+                )
             module.heads = module.sliceable_head_dim = heads
             if module.scale_qk:
                 module.scale = (module.inner_dim // heads) ** -0.5
 
 
 class ImageDenoiser(nn.Module):
-    def __init__(self, image_size: int, channels: int, unet: dict[str, Any], *, learn_sigma: bool = False,
-                 attention_heads: int | None = None):
+    def __init__(
+        self,
+        image_size: int,
+        channels: int,
+        unet: dict[str, Any],
+        *,
+        learn_sigma: bool = False,
+        attention_heads: int | None = None,
+    ):
         """`unet`: `UNet2DModel` keyword arguments. `attention_heads`: heads per attention layer (None: diffusers'
         own split, channels / `unet.attention_head_dim` heads); `learn_sigma`: 2C output channels (eps, v). The
         defaults are the plain diffusers eps-UNet, for code that builds one directly (tests, benches); the stage
         passes both from its config, where they are required keys."""
         super().__init__()
-        self.config = {"image_size": int(image_size), "channels": int(channels), "unet": dict(unet),
-                       "learn_sigma": bool(learn_sigma), "attention_heads": attention_heads}
+        self.config = {
+            "image_size": int(image_size),
+            "channels": int(channels),
+            "unet": dict(unet),
+            "learn_sigma": bool(learn_sigma),
+            "attention_heads": attention_heads,
+        }
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in unet.items()}
         if attention_heads is not None:
             if "attention_head_dim" in kwargs:
-                raise ConfigError("model.unet.attention_head_dim and model.attention_heads both set the attention "
-                                  "split: keep one")
+                raise ConfigError(
+                    "model.unet.attention_head_dim and model.attention_heads both set the attention split: keep one"
+                )
             kwargs["attention_head_dim"] = None  # one head of all channels at construction: inner_dim = channels
         out_channels = 2 * channels if learn_sigma else channels
         self.unet = UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=out_channels, **kwargs)
@@ -90,5 +104,10 @@ class ImageDenoiser(nn.Module):
         """Rebuild from a stored config. Backward-compatible reader: configs written before `learn_sigma` and
         `attention_heads` existed were eps-only models with diffusers' own head split, so a missing key reads as
         False / None (the only defaults here; the training config must set both)."""
-        return cls(config["image_size"], config["channels"], config["unet"],
-                   learn_sigma=config.get("learn_sigma", False), attention_heads=config.get("attention_heads"))
+        return cls(
+            config["image_size"],
+            config["channels"],
+            config["unet"],
+            learn_sigma=config.get("learn_sigma", False),
+            attention_heads=config.get("attention_heads"),
+        )

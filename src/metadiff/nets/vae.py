@@ -31,8 +31,9 @@ class WeightDecoder(nn.Module):
 
 
 class WeightVAE(nn.Module):
-    def __init__(self, in_dim: int, latent_dim: int = 128, hidden: list[int] | tuple = (128, 128),
-                 logvar_shift: float = -1.0):
+    def __init__(
+        self, in_dim: int, latent_dim: int = 128, hidden: list[int] | tuple = (128, 128), logvar_shift: float = -1.0
+    ):
         super().__init__()
         self.in_dim, self.latent_dim, self.logvar_shift = in_dim, latent_dim, logvar_shift
         self.encoder = Mlp(in_dim, list(hidden), 2 * latent_dim)

@@ -27,15 +27,22 @@ def default_outputs() -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m metadiff.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("outputs", nargs="*", type=Path,
-                        help=f"outputs dirs holding artifacts/ (default: {default_outputs()})")
+    parser = argparse.ArgumentParser(
+        prog="python -m metadiff.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "outputs", nargs="*", type=Path, help=f"outputs dirs holding artifacts/ (default: {default_outputs()})"
+    )
     parser.add_argument("--out", type=Path, help="report folder (default: <first outputs dir>/report)")
-    parser.add_argument("--strict", action="store_true",
-                        help="fail on a malformed artifact instead of skipping it with a warning")
-    parser.add_argument("--max-columns", type=int, default=8,
-                        help="headline metric columns per stage table; the rest go to a second table (default 8)")
+    parser.add_argument(
+        "--strict", action="store_true", help="fail on a malformed artifact instead of skipping it with a warning"
+    )
+    parser.add_argument(
+        "--max-columns",
+        type=int,
+        default=8,
+        help="headline metric columns per stage table; the rest go to a second table (default 8)",
+    )
     args = parser.parse_args(argv)
     if args.max_columns < 1:
         parser.error("--max-columns must be at least 1")

@@ -65,8 +65,11 @@ def artifact_dirs(root: Path) -> list[Path]:
     """Every published artifact dir under an artifacts root, in stage/run order."""
     found = []
     for stage_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        found += [run for run in sorted(stage_dir.iterdir())
-                  if run.is_dir() and not run.name.startswith(".") and (run / "manifest.json").is_file()]
+        found += [
+            run
+            for run in sorted(stage_dir.iterdir())
+            if run.is_dir() and not run.name.startswith(".") and (run / "manifest.json").is_file()
+        ]
     return found
 
 
@@ -136,10 +139,16 @@ def read_run(path: Path) -> Run:
     config = _config(path / "config.yaml")
     metrics = {str(k): float(v) for k, v in manifest["metrics"].items() if math.isfinite(float(v))}
     variant = manifest.get("variant")
-    return Run(path=path, stage=manifest["stage"], task_name=manifest["task_name"],
-               variant=None if variant is None else str(variant),
-               fingerprint=str(manifest.get("fingerprint") or path.name.rsplit("-", 1)[-1]),
-               metrics=metrics, config=config, plots=_plots(path, config))
+    return Run(
+        path=path,
+        stage=manifest["stage"],
+        task_name=manifest["task_name"],
+        variant=None if variant is None else str(variant),
+        fingerprint=str(manifest.get("fingerprint") or path.name.rsplit("-", 1)[-1]),
+        metrics=metrics,
+        config=config,
+        plots=_plots(path, config),
+    )
 
 
 def collect(outputs_dirs: Sequence[Path], strict: bool = False) -> Collection:

@@ -16,9 +16,11 @@ from urllib.parse import quote
 from metadiff.report.plots import Plot
 from metadiff.report.tables import Cell, Family, Row, StageTable
 
-LEGEND = ("Values: mean ± 95% CI over the evaluation tasks of one run. Rows *mean over n seeds*: mean, sample sd "
-          "and [min, max] over the runs above them, which differ only in their seed. Paired differences "
-          "(`a_minus_b`) are signed. *config*: the settings that set a run apart from the other runs of its task.")
+LEGEND = (
+    "Values: mean ± 95% CI over the evaluation tasks of one run. Rows *mean over n seeds*: mean, sample sd "
+    "and [min, max] over the runs above them, which differ only in their seed. Paired differences "
+    "(`a_minus_b`) are signed. *config*: the settings that set a run apart from the other runs of its task."
+)
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,15 @@ def _md_stage(table: StageTable, page: Page) -> list[str]:
     for row in table.rows:
         name = f"**{_run_title(row)}**" if row.is_aggregate else row.label
         cells = [_blank(row.cells, k).plain() for k in table.columns]
-        body.append([name, row.seed, *([row.config_text()] if config else []), *cells,
-                     "" if row.run is None else f"`{row.run.fingerprint}`"])
+        body.append(
+            [
+                name,
+                row.seed,
+                *([row.config_text()] if config else []),
+                *cells,
+                "" if row.run is None else f"`{row.run.fingerprint}`",
+            ]
+        )
     lines += [*_md_table(header, align, body), ""]
     if table.more:
         lines += [f"#### {table.stage}: all other metrics", ""]
@@ -92,8 +101,14 @@ def _md_stage(table: StageTable, page: Page) -> list[str]:
 
 def render_markdown(page: Page) -> str:
     sources = ", ".join(f"`{s}`" for s in page.sources)
-    lines = ["# metadiff results", "", f"{_count(page.n_runs, 'run')} from {sources}; generated {page.generated}.",
-             "", LEGEND, ""]
+    lines = [
+        "# metadiff results",
+        "",
+        f"{_count(page.n_runs, 'run')} from {sources}; generated {page.generated}.",
+        "",
+        LEGEND,
+        "",
+    ]
     for family in page.families:
         lines.append(f"- {family.name}: " + ", ".join(f"[{t.stage}](#{t.stage})" for t in family.stages))
     lines.append("")
@@ -162,26 +177,34 @@ def _td(cell: Cell, aggregate: bool = False) -> str:
 
 def _html_main(table: StageTable) -> list[str]:
     config = _has_config(table)
-    head = ["<th>run</th>", "<th>seed</th>", *(["<th>config</th>"] if config else []),
-            *(f'<th class="num" title="{_e(k)}">{_breakable(table.header(k))}</th>' for k in table.columns),
-            "<th>artifact</th>"]
+    head = [
+        "<th>run</th>",
+        "<th>seed</th>",
+        *(["<th>config</th>"] if config else []),
+        *(f'<th class="num" title="{_e(k)}">{_breakable(table.header(k))}</th>' for k in table.columns),
+        "<th>artifact</th>",
+    ]
     out = ['<div class="scroll"><table class="runs">', f"<thead><tr>{''.join(head)}</tr></thead>", "<tbody>"]
     for row in table.rows:
-        cfg = (f'<td class="cfg" title="{_e(", ".join(row.overrides))}">{_e(row.config_text())}</td>'
-               if config else "")
+        cfg = f'<td class="cfg" title="{_e(", ".join(row.overrides))}">{_e(row.config_text())}</td>' if config else ""
         artifact = "" if row.run is None else f'<code title="{_e(str(row.run.path))}">{_e(row.run.fingerprint)}</code>'
         cells = "".join(_td(row.cells.get(k, Cell("–"))) for k in table.columns)
         tr = '<tr class="agg">' if row.is_aggregate else "<tr>"
         note = f'<span class="range">{_e(row.aggregate_note)}</span>' if row.is_aggregate else ""
-        out.append(f'{tr}<td class="run">{_e(row.label)}{note}</td>'
-                   f'<td>{_e(row.seed)}</td>{cfg}{cells}<td>{artifact}</td></tr>')
+        out.append(
+            f'{tr}<td class="run">{_e(row.label)}{note}</td><td>{_e(row.seed)}</td>{cfg}{cells}<td>{artifact}</td></tr>'
+        )
     return [*out, "</tbody></table></div>"]
 
 
 def _html_more(table: StageTable) -> list[str]:
     head = "".join(f"<th>{_e(_run_title(r))}</th>" for r in table.rows)
-    out = [f"<details><summary>All other metrics ({len(table.more)})</summary>",
-           '<div class="scroll"><table class="more">', f"<thead><tr><th>metric</th>{head}</tr></thead>", "<tbody>"]
+    out = [
+        f"<details><summary>All other metrics ({len(table.more)})</summary>",
+        '<div class="scroll"><table class="more">',
+        f"<thead><tr><th>metric</th>{head}</tr></thead>",
+        "<tbody>",
+    ]
     for key in table.more:
         cells = "".join(_td(_blank(r.cells, key), r.is_aggregate) for r in table.rows)
         out.append(f'<tr><th scope="row">{_e(key)}</th>{cells}</tr>')
@@ -193,31 +216,65 @@ def _html_plots(table: StageTable, page: Page) -> list[str]:
     for row in table.rows:
         for plot in page.plots.get(row.run.path, []) if row.run else []:
             src = _e(quote(plot.relpath))
-            figures.append(f'<figure><a href="{src}"><img src="{src}" alt="{_e(plot.name)}" loading="lazy"></a>'
-                           f"<figcaption>{_e(_run_title(row))}: <code>{_e(plot.name)}</code></figcaption></figure>")
+            figures.append(
+                f'<figure><a href="{src}"><img src="{src}" alt="{_e(plot.name)}" loading="lazy"></a>'
+                f"<figcaption>{_e(_run_title(row))}: <code>{_e(plot.name)}</code></figcaption></figure>"
+            )
     return ["<h4>Plots</h4>", '<div class="plots">', *figures, "</div>"] if figures else []
 
 
 def render_html(page: Page) -> str:
-    nav = "".join(f'<li>{_e(f.name)}: ' + ", ".join(f'<a href="#stage-{_slug(t.stage)}">{_e(t.stage)}</a>'
-                                                   for t in f.stages) + "</li>" for f in page.families)
+    nav = "".join(
+        f"<li>{_e(f.name)}: "
+        + ", ".join(f'<a href="#stage-{_slug(t.stage)}">{_e(t.stage)}</a>' for t in f.stages)
+        + "</li>"
+        for f in page.families
+    )
     sources = ", ".join(f"<code>{_e(str(s))}</code>" for s in page.sources)
     legend = re.sub(r"`([^`]+)`", r"<code>\1</code>", re.sub(r"\*([^*]+)\*", r"<em>\1</em>", _e(LEGEND)))
-    body = ["<header>", "<h1>metadiff results</h1>",
-            f'<p class="meta">{_count(page.n_runs, "run")} from {sources}; generated {_e(page.generated)}.</p>',
-            f'<p class="note">{legend}</p>', f"<nav><ul>{nav}</ul></nav>", "</header>"]
+    body = [
+        "<header>",
+        "<h1>metadiff results</h1>",
+        f'<p class="meta">{_count(page.n_runs, "run")} from {sources}; generated {_e(page.generated)}.</p>',
+        f'<p class="note">{legend}</p>',
+        f"<nav><ul>{nav}</ul></nav>",
+        "</header>",
+    ]
     for family in page.families:
         body += [f'<section id="family-{_slug(family.name)}">', f"<h2>{_e(family.name)}</h2>"]
         for table in family.stages:
             prefix = f"; columns are <code>{_e(table.prefix)}…</code>" if table.prefix else ""
-            body += [f'<section id="stage-{_slug(table.stage)}">', f"<h3>{_e(table.stage)}</h3>",
-                     f'<p class="meta">{_count(len(table.runs), "run")}{prefix}</p>', *_html_main(table)]
+            body += [
+                f'<section id="stage-{_slug(table.stage)}">',
+                f"<h3>{_e(table.stage)}</h3>",
+                f'<p class="meta">{_count(len(table.runs), "run")}{prefix}</p>',
+                *_html_main(table),
+            ]
             body += [*(_html_more(table) if table.more else []), *_html_plots(table, page), "</section>"]
         body.append("</section>")
     if page.problems:
-        body += ['<section id="skipped">', "<h2>Skipped artifacts</h2>", '<ul class="problems">',
-                 *(f"<li>{_e(p)}</li>" for p in page.problems), "</ul>", "</section>"]
-    return "\n".join(["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-                      '<meta name="viewport" content="width=device-width, initial-scale=1">',
-                      "<title>metadiff results</title>", f"<style>{CSS}</style>", "</head>", "<body>", *body,
-                      "</body>", "</html>", ""])
+        body += [
+            '<section id="skipped">',
+            "<h2>Skipped artifacts</h2>",
+            '<ul class="problems">',
+            *(f"<li>{_e(p)}</li>" for p in page.problems),
+            "</ul>",
+            "</section>",
+        ]
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            "<title>metadiff results</title>",
+            f"<style>{CSS}</style>",
+            "</head>",
+            "<body>",
+            *body,
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )

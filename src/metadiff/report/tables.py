@@ -22,8 +22,10 @@ from metadiff.report.collect import Run
 from metadiff.store import DEFAULT_FINGERPRINT_EXCLUDE
 
 FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("HyperCLIP / HyperLDM", ("clip", "features", "multitask", "maml", "hnet", "adaptation", "vae", "hyperclip",
-                              "hyperldm")),
+    (
+        "HyperCLIP / HyperLDM",
+        ("clip", "features", "multitask", "maml", "hnet", "adaptation", "vae", "hyperclip", "hyperldm"),
+    ),
     ("Data-free meta-learning", ("classifier", "diffusion_unet", "diffusion_zoo", "dfml", "diffusionmix")),
 )
 OTHER_FAMILY = "Other stages"
@@ -76,14 +78,17 @@ def value_cell(metrics: dict[str, float], key: str) -> Cell:
 def spread_cell(values: Sequence[float], signed: bool) -> Cell:
     """Mean, sample standard deviation and [min, max] over seeds."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return Cell(f"{fmt(statistics.fmean(values), signed)} sd {fmt(sd)}",
-                f"[{fmt(min(values), signed)}, {fmt(max(values), signed)}]")
+    return Cell(
+        f"{fmt(statistics.fmean(values), signed)} sd {fmt(sd)}",
+        f"[{fmt(min(values), signed)}, {fmt(max(values), signed)}]",
+    )
 
 
 def natural_key(text: str) -> list[Any]:
     """Sort `cfg1.5` before `cfg15` and `2shot` before `10shot`."""
-    return [(0, float(part), "") if i % 2 else (1, 0.0, part)
-            for i, part in enumerate(re.split(r"(\d+(?:\.\d+)?)", text))]
+    return [
+        (0, float(part), "") if i % 2 else (1, 0.0, part) for i, part in enumerate(re.split(r"(\d+(?:\.\d+)?)", text))
+    ]
 
 
 # ------------------------------------------------------------------------------------------- headline metrics
@@ -102,7 +107,7 @@ def _sides(key: str) -> tuple[str, str]:
 def _compared(side: str, difference: str, plain: Sequence[str]) -> list[str]:
     """The plain metrics a side of a difference names: itself, or itself with the difference's suffix
     (`trained` in `trained_minus_random_init_1shot` is `trained_1shot`), or the one metric it prefixes."""
-    exact = [p for p in plain if p == side or (p.startswith(side) and difference.endswith(p[len(side):]))]
+    exact = [p for p in plain if p == side or (p.startswith(side) and difference.endswith(p[len(side) :]))]
     if exact:
         return exact
     loose = [p for p in plain if p.startswith(side + "_")]
@@ -162,8 +167,11 @@ def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
             out.update(flatten_config(v, key + "."))
-        elif (isinstance(v, list) and key.startswith("upstream_overrides.")
-              and all(isinstance(i, str) and "=" in i for i in v)):
+        elif (
+            isinstance(v, list)
+            and key.startswith("upstream_overrides.")
+            and all(isinstance(i, str) and "=" in i for i in v)
+        ):
             for item in v:
                 name, _, value = item.lstrip("+~").partition("=")
                 out[f"{key}.{name}"] = value
@@ -192,10 +200,14 @@ def label_runs(runs: Sequence[Run]) -> list[Labelled]:
     seed_like = {"seed"}
     if all(r.seed is not None for r in runs):
         seed_like |= {k for k in keys if all(f.get(k) == _text(r.seed) for f, r in zip(flats, runs, strict=True))}
-    varying = sorted((k for k in keys if k not in seed_like and not _ignored(k)
-                      and len({f.get(k) for f in flats}) > 1), key=natural_key)
-    return [Labelled(r, tuple(f"{k}={f.get(k, '(unset)')}" for k in varying), tuple(f.get(k) for k in varying))
-            for r, f in zip(runs, flats, strict=True)]
+    varying = sorted(
+        (k for k in keys if k not in seed_like and not _ignored(k) and len({f.get(k) for f in flats}) > 1),
+        key=natural_key,
+    )
+    return [
+        Labelled(r, tuple(f"{k}={f.get(k, '(unset)')}" for k in varying), tuple(f.get(k) for k in varying))
+        for r, f in zip(runs, flats, strict=True)
+    ]
 
 
 # -------------------------------------------------------------------------------------------------- tables
@@ -234,7 +246,7 @@ class StageTable:
     runs: list[Run]
 
     def header(self, key: str) -> str:
-        return key[len(self.prefix):]
+        return key[len(self.prefix) :]
 
 
 @dataclass(frozen=True)
@@ -254,11 +266,9 @@ def _task_label(run: Run) -> str:
 def _aggregate(group: Sequence[Labelled]) -> Row:
     runs = [g.run for g in group]
     shared = set.intersection(*(set(r.metrics) for r in runs))
-    cells = {k: spread_cell([r.metrics[k] for r in runs], is_difference(k))
-             for k in shared if not k.endswith(CI)}
+    cells = {k: spread_cell([r.metrics[k] for r in runs], is_difference(k)) for k in shared if not k.endswith(CI)}
     seeds = ", ".join(_text(r.seed) for r in runs)
-    return Row(label=_task_label(runs[0]), seed=seeds,
-               overrides=group[0].overrides, cells=cells, n_seeds=len(runs))
+    return Row(label=_task_label(runs[0]), seed=seeds, overrides=group[0].overrides, cells=cells, n_seeds=len(runs))
 
 
 def _rows(runs: Sequence[Run]) -> list[Row]:
@@ -274,8 +284,15 @@ def _rows(runs: Sequence[Run]) -> list[Row]:
             group = sorted(groups[signature], key=lambda g: natural_key(_text(g.run.seed)))
             for g in group:
                 cells = {k: value_cell(g.run.metrics, k) for k in g.run.metrics if not k.endswith(CI)}
-                rows.append(Row(_task_label(g.run), _text(g.run.seed) if g.run.seed is not None else "–",
-                                g.overrides, cells, run=g.run))
+                rows.append(
+                    Row(
+                        _task_label(g.run),
+                        _text(g.run.seed) if g.run.seed is not None else "–",
+                        g.overrides,
+                        cells,
+                        run=g.run,
+                    )
+                )
             if len(group) > 1 and len({_text(g.run.seed) for g in group}) > 1:
                 rows.append(_aggregate(group))
     return rows
@@ -305,4 +322,3 @@ def build_families(runs: Iterable[Run], max_columns: int = 8) -> list[Family]:
         family = next(f for f in families if f.name == family_of(stage))
         family.stages.append(stage_table(stage, by_stage[stage], max_columns))
     return [f for f in families if f.stages]
-

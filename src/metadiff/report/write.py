@@ -20,15 +20,18 @@ class ReportOutError(UserError, FileExistsError):
     """`--out` holds a `plots/` folder that this tool did not write."""
 
 
-def write_report(out: Path, plan: dict[Path, list[Plot]],
-                 render: Callable[[dict[Path, list[Plot]]], tuple[str, str]]) -> tuple[Path, Path]:
+def write_report(
+    out: Path, plan: dict[Path, list[Plot]], render: Callable[[dict[Path, list[Plot]]], tuple[str, str]]
+) -> tuple[Path, Path]:
     """Copy the planned plots into `<out>/plots/`, render the pages from the plots that were copied, write
     `<out>/report.md` and `<out>/report.html`; return their paths."""
     out = Path(out)
     plots_dir = out / PLOTS_DIR
     if plots_dir.exists() and not (plots_dir / MARKER).exists():
-        raise ReportOutError(f"{plots_dir} exists and was not written by metadiff.report (no {MARKER} in it): "
-                             f"refusing to replace it; pick another --out")
+        raise ReportOutError(
+            f"{plots_dir} exists and was not written by metadiff.report (no {MARKER} in it): "
+            f"refusing to replace it; pick another --out"
+        )
     with atomic_dir(plots_dir, overwrite=True) as tmp:
         (tmp / MARKER).write_text("written by python -m metadiff.report; replaced on every run\n")
         markdown, page = render(copy_plots(plan, tmp))

@@ -56,9 +56,15 @@ def load_classifier(artifact: Artifact) -> ImageClassifier:
 
 
 class ClassifierModule(Stage, name="classifier"):
-    def __init__(self, backbone: BackboneSpec, head_norm: str, optimizer: Callable[..., torch.optim.Optimizer],
-                 scheduler: Callable[..., Any] | None = None, readout_scale: float = 7.0,
-                 upstream: dict[str, Artifact] | None = None):
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        head_norm: str,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        readout_scale: float = 7.0,
+        upstream: dict[str, Artifact] | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "scheduler", "upstream"])
         self.backbone_cfg, self.head_norm = as_spec(BackboneSpec, backbone, "model.backbone"), head_norm
@@ -110,8 +116,15 @@ class ClassifierModule(Stage, name="classifier"):
         self.log_dict(report)
         self.summary_metrics.update(report)
         if self.trainer.is_global_zero:
-            print(readout_lines("prototype readout on the fixed meta-test episodes (mean +- 95% CI):", report,
-                                self.shots, ("trained", "random_init")), flush=True)
+            print(
+                readout_lines(
+                    "prototype readout on the fixed meta-test episodes (mean +- 95% CI):",
+                    report,
+                    self.shots,
+                    ("trained", "random_init"),
+                ),
+                flush=True,
+            )
 
     def write_artifact(self, directory: Path) -> None:
         save_tensors(self.net.state_dict(), directory / WEIGHTS)

@@ -47,9 +47,18 @@ class ZeroShotEvalSet:
 class ClipPairsDataModule(StepPositionMixin, pl.LightningDataModule):
     """Caption pairs for training; zero-shot task sets for validation (meta-train) and test (meta-test)."""
 
-    def __init__(self, source: TaskSource, arch: str, batch_size: int = 256, num_workers: int = 0,
-                 n_train_pairs: int = 50_000, caption_seed: int = 1, n_val_tasks: int | None = 200,
-                 eval_batch_size: int = 512, seed: int = 0):
+    def __init__(
+        self,
+        source: TaskSource,
+        arch: str,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        n_train_pairs: int = 50_000,
+        caption_seed: int = 1,
+        n_val_tasks: int | None = 200,
+        eval_batch_size: int = 512,
+        seed: int = 0,
+    ):
         super().__init__()
         self.source, self.arch, self.seed = source, arch, seed
         self.batch_size, self.num_workers, self.eval_batch_size = batch_size, num_workers, eval_batch_size
@@ -74,8 +83,14 @@ class ClipPairsDataModule(StepPositionMixin, pl.LightningDataModule):
             self.eval_sets["test"] = ZeroShotEvalSet(self.source, "meta_test", None, size, mean, std)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=shuffle)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle,
+        )
 
     def train_dataloader(self) -> DataLoader:
         # the pairs of step k depend on (seed, k) only, so a resumed run trains on the same batches (StepOrder);
@@ -83,8 +98,14 @@ class ClipPairsDataModule(StepPositionMixin, pl.LightningDataModule):
         rank, world = global_batch.rank(self.trainer), global_batch.world_size(self.trainer)
         batch_size = global_batch.per_rank_batch(self.batch_size, world, "data.batch_size")
         order = self.step_order(len(self.train_set), batch_size, self.seed, rank=rank, world_size=world)
-        return DataLoader(self.train_set, batch_size=batch_size, sampler=order, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.train_set,
+            batch_size=batch_size,
+            sampler=order,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_sets["val"].dataset, self.eval_batch_size, shuffle=False)
@@ -96,8 +117,14 @@ class ClipPairsDataModule(StepPositionMixin, pl.LightningDataModule):
 class ClipPretrainModule(Stage, name="clip"):
     """open_clip model + ClipLoss; zero-shot Meta-VQA answer accuracy as validation/test metric."""
 
-    def __init__(self, arch: str, optimizer: Callable[..., torch.optim.Optimizer], warmup_steps: int = 50,
-                 min_lr_ratio: float = 0.05, prompt_batch_size: int = 512):
+    def __init__(
+        self,
+        arch: str,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.05,
+        prompt_batch_size: int = 512,
+    ):
         super().__init__()
         # The optimizer factory is a Hydra partial, which `torch.load(weights_only=True)` refuses on resume; the full
         # config (optimizer included) is saved beside the run as resolved_config.yaml and sent to the loggers.
@@ -112,8 +139,11 @@ class ClipPretrainModule(Stage, name="clip"):
         # open_clip's loss gathers the other ranks' features, so every rank scores the global batch's pairs, the
         # one-process loss. With their gradient (`gather_with_grad`): without it each rank's backward reaches only
         # its own features and DDP's mean gives 1/world of the one-process gradient (tests/test_parity.py).
-        self.loss_fn = ClipLoss(world_size=self.trainer.world_size, rank=self.trainer.global_rank,
-                                gather_with_grad=self.trainer.world_size > 1)
+        self.loss_fn = ClipLoss(
+            world_size=self.trainer.world_size,
+            rank=self.trainer.global_rank,
+            gather_with_grad=self.trainer.world_size > 1,
+        )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, tokens = batch
@@ -139,13 +169,17 @@ class ClipPretrainModule(Stage, name="clip"):
         self._eval_rows.clear()
         images = gather_rows(self, idx, emb, len(eval_set.names))
         flat = [p for prompts in eval_set.prompts for p in prompts]
-        texts = encode_texts(self.model.encode_text, self.bundle.tokenizer, flat, self.hparams.prompt_batch_size, self.device)
+        texts = encode_texts(
+            self.model.encode_text, self.bundle.tokenizer, flat, self.hparams.prompt_batch_size, self.device
+        )
         answers = split_by_task(texts, [len(p) for p in eval_set.prompts])
         acc = per_task_accuracy(eval_set.tasks, images.cpu(), eval_set.row, [a.cpu() for a in answers])
         mean, ci = mean_ci95(acc)
         chance = float(torch.tensor([1 / t.n_answers for t in eval_set.tasks]).mean())
-        self.log_dict({f"{which}/zeroshot_acc": mean, f"{which}/zeroshot_acc_ci95": ci, f"{which}/chance": chance},
-                      prog_bar=which == "val")
+        self.log_dict(
+            {f"{which}/zeroshot_acc": mean, f"{which}/zeroshot_acc_ci95": ci, f"{which}/chance": chance},
+            prog_bar=which == "val",
+        )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch)
@@ -178,7 +212,9 @@ class ClipPretrainModule(Stage, name="clip"):
     # -- artifact for later stages --------------------------------------------------------------------------------
     def write_artifact(self, directory: Path) -> None:
         torch.save(self.model.state_dict(), directory / CLIP_WEIGHTS)
-        (directory / CLIP_INFO).write_text(json.dumps({"arch": self.hparams.arch, "context_length": context_length(self.hparams.arch)}))
+        (directory / CLIP_INFO).write_text(
+            json.dumps({"arch": self.hparams.arch, "context_length": context_length(self.hparams.arch)})
+        )
 
 
 def load_clip_weights_path(artifact: Artifact) -> Path:

@@ -85,8 +85,16 @@ def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
 class FeatureSourceDataModule(pl.LightningDataModule):
     """Three predict loaders (images, questions, answer prompts) over one benchmark."""
 
-    def __init__(self, source: TaskSource, arch: str, batch_size: int = 256, text_batch_size: int = 512,
-                 num_workers: int = 0, pretrained: str | None = None, pin_memory: bool = False):
+    def __init__(
+        self,
+        source: TaskSource,
+        arch: str,
+        batch_size: int = 256,
+        text_batch_size: int = 512,
+        num_workers: int = 0,
+        pretrained: str | None = None,
+        pin_memory: bool = False,
+    ):
         """`pretrained`: the model's `model.pretrained`, because tags and hub repos carry their own image size;
         None (upstream weights, local files) uses the architecture's. The image loader yields uint8 images, sized
         for the model; `FeatureExtractor` normalises them on the device. `pin_memory`: pin the batches when they go
@@ -118,19 +126,30 @@ class FeatureSourceDataModule(pl.LightningDataModule):
         """One loader per table; after an interrupted run only the rows still pending (asked from the module)."""
         sizes = (self.batch_size, self.text_batch_size, self.text_batch_size)
         pending = getattr(self.trainer.lightning_module, "pending_rows", None) if self.trainer else None
-        datasets = [Subset(ds, pending[table].tolist()) if pending is not None else ds
-                    for ds, table in zip(self.datasets, TABLE_OF_LOADER, strict=True)]
+        datasets = [
+            Subset(ds, pending[table].tolist()) if pending is not None else ds
+            for ds, table in zip(self.datasets, TABLE_OF_LOADER, strict=True)
+        ]
         pin = pin_memory(self.trainer, self.pin_memory)
-        return [DataLoader(ds, batch_size=bs, num_workers=self.num_workers, persistent_workers=False, pin_memory=pin)
-                for ds, bs in zip(datasets, sizes, strict=True)]
+        return [
+            DataLoader(ds, batch_size=bs, num_workers=self.num_workers, persistent_workers=False, pin_memory=pin)
+            for ds, bs in zip(datasets, sizes, strict=True)
+        ]
 
 
 class FeatureExtractor(Stage, name="features"):
     """Encodes everything a benchmark needs once; a rerun with the same model and data reuses the store."""
 
-    def __init__(self, source: TaskSource, arch: str, store_dir: str, pretrained: str | None = None,
-                 normalize: bool = False, precision: str | int = "32-true",
-                 upstream: dict[str, Artifact] | None = None):
+    def __init__(
+        self,
+        source: TaskSource,
+        arch: str,
+        store_dir: str,
+        pretrained: str | None = None,
+        normalize: bool = False,
+        precision: str | int = "32-true",
+        upstream: dict[str, Artifact] | None = None,
+    ):
         super().__init__()
         if pretrained is None:
             if not upstream or "clip" not in upstream:
@@ -164,7 +183,9 @@ class FeatureExtractor(Stage, name="features"):
         done = check_existing(self.store_dir, self.store_fingerprint, self.description)
         if done:
             log.info("feature store %s is up to date: reusing it", self.store_dir)
-            self.summary_metrics.update(baseline_report(self.source.tasks("meta_test"), FeatureStore(self.store_dir), "meta_test"))
+            self.summary_metrics.update(
+                baseline_report(self.source.tasks("meta_test"), FeatureStore(self.store_dir), "meta_test")
+            )
         return done
 
     def setup(self, stage: str) -> None:
@@ -176,8 +197,9 @@ class FeatureExtractor(Stage, name="features"):
         with torch.no_grad():
             dim = int(self.model.encode_text(self.bundle.tokenizer(["x"])).shape[-1])
         rank, world_size = self.trainer.global_rank, self.trainer.world_size
-        build = functools.partial(FeatureStoreBuilder, self.store_dir, dim, index, self.store_fingerprint, rank,
-                                  world_size)
+        build = functools.partial(
+            FeatureStoreBuilder, self.store_dir, dim, index, self.store_fingerprint, rank, world_size
+        )
         if rank == 0:  # prepares the folder (fresh or resumed) before the others attach
             self.builder = build()
         self.trainer.strategy.barrier()
@@ -220,7 +242,11 @@ class FeatureExtractor(Stage, name="features"):
             log.warning("fast_dev_run: feature store not committed (only one batch per table was computed)")
             self.artifact_ready = False
         elif self.trainer.is_global_zero:
-            store = self.builder.commit(self.store_fingerprint, self.description, {"images_per_s": self.summary_metrics.get("features/images_per_s")})
+            store = self.builder.commit(
+                self.store_fingerprint,
+                self.description,
+                {"images_per_s": self.summary_metrics.get("features/images_per_s")},
+            )
             self.summary_metrics["features/n_images"] = float(store.tables["image"].shape[0])
             self.summary_metrics["features/n_questions"] = float(store.tables["question"].shape[0])
             self.summary_metrics.update(baseline_report(self.source.tasks("meta_test"), store, "meta_test"))
@@ -230,4 +256,6 @@ class FeatureExtractor(Stage, name="features"):
     def write_artifact(self, directory: Path) -> None:
         # relative to the artifact (both live under paths.root_dir), so a copied outputs tree finds its own store
         store_dir = os.path.relpath(self.store_dir.resolve(), directory.resolve())
-        (directory / "features.json").write_text(json.dumps({"store_dir": store_dir, "fingerprint": self.store_fingerprint, **self.description}))
+        (directory / "features.json").write_text(
+            json.dumps({"store_dir": store_dir, "fingerprint": self.store_fingerprint, **self.description})
+        )

@@ -91,9 +91,19 @@ class FewShotModule(Stage, name="fewshot"):
     """Stages `multitask`, `maml` and `hnet` (`stage_names`; `name` is the family's); which one an instance runs
     follows from its learner mode and inner steps (`stage_name`)."""
 
-    def __init__(self, method: str, learner: LearnerSpec, inner: InnerLoopSpec, eval_steps: int,
-                 optimizer: Callable[..., torch.optim.Optimizer], n_shot_max: int = 5, n_shot_reruns: int = 2,
-                 plot: bool = True, embed_dim: int | None = None, upstream: dict[str, Artifact] | None = None):
+    def __init__(
+        self,
+        method: str,
+        learner: LearnerSpec,
+        inner: InnerLoopSpec,
+        eval_steps: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        n_shot_max: int = 5,
+        n_shot_reruns: int = 2,
+        plot: bool = True,
+        embed_dim: int | None = None,
+        upstream: dict[str, Artifact] | None = None,
+    ):
         super().__init__()
         # Hydra partials do not load weights-only; the upstream artifacts are paths, not hyperparameters
         self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
@@ -103,13 +113,17 @@ class FewShotModule(Stage, name="fewshot"):
         self.inner = as_spec(InnerLoopSpec, inner, "model.inner")
         self.inner_loop = InnerLoop(steps=self.inner.steps, lr=self.inner.lr, second_order=self.inner.second_order)
         self.eval_steps, self.n_shot_max, self.n_shot_reruns, self.plot = eval_steps, n_shot_max, n_shot_reruns, plot
-        self.learner = FewShotLearner(embed_dim=embed_dim or store_embed_dim(upstream),
-                                      **dataclasses.asdict(self.learner_spec))
+        self.learner = FewShotLearner(
+            embed_dim=embed_dim or store_embed_dim(upstream), **dataclasses.asdict(self.learner_spec)
+        )
         # every rank evaluates all tasks (EveryRankSampler): nothing to gather
-        self.eval_acc = torch.nn.ModuleDict({
-            f"{split}_{kind}": CatMetric(sync_on_compute=False) for split in (*EVAL_SPLITS, "meta_test")
-            for kind in ("zeroshot", "fewshot", "clip")
-        })
+        self.eval_acc = torch.nn.ModuleDict(
+            {
+                f"{split}_{kind}": CatMetric(sync_on_compute=False)
+                for split in (*EVAL_SPLITS, "meta_test")
+                for kind in ("zeroshot", "fewshot", "clip")
+            }
+        )
 
     @classmethod
     def stage_names(cls) -> tuple[str, ...]:
@@ -127,8 +141,10 @@ class FewShotModule(Stage, name="fewshot"):
     def setup(self, stage: str) -> None:
         dim = getattr(self.trainer.datamodule, "embed_dim", self.learner.shape.embed_dim)
         if dim != self.learner.shape.embed_dim:
-            raise ConfigError(f"model.embed_dim = {self.learner.shape.embed_dim} but the feature store holds {dim}-d "
-                              "embeddings (leave model.embed_dim null to take it from the upstream store)")
+            raise ConfigError(
+                f"model.embed_dim = {self.learner.shape.embed_dim} but the feature store holds {dim}-d "
+                "embeddings (leave model.embed_dim null to take it from the upstream store)"
+            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.learner.parameters())
@@ -137,14 +153,16 @@ class FewShotModule(Stage, name="fewshot"):
     def training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
         initial = self.learner.initial_inner(batch.question)
         adapted = self.inner_loop.adapt(self.learner, batch, inner=initial)
-        logits = self.learner.query_logits(adapted, initial, batch.question, batch.query_x, batch.answers,
-                                           batch.answer_mask)
+        logits = self.learner.query_logits(
+            adapted, initial, batch.question, batch.query_x, batch.answers, batch.answer_mask
+        )
         loss = masked_task_losses(logits, batch.query_y, batch.query_mask).mean()  # = query_loss, logits reused
         acc = masked_task_accuracy(logits.detach(), batch.query_y, batch.query_mask).mean()
         # the global batch's means: the ranks hold equal shares of it (metadiff.data.global_batch), so the mean over
         # ranks is the one-process value; unsynced, a rank would report its own share (tests/test_parity.py)
-        self.log_dict({"train/query_loss": loss, "train/query_acc": acc}, prog_bar=True, batch_size=batch.n_tasks,
-                      sync_dist=True)
+        self.log_dict(
+            {"train/query_loss": loss, "train/query_acc": acc}, prog_bar=True, batch_size=batch.n_tasks, sync_dist=True
+        )
         return loss
 
     # -- evaluation -----------------------------------------------------------------------------------------------
@@ -154,11 +172,14 @@ class FewShotModule(Stage, name="fewshot"):
             zero = self.learner.logits(initial, batch.question, batch.query_x, batch.answers, batch.answer_mask)
         adapted = self.inner_loop.adapt(self.learner, batch, inner=initial, steps=steps)
         with torch.no_grad():
-            few = self.learner.query_logits(adapted, initial, batch.question, batch.query_x, batch.answers,
-                                            batch.answer_mask)
-        return {"zeroshot": masked_task_accuracy(zero, batch.query_y, batch.query_mask),
-                "fewshot": masked_task_accuracy(few, batch.query_y, batch.query_mask),
-                "clip": clip_zero_shot_accuracy(batch)}
+            few = self.learner.query_logits(
+                adapted, initial, batch.question, batch.query_x, batch.answers, batch.answer_mask
+            )
+        return {
+            "zeroshot": masked_task_accuracy(zero, batch.query_y, batch.query_mask),
+            "fewshot": masked_task_accuracy(few, batch.query_y, batch.query_mask),
+            "clip": clip_zero_shot_accuracy(batch),
+        }
 
     def validation_step(self, batch: TaskBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         split = EVAL_SPLITS[dataloader_idx]
@@ -176,9 +197,11 @@ class FewShotModule(Stage, name="fewshot"):
                 values[kind] = metric.compute().cpu()
                 metric.reset()
             head = f"{prefix}/{split}_" if prefix == "val" else f"{prefix}/"
-            for name, per_task in (*((f"{k}_acc", v) for k, v in values.items()),
-                                   ("fewshot_minus_zeroshot", values["fewshot"] - values["zeroshot"]),
-                                   ("fewshot_minus_clip", values["fewshot"] - values["clip"])):
+            for name, per_task in (
+                *((f"{k}_acc", v) for k, v in values.items()),
+                ("fewshot_minus_zeroshot", values["fewshot"] - values["zeroshot"]),
+                ("fewshot_minus_clip", values["fewshot"] - values["clip"]),
+            ):
                 mean, ci = mean_ci95(per_task)
                 out[head + name], out[head + name + "_ci95"] = mean, ci
         self.log_dict(out, sync_dist=False)
@@ -232,9 +255,16 @@ class FewShotModule(Stage, name="fewshot"):
     # -- artifact -------------------------------------------------------------------------------------------------
     def write_artifact(self, directory: Path) -> None:
         torch.save(self.learner.state_dict(), directory / LEARNER_WEIGHTS)
-        (directory / LEARNER_SPEC).write_text(json.dumps({
-            "method": self.method, "embed_dim": self.learner.shape.embed_dim, **dataclasses.asdict(self.learner_spec),
-        }, default=list))
+        (directory / LEARNER_SPEC).write_text(
+            json.dumps(
+                {
+                    "method": self.method,
+                    "embed_dim": self.learner.shape.embed_dim,
+                    **dataclasses.asdict(self.learner_spec),
+                },
+                default=list,
+            )
+        )
 
 
 def load_fewshot_learner(artifact: Artifact) -> tuple[FewShotLearner, dict]:

@@ -62,13 +62,27 @@ class RankFailedError(RuntimeError):
     """A stage rank failed with an error that could not be sent back as itself (not picklable)."""
 
 
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...],
-               results: Any, logging_config: dict[str, Any] | None) -> None:
+def _rank_main(
+    rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    results: Any,
+    logging_config: dict[str, Any] | None,
+) -> None:
     """Body of one rank: the environment a launcher gives a rank (what Lightning reads to join the ranks
     without launching any), logging (rank 0 as the launching job logs; other ranks warnings only, so messages are not
     doubled), then `fn(*args)`. Rank 0 sends its return value back; any rank sends its error back as itself."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
-                       "NODE_RANK": "0", "LOCAL_RANK": str(rank)})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world_size),
+            "NODE_RANK": "0",
+            "LOCAL_RANK": str(rank),
+        }
+    )
     # a forkserver child inherits "forkserver" as its default start method; its DataLoader workers would then each
     # re-import torch. `python train.py` starts with the platform's default: so does a rank.
     multiprocessing.set_start_method(None, force=True)
@@ -100,8 +114,9 @@ def _picklable(err: BaseException) -> BaseException:
         return RankFailedError(f"{type(err).__name__}: {err}")
 
 
-def run_in_rank_processes(fn: Callable[..., T], args: tuple[Any, ...], world_size: int,
-                          logging_config: dict[str, Any] | None = None) -> T:
+def run_in_rank_processes(
+    fn: Callable[..., T], args: tuple[Any, ...], world_size: int, logging_config: dict[str, Any] | None = None
+) -> T:
     """Run `fn(*args)` in `world_size` new processes that form one DDP job (a `StageRanksDDPStrategy` trainer
     in each joins it); return rank 0's value, or raise the first error a rank raised, as itself (so a ConfigError in
     a rank is still one line). torch's process context stops the other ranks when one fails, so none is left
@@ -109,8 +124,13 @@ def run_in_rank_processes(fn: Callable[..., T], args: tuple[Any, ...], world_siz
     start = mp.get_context(RANK_START_METHOD)
     start.set_forkserver_preload(RANK_PRELOAD)  # takes effect when this process first starts its forkserver
     results = start.SimpleQueue()
-    context = mp.start_processes(_rank_main, args=(world_size, free_port(), fn, args, results, logging_config),
-                                 nprocs=world_size, join=False, start_method=RANK_START_METHOD)
+    context = mp.start_processes(
+        _rank_main,
+        args=(world_size, free_port(), fn, args, results, logging_config),
+        nprocs=world_size,
+        join=False,
+        start_method=RANK_START_METHOD,
+    )
     received: list[tuple[int, str, Any]] = []
 
     def drain() -> None:

@@ -87,10 +87,11 @@ def build_decisions() -> BuildDecisions | None:
         if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist
 
-            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
-                                  timeout=DECISION_WAIT)
+            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=DECISION_WAIT)
             _DECISIONS = BuildDecisions(store, None)
         elif "SLURM_JOB_ID" in env and "TORCHELASTIC_RUN_ID" not in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-            job = f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', 'batch')}-{env.get('SLURM_RESTART_COUNT', '0')}"
+            job = (
+                f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', 'batch')}-{env.get('SLURM_RESTART_COUNT', '0')}"
+            )
             _DECISIONS = BuildDecisions(None, job)
     return _DECISIONS

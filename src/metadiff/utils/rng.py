@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 KEY_STRIDE = 1_000_003  # above any step, batch, epoch or round index: (seed, key) pairs get distinct seeds
-STREAM_STRIDE = 7_919   # above any number of loaders / sub-streams of one seed
-RANK_STRIDE = 131       # above any world size
+STREAM_STRIDE = 7_919  # above any number of loaders / sub-streams of one seed
+RANK_STRIDE = 131  # above any world size
 
 
 def keyed_seed(seed: int, key: int) -> int:

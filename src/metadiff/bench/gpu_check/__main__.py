@@ -41,8 +41,12 @@ def sections(ctx: Context) -> list[Section]:
     return [
         Section("environment", lambda r: environment(ctx.device, ctx.settings.work)),
         Section("clip_throughput", lambda r: section_clip(ctx)),
-        Section("features_pipeline", lambda r: section_features(
-            ctx, r["clip_throughput"] if r.get("clip_throughput", {}).get("status") == "ok" else None)),
+        Section(
+            "features_pipeline",
+            lambda r: section_features(
+                ctx, r["clip_throughput"] if r.get("clip_throughput", {}).get("status") == "ok" else None
+            ),
+        ),
         Section("hnet_step", lambda r: section_hnet(ctx)),
         Section("vqa_chain", lambda r: section_chain(ctx)),
         Section("adm_step", lambda r: section_unet(ctx)),
@@ -52,8 +56,9 @@ def sections(ctx: Context) -> list[Section]:
     ]
 
 
-def run(quick: bool, out: Path, work: Path | None = None, device: str | None = None,
-        only: list[str] | None = None) -> dict[str, Any]:
+def run(
+    quick: bool, out: Path, work: Path | None = None, device: str | None = None, only: list[str] | None = None
+) -> dict[str, Any]:
     """Run the check into `out` (`work`: where generated data and outputs go, a temporary folder by default);
     `only`: a subset of the sections (the others are not run; the projection marks what they would measure)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,16 +73,19 @@ def run(quick: bool, out: Path, work: Path | None = None, device: str | None = N
         run_sections(chosen, report, out / REPORT)
         report["sections_seconds"] = time.perf_counter() - start
         try:
-            report["projection"] = project(ctx.settings, report["sections"],
-                                           lambda experiment: ctx.compose(experiment))
+            report["projection"] = project(ctx.settings, report["sections"], lambda experiment: ctx.compose(experiment))
         except Exception as error:  # noqa: BLE001 - the sections' results stand without it
             from metadiff.bench.gpu_check.runner import one_line
 
             logging.getLogger(__name__).exception("projection failed")
             report["projection"] = {"error": one_line(error)}
         write_json(out / REPORT, report, sort_keys=False)
-    tables = [f"## make gpu-check{' --quick' if quick else ''} on {device} "
-              f"({report['sections'].get('environment', {}).get('device_name', '')})", "", sections_table(report)]
+    tables = [
+        f"## make gpu-check{' --quick' if quick else ''} on {device} "
+        f"({report['sections'].get('environment', {}).get('device_name', '')})",
+        "",
+        sections_table(report),
+    ]
     if "error" in report["projection"]:
         tables += ["", f"projection failed: {report['projection']['error']}"]
     else:
@@ -90,11 +98,16 @@ def run(quick: bool, out: Path, work: Path | None = None, device: str | None = N
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny counts on the CPU (CI): conf/gpu_check.yaml "
-                                                              "sizes.quick")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny counts on the CPU (CI): conf/gpu_check.yaml sizes.quick"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench"), help="where gpu_check.json/.md go")
-    parser.add_argument("--work", type=Path, default=None, help="parent of the temporary work folder (generated "
-                                                                 "data, outputs, ~2 GB of weights; default: $TMPDIR)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="parent of the temporary work folder (generated data, outputs, ~2 GB of weights; default: $TMPDIR)",
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     parser.add_argument("--only", nargs="*", default=None, help="run only these sections")
     args = parser.parse_args(argv)

@@ -29,8 +29,10 @@ def dir_bytes(path: Path) -> int:
 
 
 def timer_overrides(out_dir: Path, experiment: str) -> list[str]:
-    return [f"+callbacks.step_timer._target_={TIMER}",
-            f"+callbacks.step_timer.path={out_dir / 'step_times' / experiment}.json"]
+    return [
+        f"+callbacks.step_timer._target_={TIMER}",
+        f"+callbacks.step_timer.path={out_dir / 'step_times' / experiment}.json",
+    ]
 
 
 def section_chain(ctx: Context) -> dict[str, Any]:
@@ -39,13 +41,25 @@ def section_chain(ctx: Context) -> dict[str, Any]:
     out_dir = ctx.root / "outputs" / "chain"
     data = ctx.vqa_overrides()
     features = [f"data.batch_size={s.sizes.features.batch_size}"] if s.sizes.features.batch_size else []
-    own = {"features_vqa": features, "hnet_vqa": list(chain.hnet_vqa), "multitask_vqa": list(chain.multitask_vqa),
-           "adaptation_vqa": list(chain.adaptation_vqa)}
+    own = {
+        "features_vqa": features,
+        "hnet_vqa": list(chain.hnet_vqa),
+        "multitask_vqa": list(chain.multitask_vqa),
+        "adaptation_vqa": list(chain.adaptation_vqa),
+    }
     top = s.spec.experiments.hyperldm
-    cfg = ctx.compose(top, *data, f"paths.output_dir={out_dir}", *chain.hyperldm_vqa,
-                      *timer_overrides(out_dir, top), hydra_config=True)
-    upstream_overrides = {name: [*data, *extra, *(timer_overrides(out_dir, name) if name in TRAINED else [])]
-                          for name, extra in own.items()}
+    cfg = ctx.compose(
+        top,
+        *data,
+        f"paths.output_dir={out_dir}",
+        *chain.hyperldm_vqa,
+        *timer_overrides(out_dir, top),
+        hydra_config=True,
+    )
+    upstream_overrides = {
+        name: [*data, *extra, *(timer_overrides(out_dir, name) if name in TRAINED else [])]
+        for name, extra in own.items()
+    }
     with open_dict(cfg):
         cfg.upstream_overrides = OmegaConf.create(upstream_overrides)
     ctx.clip_weights()  # the random ViT-L weights features_vqa reads (written by section 2 if it ran)
@@ -68,15 +82,22 @@ def section_chain(ctx: Context) -> dict[str, Any]:
         task = manifest.get("task_name", name)
         checkpoints = _checkpoints(out_dir, name, top_artifact is artifact)
         timer = out_dir / "step_times" / f"{task}.json"
-        stages[task] = {"stage": manifest.get("stage"), "artifact_bytes": dir_bytes(artifact.path),
-                        "run_seconds": seconds.get(task), "built": task in seconds,
-                        "peak_rss_mib": metrics.get("sys/peak_rss_mib"),
-                        "peak_cuda_mib": metrics.get("sys/peak_cuda_mib"),
-                        "checkpoint_files": len(checkpoints),
-                        "checkpoint_bytes": max((p.stat().st_size for p in checkpoints), default=None),
-                        "timing": json.loads(timer.read_text()) if timer.is_file() else None}
-    return {"stages": stages, "budgets": {**{k: v for k, v in own.items() if v}, top: list(chain.hyperldm_vqa)},
-            **memory}
+        stages[task] = {
+            "stage": manifest.get("stage"),
+            "artifact_bytes": dir_bytes(artifact.path),
+            "run_seconds": seconds.get(task),
+            "built": task in seconds,
+            "peak_rss_mib": metrics.get("sys/peak_rss_mib"),
+            "peak_cuda_mib": metrics.get("sys/peak_cuda_mib"),
+            "checkpoint_files": len(checkpoints),
+            "checkpoint_bytes": max((p.stat().st_size for p in checkpoints), default=None),
+            "timing": json.loads(timer.read_text()) if timer.is_file() else None,
+        }
+    return {
+        "stages": stages,
+        "budgets": {**{k: v for k, v in own.items() if v}, top: list(chain.hyperldm_vqa)},
+        **memory,
+    }
 
 
 def _checkpoints(out_dir: Path, name: str, is_top: bool) -> list[Path]:

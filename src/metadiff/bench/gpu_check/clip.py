@@ -61,10 +61,19 @@ def section_clip(ctx: Context) -> dict[str, Any]:
                 model.encode_image(b)
             image_seconds, _ = timed(lambda: [model.encode_image(b) for b in batches], ctx.device)
             text_seconds, _ = timed(lambda: [model.encode_text(t) for t in text_batches], ctx.device)
-    return {"arch": cfg.model.arch, "precision": precision, "batch_size": batch, "image_size": int(images.shape[-1]),
-            "image_tower_params": _visual_params(cfg.model.arch), "build_seconds": build_seconds,
-            "images": int(images.shape[0]), "images_per_s": images.shape[0] / image_seconds,
-            "texts": int(texts.shape[0]), "texts_per_s": texts.shape[0] / text_seconds, **memory}
+    return {
+        "arch": cfg.model.arch,
+        "precision": precision,
+        "batch_size": batch,
+        "image_size": int(images.shape[-1]),
+        "image_tower_params": _visual_params(cfg.model.arch),
+        "build_seconds": build_seconds,
+        "images": int(images.shape[0]),
+        "images_per_s": images.shape[0] / image_seconds,
+        "texts": int(texts.shape[0]),
+        "texts_per_s": texts.shape[0] / text_seconds,
+        **memory,
+    }
 
 
 def _visual_params(arch: str) -> int:
@@ -113,28 +122,43 @@ def section_features(ctx: Context, bare: dict[str, Any] | None) -> dict[str, Any
         module = instantiate_with_upstream(cfg.model, {})  # reads the weights file, as the stage does
         build_seconds = time.perf_counter() - start
         for workers in size.features.worker_counts:
-            data = instantiate_with_upstream(ctx.features_config(f"data.num_workers={workers}",
-                                                                 f"data.batch_size={batch}").data, {})
+            data = instantiate_with_upstream(
+                ctx.features_config(f"data.num_workers={workers}", f"data.batch_size={batch}").data, {}
+            )
             clock = ImageClock(ctx.device)
-            trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[clock], logger=False,
-                                              enable_progress_bar=False, enable_model_summary=False)
+            trainer = hydra.utils.instantiate(
+                cfg.trainer, callbacks=[clock], logger=False, enable_progress_bar=False, enable_model_summary=False
+            )
             try:
-                wall, _ = timed(lambda d=data, t=trainer: t.predict(module, datamodule=d, return_predictions=False),
-                                ctx.device)
+                wall, _ = timed(
+                    lambda d=data, t=trainer: t.predict(module, datamodule=d, return_predictions=False), ctx.device
+                )
             except Exception as error:  # noqa: BLE001 - e.g. workers killed by a small /dev/shm: the others still run
                 errors.append(f"{workers} workers: {one_line(error)}")
                 runs[str(workers)] = {"error": one_line(error)}
                 continue
             rate = clock.images_per_s
-            runs[str(workers)] = {"images_per_s": rate, "predict_seconds": wall, "images": clock.images,
-                                  "over_bare": rate / bare["images_per_s"] if bare else None}
+            runs[str(workers)] = {
+                "images_per_s": rate,
+                "predict_seconds": wall,
+                "images": clock.images,
+                "over_bare": rate / bare["images_per_s"] if bare else None,
+            }
     ok = {int(w): r for w, r in runs.items() if "images_per_s" in r}
     configured = int(cfg.data.num_workers)
     best = max(ok, key=lambda w: ok[w]["images_per_s"]) if ok else None
-    results = {"arch": cfg.model.arch, "batch_size": batch, "precision": str(cfg.trainer.precision),
-               "images": len(module.source.image_names()),
-               "build_seconds": build_seconds, "workers": runs, "configured_workers": configured,
-               "best_workers": best, "store_dir": str(module.store_dir), **memory}
+    results = {
+        "arch": cfg.model.arch,
+        "batch_size": batch,
+        "precision": str(cfg.trainer.precision),
+        "images": len(module.source.image_names()),
+        "build_seconds": build_seconds,
+        "workers": runs,
+        "configured_workers": configured,
+        "best_workers": best,
+        "store_dir": str(module.store_dir),
+        **memory,
+    }
     if best is not None:
         results["images_per_s"] = ok[best]["images_per_s"]
         results["over_bare"] = ok[best]["over_bare"]

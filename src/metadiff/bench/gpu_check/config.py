@@ -155,9 +155,9 @@ class Settings:
 
     spec: GpuCheckSpec
     sizes: Sizes
-    mode: str           # "full" | "quick"
-    device: str         # "cuda" | "cpu"
-    work: Path          # generated data, artifacts and checkpoints (a temporary folder)
+    mode: str  # "full" | "quick"
+    device: str  # "cuda" | "cpu"
+    work: Path  # generated data, artifacts and checkpoints (a temporary folder)
 
     @property
     def trainer(self) -> str:
@@ -175,14 +175,16 @@ def load_settings(quick: bool, device: str, work: Path) -> Settings:
     return Settings(spec=spec, sizes=sizes, mode=mode, device=device, work=work)
 
 
-def compose_experiment(experiment: str, overrides: list[str] | tuple[str, ...] = (),
-                       hydra_config: bool = False) -> DictConfig:
+def compose_experiment(
+    experiment: str, overrides: list[str] | tuple[str, ...] = (), hydra_config: bool = False
+) -> DictConfig:
     """The experiment's full config as `train.py` composes it (`hydra_config`: with Hydra's own node, registered as
     the current HydraConfig, which the pipeline needs to hand the trainer group on to upstreams)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"experiment={experiment}", *overrides],
-                      return_hydra_config=hydra_config)
+        cfg = compose(
+            config_name="train", overrides=[f"experiment={experiment}", *overrides], return_hydra_config=hydra_config
+        )
         if hydra_config:
             HydraConfig.instance().set_config(cfg)
             with open_dict(cfg):  # a Hydra app's job config has no `hydra` node (the run loop resolves the rest)

@@ -30,17 +30,23 @@ class Context:
     def base_overrides(self) -> list[str]:
         """Every composed experiment: this check's trainer group, outputs under the work folder, and the generated
         data where the experiments look for real data (the VQA tree is written on first use)."""
-        return [f"trainer={self.settings.trainer}", f"paths.root_dir={self.root}",
-                f"paths.output_dir={self.root / 'outputs' / 'check'}",
-                f"paths.miniimagenet_dir={self.settings.work / 'miniimagenet'}"]
+        return [
+            f"trainer={self.settings.trainer}",
+            f"paths.root_dir={self.root}",
+            f"paths.output_dir={self.root / 'outputs' / 'check'}",
+            f"paths.miniimagenet_dir={self.settings.work / 'miniimagenet'}",
+        ]
 
     def vqa_overrides(self) -> list[str]:
         """The generated VQA tree as the *_vqa experiments' data (and the rules' example count, if the tree is too
         small for the paper's)."""
         tree = self.vqa_tree
         rules = self.settings.sizes.vqa.min_task_examples
-        return [f"paths.vqa_dir={tree['vqa_dir']}", f"paths.coco_dir={tree['coco_dir']}",
-                *([f"data.source.rules.min_task_examples={rules}"] if rules is not None else [])]
+        return [
+            f"paths.vqa_dir={tree['vqa_dir']}",
+            f"paths.coco_dir={tree['coco_dir']}",
+            *([f"data.source.rules.min_task_examples={rules}"] if rules is not None else []),
+        ]
 
     def compose(self, experiment: str, *overrides: str, hydra_config: bool = False) -> DictConfig:
         return compose_experiment(experiment, [*self.base_overrides(), *overrides], hydra_config=hydra_config)
@@ -48,10 +54,12 @@ class Context:
     @cached_property
     def vqa_tree(self) -> dict[str, Path]:
         """COCO-size JPEGs and VQA v2 JSON in the layout and file names conf/data/meta_vqa.yaml reads."""
-        source = compose_experiment(self.settings.spec.experiments.features,
-                                    [f"paths.root_dir={self.root}"]).data.source
-        return write_vqa_tree(self.settings.work / "vqa", self.settings.sizes.vqa, list(source.rules.splits),
-                              dict(source.vqa_files))
+        source = compose_experiment(
+            self.settings.spec.experiments.features, [f"paths.root_dir={self.root}"]
+        ).data.source
+        return write_vqa_tree(
+            self.settings.work / "vqa", self.settings.sizes.vqa, list(source.rules.splits), dict(source.vqa_files)
+        )
 
     def features_config(self, *overrides: str) -> DictConfig:
         return self.compose(self.settings.spec.experiments.features, *self.vqa_overrides(), *overrides)

@@ -25,15 +25,19 @@ def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image
     return Image.fromarray(image)
 
 
-def write_vqa_tree(root: Path, size: VQASize, splits: list[str], files: dict[str, str], seed: int = 0) -> dict[str, Path]:
+def write_vqa_tree(
+    root: Path, size: VQASize, splits: list[str], files: dict[str, str], seed: int = 0
+) -> dict[str, Path]:
     """`root/VQA` (files[questions|annotations] per split, the official layout) and `root/coco/<split>/` JPEGs.
 
     Question q is asked of `images_per_question` consecutive images (cyclically) with `answers_per_question`
     answers in turn, each answer on >= 2 images, all of answer type `other`: every question passes the Meta-VQA
     rules when it has more examples than their `min_task_examples`."""
     if size.images_per_question > size.images or size.images_per_question < 2 * size.answers_per_question:
-        raise ValueError(f"gpu_check vqa: images_per_question={size.images_per_question} must be <= images="
-                         f"{size.images} and >= 2 x answers_per_question={size.answers_per_question}")
+        raise ValueError(
+            f"gpu_check vqa: images_per_question={size.images_per_question} must be <= images="
+            f"{size.images} and >= 2 x answers_per_question={size.answers_per_question}"
+        )
     width, height = size.image_size
     vqa, coco = root / "VQA", root / "coco"
     images = [(splits[i % len(splits)], i + 1) for i in range(size.images)]  # (split, image_id)
@@ -56,20 +60,30 @@ def write_vqa_tree(root: Path, size: VQASize, splits: list[str], files: dict[str
             qid = len(questions[split]) + 1 + 10**7 * splits.index(split)
             answer = f"kind {k % size.answers_per_question}"
             questions[split].append({"image_id": image_id, "question": text, "question_id": qid})
-            annotations[split].append({"question_id": qid, "image_id": image_id, "answer_type": "other",
-                                       "multiple_choice_answer": answer, "question_type": "what is the",
-                                       "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": 1}]})
+            annotations[split].append(
+                {
+                    "question_id": qid,
+                    "image_id": image_id,
+                    "answer_type": "other",
+                    "multiple_choice_answer": answer,
+                    "question_type": "what is the",
+                    "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": 1}],
+                }
+            )
     for split in splits:
-        for key, records, template in (("questions", questions[split], files["questions"]),
-                                       ("annotations", annotations[split], files["annotations"])):
+        for key, records, template in (
+            ("questions", questions[split], files["questions"]),
+            ("annotations", annotations[split], files["annotations"]),
+        ):
             path = vqa / template.format(split=split)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"data_subtype": split, key: records}))
     return {"vqa_dir": vqa, "coco_dir": coco}
 
 
-def write_miniimagenet(root: Path, file_name: str, n_classes: int, per_class: int, side: int = 84,
-                       seed: int = 0) -> Path:
+def write_miniimagenet(
+    root: Path, file_name: str, n_classes: int, per_class: int, side: int = 84, seed: int = 0
+) -> Path:
     """One split of miniImageNet in the `cache` schema ({image_data uint8 [N, side, side, 3], class_dict})."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n_classes * per_class, side, side, 3), dtype=np.uint8)

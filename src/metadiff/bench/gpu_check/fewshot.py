@@ -47,8 +47,10 @@ def _query_logits(module, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def hnet_plan(settings: Settings, hnet: DictConfig) -> dict[str, int]:
     """Tasks per meta-step and inner steps: the check's, or hnet_vqa's own where the check leaves them null."""
-    return {"tasks": or_config(settings.sizes.hnet.tasks, hnet.data.tasks_per_batch),
-            "inner_steps": or_config(settings.sizes.hnet.inner_steps, hnet.model.inner.steps)}
+    return {
+        "tasks": or_config(settings.sizes.hnet.tasks, hnet.data.tasks_per_batch),
+        "inner_steps": or_config(settings.sizes.hnet.inner_steps, hnet.model.inner.steps),
+    }
 
 
 def section_hnet(ctx: Context) -> dict[str, Any]:
@@ -61,8 +63,13 @@ def section_hnet(ctx: Context) -> dict[str, Any]:
     batch = synthetic_task_batch(n_tasks, dim)
     batch = type(batch)(**{k: v.to(ctx.device) for k, v in vars(batch).items()})
     clip = cfg.trainer.gradient_clip_val
-    out: dict[str, Any] = {"embed_dim": dim, "features_arch": arch, "tasks": n_tasks, "inner_steps": steps,
-                           "trainer_precision": str(cfg.trainer.precision)}
+    out: dict[str, Any] = {
+        "embed_dim": dim,
+        "features_arch": arch,
+        "tasks": n_tasks,
+        "inner_steps": steps,
+        "trainer_precision": str(cfg.trainer.precision),
+    }
     with peak_memory(ctx.device) as memory:
         torch.manual_seed(0)
         module = instantiate_with_upstream(cfg.model, {}).to(ctx.device)
@@ -88,19 +95,24 @@ def section_hnet(ctx: Context) -> dict[str, Any]:
             values[precision] = (loss.detach().float(), logits.detach().float())
         (loss32, logits32), (loss16, logits16) = values["32-true"], values["bf16-mixed"]
         finite = torch.isfinite(logits32) & torch.isfinite(logits16)
-        out["bf16_vs_fp32"] = {"meta_loss_fp32": float(loss32), "meta_loss_abs_diff": float((loss16 - loss32).abs()),
-                               "logits_max_abs_diff": float((logits16 - logits32)[finite].abs().max()),
-                               "logits_max_abs": float(logits32[finite].abs().max())}
+        out["bf16_vs_fp32"] = {
+            "meta_loss_fp32": float(loss32),
+            "meta_loss_abs_diff": float((loss16 - loss32).abs()),
+            "logits_max_abs_diff": float((logits16 - logits32)[finite].abs().max()),
+            "logits_max_abs": float(logits32[finite].abs().max()),
+        }
         for precision in PRECISIONS:
             meta_step(precision)  # warm-up
             seconds = [timed(lambda p=precision: meta_step(p), ctx.device)[0] for _ in range(s.sizes.hnet.repeats)]
-            out[precision] = {"seconds_per_step": statistics.median(seconds), "all_seconds": seconds,
-                              "tasks_per_s": n_tasks / statistics.median(seconds)}
+            out[precision] = {
+                "seconds_per_step": statistics.median(seconds),
+                "all_seconds": seconds,
+                "tasks_per_s": n_tasks / statistics.median(seconds),
+            }
         # the inner loop alone (evaluation / adaptation): task-steps per second, no meta-gradient
         with torch.no_grad(), autocast(ctx.device, str(cfg.trainer.precision)):
             module.inner_loop.adapt(module.learner, batch, steps=max(steps, 1))
-            seconds, _ = timed(lambda: module.inner_loop.adapt(module.learner, batch, steps=max(steps, 1)),
-                               ctx.device)
+            seconds, _ = timed(lambda: module.inner_loop.adapt(module.learner, batch, steps=max(steps, 1)), ctx.device)
         out["finetune_task_steps_per_s"] = n_tasks * max(steps, 1) / seconds
     trained = out[str(cfg.trainer.precision)] if str(cfg.trainer.precision) in PRECISIONS else out["32-true"]
     out["tasks_per_s"] = trained["tasks_per_s"]

@@ -29,17 +29,17 @@ TARGETS = {"chain_a_one_gpu_s": 15 * 60, "chain_b_eight_gpus_s": 60 * 60, "check
 @dataclass
 class StageProjection:
     stage: str
-    runs: int                 # how many times the chain runs it (13 zoo members)
-    steps: int | None         # training steps (or the stage's main unit, named in `basis`)
-    seconds: float | None     # one run
+    runs: int  # how many times the chain runs it (13 zoo members)
+    steps: int | None  # training steps (or the stage's main unit, named in `basis`)
+    seconds: float | None  # one run
     checkpoint_writes: float | None
     checkpoint_seconds: float | None
     disk_bytes: float | None  # one run
     memory_mib: float | None
     basis: str
     missing: list[str] = field(default_factory=list)
-    checkpoint_bytes: float | None = None   # one checkpoint file (measured)
-    train_seconds: float | None = None      # the training steps alone
+    checkpoint_bytes: float | None = None  # one checkpoint file (measured)
+    train_seconds: float | None = None  # the training steps alone
 
     @property
     def checkpoint_bytes_written(self) -> float | None:
@@ -75,8 +75,9 @@ def _memory(results: dict[str, Any], section: str, device: str) -> float | None:
     return _get(results, section, "peak_cuda_mib" if device == "cuda" else "peak_rss_mib")
 
 
-def checkpoint_plan(callbacks: DictConfig | None, epochs: int, validations: int, train_seconds: float,
-                    save_seconds: float | None) -> tuple[float, int]:
+def checkpoint_plan(
+    callbacks: DictConfig | None, epochs: int, validations: int, train_seconds: float, save_seconds: float | None
+) -> tuple[float, int]:
     """(checkpoint writes over the run, files kept at its end) of the run's checkpoint callbacks as configured:
     `SpacedCheckpoint` (min_interval_s and max_io_fraction bound the writes), or Lightning's ModelCheckpoint (per
     `every_n_epochs`/`every_n_train_steps`/`train_time_interval`, at train-epoch ends or validation ends; a monitored
@@ -107,8 +108,11 @@ def checkpoint_plan(callbacks: DictConfig | None, epochs: int, validations: int,
         elif node.get("train_time_interval"):
             saves = train_seconds / float(node.train_time_interval)
         else:
-            saves = epochs / int(node.get("every_n_epochs") or 1) if node.get("save_on_train_epoch_end", True) \
+            saves = (
+                epochs / int(node.get("every_n_epochs") or 1)
+                if node.get("save_on_train_epoch_end", True)
                 else validations
+            )
         writes += per_save * (saves if saves is not None else epochs)
         kept += (top_k if top_k > 0 else 0) + (1 if last else 0)
     return writes, kept
@@ -125,8 +129,15 @@ class Projector:
         self.n_train, self.n_test = vqa.meta_train_tasks - self.n_val, vqa.meta_test_tasks
 
     # -- helpers ------------------------------------------------------------------------------------------------
-    def _checkpoints(self, cfg: DictConfig, epochs: int, validations: int, train_s: float | None,
-                     ckpt_bytes: float | None, missing: list[str]) -> tuple[float | None, float | None, int]:
+    def _checkpoints(
+        self,
+        cfg: DictConfig,
+        epochs: int,
+        validations: int,
+        train_s: float | None,
+        ckpt_bytes: float | None,
+        missing: list[str],
+    ) -> tuple[float | None, float | None, int]:
         save_s = ckpt_bytes / self.write_rate if ckpt_bytes and self.write_rate else None
         writes, kept = checkpoint_plan(cfg.get("callbacks"), epochs, validations, train_s or 0.0, save_s)
         if writes and save_s is None:
@@ -167,10 +178,22 @@ class Projector:
         if not text_rate:
             missing.append("text throughput")
         dim = _get(self.r, "hnet_step", "embed_dim") or 0
-        basis = (f"{vqa.images} images at {'the configured' if configured else 'the best'} worker count + "
-                 f"{texts} texts; store float32 x {dim}")
-        return StageProjection("features_vqa", 1, None, seconds, 0, 0.0, (vqa.images + texts) * dim * 4,
-                               _memory(self.r, "features_pipeline", self.device), basis, missing)
+        basis = (
+            f"{vqa.images} images at {'the configured' if configured else 'the best'} worker count + "
+            f"{texts} texts; store float32 x {dim}"
+        )
+        return StageProjection(
+            "features_vqa",
+            1,
+            None,
+            seconds,
+            0,
+            0.0,
+            (vqa.images + texts) * dim * 4,
+            _memory(self.r, "features_pipeline", self.device),
+            basis,
+            missing,
+        )
 
     def _fewshot(self, key: str, task: str, inner_steps: int) -> StageProjection:
         cfg = self.c[key]
@@ -185,8 +208,11 @@ class Projector:
         else:  # the multitask learner has no inner loop: its step timed in the chain, scaled to the batch
             timing = self._chain_stage(task).get("timing") or {}
             measured = max(timing.get("batch_sizes") or [0]) or None
-            step_s = timing["median_step_seconds"] * int(cfg.data.tasks_per_batch) / measured \
-                if measured and timing.get("median_step_seconds") else None
+            step_s = (
+                timing["median_step_seconds"] * int(cfg.data.tasks_per_batch) / measured
+                if measured and timing.get("median_step_seconds")
+                else None
+            )
         if step_s is None:
             missing.append("step time")
         train_s = steps * step_s if step_s else None
@@ -201,8 +227,10 @@ class Projector:
         seconds = None if train_s is None else train_s + eval_s + (io_s or 0.0)
         disk = (stage.get("artifact_bytes") or 0) + kept * (ckpt or 0)
         memory = _memory(self.r, "hnet_step", self.device)
-        basis = (f"{steps} steps ({epochs} epochs x {per_epoch}), {validations} validations, "
-                 f"{eval_tasks + test_tasks} evaluation fine-tunes x {cfg.model.eval_steps} steps")
+        basis = (
+            f"{steps} steps ({epochs} epochs x {per_epoch}), {validations} validations, "
+            f"{eval_tasks + test_tasks} evaluation fine-tunes x {cfg.model.eval_steps} steps"
+        )
         return StageProjection(task, 1, steps, seconds, writes, io_s, disk, memory, basis, missing, ckpt, train_s)
 
     def hnet(self) -> StageProjection:
@@ -218,10 +246,18 @@ class Projector:
         seconds = self._finetune_seconds(finetunes * int(cfg.model.inner.steps), missing)
         latent = int(hnet.model.learner.embedding_dim)
         disk = 2 * finetunes * latent * 4  # the chunks in its work folder and the assembled artifact
-        return StageProjection("adaptation_vqa", 1, finetunes, seconds if not missing else None, 0, 0.0, disk,
-                               _memory(self.r, "hnet_step", self.device),
-                               f"{finetunes} fine-tunes x {cfg.model.inner.steps} steps (rows x meta-train + every "
-                               "task once)", missing)
+        return StageProjection(
+            "adaptation_vqa",
+            1,
+            finetunes,
+            seconds if not missing else None,
+            0,
+            0.0,
+            disk,
+            _memory(self.r, "hnet_step", self.device),
+            f"{finetunes} fine-tunes x {cfg.model.inner.steps} steps (rows x meta-train + every task once)",
+            missing,
+        )
 
     def hyperldm(self) -> StageProjection:
         cfg = self.c["hyperldm"]
@@ -241,10 +277,21 @@ class Projector:
         writes, io_s, kept = self._checkpoints(cfg, epochs, validations, train_s, ckpt, missing)
         seconds = None if train_s is None else train_s + (io_s or 0.0)
         disk = (stage.get("artifact_bytes") or 0) + kept * (ckpt or 0)
-        return StageProjection("hyperldm_vqa", 1, steps, seconds, writes, io_s, disk,
-                               stage.get("peak_cuda_mib" if self.device == "cuda" else "peak_rss_mib"),
-                               f"{steps} steps ({epochs} epochs x {per_epoch}) at the chain's measured step "
-                               "(a tiny MLP: launch-bound, not batch-bound)", missing, ckpt, train_s)
+        return StageProjection(
+            "hyperldm_vqa",
+            1,
+            steps,
+            seconds,
+            writes,
+            io_s,
+            disk,
+            stage.get("peak_cuda_mib" if self.device == "cuda" else "peak_rss_mib"),
+            f"{steps} steps ({epochs} epochs x {per_epoch}) at the chain's measured step "
+            "(a tiny MLP: launch-bound, not batch-bound)",
+            missing,
+            ckpt,
+            train_s,
+        )
 
     # -- chain B --------------------------------------------------------------------------------------------------
     def _image_step(self, section: str, missing: list[str]) -> float | None:
@@ -257,11 +304,13 @@ class Projector:
         cfg, stats = self.c["unet"], self.s.spec.datasets.miniimagenet
         missing: list[str] = []
         batch = int(cfg.data.train.batch_size)
-        images = int(cfg.data.class_subset.classes_per_model) * (stats.images_per_class
-                                                                   - int(cfg.data.train.holdout_per_class))
+        images = int(cfg.data.class_subset.classes_per_model) * (
+            stats.images_per_class - int(cfg.data.train.holdout_per_class)
+        )
         per_epoch = images // batch
-        steps = int(cfg.trainer.max_steps) if int(cfg.trainer.max_steps) > 0 else \
-            int(cfg.trainer.max_epochs) * per_epoch
+        steps = (
+            int(cfg.trainer.max_steps) if int(cfg.trainer.max_steps) > 0 else int(cfg.trainer.max_epochs) * per_epoch
+        )
         epochs = math.ceil(steps / per_epoch)
         measured = _get(self.r, "adm_step", "seconds_per_step")
         measured_batch = _get(self.r, "adm_step", "batch_size")
@@ -276,10 +325,20 @@ class Projector:
         writes, io_s, kept = self._checkpoints(cfg, epochs, validations, train_s, ckpt, missing)
         weights = _get(self.r, "adm_step", "checkpoint", "weights_bytes") or 0
         seconds = None if train_s is None else train_s + eval_s + (io_s or 0.0)
-        return StageProjection("diffusion_unet_miniimagenet", int(self.c["zoo"].zoo.n_models), steps, seconds, writes,
-                               io_s, weights + kept * (ckpt or 0), _memory(self.r, "adm_step", self.device),
-                               f"{steps} steps of batch {batch} ({epochs} epochs of {per_epoch}), {validations} "
-                               "validations, a test grid", missing, ckpt, train_s)
+        return StageProjection(
+            "diffusion_unet_miniimagenet",
+            int(self.c["zoo"].zoo.n_models),
+            steps,
+            seconds,
+            writes,
+            io_s,
+            weights + kept * (ckpt or 0),
+            _memory(self.r, "adm_step", self.device),
+            f"{steps} steps of batch {batch} ({epochs} epochs of {per_epoch}), {validations} validations, a test grid",
+            missing,
+            ckpt,
+            train_s,
+        )
 
     def zoo(self) -> StageProjection:
         cfg = self.c["zoo"]
@@ -291,10 +350,19 @@ class Projector:
         member = _get(self.r, "guided_ddim", "zoo_weight_bytes")
         members = _get(self.r, "guided_ddim", "members")
         disk = member / members * n if member and members else None
-        return StageProjection("diffusion_zoo_miniimagenet", 1, image_steps, seconds, 0, 0.0, disk,
-                               _memory(self.r, "guided_ddim", self.device),
-                               f"check: {n} members x {cfg.model.check.n_per_model} samples x "
-                               f"{cfg.model.check.steps} DDIM steps (image-steps)", missing)
+        return StageProjection(
+            "diffusion_zoo_miniimagenet",
+            1,
+            image_steps,
+            seconds,
+            0,
+            0.0,
+            disk,
+            _memory(self.r, "guided_ddim", self.device),
+            f"check: {n} members x {cfg.model.check.n_per_model} samples x "
+            f"{cfg.model.check.steps} DDIM steps (image-steps)",
+            missing,
+        )
 
     def dfml(self) -> StageProjection:
         cfg, zoo = self.c["dfml"], self.c["zoo"]
@@ -308,10 +376,19 @@ class Projector:
         seconds = image_steps * image_step if image_step is not None else None
         side, channels = int(self.c["unet"].model.image_size), int(self.c["unet"].model.channels)
         disk = rounds * classes * int(gen.per_class) * channels * side * side  # every round's uint8 pseudo data
-        return StageProjection("dfml_miniimagenet", 1, image_steps, seconds, None, None, disk,
-                               _memory(self.r, "guided_ddim", self.device),
-                               f"generation: {rounds} rounds x {classes} classes x {gen.per_class} images x "
-                               f"{gen.steps} guided DDIM steps (image-steps, fp32 as the stage runs it)", missing)
+        return StageProjection(
+            "dfml_miniimagenet",
+            1,
+            image_steps,
+            seconds,
+            None,
+            None,
+            disk,
+            _memory(self.r, "guided_ddim", self.device),
+            f"generation: {rounds} rounds x {classes} classes x {gen.per_class} images x "
+            f"{gen.steps} guided DDIM steps (image-steps, fp32 as the stage runs it)",
+            missing,
+        )
 
     def diffusionmix(self) -> StageProjection:
         cfg, zoo = self.c["diffusionmix"], self.c["zoo"]
@@ -323,10 +400,19 @@ class Projector:
         image_steps = int(episodes.n_episodes) * int(zoo.zoo.n_models) * support * passes
         image_step = self._image_step("diffusionmix_step", missing)
         seconds = image_steps * image_step if image_step is not None else None
-        return StageProjection("diffusionmix_miniimagenet", 1, image_steps, seconds, 0, 0.0, 0,
-                               _memory(self.r, "diffusionmix_step", self.device),
-                               f"{episodes.n_episodes} episodes x {zoo.zoo.n_models} members x {support} support "
-                               f"images x {passes} ancestral steps (image-steps)", missing)
+        return StageProjection(
+            "diffusionmix_miniimagenet",
+            1,
+            image_steps,
+            seconds,
+            0,
+            0.0,
+            0,
+            _memory(self.r, "diffusionmix_step", self.device),
+            f"{episodes.n_episodes} episodes x {zoo.zoo.n_models} members x {support} support "
+            f"images x {passes} ancestral steps (image-steps)",
+            missing,
+        )
 
     # -- both ---------------------------------------------------------------------------------------------------
     def project(self) -> dict[str, Any]:
@@ -341,17 +427,27 @@ class Projector:
         if member.seconds is not None and all(x is not None for x in later):
             # 8 GPUs: the members as parallel one-GPU jobs (in waves), the later stages' passes split over 8 ranks
             eight = waves * member.seconds + later[0] + (later[1] + later[2]) / 8
-        out = {"chain_a": [_row(p) for p in chain_a], "chain_b": [_row(p) for p in chain_b],
-               "totals": {"chain_a_one_device_s": total_a, "chain_b_one_device_s": total_b,
-                          "chain_b_eight_devices_s": eight, "chain_b_eight_devices_basis":
-                          f"{member.runs} members in {waves} waves of 8 one-GPU jobs, dfml and diffusionmix "
-                          "split evenly over 8 ranks (ideal), the zoo check on one"},
-               "targets": TARGETS, "device": self.device}
+        out = {
+            "chain_a": [_row(p) for p in chain_a],
+            "chain_b": [_row(p) for p in chain_b],
+            "totals": {
+                "chain_a_one_device_s": total_a,
+                "chain_b_one_device_s": total_b,
+                "chain_b_eight_devices_s": eight,
+                "chain_b_eight_devices_basis": f"{member.runs} members in {waves} waves of 8 one-GPU jobs, dfml and diffusionmix "
+                "split evenly over 8 ranks (ideal), the zoo check on one",
+            },
+            "targets": TARGETS,
+            "device": self.device,
+        }
         if self.device == "cuda":
-            out["meets"] = {"chain_a_one_gpu": total_a is not None and total_a <= TARGETS["chain_a_one_gpu_s"],
-                            "chain_b_eight_gpus": eight is not None and eight <= TARGETS["chain_b_eight_gpus_s"],
-                            "checkpoint_io": all(p.io_share is None or p.io_share <= TARGETS["checkpoint_io_share"]
-                                                 for p in chain_a + chain_b)}
+            out["meets"] = {
+                "chain_a_one_gpu": total_a is not None and total_a <= TARGETS["chain_a_one_gpu_s"],
+                "chain_b_eight_gpus": eight is not None and eight <= TARGETS["chain_b_eight_gpus_s"],
+                "checkpoint_io": all(
+                    p.io_share is None or p.io_share <= TARGETS["checkpoint_io_share"] for p in chain_a + chain_b
+                ),
+            }
         return out
 
 
@@ -362,13 +458,19 @@ def _total(stages: list[StageProjection]) -> float | None:
 
 
 def _row(p: StageProjection) -> dict[str, Any]:
-    return {**asdict(p), "io_share": p.io_share, "checkpoint_bytes_written": p.checkpoint_bytes_written,
-            "written_per_train_s": p.written_per_train_s}
+    return {
+        **asdict(p),
+        "io_share": p.io_share,
+        "checkpoint_bytes_written": p.checkpoint_bytes_written,
+        "written_per_train_s": p.written_per_train_s,
+    }
 
 
 def project(settings: Settings, results: dict[str, Any], compose) -> dict[str, Any]:
     """The projection of both chains; `compose(experiment)` gives an experiment's config as this check runs it."""
     e = settings.spec.experiments
-    configs = {name: compose(getattr(e, name)) for name in
-               ("features", "hnet", "multitask", "adaptation", "hyperldm", "unet", "zoo", "dfml", "diffusionmix")}
+    configs = {
+        name: compose(getattr(e, name))
+        for name in ("features", "hnet", "multitask", "adaptation", "hyperldm", "unet", "zoo", "dfml", "diffusionmix")
+    }
     return Projector(settings, results, configs).project()

@@ -30,13 +30,15 @@ class StepTimer(pl.Callback):
         self.batch_sizes: list[int] = []
         self._start = 0.0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         _sync()
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         _sync()
         self.steps.append(time.perf_counter() - self._start)
         self.batch_sizes.append(_batch_size(batch))
@@ -52,9 +54,13 @@ class StepTimer(pl.Callback):
 
     def summary(self) -> dict[str, Any]:
         timed = self.steps[1:] or self.steps  # the first step pays for warm-up (allocations, kernel selection)
-        return {"steps": len(self.steps), "step_seconds": self.steps, "batch_sizes": self.batch_sizes,
-                "median_step_seconds": statistics.median(timed) if timed else None,
-                "validation_seconds": self.validations}
+        return {
+            "steps": len(self.steps),
+            "step_seconds": self.steps,
+            "batch_sizes": self.batch_sizes,
+            "median_step_seconds": statistics.median(timed) if timed else None,
+            "validation_seconds": self.validations,
+        }
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.is_global_zero and (self.steps or self.validations):

@@ -42,22 +42,33 @@ def write_train_pickle(ctx: Context, cfg, batch: int, holdout: int) -> Path:
 
 def unet_plan(settings: Settings, unet: DictConfig) -> dict[str, int]:
     """Batch and hold-out of the timed fit: the check's, or diffusion_unet_miniimagenet's own where left null."""
-    return {"batch_size": or_config(settings.sizes.unet.batch_size, unet.data.train.batch_size),
-            "holdout_per_class": or_config(settings.sizes.unet.holdout_per_class, unet.data.train.holdout_per_class),
-            "steps": settings.sizes.unet.warmup_steps + settings.sizes.unet.steps}
+    return {
+        "batch_size": or_config(settings.sizes.unet.batch_size, unet.data.train.batch_size),
+        "holdout_per_class": or_config(settings.sizes.unet.holdout_per_class, unet.data.train.holdout_per_class),
+        "steps": settings.sizes.unet.warmup_steps + settings.sizes.unet.steps,
+    }
 
 
 def section_unet(ctx: Context) -> dict[str, Any]:
     s = ctx.settings
     plan = unet_plan(s, ctx.compose(s.spec.experiments.unet))
     batch, holdout, steps = plan["batch_size"], plan["holdout_per_class"], plan["steps"]
-    cfg = ctx.compose(s.spec.experiments.unet, f"data.train.batch_size={batch}",
-                      f"data.train.holdout_per_class={holdout}", f"trainer.max_steps={steps}",
-                      "++trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0")
+    cfg = ctx.compose(
+        s.spec.experiments.unet,
+        f"data.train.batch_size={batch}",
+        f"data.train.holdout_per_class={holdout}",
+        f"trainer.max_steps={steps}",
+        "++trainer.limit_val_batches=0",
+        "trainer.num_sanity_val_steps=0",
+    )
     write_train_pickle(ctx, cfg, batch, holdout)
     trainer_precision = str(cfg.trainer.precision)
-    out: dict[str, Any] = {"batch_size": batch, "image_size": int(cfg.model.image_size),
-                           "trainer_precision": trainer_precision, "timed_steps": s.sizes.unet.steps}
+    out: dict[str, Any] = {
+        "batch_size": batch,
+        "image_size": int(cfg.model.image_size),
+        "trainer_precision": trainer_precision,
+        "timed_steps": s.sizes.unet.steps,
+    }
     for precision in ("32-true", "bf16-mixed"):
         with peak_memory(ctx.device) as memory:
             torch.manual_seed(0)
@@ -65,17 +76,29 @@ def section_unet(ctx: Context) -> dict[str, Any]:
             out["params"] = n_params(module.denoiser)
             data = instantiate_with_upstream(cfg.data, {})
             timer = StepTimer(str(ctx.settings.work / f"unet_steps_{precision}.json"))
-            callbacks = [hydra.utils.instantiate(node) for name, node in cfg.callbacks.items()
-                         if name not in LEFT_OUT and node is not None and "_target_" in node]
-            trainer = hydra.utils.instantiate(cfg.trainer, precision=precision, callbacks=[*callbacks, timer],
-                                              logger=False, enable_progress_bar=False, enable_model_summary=False,
-                                              enable_checkpointing=False)
+            callbacks = [
+                hydra.utils.instantiate(node)
+                for name, node in cfg.callbacks.items()
+                if name not in LEFT_OUT and node is not None and "_target_" in node
+            ]
+            trainer = hydra.utils.instantiate(
+                cfg.trainer,
+                precision=precision,
+                callbacks=[*callbacks, timer],
+                logger=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                enable_checkpointing=False,
+            )
             trainer.fit(module, datamodule=data)
-            timed_steps = timer.steps[s.sizes.unet.warmup_steps:] or timer.steps
+            timed_steps = timer.steps[s.sizes.unet.warmup_steps :] or timer.steps
             seconds = statistics.median(timed_steps)
-            entry: dict[str, Any] = {"seconds_per_step": seconds, "images_per_s": batch / seconds,
-                                     "all_step_seconds": timer.steps,
-                                     "loss": float(trainer.callback_metrics.get("train/loss", float("nan")))}
+            entry: dict[str, Any] = {
+                "seconds_per_step": seconds,
+                "images_per_s": batch / seconds,
+                "all_step_seconds": timer.steps,
+                "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+            }
             if precision == _saved_precision(trainer_precision):
                 path = ctx.settings.work / "adm_member.ckpt"
                 synchronize(ctx.device)
@@ -83,10 +106,13 @@ def section_unet(ctx: Context) -> dict[str, Any]:
                 trainer.save_checkpoint(path)
                 save = time.perf_counter() - start
                 size = path.stat().st_size
-                out["checkpoint"] = {"seconds": save, "bytes": size, "bytes_per_s": size / save,
-                                     "weights_bytes": sum(p.numel() * p.element_size()
-                                                          for p in module.denoiser.parameters()),
-                                     "entries": _entries(path)}
+                out["checkpoint"] = {
+                    "seconds": save,
+                    "bytes": size,
+                    "bytes_per_s": size / save,
+                    "weights_bytes": sum(p.numel() * p.element_size() for p in module.denoiser.parameters()),
+                    "entries": _entries(path),
+                }
                 path.unlink()
         out[precision] = {**entry, **memory}
         del module, trainer, data

@@ -36,24 +36,24 @@ class TrainSpec:
 
     split: str | None
     batch_size: int
-    eval_batch_size: int            # the held-out images' loader
-    holdout_per_class: int          # per class, kept out of training: the validation images
-    steps_per_epoch: int | None     # data-free runs only: step indices per epoch
+    eval_batch_size: int  # the held-out images' loader
+    holdout_per_class: int  # per class, kept out of training: the validation images
+    steps_per_epoch: int | None  # data-free runs only: step indices per epoch
 
 
 @dataclass(frozen=True)
 class EpisodesSpec:
     """`data.episodes`: the fixed, seeded evaluation episodes (spec §2.5, §5)."""
 
-    split: str                      # the test episodes' split
+    split: str  # the test episodes' split
     n_way: int
-    shots: list[int]                # one test loader per K
+    shots: list[int]  # one test loader per K
     n_query: int
     n_episodes: int
     episodes_per_batch: int
     seed: int
-    val_split: str | None           # data-free runs only: the split of the validation episodes (checkpoint selection)
-    n_val_episodes: int | None      # data-free runs only: validation episodes per shot
+    val_split: str | None  # data-free runs only: the split of the validation episodes (checkpoint selection)
+    n_val_episodes: int | None  # data-free runs only: validation episodes per shot
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,17 @@ class ClassSubsetSpec:
 
 
 class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
-    def __init__(self, source: ImageSource, train: TrainSpec, episodes: EpisodesSpec, num_workers: int = 0,
-                 seed: int = 0, class_subset: ClassSubsetSpec | None = None, test_on: str = "episodes",
-                 pin_memory: bool = False):
+    def __init__(
+        self,
+        source: ImageSource,
+        train: TrainSpec,
+        episodes: EpisodesSpec,
+        num_workers: int = 0,
+        seed: int = 0,
+        class_subset: ClassSubsetSpec | None = None,
+        test_on: str = "episodes",
+        pin_memory: bool = False,
+    ):
         """`pin_memory`: pin the batches when they go to a CUDA device (`metadiff.data.pinning`)."""
         super().__init__()
         self.pin_memory = pin_memory
@@ -79,8 +87,10 @@ class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
         self.class_subset = as_spec(ClassSubsetSpec, class_subset, "data.class_subset") if class_subset else None
         self.shots = [int(k) for k in self.episode_cfg.shots]
         if test_on not in ("episodes", "holdout"):
-            raise ConfigError(f"data.test_on='{test_on}': expected 'episodes' (fixed few-shot episodes) or 'holdout' "
-                              "(the held-out images of the train classes)")
+            raise ConfigError(
+                f"data.test_on='{test_on}': expected 'episodes' (fixed few-shot episodes) or 'holdout' "
+                "(the held-out images of the train classes)"
+            )
         self.test_on = test_on
         self._splits: dict[str, ImageSplit] = {}
 
@@ -114,16 +124,23 @@ class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
         for c in self.train_classes():
             idx = torch.nonzero(split.targets == c, as_tuple=True)[0]
             if holdout >= len(idx):
-                raise ConfigError(f"data.train.holdout_per_class={holdout} leaves no training image of class "
-                                  f"'{split.classes[c]}' ({len(idx)} images)")
+                raise ConfigError(
+                    f"data.train.holdout_per_class={holdout} leaves no training image of class "
+                    f"'{split.classes[c]}' ({len(idx)} images)"
+                )
             val.append(idx[:holdout])
             train.append(idx[holdout:])
         return torch.cat(train), torch.cat(val)
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset, **kwargs) -> DataLoader:
-        return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=pin_memory(self.trainer, self.pin_memory), **kwargs)
+        return DataLoader(
+            dataset,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=pin_memory(self.trainer, self.pin_memory),
+            **kwargs,
+        )
 
     def train_dataloader(self) -> DataLoader:
         if self.data_free:
@@ -154,9 +171,17 @@ class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
         cfg = self.episode_cfg
         shape = EpisodeShape(int(cfg.n_way), k_shot, int(cfg.n_query))
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = EpisodeSampler(self.split(split).targets, shape, int(n_episodes or cfg.n_episodes),
-                                 int(cfg.episodes_per_batch), seed=int(cfg.seed), fixed=True, rank=rank,
-                                 world_size=world, what=f"episodes of {split}")
+        sampler = EpisodeSampler(
+            self.split(split).targets,
+            shape,
+            int(n_episodes or cfg.n_episodes),
+            int(cfg.episodes_per_batch),
+            seed=int(cfg.seed),
+            fixed=True,
+            rank=rank,
+            world_size=world,
+            what=f"episodes of {split}",
+        )
         return self._loader(self.split(split), batch_sampler=sampler, collate_fn=EpisodeCollate(shape))
 
     def test_dataloader(self) -> list[DataLoader] | DataLoader:

@@ -43,7 +43,7 @@ def draw_episode(by_class: list[torch.Tensor], shape: EpisodeShape, gen: torch.G
         pool = by_class[c]
         picks.append(pool[torch.randperm(len(pool), generator=gen)[: shape.k_shot + shape.n_query]])
     per_class = torch.stack(picks)  # [N, K + Q]
-    return torch.cat([per_class[:, : shape.k_shot].flatten(), per_class[:, shape.k_shot:].flatten()])
+    return torch.cat([per_class[:, : shape.k_shot].flatten(), per_class[:, shape.k_shot :].flatten()])
 
 
 def group_by_class(targets: torch.Tensor, shape: EpisodeShape, what: str) -> list[torch.Tensor]:
@@ -53,8 +53,9 @@ def group_by_class(targets: torch.Tensor, shape: EpisodeShape, what: str) -> lis
         raise ConfigError(f"{what}: {len(by_class)} classes, fewer than n_way={shape.n_way}")
     smallest = min(len(b) for b in by_class)
     if smallest < shape.k_shot + shape.n_query:
-        raise ConfigError(f"{what}: a class has only {smallest} images; k_shot + n_query = "
-                          f"{shape.k_shot + shape.n_query} are needed")
+        raise ConfigError(
+            f"{what}: a class has only {smallest} images; k_shot + n_query = {shape.k_shot + shape.n_query} are needed"
+        )
     return by_class
 
 
@@ -64,8 +65,18 @@ class EpisodeSampler(Sampler[list[int]]):
     `fixed=True`: the evaluation list, drawn once at construction. `rank/world_size` shard the episodes across
     processes (rank r takes episodes r, r + W, ...), so DDP evaluation covers each episode exactly once."""
 
-    def __init__(self, targets: torch.Tensor, shape: EpisodeShape, n_episodes: int, episodes_per_batch: int = 1,
-                 seed: int = 0, fixed: bool = False, rank: int = 0, world_size: int = 1, what: str = "episodes"):
+    def __init__(
+        self,
+        targets: torch.Tensor,
+        shape: EpisodeShape,
+        n_episodes: int,
+        episodes_per_batch: int = 1,
+        seed: int = 0,
+        fixed: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        what: str = "episodes",
+    ):
         self.shape, self.n_episodes, self.per_batch = shape, n_episodes, episodes_per_batch
         self.seed, self.fixed, self.rank, self.world_size, self.epoch = seed, fixed, rank, world_size, 0
         self.by_class = group_by_class(torch.as_tensor(targets), shape, what)
@@ -107,7 +118,9 @@ class Episodes:
     def pin_memory(self) -> Episodes:
         """Every field in pinned memory: what a DataLoader with `pin_memory=True` calls on a batch type of its own
         (it pins only tensors and standard collections itself)."""
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)})
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)}
+        )
 
 
 class EpisodeCollate:
@@ -124,5 +137,10 @@ class EpisodeCollate:
         b = images.shape[0]
         support_labels = torch.arange(s.n_way).repeat_interleave(s.k_shot).expand(b, -1)
         query_labels = torch.arange(s.n_way).repeat_interleave(s.n_query).expand(b, -1)
-        return Episodes(images[:, :n_support], support_labels.clone(), images[:, n_support:], query_labels.clone(),
-                        labels[:, n_support:])
+        return Episodes(
+            images[:, :n_support],
+            support_labels.clone(),
+            images[:, n_support:],
+            query_labels.clone(),
+            labels[:, n_support:],
+        )

@@ -19,12 +19,20 @@ from metadiff.errors import InputFileError, MissingInputError
 
 
 class FolderImageSplit(ImageSplit):
-    def __init__(self, root: str | Path, split: str, image_size: int, extensions: Sequence[str] = (".jpg", ".png"),
-                 channels: int = 3):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        image_size: int,
+        extensions: Sequence[str] = (".jpg", ".png"),
+        channels: int = 3,
+    ):
         self.root = Path(root) / split
         if not self.root.is_dir():
-            raise MissingInputError(f"split '{split}' not found: {self.root} is not a directory (expected "
-                                    f"<root>/{split}/<class>/*{'|*'.join(extensions)})")
+            raise MissingInputError(
+                f"split '{split}' not found: {self.root} is not a directory (expected "
+                f"<root>/{split}/<class>/*{'|*'.join(extensions)})"
+            )
         try:
             classes, class_to_idx = find_classes(str(self.root))
         except FileNotFoundError:
@@ -34,8 +42,9 @@ class FolderImageSplit(ImageSplit):
         counts = torch.bincount(torch.tensor([s[1] for s in samples], dtype=torch.long), minlength=len(classes))
         empty = [classes[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
         if empty:
-            raise InputFileError(f"split '{split}' in {self.root}: class folder(s) {empty[:5]} hold no "
-                                 f"{'/'.join(exts)} image")
+            raise InputFileError(
+                f"split '{split}' in {self.root}: class folder(s) {empty[:5]} hold no {'/'.join(exts)} image"
+            )
         self.samples = samples
         self.classes = classes
         self.targets = torch.tensor([s[1] for s in samples], dtype=torch.long)

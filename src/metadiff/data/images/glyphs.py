@@ -44,19 +44,19 @@ class GlyphSpec:
     n_classes: int
     images_per_class: int
     image_size: int
-    supersample: int                    # render at image_size * supersample, then box-filter down (anti-aliasing)
+    supersample: int  # render at image_size * supersample, then box-filter down (anti-aliasing)
     min_strokes: int
     max_strokes: int
-    pen_width: tuple[float, float]      # in KanjiVG units (the box is 109)
+    pen_width: tuple[float, float]  # in KanjiVG units (the box is 109)
     rotation_deg: float
     scale: tuple[float, float]
     shear: float
-    shift: float                        # fraction of the box
-    stroke_shift: float                 # KanjiVG units
+    shift: float  # fraction of the box
+    stroke_shift: float  # KanjiVG units
     stroke_rotation_deg: float
     stroke_scale: tuple[float, float]
-    stroke_drop: float                  # chance that a drawing leaves out a stroke (not the first)
-    wobble: float                       # KanjiVG units: a smooth random bend along each stroke
+    stroke_drop: float  # chance that a drawing leaves out a stroke (not the first)
+    wobble: float  # KanjiVG units: a smooth random bend along each stroke
     points_per_stroke: int
     seed: int
 
@@ -95,8 +95,10 @@ def choose_characters(spec: GlyphSpec, source: Path) -> list[Path]:
             chosen.append(f)
             if len(chosen) == spec.n_classes:
                 return chosen
-    raise ConfigError(f"data.glyphs: only {len(chosen)} characters in {source} have {spec.min_strokes}.."
-                      f"{spec.max_strokes} strokes; n_classes={spec.n_classes} asked")
+    raise ConfigError(
+        f"data.glyphs: only {len(chosen)} characters in {source} have {spec.min_strokes}.."
+        f"{spec.max_strokes} strokes; n_classes={spec.n_classes} asked"
+    )
 
 
 # svg.path measures segment lengths (which pick the segment of each point) to 1e-12 by default: 80% of the render

@@ -11,8 +11,10 @@ def zoo_partition(n_classes: int, n_models: int, classes_per_model: int) -> list
     if n_models < 1 or classes_per_model < 1:
         raise ConfigError(f"zoo: n_models={n_models} and classes_per_model={classes_per_model} must be >= 1")
     if n_models * classes_per_model > n_classes:
-        raise ConfigError(f"zoo: {n_models} models x {classes_per_model} classes = "
-                          f"{n_models * classes_per_model} > the {n_classes} meta-train classes")
+        raise ConfigError(
+            f"zoo: {n_models} models x {classes_per_model} classes = "
+            f"{n_models * classes_per_model} > the {n_classes} meta-train classes"
+        )
     return [list(range(k * classes_per_model, (k + 1) * classes_per_model)) for k in range(n_models)]
 
 

@@ -46,8 +46,9 @@ def _expected() -> str:
 def _images(path: Path, key: str, value: Any, channels: int) -> np.ndarray:
     images = np.asarray(value)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != channels:
-        raise InputFileError(f"{path}: '{key}' must be uint8 images [N, H, W, {channels}], got {images.dtype} "
-                             f"{tuple(images.shape)}")
+        raise InputFileError(
+            f"{path}: '{key}' must be uint8 images [N, H, W, {channels}], got {images.dtype} {tuple(images.shape)}"
+        )
     return images
 
 
@@ -69,8 +70,9 @@ def decode_split(obj: dict[str, Any], path: Path, channels: int) -> tuple[np.nda
     images = _images(path, "data", obj["data"], channels)
     raw = np.asarray(obj["labels"]).reshape(-1)
     if raw.size != len(images) or not np.issubdtype(raw.dtype, np.integer):
-        raise InputFileError(f"{path}: 'labels' must hold one integer per image ({len(images)}), got {raw.dtype} "
-                             f"x {raw.size}")
+        raise InputFileError(
+            f"{path}: 'labels' must hold one integer per image ({len(images)}), got {raw.dtype} x {raw.size}"
+        )
     values, labels = np.unique(raw, return_inverse=True)
     return images, torch.as_tensor(labels, dtype=torch.long), [str(v) for v in values.tolist()]
 

@@ -50,13 +50,16 @@ class ImageSource:
 class GlyphSource(ImageSource):
     """The embedded KanjiVG glyph set; classes are split in their seeded order (64/16/20 by default)."""
 
-    def __init__(self, cache_dir: str, split_sizes: Sequence[int], mean: Sequence[float], std: Sequence[float],
-                 render: GlyphSpec):
+    def __init__(
+        self, cache_dir: str, split_sizes: Sequence[int], mean: Sequence[float], std: Sequence[float], render: GlyphSpec
+    ):
         super().__init__(mean, std)
         self.spec = as_spec(GlyphSpec, render, "data.source.render")
         if len(split_sizes) != 3 or sum(split_sizes) != self.spec.n_classes:
-            raise ConfigError(f"data.source.split_sizes={list(split_sizes)}: expected 3 class counts summing to "
-                              f"n_classes={self.spec.n_classes}")
+            raise ConfigError(
+                f"data.source.split_sizes={list(split_sizes)}: expected 3 class counts summing to "
+                f"n_classes={self.spec.n_classes}"
+            )
         self.cache_dir, self.split_sizes = Path(cache_dir), [int(s) for s in split_sizes]
         self.channels, self.image_size = 1, self.spec.image_size
 
@@ -68,15 +71,23 @@ class GlyphSource(ImageSource):
         first = sum(self.split_sizes[: SPLITS.index(name)])
         classes = list(range(first, first + self.split_sizes[SPLITS.index(name)]))
         mask = torch.isin(self.data["targets"], torch.tensor(classes))
-        return TensorImageSplit(self.data["images"][mask], self.data["targets"][mask] - first,
-                                [self.data["classes"][c] for c in classes])
+        return TensorImageSplit(
+            self.data["images"][mask], self.data["targets"][mask] - first, [self.data["classes"][c] for c in classes]
+        )
 
 
 class FolderSource(ImageSource):
     """miniImageNet / CIFAR-FS style folders: `<root>/<split>/<class>/*.<ext>` (spec §2.1)."""
 
-    def __init__(self, root: str, image_size: int, extensions: Sequence[str], mean: Sequence[float],
-                 std: Sequence[float], channels: int = 3):
+    def __init__(
+        self,
+        root: str,
+        image_size: int,
+        extensions: Sequence[str],
+        mean: Sequence[float],
+        std: Sequence[float],
+        channels: int = 3,
+    ):
         super().__init__(mean, std)
         self.root, self.image_size, self.channels = Path(root), int(image_size), int(channels)
         self.extensions = [e if e.startswith(".") else f".{e}" for e in extensions]
@@ -103,15 +114,26 @@ class ImageSetSource(FolderSource):
 
     FORMATS = ("auto", "folder", "pickle")
 
-    def __init__(self, root: str, image_size: int, extensions: Sequence[str], mean: Sequence[float],
-                 std: Sequence[float], format: str, pickle_files: PickleFilesSpec, channels: int = 3):
+    def __init__(
+        self,
+        root: str,
+        image_size: int,
+        extensions: Sequence[str],
+        mean: Sequence[float],
+        std: Sequence[float],
+        format: str,
+        pickle_files: PickleFilesSpec,
+        channels: int = 3,
+    ):
         super().__init__(root, image_size, extensions, mean, std, channels)
         if format not in self.FORMATS:
             raise ConfigError(f"data.source.format={format!r}: expected one of {list(self.FORMATS)}")
         missing = [s for s in SPLITS if isinstance(pickle_files, Mapping) and s not in pickle_files]
         if missing:
-            raise ConfigError(f"data.source.pickle_files has no entry for {missing}: expected a list of file names "
-                              f"for each of {list(SPLITS)}")
+            raise ConfigError(
+                f"data.source.pickle_files has no entry for {missing}: expected a list of file names "
+                f"for each of {list(SPLITS)}"
+            )
         files = as_spec(PickleFilesSpec, pickle_files, "data.source.pickle_files")
         self.format = format
         self.pickle_files = {s: [str(n) for n in getattr(files, s)] for s in SPLITS}
@@ -125,6 +147,8 @@ class ImageSetSource(FolderSource):
         path = self._pickle_path(name)
         if path is None:
             folder = f"{self.root / name} is not a directory and " if self.format == "auto" else ""
-            raise MissingInputError(f"split '{name}' not found: {folder}none of {self.pickle_files[name]} is in "
-                                    f"{self.root} (data.source.format={self.format})")
+            raise MissingInputError(
+                f"split '{name}' not found: {folder}none of {self.pickle_files[name]} is in "
+                f"{self.root} (data.source.format={self.format})"
+            )
         return load_pickled_split(path, self.image_size, self.channels)

@@ -19,11 +19,13 @@ class ResizeToUnit:
     clamp removes bicubic overshoot. One transform for every stored form, so a set reads the same from any of them."""
 
     def __init__(self, image_size: int):
-        self.transform = v2.Compose([
-            v2.ToImage(),
-            v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-        ])
+        self.transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.ToDtype(torch.float32, scale=True),
+            ]
+        )
 
     def __call__(self, image: object) -> torch.Tensor:
         return self.transform(image).clamp_(0.0, 1.0)

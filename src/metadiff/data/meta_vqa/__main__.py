@@ -27,13 +27,24 @@ from metadiff.utils.io import atomic_dir
 def configured_rules() -> tuple[MetaVQARules, VQAFiles]:
     """The rules and file layout from conf/data/meta_vqa.yaml (the single place they are set)."""
     source = OmegaConf.load(CONF_DIR / "data" / "meta_vqa.yaml").source
-    return (dataclass_from_config(MetaVQARules, OmegaConf.to_container(source.rules), "data.source.rules"),
-            dataclass_from_config(VQAFiles, OmegaConf.to_container(source.vqa_files), "data.source.vqa_files"))
+    return (
+        dataclass_from_config(MetaVQARules, OmegaConf.to_container(source.rules), "data.source.rules"),
+        dataclass_from_config(VQAFiles, OmegaConf.to_container(source.vqa_files), "data.source.vqa_files"),
+    )
 
 
 def print_stats(task_dir: Path) -> None:
-    keys = ("tasks", "answers_median", "answers_mean", "examples_median", "examples_mean", "examples_total",
-            "distinct_images", "majority_test_accuracy", "chance_accuracy")
+    keys = (
+        "tasks",
+        "answers_median",
+        "answers_mean",
+        "examples_median",
+        "examples_mean",
+        "examples_total",
+        "distinct_images",
+        "majority_test_accuracy",
+        "chance_accuracy",
+    )
     files = {split: load_task_file(task_dir / f"{split}.json") for split in TASK_FILE_SPLITS}
     stats = {split: task_statistics(tasks) for split, tasks in files.items()}
     print(f"{'':24s} {'meta_train':>12s} {'meta_test':>12s}")
@@ -46,13 +57,18 @@ def print_stats(task_dir: Path) -> None:
     except ConfigError as err:  # too few meta-train tasks for a meta-val split: the statistics above still hold
         print(f"meta-val: {err}")
         return
-    print(f"meta-val (conf/data/meta_vqa.yaml source.meta_val {meta_val.describe()}): {len(val)} of the "
-          f"{len(files['meta_train'])} meta-train tasks, leaving {len(train)} for meta-training")
+    print(
+        f"meta-val (conf/data/meta_vqa.yaml source.meta_val {meta_val.describe()}): {len(val)} of the "
+        f"{len(files['meta_train'])} meta-train tasks, leaving {len(train)} for meta-training"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m metadiff.data.meta_vqa", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m metadiff.data.meta_vqa",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build meta_train/meta_test/ques_ans_count JSON from VQA v2")
     build.add_argument("--vqa-dir", type=Path, required=True, help="folder with Questions/ and Annotations/")
@@ -65,8 +81,10 @@ def main(argv: list[str] | None = None) -> None:
             rules, files = configured_rules()
             with atomic_dir(args.out, overwrite=True) as tmp:
                 summary = build_meta_vqa(args.vqa_dir, tmp, rules, files)
-            print(f"built {summary['tasks']} tasks ({summary['meta_train']} meta-train, {summary['meta_test']} "
-                  f"meta-test) from {summary['questions']} questions into {args.out}")
+            print(
+                f"built {summary['tasks']} tasks ({summary['meta_train']} meta-train, {summary['meta_test']} "
+                f"meta-test) from {summary['questions']} questions into {args.out}"
+            )
             print_stats(args.out)
         else:
             print_stats(args.task_dir)

@@ -43,7 +43,9 @@ class TaskBatch:
     def pin_memory(self) -> TaskBatch:
         """Every field in pinned memory: what a DataLoader with `pin_memory=True` calls on a batch type of its own
         (it pins only tensors and standard collections itself)."""
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)})
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)}
+        )
 
 
 @dataclass
@@ -64,8 +66,16 @@ class TaskEpisodes(Dataset):
     support=`test`, query=`train`; evaluation uses support=`train`, query=`test`). `query_view="disjoint_random"`
     re-splits train + test at random into disjoint support and query (MAML's `val_subtype=random`)."""
 
-    def __init__(self, tasks: Sequence[Task], store: FeatureStore, support_view: str, query_view: str,
-                 support_shots: int | None = None, n_shot_seed: int = 42, seed: int = 0):
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        store: FeatureStore,
+        support_view: str,
+        query_view: str,
+        support_shots: int | None = None,
+        n_shot_seed: int = 42,
+        seed: int = 0,
+    ):
         self.tasks, self.store = list(tasks), store
         self.support_view, self.query_view = support_view, query_view
         self.support_shots, self.n_shot_seed, self.seed = support_shots, n_shot_seed, seed
@@ -111,9 +121,14 @@ def collate_tasks(items: Sequence[TaskExample]) -> TaskBatch:
     query_x, query_mask = _pad([it.query_x for it in items])
     answers, answer_mask = _pad([it.answers for it in items])
     return TaskBatch(
-        support_x=support_x, support_y=_pad([it.support_y for it in items])[0], support_mask=support_mask,
-        query_x=query_x, query_y=_pad([it.query_y for it in items])[0], query_mask=query_mask,
-        answers=answers, answer_mask=answer_mask,
+        support_x=support_x,
+        support_y=_pad([it.support_y for it in items])[0],
+        support_mask=support_mask,
+        query_x=query_x,
+        query_y=_pad([it.query_y for it in items])[0],
+        query_mask=query_mask,
+        answers=answers,
+        answer_mask=answer_mask,
         question=torch.stack([it.question for it in items]),
         task_index=torch.tensor([it.task_index for it in items]),
     )

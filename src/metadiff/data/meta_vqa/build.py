@@ -75,10 +75,15 @@ def load_vqa_split(vqa_dir: Path, split: str, files: VQAFiles) -> tuple[list[dic
     """The annotations (in file order) and question_id -> question string of one split."""
     q_path = vqa_dir / files.questions.format(split=split)
     a_path = vqa_dir / files.annotations.format(split=split)
-    questions = _records(q_path, "questions", ("question_id", "question", "image_id"),
-                         f"VQA v2 questions file for split '{split}'")
-    annotations = _records(a_path, "annotations", ("question_id", "image_id", "answer_type", "multiple_choice_answer"),
-                           f"VQA v2 annotations file for split '{split}'")
+    questions = _records(
+        q_path, "questions", ("question_id", "question", "image_id"), f"VQA v2 questions file for split '{split}'"
+    )
+    annotations = _records(
+        a_path,
+        "annotations",
+        ("question_id", "image_id", "answer_type", "multiple_choice_answer"),
+        f"VQA v2 annotations file for split '{split}'",
+    )
     text = {int(q["question_id"]): str(q["question"]) for q in questions}
     unknown = [a["question_id"] for a in annotations if int(a["question_id"]) not in text]
     if unknown:
@@ -116,7 +121,11 @@ def select_task(
     kept = {a: imgs for a, imgs in by_answer.items() if len(imgs) >= rules.min_images_per_answer}
     count = sum(len(imgs) for imgs in kept.values())
     words = question.split()
-    if count > rules.min_task_examples and len(kept) >= rules.min_answers and not set(words) & set(rules.excluded_words):
+    if (
+        count > rules.min_task_examples
+        and len(kept) >= rules.min_answers
+        and not set(words) & set(rules.excluded_words)
+    ):
         return kept
     return None
 
@@ -133,16 +142,23 @@ def split_task(kept: Mapping[str, list[str]], rules: MetaVQARules) -> dict[str, 
     return {"answers": list(kept), "train": train, "test": test}
 
 
-def build_meta_vqa(vqa_dir: str | Path, out_dir: str | Path, rules: MetaVQARules = MetaVQARules(),
-                   files: VQAFiles = VQAFiles(), progress: bool = True) -> dict[str, int]:
+def build_meta_vqa(
+    vqa_dir: str | Path,
+    out_dir: str | Path,
+    rules: MetaVQARules = MetaVQARules(),
+    files: VQAFiles = VQAFiles(),
+    progress: bool = True,
+) -> dict[str, int]:
     """Read the VQA v2 files under `vqa_dir`, write meta_train/meta_test/ques_ans_count JSON into `out_dir`."""
     vqa_dir, out_dir = Path(vqa_dir), Path(out_dir)
     for split in rules.splits:  # all files first: a missing one is reported before minutes of reading
         for template, what in ((files.questions, "questions"), (files.annotations, "annotations")):
             path = vqa_dir / template.format(split=split)
             if not path.is_file():
-                raise MissingInputError(f"VQA v2 {what} file for split '{split}' not found: {path} "
-                                        "(expected the official layout, see conf/data/meta_vqa.yaml vqa_files)")
+                raise MissingInputError(
+                    f"VQA v2 {what} file for split '{split}' not found: {path} "
+                    "(expected the official layout, see conf/data/meta_vqa.yaml vqa_files)"
+                )
     splits = []
     for split in tqdm(rules.splits, desc="reading VQA v2", disable=not progress):
         annotations, text = load_vqa_split(vqa_dir, split, files)
@@ -161,6 +177,8 @@ def build_meta_vqa(vqa_dir: str | Path, out_dir: str | Path, rules: MetaVQARules
     meta = {"meta_train.json": order[:n_train], "meta_test.json": order[n_train:]}
     for name, questions in meta.items():
         write_json(out_dir / name, {q: tasks[q] for q in questions}, sort_keys=False)
-    counts = {q: {a: sum(1 for _, x in t["train"] + t["test"] if x == a) for a in t["answers"]} for q, t in tasks.items()}
+    counts = {
+        q: {a: sum(1 for _, x in t["train"] + t["test"] if x == a) for a in t["answers"]} for q, t in tasks.items()
+    }
     write_json(out_dir / "ques_ans_count.json", counts, sort_keys=False)
     return {"questions": len(groups), "tasks": len(tasks), "meta_train": n_train, "meta_test": len(order) - n_train}

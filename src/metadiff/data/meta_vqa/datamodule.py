@@ -38,9 +38,11 @@ def split_tasks(source: TaskSource) -> dict[str, list[Task]]:
     has no meta-val split (fraction 0), the original's protocol, chosen in the config and said in the log."""
     tasks = {split: source.tasks(split) for split in META_SPLITS}
     if not tasks["meta_val"]:
-        log.warning("data.source.meta_val.fraction = 0: no meta-val split, validation reads the %d META-TEST tasks "
-                    "(the original's protocol): val/* metrics and anything selected on them have seen meta-test",
-                    len(tasks["meta_test"]))
+        log.warning(
+            "data.source.meta_val.fraction = 0: no meta-val split, validation reads the %d META-TEST tasks "
+            "(the original's protocol): val/* metrics and anything selected on them have seen meta-test",
+            len(tasks["meta_test"]),
+        )
         tasks["meta_val"] = tasks["meta_test"]
     return tasks
 
@@ -54,11 +56,24 @@ def upstream_store_dir(upstream: dict[str, Artifact]) -> str:
 
 
 class MetaTaskDataModule(pl.LightningDataModule):
-    def __init__(self, source: TaskSource, tasks_per_batch: int = 32, eval_tasks_per_batch: int = 64,
-                 train_support_view: str = "test", train_query_view: str = "train", support_shots: int | None = None,
-                 n_shot_seed: int = 42, max_val_tasks: int | None = None, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
-                 store_dir: str | None = None, upstream: dict[str, Artifact] | None = None, pin_memory: bool = False,
-                 drop_last: bool = True):
+    def __init__(
+        self,
+        source: TaskSource,
+        tasks_per_batch: int = 32,
+        eval_tasks_per_batch: int = 64,
+        train_support_view: str = "test",
+        train_query_view: str = "train",
+        support_shots: int | None = None,
+        n_shot_seed: int = 42,
+        max_val_tasks: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        store_dir: str | None = None,
+        upstream: dict[str, Artifact] | None = None,
+        pin_memory: bool = False,
+        drop_last: bool = True,
+    ):
         """`num_workers`: DataLoader workers that gather and pad the tasks (the batches are those of one process:
         every task's views are drawn from (seed, epoch, task), and the order in this process); `pin_memory`: pin
         the batches when they go to a CUDA device (`metadiff.data.pinning`); `drop_last`: training drops the
@@ -82,13 +97,29 @@ class MetaTaskDataModule(pl.LightningDataModule):
         self.tasks = split_tasks(self.source)
         self.embed_dim = self.store.dim
 
-    def episodes(self, split: str, support_view: str = "train", query_view: str = "test",
-                 support_shots: int | None = None, n_shot_seed: int | None = None, limit: int | None = None) -> TaskEpisodes:
+    def episodes(
+        self,
+        split: str,
+        support_view: str = "train",
+        query_view: str = "test",
+        support_shots: int | None = None,
+        n_shot_seed: int | None = None,
+        limit: int | None = None,
+    ) -> TaskEpisodes:
         tasks = self.tasks[split][:limit] if limit else self.tasks[split]
-        return TaskEpisodes(tasks, self.store, support_view, query_view, support_shots,
-                            self.n_shot_seed if n_shot_seed is None else n_shot_seed, seed=self.seed)
+        return TaskEpisodes(
+            tasks,
+            self.store,
+            support_view,
+            query_view,
+            support_shots,
+            self.n_shot_seed if n_shot_seed is None else n_shot_seed,
+            seed=self.seed,
+        )
 
-    def task_loader(self, episodes: TaskEpisodes, batch_size: int, shuffle: bool, split_ranks: bool = False) -> DataLoader:
+    def task_loader(
+        self, episodes: TaskEpisodes, batch_size: int, shuffle: bool, split_ranks: bool = False
+    ) -> DataLoader:
         """Batches of whole tasks. `split_ranks` (training): `batch_size` is the global batch, and under DDP each rank
         takes every N-th task of one seeded order of the epoch (`EpochOrder`, the same on every rank whatever else a
         rank drew), so the ranks together train on global batches: without shuffling exactly the one-process batches;
@@ -109,14 +140,24 @@ class MetaTaskDataModule(pl.LightningDataModule):
                 shuffle = False
             else:
                 sampler, shuffle = EveryRankSampler(episodes), False
-        return DataLoader(episodes, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate_tasks,
-                          drop_last=drop_last, **self.loader_options())
+        return DataLoader(
+            episodes,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            collate_fn=collate_tasks,
+            drop_last=drop_last,
+            **self.loader_options(),
+        )
 
     def loader_options(self) -> dict[str, int | bool]:
         """The DataLoader settings every loader of these stages shares: workers kept between epochs (a short epoch
         would otherwise start them again each time) and pinned batches on CUDA."""
-        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
-                "pin_memory": pin_memory(self.trainer, self.pin_memory)}
+        return {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": pin_memory(self.trainer, self.pin_memory),
+        }
 
     def train_dataloader(self) -> DataLoader:
         episodes = self.episodes("meta_train", *self.train_views, support_shots=self.support_shots)
@@ -125,8 +166,10 @@ class MetaTaskDataModule(pl.LightningDataModule):
         return self.task_loader(episodes, self.tasks_per_batch, shuffle=self.shuffle, split_ranks=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self.task_loader(self.episodes(split, limit=self.max_val_tasks), self.eval_tasks_per_batch, False)
-                for split in EVAL_SPLITS]
+        return [
+            self.task_loader(self.episodes(split, limit=self.max_val_tasks), self.eval_tasks_per_batch, False)
+            for split in EVAL_SPLITS
+        ]
 
     def test_dataloader(self) -> DataLoader:
         return self.task_loader(self.episodes("meta_test"), self.eval_tasks_per_batch, False)

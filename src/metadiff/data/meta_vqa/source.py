@@ -38,8 +38,10 @@ def _sizing(image_size: int, resize: str) -> list:
     if resize == "squash":
         return [transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC)]
     if resize == "shorter_side_center_crop":
-        return [transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.CenterCrop(image_size)]
+        return [
+            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(image_size),
+        ]
     raise ConfigError(f"data.source.resize = '{resize}' is not one of {RESIZE_MODES}")
 
 
@@ -77,16 +79,27 @@ class MetaVQASource(TaskFileSource):
 
     name = "meta_vqa"
 
-    def __init__(self, image_dir: str, meta_val: MetaValSplit, task_dir: str | None = None,
-                 vqa_dir: str | None = None, build_dir: str | None = None, prompts: str | None = None,
-                 rules: MetaVQARules | None = None,
-                 vqa_files: VQAFiles | None = None, image_file: str = "{split}/{name}.jpg",
-                 resize: str = "squash", check_images: bool = True):
+    def __init__(
+        self,
+        image_dir: str,
+        meta_val: MetaValSplit,
+        task_dir: str | None = None,
+        vqa_dir: str | None = None,
+        build_dir: str | None = None,
+        prompts: str | None = None,
+        rules: MetaVQARules | None = None,
+        vqa_files: VQAFiles | None = None,
+        image_file: str = "{split}/{name}.jpg",
+        resize: str = "squash",
+        check_images: bool = True,
+    ):
         """`rules` and `vqa_files` (both in conf/data/meta_vqa.yaml) are read only to build the task files from
         `vqa_dir`; a source of published task files (`task_dir`) may leave them null."""
         if task_dir is None and vqa_dir is None:
-            raise ConfigError("data.source needs task_dir (published Meta-VQA files) or vqa_dir (official VQA v2 "
-                              "files to build them from); both are null")
+            raise ConfigError(
+                "data.source needs task_dir (published Meta-VQA files) or vqa_dir (official VQA v2 "
+                "files to build them from); both are null"
+            )
         self.image_dir = Path(image_dir)
         self.task_dir = Path(task_dir) if task_dir else None
         self.vqa_dir = Path(vqa_dir) if vqa_dir else None
@@ -105,8 +118,10 @@ class MetaVQASource(TaskFileSource):
         if self.build_dir is None:
             raise ConfigError("data.source.build_dir must be set to build Meta-VQA from vqa_dir")
         if self.rules is None or self.vqa_files is None:
-            raise ConfigError("data.source.rules and data.source.vqa_files must be set to build Meta-VQA from vqa_dir "
-                              "(conf/data/meta_vqa.yaml has the paper's)")
+            raise ConfigError(
+                "data.source.rules and data.source.vqa_files must be set to build Meta-VQA from vqa_dir "
+                "(conf/data/meta_vqa.yaml has the paper's)"
+            )
         key = fingerprint({"rules": dataclasses.asdict(self.rules), "files": self._vqa_file_stats()})
         return self.build_dir / f"meta-vqa-{key[:12]}"
 
@@ -118,8 +133,10 @@ class MetaVQASource(TaskFileSource):
             for template in (self.vqa_files.questions, self.vqa_files.annotations):
                 path = self.vqa_dir / template.format(split=split)
                 if not path.is_file():
-                    raise MissingInputError(f"VQA v2 file for split '{split}' not found: {path} "
-                                            "(set paths.vqa_dir to the folder with Questions/ and Annotations/)")
+                    raise MissingInputError(
+                        f"VQA v2 file for split '{split}' not found: {path} "
+                        "(set paths.vqa_dir to the folder with Questions/ and Annotations/)"
+                    )
                 stats.append((path.name, path.stat().st_size))
         return stats
 
@@ -160,11 +177,15 @@ class MetaVQASource(TaskFileSource):
         """Task files, prompts, images and the meta-val split (recorded only when there is one, so fraction 0 keeps
         the fingerprint of the published split from before meta-val existed)."""
         files = [self.root / name for name in TASK_FILES[:2]] + ([self.prompts_path] if self.prompts_path else [])
-        return fingerprint({
-            "tasks": [(p.name, file_sha256(p)) for p in files],
-            "image_dir": str(self.image_dir.resolve()), "image_file": self.image_file, "resize": self.resize,
-            **({"meta_val": self.meta_val.describe()} if self.meta_val.enabled else {}),
-        })
+        return fingerprint(
+            {
+                "tasks": [(p.name, file_sha256(p)) for p in files],
+                "image_dir": str(self.image_dir.resolve()),
+                "image_file": self.image_file,
+                "resize": self.resize,
+                **({"meta_val": self.meta_val.describe()} if self.meta_val.enabled else {}),
+            }
+        )
 
     # -- images -----------------------------------------------------------------------------------------------
     def image_names(self) -> list[str]:

@@ -27,8 +27,9 @@ VIEWS = ("train", "test", "traintest", "random", "random50")
 Example = tuple[str, int]
 
 
-def task_view(task: Task, view: str, rng: np.random.Generator | None = None,
-              data_idx: Sequence[int] | None = None) -> list[Example]:
+def task_view(
+    task: Task, view: str, rng: np.random.Generator | None = None, data_idx: Sequence[int] | None = None
+) -> list[Example]:
     """The examples of `task` in `view` (`data_idx` indexes train + test and overrides the view)."""
     both = list(task.train + task.test)
     if data_idx is not None:

@@ -106,9 +106,7 @@ class SynthVQAConfig:
     def from_dict(cls, d: dict[str, Any]) -> SynthVQAConfig:
         """Inverse of ``to_dict``; also accepts Hydra/OmegaConf-converted dicts."""
         d = dict(d)
-        scene = {
-            k: tuple(v) if isinstance(v, list | tuple) else v for k, v in dict(d.pop("scene", {})).items()
-        }
+        scene = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in dict(d.pop("scene", {})).items()}
         return cls(**d, scene=SceneSpec(**scene))
 
 
@@ -333,8 +331,9 @@ def load_or_build_synthvqa(cfg: SynthVQAConfig, cache_root: Path) -> Path:
     """Dataset directory for ``cfg`` under ``cache_root``, built only if no matching one exists."""
     fp = fingerprint(cfg)
     out_dir = Path(cache_root) / f"synthvqa-{fp[:12]}"
-    build_once(out_dir, lambda: (read_manifest(out_dir) or {}).get("fingerprint") == fp,
-               lambda: build_synthvqa(cfg, out_dir))
+    build_once(
+        out_dir, lambda: (read_manifest(out_dir) or {}).get("fingerprint") == fp, lambda: build_synthvqa(cfg, out_dir)
+    )
     return out_dir
 
 
@@ -385,9 +384,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = build_synthvqa(cfg, args.out)
     manifest = json.loads(paths["manifest"].read_text())
     print(format_statistics(manifest["statistics"], manifest["counts"]))
-    print(
-        f"built {args.out} in {time.perf_counter() - start:.1f} s (fingerprint {manifest['fingerprint'][:12]})"
-    )
+    print(f"built {args.out} in {time.perf_counter() - start:.1f} s (fingerprint {manifest['fingerprint'][:12]})")
 
 
 if __name__ == "__main__":

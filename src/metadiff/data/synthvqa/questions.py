@@ -170,9 +170,7 @@ class Filter:
             a_col, a_ok = self.near.referent_index(table)
             rows = np.arange(len(a_col))
             m &= np.arange(m.shape[1]) != a_col[:, None]
-            dist = (table.x - table.x[rows, a_col][:, None]) ** 2 + (
-                table.y - table.y[rows, a_col][:, None]
-            ) ** 2
+            dist = (table.x - table.x[rows, a_col][:, None]) ** 2 + (table.y - table.y[rows, a_col][:, None]) ** 2
             return np.where(m, dist, np.inf).argmin(axis=1), a_ok & m.any(axis=1)
         count = m.sum(axis=1)
         if self.extreme is None:
@@ -185,9 +183,7 @@ class Filter:
     def noun(self, plural_form: bool = False) -> str:
         """'leftmost small red circle on the left' / 'objects' (no article; plural drops the region)."""
         head = self.shape or "object"
-        words = [w for w in (self.extreme, self.size, self.color) if w] + [
-            plural(head) if plural_form else head
-        ]
+        words = [w for w in (self.extreme, self.size, self.color) if w] + [plural(head) if plural_form else head]
         phrase = " ".join(words)
         if self.near is not None:
             phrase += f" closest to the {self.near.noun()}"
@@ -283,9 +279,7 @@ class Question:
         if self.query == "position":
             values = 3 * table.grid_index(table.y[rows, cols]) + table.grid_index(table.x[rows, cols])
         elif self.query == "identity":
-            values = (
-                table.color[rows, cols].astype(np.int64) * len(table.spec.shapes) + table.shape[rows, cols]
-            )
+            values = table.color[rows, cols].astype(np.int64) * len(table.spec.shapes) + table.shape[rows, cols]
         else:
             values = getattr(table, self.query)[rows, cols]
         return np.where(ok, values, -1).astype(np.int64)
@@ -329,11 +323,7 @@ class QuestionTemplate:
         for pattern in self.patterns:
             ordered = [s for s in SLOTS if s in pattern]
             for values in product(*(domain[s] for s in ordered)):
-                out.append(
-                    Question(
-                        self.name, self.query, filter_from_slots(dict(zip(ordered, values, strict=True)))
-                    )
-                )
+                out.append(Question(self.name, self.query, filter_from_slots(dict(zip(ordered, values, strict=True)))))
         return out
 
 
@@ -386,9 +376,7 @@ def enumerate_questions(spec: SceneSpec, families: Sequence[QuestionTemplate] = 
 # ---------------------------------------------------------------------------------------- captions
 
 
-def _random_question(
-    obj: SceneObject, rng: np.random.Generator, families: Sequence[QuestionTemplate]
-) -> Question:
+def _random_question(obj: SceneObject, rng: np.random.Generator, families: Sequence[QuestionTemplate]) -> Question:
     """A question whose filter describes ``obj`` (so it is usually answerable for its scene)."""
     fam = families[int(rng.integers(len(families)))]
     pattern = fam.patterns[int(rng.integers(len(fam.patterns)))]

@@ -183,12 +183,18 @@ def sample_scene(rng: np.random.Generator, spec: SceneSpec) -> Scene:
         n = int(rng.integers(spec.min_objects, spec.max_objects + 1))
         shapes = rng.choice(len(spec.shapes), size=n, p=shape_p)
         if spec.conditional_skew > 0:
-            colors = np.array([rng.choice(len(spec.colors), p=conditional_weights(len(spec.colors), int(s),
-                                                                                  spec.conditional_skew))
-                               for s in shapes])
-            sizes = np.array([rng.choice(len(spec.sizes), p=conditional_weights(len(spec.sizes), int(s),
-                                                                                spec.conditional_skew))
-                              for s in shapes])
+            colors = np.array(
+                [
+                    rng.choice(len(spec.colors), p=conditional_weights(len(spec.colors), int(s), spec.conditional_skew))
+                    for s in shapes
+                ]
+            )
+            sizes = np.array(
+                [
+                    rng.choice(len(spec.sizes), p=conditional_weights(len(spec.sizes), int(s), spec.conditional_skew))
+                    for s in shapes
+                ]
+            )
         else:
             colors = rng.choice(len(spec.colors), size=n, p=color_p)
             sizes = rng.integers(0, len(spec.sizes), size=n)
@@ -197,14 +203,10 @@ def sample_scene(rng: np.random.Generator, spec: SceneSpec) -> Scene:
         for sh, co, sz in zip(shapes, colors, sizes, strict=True):
             r = spec.size_diameters[sz] / 2
             for _ in range(spec.max_placement_tries):
-                x, y = r + (1 - 2 * r) * rng.beta(
-                    spec.position_concentration, spec.position_concentration, size=2
-                )
+                x, y = r + (1 - 2 * r) * rng.beta(spec.position_concentration, spec.position_concentration, size=2)
                 if _fits(x, y, r, placed, spec.min_separation):
                     placed.append((x, y, r))
-                    objects.append(
-                        SceneObject(spec.shapes[sh], spec.colors[co], spec.sizes[sz], float(x), float(y))
-                    )
+                    objects.append(SceneObject(spec.shapes[sh], spec.colors[co], spec.sizes[sz], float(x), float(y)))
                     break
         if len(objects) >= spec.min_objects:
             return Scene(tuple(objects))
@@ -235,8 +237,7 @@ def _cross(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
 def _triangle(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     # equilateral, pointing up; shifted down a little so its bounding box is centred
     return [
-        (cx + r * math.cos(a), cy + 0.25 * r + r * math.sin(a))
-        for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        (cx + r * math.cos(a), cy + 0.25 * r + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
     ]
 
 
@@ -271,15 +272,11 @@ def render_scene(scene: Scene, spec: SceneSpec, rng: np.random.Generator) -> np.
     draw = ImageDraw.Draw(canvas)
     for obj in scene.objects:
         r = spec.diameter(obj.size) / 2 * big
-        _draw_object(
-            draw, obj.shape, obj.x * big, obj.y * big, r, _jittered_rgb(obj.color, rng, spec.colour_jitter)
-        )
+        _draw_object(draw, obj.shape, obj.x * big, obj.y * big, r, _jittered_rgb(obj.color, rng, spec.colour_jitter))
     small = canvas.resize((spec.image_size, spec.image_size), Image.Resampling.BOX)
     img = np.asarray(small, dtype=np.float32)
     if spec.background_noise > 0:
-        img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(
-            spec.background_noise * 255.0
-        )
+        img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(spec.background_noise * 255.0)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 

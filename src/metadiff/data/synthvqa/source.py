@@ -64,8 +64,7 @@ class SynthVQASource(TaskFileSource):
 
     name = "synthvqa"
 
-    def __init__(self, cache_dir: str, generator: SynthVQAConfig, answer_prompt: str | None,
-                 meta_val: MetaValSplit):
+    def __init__(self, cache_dir: str, generator: SynthVQAConfig, answer_prompt: str | None, meta_val: MetaValSplit):
         """`answer_prompt`: null = each question's declarative template ("the circle is {}", as Meta-VQA's
         prompt_meta.json); a string with one '{}' = that prompt for every question, so that the answer texts of two
         questions with the same answers are the same and only the task's condition (its question) tells them apart.
