@@ -75,6 +75,9 @@ def vqa_overrides(tree: dict[str, Path]) -> list[str]:
     ]
 
 
+# The VQA fixture holds fewer meta-train tasks than a global batch: its task and latent stages train on one
+# incomplete batch an epoch (with data.drop_last=true they would train nothing, and are refused)
+FIXTURE_BATCHES = ["data.drop_last=false"]
 FEWSHOT_STAGES = ("multitask", "maml", "hnet")
 LATENT_STAGES = ("adaptation", "vae", "hyperclip", "hyperldm")
 SHORT_CHAIN = CONF_DIR / "debug" / "short_chain.yaml"
@@ -104,13 +107,16 @@ def short_chain(bench: str, tree: dict[str, Path] | None = None, *also: str) -> 
     paths, prompts, model = overrides[:2], overrides[2], overrides[3:5]
     budgets = OmegaConf.load(SHORT_CHAIN).upstream_overrides
     stages = [
-        f"++upstream_overrides.{name}={_quoted([prompts, *budgets[name]])}" for name in budgets if name.endswith("_vqa")
+        f"++upstream_overrides.{name}={_quoted([prompts, *budgets[name], *FIXTURE_BATCHES])}"
+        for name in budgets
+        if name.endswith("_vqa")
     ]
     return [
         choice,
         *paths,
         prompts,
         "data.num_workers=0",
+        *FIXTURE_BATCHES,
         *stages,
         f"++upstream_overrides.features_vqa={_quoted([prompts, *model])}",
     ]
@@ -243,7 +249,7 @@ def smoke_overrides(experiment: str, tree: dict[str, Path], images: Path | None 
             return [debug("fdr"), *vqa_overrides(tree)]
         overrides = vqa_overrides(tree)
         paths, model = overrides[:2], overrides[2:]
-        return [debug("fdr"), *paths, f"upstream.features.overrides={_quoted(model)}"]
+        return [debug("fdr"), *paths, *FIXTURE_BATCHES, f"upstream.features.overrides={_quoted(model)}"]
     return [debug("short_chain", "fdr") if downstream else debug("fdr")]
 
 

@@ -202,3 +202,17 @@ def test_keeping_an_unequally_shared_last_batch_is_refused(tmp_path: Path, monke
         r"incomplete last batch of each epoch cannot be shared equally",
     ):
         _rank_batches(data, monkeypatch, 0, 2)
+
+
+def test_a_global_batch_larger_than_the_epoch_is_refused_when_the_last_batch_is_dropped(tmp_path: Path) -> None:
+    """With `data.drop_last=true`, 27 meta-train tasks in batches of 32 would train nothing, silently (the VQA
+    fixture chains did, before this check): refused in one line naming the key."""
+    source = rotated_answer_store(tmp_path / "store", n_tasks=36)
+    data = MetaTaskDataModule(
+        source, tasks_per_batch=32, eval_tasks_per_batch=16, store_dir=str(tmp_path / "store"), drop_last=True
+    )
+    data.setup("fit")
+    with pytest.raises(ConfigError, match=r"^data.tasks_per_batch=32 but the epoch has 27 training items"):
+        data.train_dataloader()
+    data.drop_last = False
+    assert [b.n_tasks for b in data.train_dataloader()] == [27]

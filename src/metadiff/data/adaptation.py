@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from metadiff.config import ConfigError
-from metadiff.data.global_batch import EpochOrderShard, check_last_batch_shares, per_rank_batch
+from metadiff.data.global_batch import EpochOrderShard, check_epoch_has_a_step, check_last_batch_shares, per_rank_batch
 from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.samplers import EpochOrder
@@ -141,6 +141,7 @@ class AdaptationDataModule(MetaTaskDataModule):
         rows.set_epoch(epoch)
         order = EpochOrder(len(rows), self.seed, epoch, self.shuffle)
         batch_size = self.latents_per_batch  # global: each rank loads its share of every batch of one process
+        check_epoch_has_a_step(len(rows), batch_size, self.drop_last, "data.latents_per_batch")
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             batch_size = per_rank_batch(batch_size, world, "data.latents_per_batch")

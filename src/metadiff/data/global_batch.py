@@ -62,3 +62,12 @@ def check_last_batch_shares(n_items: int, world: int, drop_last: bool, key: str)
             f"each epoch cannot be shared equally (one process trains on {n_items % world} more items "
             f"than the ranks together); set {key}=true, which drops it in every world size"
         )
+
+
+def check_epoch_has_a_step(n_items: int, global_batch: int, drop_last: bool, key: str) -> None:
+    """Dropping the incomplete last batch of an epoch smaller than one batch would train nothing, silently."""
+    if drop_last and n_items < global_batch:
+        raise ConfigError(
+            f"{key}={global_batch} but the epoch has {n_items} training items: with data.drop_last=true no step "
+            f"would train; lower {key} or set data.drop_last=false"
+        )

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from metadiff.data import global_batch
 from metadiff.data.samplers import StepPositionMixin
@@ -83,10 +83,18 @@ class ClipPairsDataModule(StepPositionMixin, pl.LightningDataModule):
             self.eval_sets["test"] = ZeroShotEvalSet(self.source, "meta_test", None, size, mean, std)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        """An evaluation loader: under DDP each rank scores every N-th row (Lightning's sampler is off,
+        `trainer.use_distributed_sampler: false`, so that it does not wrap the training `StepOrder` a second time);
+        the rows are gathered by index (`gather_rows`), so the pad that evens the shares writes a row twice, alike."""
+        world = global_batch.world_size(self.trainer)
+        sampler = None
+        if world > 1:
+            sampler = DistributedSampler(dataset, world, global_batch.rank(self.trainer), shuffle=shuffle)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle,

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from metadiff.config import ConfigError
-from metadiff.data.global_batch import EpochOrderShard, check_last_batch_shares, per_rank_batch
+from metadiff.data.global_batch import EpochOrderShard, check_epoch_has_a_step, check_last_batch_shares, per_rank_batch
 from metadiff.data.meta_vqa.batches import TaskEpisodes, collate_tasks
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.pinning import pin_memory
@@ -130,6 +130,8 @@ class MetaTaskDataModule(pl.LightningDataModule):
         computed without a gather (Lightning's sampler would pad odd task counts with a duplicate of task 0 and
         interleave the ranks' tasks)."""
         sampler, drop_last = None, split_ranks and self.drop_last  # evaluation keeps every task
+        if split_ranks:
+            check_epoch_has_a_step(len(episodes), batch_size, drop_last, "data.tasks_per_batch")
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if split_ranks:
                 world = torch.distributed.get_world_size()
