@@ -1,4 +1,4 @@
-"""HyperLDM positive control, all denoiser/parameterisation/sampler combinations side by side (README, "HyperLDM").
+"""HyperLDM positive control, all denoiser/parameterisation/sampler combinations side by side (docs/hyperclip_family.md).
 
 Latents that are a fixed linear map of a 64-d condition (200 training conditions, 50 held out); each denoiser is
 trained with the stage's recipe and sampled at g = 0, 1, 2. Prints squared error to the true latent / the data's

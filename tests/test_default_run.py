@@ -4,7 +4,7 @@ chain on the embedded twin, ending with the claims table and the plot path.
 Two sizes of the same command: CI runs it with every upstream stage short (the latent tests' `short_chain`, a
 2-epoch HyperLDM): it checks the chain runs end to end from nothing and what the run ends with, not the method.
 `make test-demo` runs the exact default (what `make demo` does, ~15 min on 2 cores) and checks the claims' main
-ordering on meta-test with paired 95% CIs: the figures the README states."""
+ordering on meta-test with paired 95% CIs: the figures the README and docs/demo.md state."""
 
 from __future__ import annotations
 

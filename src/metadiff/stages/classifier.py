@@ -1,7 +1,7 @@
 """Stage `classifier`: a Conv4 trained by plain supervised classification on the real meta-train classes.
 
 Two uses. (1) The few-shot **baseline** of an image set: its frozen features with the prototype readout on the
-fixed meta-test episodes, next to a random-init Conv4 with the same readout (reported in the README). (2) The
+fixed meta-test episodes, next to a random-init Conv4 with the same readout (reported in docs/results.md). (2) The
 **judge** of a diffusion zoo: it tells which meta-train class a generated image looks like, so the zoo stage can
 check that each model's samples fall in that model's class subset.
 """
