@@ -51,6 +51,25 @@ MAML = [
 ]
 
 
+def assert_same_weights(
+    what: str,
+    one: dict[str, torch.Tensor],
+    two: dict[str, torch.Tensor],
+    init: dict[str, torch.Tensor],
+    atol: float,
+    min_moved: float,
+) -> None:
+    """2 ranks' weights (`two`) equal 1 process's (`one`) to `atol`, while training moved them from `init` by more
+    than `min_moved`: small enough to tell averaged gradients from unsynced or differently batched ones."""
+    assert one.keys() == two.keys() == init.keys()
+    moved = max(float((one[k].double() - init[k].double()).abs().max()) for k in one)
+    diff = max(float((one[k].double() - two[k].double()).abs().max()) for k in one)
+    print(f"{what}: training moved the weights by {moved:.2e}; 2 ranks vs 1 differ by {diff:.2e}")
+    assert moved > min_moved, f"{what}: training moved the weights by only {moved:.2e}"
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=0, atol=atol, msg=lambda m, k=key: f"{what} {k}: {m}")
+
+
 def _learner(proc) -> dict[str, torch.Tensor]:
     """The learner weights of the maml artifact this run wrote."""
     return torch.load(written_artifact(proc.stdout + proc.stderr, "maml") / "learner.pt", weights_only=True)
@@ -76,12 +95,7 @@ def test_ddp_steps_equal_one_process_on_the_global_batch(cache_root: Path) -> No
     assert TWO_RANKS in double.stdout + double.stderr
     # a grand-upstream inherits from its parent, not from the top-level run: the DDP run built no CLIP of its own
     assert "upstream 'features': using" in double.stdout + double.stderr
-    one, two = _learner(single), _learner(double)
-    assert one.keys() == two.keys() == init.keys()
-    moved = max(float((one[k] - init[k]).abs().max()) for k in one)
-    assert moved > 1e-2, f"{STEPS} steps moved the weights by only {moved:.2e}: too small to tell sync from no sync"
-    for key, value in one.items():
-        torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    assert_same_weights("maml", _learner(single), _learner(double), init, atol=1e-5, min_moved=1e-2)
 
 
 # clip_synthvqa's model on a global batch of 32 pairs, SGD, for CLIP_STEPS steps
@@ -117,18 +131,13 @@ def test_clip_steps_on_two_ranks_equal_one_process(cache_root: Path) -> None:
     one = _clip(run_train([*CLIP, "task_name=clip_parity_1"], cache_root))
     double = run_train([*CLIP, "trainer=ddp_sim", "task_name=clip_parity_2"], cache_root)
     assert TWO_RANKS in double.stdout + double.stderr
-    two = _clip(double)
-    moved = max(float((one[k].float() - init[k].float()).abs().max()) for k in one)
-    diff = max(float((one[k].float() - two[k].float()).abs().max()) for k in one)
-    print(f"clip: {CLIP_STEPS} steps moved the weights by {moved:.2e}; 2 ranks vs 1 differ by {diff:.2e}")
-    assert moved > 1e-2, f"{CLIP_STEPS} steps moved the weights by only {moved:.2e}"
-    for key, value in one.items():
-        torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    assert_same_weights("clip", one, _clip(double), init, atol=1e-5, min_moved=1e-2)
 
 
 # hnet_synthvqa's own recipe (Adam, inner lr 10, 10 inner steps) in task order, in float64, for a few meta-steps,
 # then meta-test (one batch of 128 tasks): the global batch on 1 process and on 2 ranks
-HNET = [
+# hnet_synthvqa in task order on a global batch of 8 tasks (also tests/test_torchrun_nodes.py)
+HNET_TASK_ORDER = [
     "experiment=hnet_synthvqa",
     debug("short_chain"),
     "upstream.features.inherit_groups=[]",
@@ -137,6 +146,9 @@ HNET = [
     "model.n_shot_max=0",
     "trainer.enable_progress_bar=false",
     "callbacks=none",
+]
+HNET = [
+    *HNET_TASK_ORDER,
     "trainer.precision=64-true",
     "+trainer.limit_test_batches=1",
 ]
@@ -170,16 +182,9 @@ def test_hnet_on_two_ranks_gives_the_one_process_metrics(cache_root: Path) -> No
     assert TWO_RANKS in double.stdout + double.stderr
     fingerprints = {written_artifact(p.stdout + p.stderr, "hnet").name.rsplit("-", 1)[1] for p in (single, double)}
     assert len(fingerprints) == 1, fingerprints  # the task names differ; the config's identity does not
-    one, two = _hnet(single), _hnet(double)
-    moved = max(float((one[k] - init[k]).abs().max()) for k in one)
-    assert moved > 1e-3, f"{HNET_STEPS} steps moved the weights by only {moved:.2e}"
-    print(
-        f"hnet: {HNET_STEPS} steps moved the weights by {moved:.2e}; 2 ranks vs 1 differ by "
-        f"{max(float((two[k] - one[k]).abs().max()) for k in one):.2e}"
-    )
-    for key, value in one.items():
-        assert value.dtype == torch.float64, f"{key}: {value.dtype}, not a float64 run"
-        torch.testing.assert_close(two[key], value, rtol=0, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    one = _hnet(single)
+    assert all(v.dtype == torch.float64 for v in one.values()), "not a float64 run"
+    assert_same_weights("hnet", one, _hnet(double), init, atol=1e-6, min_moved=1e-3)
     m1, m2 = run_metrics(single, "hnet"), run_metrics(double, "hnet")
     gaps = {key: abs(m1[key] - m2[key]) for key in HNET_METRICS}
     print("hnet 2 ranks vs 1 process, metric gaps:", gaps)

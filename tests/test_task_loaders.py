@@ -157,25 +157,32 @@ def _rank_batches(data: MetaTaskDataModule, monkeypatch: pytest.MonkeyPatch, ran
         return [b.task_index.tolist() for b in data.train_dataloader()]
 
 
+def _meta_train_of_27(tmp_path: Path, tasks_per_batch: int, drop_last: bool) -> MetaTaskDataModule:
+    """27 meta-train tasks in task order (36 generated: the rest are meta-val and meta-test)."""
+    source = rotated_answer_store(tmp_path / "store", n_tasks=36)
+    data = MetaTaskDataModule(
+        source,
+        tasks_per_batch=tasks_per_batch,
+        eval_tasks_per_batch=16,
+        store_dir=str(tmp_path / "store"),
+        shuffle=False,
+        drop_last=drop_last,
+    )
+    data.setup("fit")
+    assert len(data.episodes("meta_train")) == 27
+    return data
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_step_is_the_one_process_global_batch_with_an_incomplete_last_batch(
     world: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Meta-train task counts rarely divide the global batch (synthvqa: 783 tasks in batches of 32). Before, one
-    process trained on the incomplete last batch whole (here 27 tasks in batches of 8: 3) while each rank took an equal share of it
-    (`EpochOrderShard` drops the odd task): on 2 ranks a different last step every epoch, and HNET's weights after an
+    process trained on the incomplete last batch whole (here 27 tasks in batches of 8: 3) while each rank took an
+    equal share of it (`EpochOrderShard` drops the odd task): on 2 ranks a different last step every epoch, and HNET's weights after an
     epoch differed even in float64. Now training drops it in every world size: the ranks' batch b together is the
     one-process batch b, every step."""
-    source = rotated_answer_store(tmp_path / "store", n_tasks=36)
-    data = MetaTaskDataModule(
-        source,
-        tasks_per_batch=8,
-        eval_tasks_per_batch=16,
-        store_dir=str(tmp_path / "store"),
-        shuffle=False,
-        drop_last=True,
-    )
-    data.setup("fit")
+    data = _meta_train_of_27(tmp_path, 8, drop_last=True)
     n_train = len(data.episodes("meta_train"))
     assert n_train % 8 and (n_train % 8) % world, f"{n_train} tasks: the check needs an unequal incomplete batch"
     one = [b.task_index.tolist() for b in data.train_dataloader()]
@@ -185,16 +192,7 @@ def test_every_step_is_the_one_process_global_batch_with_an_incomplete_last_batc
 
 
 def test_keeping_an_unequally_shared_last_batch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    source = rotated_answer_store(tmp_path / "store", n_tasks=36)
-    data = MetaTaskDataModule(
-        source,
-        tasks_per_batch=8,
-        eval_tasks_per_batch=16,
-        store_dir=str(tmp_path / "store"),
-        shuffle=False,
-        drop_last=False,
-    )
-    data.setup("fit")
+    data = _meta_train_of_27(tmp_path, 8, drop_last=False)
     n_train = len(data.episodes("meta_train"))
     with pytest.raises(
         ConfigError,
@@ -207,11 +205,7 @@ def test_keeping_an_unequally_shared_last_batch_is_refused(tmp_path: Path, monke
 def test_a_global_batch_larger_than_the_epoch_is_refused_when_the_last_batch_is_dropped(tmp_path: Path) -> None:
     """With `data.drop_last=true`, 27 meta-train tasks in batches of 32 would train nothing, silently (the VQA
     fixture chains did, before this check): refused in one line naming the key."""
-    source = rotated_answer_store(tmp_path / "store", n_tasks=36)
-    data = MetaTaskDataModule(
-        source, tasks_per_batch=32, eval_tasks_per_batch=16, store_dir=str(tmp_path / "store"), drop_last=True
-    )
-    data.setup("fit")
+    data = _meta_train_of_27(tmp_path, 32, drop_last=True)
     with pytest.raises(ConfigError, match=r"^data.tasks_per_batch=32 but the epoch has 27 training items"):
         data.train_dataloader()
     data.drop_last = False

@@ -14,24 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, debug, run_train, written_artifact
+from conftest import REPO, run_train, written_artifact
+from test_parity import HNET_TASK_ORDER
 
 pytestmark = pytest.mark.slow
 
 # hnet_synthvqa's config in task order with SGD: one meta-step on the global batch (8 tasks), weights compared to 1e-5
-HNET = [
-    "experiment=hnet_synthvqa",
-    debug("short_chain"),
-    "upstream.features.inherit_groups=[]",
-    "data.shuffle=false",
-    "data.tasks_per_batch=8",
-    "test=false",
-    "model.n_shot_max=0",
-    "trainer.enable_progress_bar=false",
-    "callbacks=none",
-    "model.optimizer._target_=torch.optim.SGD",
-    "model.optimizer.lr=1.0",
-]
+HNET = [*HNET_TASK_ORDER, "test=false", "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0"]
 
 
 def _free_port() -> int:
