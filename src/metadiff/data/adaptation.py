@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from metadiff.config import ConfigError
-from metadiff.data.global_batch import EpochOrderShard, check_epoch_has_a_step, check_last_batch_shares, per_rank_batch
+from metadiff.data.global_batch import training_shard
 from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.samplers import EpochOrder
@@ -140,11 +140,10 @@ class AdaptationDataModule(MetaTaskDataModule):
         rows = LatentRows(self.adaptation, self.seed, self.rows_per_epoch)
         rows.set_epoch(epoch)
         order = EpochOrder(len(rows), self.seed, epoch, self.shuffle)
-        batch_size = self.latents_per_batch  # global: each rank loads its share of every batch of one process
-        check_epoch_has_a_step(len(rows), batch_size, self.drop_last, "data.latents_per_batch")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            batch_size = per_rank_batch(batch_size, world, "data.latents_per_batch")
-            check_last_batch_shares(len(rows), world, self.drop_last, "data.drop_last")
-            order = EpochOrderShard(rows, order, torch.distributed.get_rank(), world)
-        return DataLoader(rows, batch_size=batch_size, sampler=order, drop_last=self.drop_last, **self.loader_options())
+        # global: each rank loads its share of every batch of one process
+        shard, batch_size = training_shard(
+            rows, order, self.latents_per_batch, self.drop_last, "data.latents_per_batch"
+        )
+        return DataLoader(
+            rows, batch_size=batch_size, sampler=shard or order, drop_last=self.drop_last, **self.loader_options()
+        )

@@ -8,9 +8,10 @@ devices, nodes and strategy out of the fingerprint); each rank loads `global // 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from metadiff.config import ConfigError
@@ -71,3 +72,19 @@ def check_epoch_has_a_step(n_items: int, global_batch: int, drop_last: bool, key
             f"{key}={global_batch} but the epoch has {n_items} training items: with data.drop_last=true no step "
             f"would train; lower {key} or set data.drop_last=false"
         )
+
+
+def training_shard(
+    dataset: Sized, order: Sampler[int], global_batch: int, drop_last: bool, key: str
+) -> tuple[EpochOrderShard | None, int]:
+    """(this rank's sampler, its batch size) for a training loader whose `key` is a global batch over `order`, an
+    epoch order of `dataset` that one process iterates whole: under DDP `EpochOrderShard` and `global // world`, in
+    one process (None, the global batch), the loader keeping its own order. Checked first: an epoch with a step
+    (`check_epoch_has_a_step`) and, under DDP, a last batch the ranks can share (`check_last_batch_shares`)."""
+    check_epoch_has_a_step(len(dataset), global_batch, drop_last, key)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None, global_batch
+    world = torch.distributed.get_world_size()
+    batch_size = per_rank_batch(global_batch, world, key)
+    check_last_batch_shares(len(dataset), world, drop_last, "data.drop_last")
+    return EpochOrderShard(dataset, order, torch.distributed.get_rank(), world), batch_size

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from metadiff.config import ConfigError
-from metadiff.data.global_batch import EpochOrderShard, check_epoch_has_a_step, check_last_batch_shares, per_rank_batch
+from metadiff.data.global_batch import training_shard
 from metadiff.data.meta_vqa.batches import TaskEpisodes, collate_tasks
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.pinning import pin_memory
@@ -131,17 +131,11 @@ class MetaTaskDataModule(pl.LightningDataModule):
         interleave the ranks' tasks)."""
         sampler, drop_last = None, split_ranks and self.drop_last  # evaluation keeps every task
         if split_ranks:
-            check_epoch_has_a_step(len(episodes), batch_size, drop_last, "data.tasks_per_batch")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if split_ranks:
-                world = torch.distributed.get_world_size()
-                batch_size = per_rank_batch(batch_size, world, "data.tasks_per_batch")
-                check_last_batch_shares(len(episodes), world, self.drop_last, "data.drop_last")
-                order = EpochOrder(len(episodes), self.seed, episodes.epoch, shuffle)
-                sampler = EpochOrderShard(episodes, order, torch.distributed.get_rank(), world)
-                shuffle = False
-            else:
-                sampler, shuffle = EveryRankSampler(episodes), False
+            order = EpochOrder(len(episodes), self.seed, episodes.epoch, shuffle)
+            sampler, batch_size = training_shard(episodes, order, batch_size, drop_last, "data.tasks_per_batch")
+            shuffle = shuffle and sampler is None
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler, shuffle = EveryRankSampler(episodes), False
         return DataLoader(
             episodes,
             batch_size=batch_size,
