@@ -76,8 +76,8 @@ class ClipBundle:
     model: torch.nn.Module
     tokenizer: Callable[..., torch.Tensor]
     image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # per image channel (RGB: three), as `image_preprocessing` reads them
+    std: tuple[float, ...]
     arch: str
     weights: Weights
 

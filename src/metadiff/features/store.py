@@ -65,7 +65,7 @@ class FeatureStore:
         return {"root": self.root}
 
     def __setstate__(self, state: dict[str, Path]) -> None:
-        self.__init__(state["root"])
+        FeatureStore.__init__(self, state["root"])
 
     def _table(self, name: str, shape: Sequence[int]) -> np.ndarray:
         """One table, memory-mapped, refused in one line naming the file if it is missing, truncated or not the
@@ -268,8 +268,8 @@ class FeatureStoreBuilder:
                     f"never written (no shard in {self.shards} holds them)"
                 )
         shapes = {name: list(t.shape) for name, t in tables.items()}
-        for table in tables.values():
-            table.flush()
+        for memmap in tables.values():
+            memmap.flush()
         del tables
         shutil.rmtree(self.shards)
         shutil.rmtree(self.lists)
