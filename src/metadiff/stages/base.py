@@ -4,19 +4,104 @@ A stage is a LightningModule that also publishes an artifact. Subclasses name th
 statement (`class VAEModule(Stage, name="vae")`, checked against the experiment's `stage:` before any work) and
 implement `write_artifact`; the reader of that artifact (`load_<stage>(artifact)`) sits next to it in the same
 module. Everything else has a default here, so a misspelt hook is an AttributeError, not a silently skipped step.
+
+What a stage reads is declared here too: its upstream artifacts (`required_upstreams`, checked from the config before
+any build, read with `upstream_artifact`) and its datamodule (`datamodule_view` with one of the `*Data` protocols
+below, checked when read). What it reports goes through one channel: `summary_metrics` and `set_results_text`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
+
+from metadiff.config import ConfigError
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from metadiff.data.adaptation import AdaptationData
+    from metadiff.data.images.datamodule import EpisodesSpec, TrainSpec
+    from metadiff.data.images.sources import ImageSource
+    from metadiff.data.images.splits import ImageSplit
+    from metadiff.data.meta_vqa.batches import TaskEpisodes
+    from metadiff.data.meta_vqa.tasks import Task
+    from metadiff.features.store import FeatureStore
+    from metadiff.store import Artifact
 
 # the checkpoint entries holding module weights: Lightning's, and the raw weights WeightAveraging (EMA) moves aside
 WEIGHT_ENTRIES = ("state_dict", "current_model_state")
+
+
+# ---------------------------------------------------------------------------------------- what a stage reads of its data
+# A stage reads its datamodule (`data._target_`) through one of these views (`Stage.datamodule_view`): the attributes
+# it names are the whole interface, checked when read, so a datamodule that lacks one fails in one line naming it
+# instead of an AttributeError deep in a hook. Each lists only what the stages read, not the datamodule's API.
+
+
+class ImageSetData(Protocol):
+    """The data-free family's view (`metadiff.data.images.datamodule.FewShotImageDataModule`): classifier,
+    diffusion_unet, diffusion_zoo, dfml, diffusionmix."""
+
+    source: ImageSource
+    shots: list[int]  # the shots of the test episodes, one test loader each
+    train_cfg: TrainSpec
+    episode_cfg: EpisodesSpec
+
+    def split(self, name: str) -> ImageSplit: ...
+
+    def train_classes(self) -> list[int]: ...
+
+
+class MetaTaskData(Protocol):
+    """The Meta-VQA tasks' view (`metadiff.data.meta_vqa.datamodule.MetaTaskDataModule`): the few-shot stages and
+    adaptation. `store`, `tasks` and `embed_dim` exist once the datamodule's `setup` ran (before the stage's)."""
+
+    store: FeatureStore
+    tasks: dict[str, list[Task]]
+    embed_dim: int
+    n_shot_seed: int
+    eval_tasks_per_batch: int
+
+    def episodes(
+        self,
+        split: str,
+        support_view: str = ...,
+        query_view: str = ...,
+        support_shots: int | None = None,
+        n_shot_seed: int | None = None,
+        limit: int | None = None,
+    ) -> TaskEpisodes: ...
+
+    def task_loader(
+        self, episodes: TaskEpisodes, batch_size: int, shuffle: bool, split_ranks: bool = False
+    ) -> DataLoader: ...
+
+
+class LatentData(Protocol):
+    """The latent stages' view (`metadiff.data.adaptation.AdaptationDataModule`): vae, hyperclip, hyperldm."""
+
+    adaptation: AdaptationData  # the upstream adaptation dataset, loaded by the datamodule's `setup`
+
+
+View = TypeVar("View")
+
+
+def view_members(kind: type) -> list[str]:
+    """The attribute and method names a `*Data` protocol declares (its own and its bases', not `Protocol`'s)."""
+    names: list[str] = []
+    for cls in kind.__mro__:
+        if cls is object or cls is Protocol or cls.__module__ == "typing":
+            continue
+        names += list(vars(cls).get("__annotations__", {}))
+        names += [n for n, v in vars(cls).items() if not n.startswith("_") and callable(v)]
+    return list(dict.fromkeys(names))
 
 
 class Stage(pl.LightningModule):
@@ -57,8 +142,21 @@ class Stage(pl.LightningModule):
     def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
         """The upstream artifacts this stage reads with the model config `model` (names in the experiment's
         `upstream:` block). `metadiff.run` checks them from the composed config, before any upstream is built, so a
-        missing one fails in one line instead of after the chain before it trained."""
+        missing one fails in one line instead of after the chain before it trained. The one declaration: the
+        constructor reads them with `upstream_artifact` and repeats no check of its own."""
         return ()
+
+    @classmethod
+    def upstream_artifact(cls, upstream: Mapping[str, Artifact] | None, name: str) -> Artifact:
+        """Upstream `name`, one that `required_upstreams` declares. In a run it is there (checked before any build);
+        a module built by hand without it fails here in one line, not with a KeyError."""
+        if upstream is None or name not in upstream:
+            given = sorted(upstream or {})
+            raise ConfigError(
+                f"stage '{getattr(cls, 'name', cls.__name__)}' reads an upstream '{name}' "
+                f"(required_upstreams) but was given {given or 'none'}"
+            )
+        return upstream[name]
 
     @classmethod
     def stage_names(cls) -> tuple[str, ...]:
@@ -73,6 +171,41 @@ class Stage(pl.LightningModule):
 
     def stage_complete(self) -> bool:
         return False
+
+    def set_results_text(self, text: str) -> None:
+        """Hand the stage's results table (and plot path) to `metadiff.run`, which prints it as the last lines of
+        the run: the one channel a stage reports through (never `print`, whose lines would land amid the logs and
+        once per rank). Kept on rank 0 only: under DDP every rank runs the stage, the table is printed once (a
+        spawned rank's run hands rank 0's back to the launching process). Works before a trainer is attached
+        (`stage_complete`), so the rank is Lightning's process-wide one."""
+        rank_zero_only(self._keep_results_text)(text)
+
+    def _keep_results_text(self, text: str) -> None:
+        self.results_text = text
+
+    def datamodule_view(self, kind: Callable[..., View]) -> View:
+        """The trainer's datamodule as the typed view `kind` (`ImageSetData`, `MetaTaskData`, `LatentData`, or a
+        stage's own protocol): every attribute `kind` declares is checked, and a missing one fails in one line
+        naming it, the datamodule and the view. (`kind` is typed as the callable a class also is: mypy refuses a
+        protocol class where `type[View]` is expected, its `type-abstract` check, python/mypy#4717.)"""
+        view = cast(type, kind)
+        datamodule = getattr(self.trainer, "datamodule", None)  # Lightning sets it when fit/test/predict starts
+        if datamodule is None:
+            raise ConfigError(f"stage '{self.stage_name}' reads its datamodule ({view.__name__}) but none is attached")
+        missing = [name for name in view_members(view) if not hasattr(datamodule, name)]
+        if missing:
+            raise ConfigError(
+                f"stage '{self.stage_name}' reads '{missing[0]}' of its datamodule ({view.__name__}), but "
+                f"{type(datamodule).__module__}.{type(datamodule).__qualname__} (data._target_) has no "
+                f"'{missing[0]}'" + (f" (nor {missing[1:]})" if missing[1:] else "")
+            )
+        return cast(View, datamodule)
+
+    @property
+    def fast_dev_run(self) -> bool:
+        """True in a `fast_dev_run` smoke run (one batch per loader): a stage publishes no partial output then.
+        Lightning sets the attribute on its trainer at construction, without declaring it."""
+        return bool(getattr(self.trainer, "fast_dev_run", False))
 
     def precision_context(self) -> AbstractContextManager:
         """The trainer's precision (bf16 autocast under `bf16-mixed`, nothing under `32-true`) for work a stage does

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from open_clip.loss import ClipLoss
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -22,6 +23,7 @@ from metadiff.data import global_batch
 from metadiff.data.samplers import StepPositionMixin
 from metadiff.data.sources import TaskSource, task_prompts
 from metadiff.eval.stats import mean_ci95
+from metadiff.eval.tables import results_table
 from metadiff.eval.zeroshot import encode_texts, per_task_accuracy, split_by_task
 from metadiff.features.clip_models import ClipBundle, context_length, create_clip, register_model_configs
 from metadiff.stages.base import Stage
@@ -44,12 +46,26 @@ class ZeroShotEvalSet:
         self.dataset = source.image_dataset(self.names, image_size, mean, std)
 
 
+class CaptionSource(TaskSource, Protocol):
+    """A benchmark that also makes image-caption pairs to pretrain CLIP on (the generated twin, `data=synthvqa`)."""
+
+    def caption_pairs(
+        self, n_pairs: int, seed: int, tokenize: Callable, mean: Sequence[float], std: Sequence[float]
+    ) -> Dataset: ...
+
+
+class ClipEvalData(Protocol):
+    """What the `clip` stage reads of its datamodule (`ClipPairsDataModule`, `Stage.datamodule_view`)."""
+
+    eval_sets: dict[str, ZeroShotEvalSet]
+
+
 class ClipPairsDataModule(StepPositionMixin, pl.LightningDataModule):
     """Caption pairs for training; zero-shot task sets for validation (meta-train) and test (meta-test)."""
 
     def __init__(
         self,
-        source: TaskSource,
+        source: CaptionSource,
         arch: str,
         batch_size: int = 256,
         num_workers: int = 0,
@@ -87,7 +103,7 @@ class ClipPairsDataModule(StepPositionMixin, pl.LightningDataModule):
         `trainer.use_distributed_sampler: false`, so that it does not wrap the training `StepOrder` a second time);
         the rows are gathered by index (`gather_rows`), so the pad that evens the shares writes a row twice, alike."""
         world = global_batch.world_size(self.trainer)
-        sampler = None
+        sampler: DistributedSampler | None = None
         if world > 1:
             sampler = DistributedSampler(dataset, world, global_batch.rank(self.trainer), shuffle=shuffle)
         return DataLoader(
@@ -105,7 +121,8 @@ class ClipPairsDataModule(StepPositionMixin, pl.LightningDataModule):
         # `data.batch_size` is global: each rank loads its share of the one-process batch (metadiff.data.global_batch)
         rank, world = global_batch.rank(self.trainer), global_batch.world_size(self.trainer)
         batch_size = global_batch.per_rank_batch(self.batch_size, world, "data.batch_size")
-        order = self.step_order(len(self.train_set), batch_size, self.seed, rank=rank, world_size=world)
+        n_pairs = len(cast(Sized, self.train_set))  # a map-style dataset: torch's `Dataset` declares no __len__
+        order = self.step_order(n_pairs, batch_size, self.seed, rank=rank, world_size=world)
         return DataLoader(
             self.train_set,
             batch_size=batch_size,
@@ -139,7 +156,7 @@ class ClipPretrainModule(Stage, name="clip"):
         self.save_hyperparameters(logger=False, ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.bundle: ClipBundle = create_clip(arch)
-        self.model = self.bundle.model
+        self.model: Any = self.bundle.model  # an open_clip CLIP (untyped): encode_image, encode_text, logit_scale
         self.loss_fn = ClipLoss()
         self._eval_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -171,23 +188,29 @@ class ClipPretrainModule(Stage, name="clip"):
         self._eval_rows.append((idx, F.normalize(self.model.encode_image(images).float(), dim=-1)))
 
     def _eval_end(self, which: str) -> None:
-        eval_set: ZeroShotEvalSet = self.trainer.datamodule.eval_sets[which]
+        eval_set = self.datamodule_view(ClipEvalData).eval_sets[which]
         idx = torch.cat([i for i, _ in self._eval_rows]).to(self.device)
         emb = torch.cat([e for _, e in self._eval_rows])
         self._eval_rows.clear()
         images = gather_rows(self, idx, emb, len(eval_set.names))
         flat = [p for prompts in eval_set.prompts for p in prompts]
         texts = encode_texts(
-            self.model.encode_text, self.bundle.tokenizer, flat, self.hparams.prompt_batch_size, self.device
+            self.model.encode_text, self.bundle.tokenizer, flat, self.hparams["prompt_batch_size"], self.device
         )
         answers = split_by_task(texts, [len(p) for p in eval_set.prompts])
         acc = per_task_accuracy(eval_set.tasks, images.cpu(), eval_set.row, [a.cpu() for a in answers])
         mean, ci = mean_ci95(acc)
         chance = float(torch.tensor([1 / t.n_answers for t in eval_set.tasks]).mean())
-        self.log_dict(
-            {f"{which}/zeroshot_acc": mean, f"{which}/zeroshot_acc_ci95": ci, f"{which}/chance": chance},
-            prog_bar=which == "val",
-        )
+        report = {f"{which}/zeroshot_acc": mean, f"{which}/zeroshot_acc_ci95": ci, f"{which}/chance": chance}
+        self.log_dict(report, prog_bar=which == "val")
+        if which == "test":
+            rows = [
+                ("zero-shot (image vs answer prompts)", "test/zeroshot_acc"),
+                ("chance (mean 1 / answers)", "test/chance"),
+            ]
+            self.set_results_text(
+                results_table("CLIP zero-shot accuracy on meta-test tasks (mean +- 95% CI):", report, rows)
+            )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch)
@@ -201,12 +224,12 @@ class ClipPretrainModule(Stage, name="clip"):
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
         opt = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+        warmup, floor = self.hparams["warmup_steps"], self.hparams["min_lr_ratio"]
 
         def schedule(step: int) -> float:  # linear warmup then cosine to floor, CLIP's usual recipe
             if step < warmup:
@@ -221,7 +244,7 @@ class ClipPretrainModule(Stage, name="clip"):
     def write_artifact(self, directory: Path) -> None:
         torch.save(self.model.state_dict(), directory / CLIP_WEIGHTS)
         (directory / CLIP_INFO).write_text(
-            json.dumps({"arch": self.hparams.arch, "context_length": context_length(self.hparams.arch)})
+            json.dumps({"arch": self.hparams["arch"], "context_length": context_length(self.hparams["arch"])})
         )
 
 

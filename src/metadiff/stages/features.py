@@ -19,12 +19,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from metadiff.config import ConfigError
 from metadiff.data.pinning import pin_memory
 from metadiff.data.sources import META_SPLITS, ImageNormalizer, TaskSource, task_prompts
 from metadiff.eval.baselines import baseline_report
+from metadiff.eval.tables import results_table
 from metadiff.features.clip_models import ClipBundle, create_clip, image_preprocessing
 from metadiff.features.store import FeatureStore, FeatureStoreBuilder, build_index, check_existing
 from metadiff.stages.base import Stage
@@ -137,8 +139,24 @@ class FeatureSourceDataModule(pl.LightningDataModule):
         ]
 
 
+def baseline_table(report: dict[str, float]) -> str:
+    """The results table of a store: the baselines on its meta-test tasks (`baseline_report`'s keys)."""
+    rows = [
+        ("CLIP zero-shot (image vs answer prompts)", "meta_test/zeroshot_acc"),
+        ("prototype (support-set answer means)", "meta_test/prototype_acc"),
+        ("per-task majority answer", "meta_test/majority_acc"),
+        ("chance (mean 1 / answers)", "meta_test/chance"),
+    ]
+    return results_table("accuracy on meta-test tasks from the feature store (mean +- 95% CI):", report, rows)
+
+
 class FeatureExtractor(Stage, name="features"):
     """Encodes everything a benchmark needs once; a rerun with the same model and data reuses the store."""
+
+    @classmethod
+    def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
+        """Without `model.pretrained`, the weights of the small embedded CLIP (upstream `clip`)."""
+        return ("clip",) if model.get("pretrained") is None else ()
 
     def __init__(
         self,
@@ -151,17 +169,11 @@ class FeatureExtractor(Stage, name="features"):
         upstream: dict[str, Artifact] | None = None,
     ):
         super().__init__()
-        if pretrained is None:
-            if not upstream or "clip" not in upstream:
-                raise ConfigError(
-                    "features: no CLIP weights. Set model.pretrained to an open_clip tag of model.arch (e.g. openai), "
-                    "hf-hub:org/repo or a local weights file, or keep the 'upstream.clip' entry that trains the small "
-                    "embedded CLIP."
-                )
-            pretrained = str(load_clip_weights_path(upstream["clip"]))
+        if pretrained is None:  # the embedded CLIP's weights (required_upstreams)
+            pretrained = str(load_clip_weights_path(self.upstream_artifact(upstream, "clip")))
         self.source, self.normalize = source, normalize
         self.bundle = create_clip(arch, pretrained)
-        self.model = self.bundle.model.eval()
+        self.model: Any = self.bundle.model.eval()  # an open_clip CLIP (untyped): encode_image, encode_text
         # the loader's images are uint8: ToTensor + Normalize on the device, with this model's mean and std
         self.image_normalizer = ImageNormalizer(self.bundle.mean, self.bundle.std)
         self.description = {
@@ -186,6 +198,7 @@ class FeatureExtractor(Stage, name="features"):
             self.summary_metrics.update(
                 baseline_report(self.source.tasks("meta_test"), FeatureStore(self.store_dir), "meta_test")
             )
+            self.set_results_text(baseline_table(self.summary_metrics))
         return done
 
     def setup(self, stage: str) -> None:
@@ -236,7 +249,7 @@ class FeatureExtractor(Stage, name="features"):
             rate = self._n_images / max(self._image_clock[1] - self._image_clock[0], 1e-9)
             self.summary_metrics["features/images_per_s"] = rate
             log.info("image features: %d images at %.1f images/s (this rank)", self._n_images, rate)
-        if self.trainer.fast_dev_run:  # a smoke test saw one batch per loader: never commit a partial store
+        if self.fast_dev_run:  # a smoke test saw one batch per loader: never commit a partial store
             if self.trainer.is_global_zero:
                 self.builder.abort()
             log.warning("fast_dev_run: feature store not committed (only one batch per table was computed)")
@@ -250,8 +263,9 @@ class FeatureExtractor(Stage, name="features"):
             self.summary_metrics["features/n_images"] = float(store.tables["image"].shape[0])
             self.summary_metrics["features/n_questions"] = float(store.tables["question"].shape[0])
             self.summary_metrics.update(baseline_report(self.source.tasks("meta_test"), store, "meta_test"))
+            self.set_results_text(baseline_table(self.summary_metrics))
             log.info("feature store written: %s", self.store_dir)
-        self.builder = None
+        del self.builder  # rebuilt by the next predict's setup
 
     def write_artifact(self, directory: Path) -> None:
         # relative to the artifact (both live under paths.root_dir), so a copied outputs tree finds its own store
