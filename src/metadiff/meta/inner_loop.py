@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from metadiff.data.meta_vqa.batches import TaskBatch
-from metadiff.meta.learner import FewShotLearner, Inner
+from metadiff.meta.learner import AdapterLearner, Inner
 from metadiff.nets.adapter import masked_task_losses
 
 
@@ -27,7 +27,7 @@ class InnerLoop:
     second_order: bool = False
 
     def adapt(
-        self, learner: FewShotLearner, batch: TaskBatch, inner: Inner | None = None, steps: int | None = None
+        self, learner: AdapterLearner, batch: TaskBatch, inner: Inner | None = None, steps: int | None = None
     ) -> Inner:
         """Adapted inner parameters [T, ...] after `steps` (default: self.steps) SGD steps on the support sets."""
         inner = learner.initial_inner(batch.question) if inner is None else inner
@@ -41,7 +41,7 @@ class InnerLoop:
                 return {k: v.detach() for k, v in self._steps(learner, batch, inner, steps, False).items()}
         return self._steps(learner, batch, inner, steps, self.second_order)
 
-    def _steps(self, learner: FewShotLearner, batch: TaskBatch, inner: Inner, steps: int, create_graph: bool) -> Inner:
+    def _steps(self, learner: AdapterLearner, batch: TaskBatch, inner: Inner, steps: int, create_graph: bool) -> Inner:
         names = list(inner)
         for _ in range(steps):
             logits = learner.logits(inner, batch.question, batch.support_x, batch.answers, batch.answer_mask)
@@ -70,7 +70,7 @@ def task_slice(batch: TaskBatch, t: int) -> TaskBatch:
     )
 
 
-def adapt_per_task_reference(loop: InnerLoop, learner: FewShotLearner, batch: TaskBatch) -> list[Inner]:
+def adapt_per_task_reference(loop: InnerLoop, learner: AdapterLearner, batch: TaskBatch) -> list[Inner]:
     """The plain loop: each task alone, its inner gradient from `torch.func.grad` (always differentiable)."""
     adapted = []
     for t in range(batch.n_tasks):
@@ -88,7 +88,7 @@ def adapt_per_task_reference(loop: InnerLoop, learner: FewShotLearner, batch: Ta
     return adapted
 
 
-def query_loss(learner: FewShotLearner, batch: TaskBatch, adapted: Inner, initial: Inner | None = None) -> torch.Tensor:
+def query_loss(learner: AdapterLearner, batch: TaskBatch, adapted: Inner, initial: Inner | None = None) -> torch.Tensor:
     """Mean over tasks of each task's mean query cross-entropy (the meta-objective)."""
     initial = adapted if initial is None else initial
     logits = learner.query_logits(adapted, initial, batch.question, batch.query_x, batch.answers, batch.answer_mask)

@@ -2,7 +2,7 @@
 
 The stages after the HNET (adaptation, VAE, HyperCLIP, HyperLDM) all treat a task as a latent z [d] that a fixed
 generator turns into adapter weights: the HNET's hypernetwork (spec §3.4 `enet`) or a VAE decoder (the "VAE
-MetaModel", spec §3.5). `LatentLearner` gives both the interface of `FewShotLearner` (`initial_inner`, `logits`,
+MetaModel", spec §3.5). `LatentLearner` is an `AdapterLearner` like `FewShotLearner` (`initial_inner`, `logits`,
 `query_logits`), so the batched inner loop of the few-shot stage adapts z for a whole batch of tasks unchanged.
 The HNET of a few-shot artifact is read as one by `metadiff.stages.fewshot.load_hnet_latent_learner`, next to its writer.
 """
@@ -12,13 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metadiff.meta.learner import AlphaQueryLogits, Inner
-from metadiff.nets.adapter import AdapterShape, adapter_logits
+from metadiff.meta.learner import AdapterLearner, Inner
+from metadiff.nets.adapter import AdapterShape
 from metadiff.utils.dtypes import full_precision
 
 
-class LatentLearner(AlphaQueryLogits, nn.Module):
+class LatentLearner(AdapterLearner):
     """z [T, d] -> generator -> flat adapter weights [T, P] -> logits. The generator is frozen (not meta-trained)."""
+
+    init_latent: torch.Tensor  # a buffer: the latent every task starts from
 
     def __init__(
         self,
@@ -49,18 +51,6 @@ class LatentLearner(AlphaQueryLogits, nn.Module):
 
     def adapter_weights(self, inner: Inner, question: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.shape.unflatten(self.decode(inner["z"]))
-
-    def logits(
-        self,
-        inner: Inner,
-        question: torch.Tensor,
-        x: torch.Tensor,
-        answers: torch.Tensor,
-        answer_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return adapter_logits(
-            self.adapter_weights(inner, question), full_precision(x), answers, answer_mask, scale=self.logit_scale
-        )
 
     def latent_logits(
         self, z: torch.Tensor, x: torch.Tensor, answers: torch.Tensor, answer_mask: torch.Tensor | None = None

@@ -22,10 +22,36 @@ MODES = ("mnet", "enet", "hnet")
 Inner = dict[str, torch.Tensor]
 
 
-class AlphaQueryLogits:
-    """`query_logits` shared by every learner that has `logits(inner, ...)` and `alpha`."""
+class AdapterLearner(nn.Module):
+    """What every learner of the family shares, and all the inner loop needs (`metadiff.meta.inner_loop`): inner
+    parameters [T, ...] per task, the adapter weights they make, and one implementation of the logits of those
+    weights (`logits`, `query_logits`). Subclasses: `FewShotLearner` (meta-trained) and
+    `metadiff.meta.latent.LatentLearner` (a frozen generator of weights from a task latent)."""
 
+    shape: AdapterShape
+    logit_scale: float
     alpha: float
+
+    def initial_inner(self, question: torch.Tensor) -> Inner:
+        """The inner parameters every task of a batch starts from, [T, ...]."""
+        raise NotImplementedError
+
+    def adapter_weights(self, inner: Inner, question: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The adapter weights [T, ...] (`metadiff.nets.adapter` layout) of inner parameters."""
+        raise NotImplementedError
+
+    def logits(
+        self,
+        inner: Inner,
+        question: torch.Tensor,
+        x: torch.Tensor,
+        answers: torch.Tensor,
+        answer_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Answer logits [T, N, A] of inputs x [T, N, e] under each task's adapter weights."""
+        return adapter_logits(
+            self.adapter_weights(inner, question), full_precision(x), answers, answer_mask, scale=self.logit_scale
+        )
 
     def query_logits(
         self,
@@ -44,7 +70,7 @@ class AlphaQueryLogits:
         return out
 
 
-class FewShotLearner(AlphaQueryLogits, nn.Module):
+class FewShotLearner(AdapterLearner):
     def __init__(
         self,
         mode: str,
@@ -92,15 +118,3 @@ class FewShotLearner(AlphaQueryLogits, nn.Module):
     def flat_weights(self, inner: Inner, question: torch.Tensor) -> torch.Tensor:
         """The adapter weights as the spec's flat vectors [T, P] (what adaptation datasets store)."""
         return self.shape.flatten(self.adapter_weights(inner, question))
-
-    def logits(
-        self,
-        inner: Inner,
-        question: torch.Tensor,
-        x: torch.Tensor,
-        answers: torch.Tensor,
-        answer_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return adapter_logits(
-            self.adapter_weights(inner, question), full_precision(x), answers, answer_mask, scale=self.logit_scale
-        )
