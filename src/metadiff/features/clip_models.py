@@ -165,6 +165,9 @@ def resolve_weights(arch: str, pretrained: str | Path | None) -> Weights:
         return Weights("random", None, None)
     value = str(pretrained)
     if kind == "file":
+        from metadiff.features.pinned import check_if_pinned  # (pinned imports the store: not at module import)
+
+        check_if_pinned(Path(value).expanduser())
         return Weights("file", value, Path(value).expanduser())
     if kind == "tag":
         cfg = open_clip.get_pretrained_cfg(arch, value)
