@@ -24,7 +24,7 @@ from metadiff.eval.fewshot import prototype_episode_accuracy, readout_lines
 from metadiff.eval.per_task import PerTaskValues, ci_report
 from metadiff.nets.backbones import BackboneSpec, build_backbone
 from metadiff.nets.heads import MLPHead
-from metadiff.stages.base import Stage
+from metadiff.stages.base import ImageSetData, Stage
 from metadiff.store import Artifact
 from metadiff.utils.tensor_files import load_tensors, save_tensors
 
@@ -56,6 +56,8 @@ def load_classifier(artifact: Artifact) -> ImageClassifier:
 
 
 class ClassifierModule(Stage, name="classifier"):
+    net: ImageClassifier  # built by the first setup(): its class count is the data's
+
     def __init__(
         self,
         backbone: BackboneSpec,
@@ -69,12 +71,11 @@ class ClassifierModule(Stage, name="classifier"):
         self.save_hyperparameters(logger=False, ignore=["optimizer", "scheduler", "upstream"])
         self.backbone_cfg, self.head_norm = as_spec(BackboneSpec, backbone, "model.backbone"), head_norm
         self.optimizer_factory, self.scheduler_factory, self.readout_scale = optimizer, scheduler, readout_scale
-        self.net: ImageClassifier | None = None
 
     def setup(self, stage: str) -> None:
-        if self.net is not None:
+        if hasattr(self, "net"):  # fit then test: built once
             return
-        dm = self.trainer.datamodule
+        dm = self.datamodule_view(ImageSetData)
         source = dm.source
         n_classes = len(dm.train_classes())
         self.net = ImageClassifier(source.backbone_spec(self.backbone_cfg), n_classes, self.head_norm)
@@ -99,7 +100,7 @@ class ClassifierModule(Stage, name="classifier"):
 
     @property
     def _first_class(self) -> int:
-        return self.trainer.datamodule.train_classes()[0]
+        return self.datamodule_view(ImageSetData).train_classes()[0]
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
@@ -115,16 +116,14 @@ class ClassifierModule(Stage, name="classifier"):
         report = ci_report("test", self.values.compute())
         self.log_dict(report)
         self.summary_metrics.update(report)
-        if self.trainer.is_global_zero:
-            print(
-                readout_lines(
-                    "prototype readout on the fixed meta-test episodes (mean +- 95% CI):",
-                    report,
-                    self.shots,
-                    ("trained", "random_init"),
-                ),
-                flush=True,
+        self.set_results_text(
+            readout_lines(
+                "prototype readout on the fixed meta-test episodes (mean +- 95% CI):",
+                report,
+                self.shots,
+                ("trained", "random_init"),
             )
+        )
 
     def write_artifact(self, directory: Path) -> None:
         save_tensors(self.net.state_dict(), directory / WEIGHTS)

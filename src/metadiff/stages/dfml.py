@@ -24,10 +24,11 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig
 
@@ -48,7 +49,7 @@ from metadiff.nets.backbones import BackboneSpec, build_backbone
 from metadiff.nets.heads import MLPHead
 from metadiff.nets.meta_model import MetaModel, spatial_episodic_loss
 from metadiff.nets.speed import SpeedSpec, speed_up
-from metadiff.stages.base import Stage
+from metadiff.stages.base import ImageSetData, Stage
 from metadiff.stages.classifier import load_classifier
 from metadiff.stages.diffusion_zoo import load_zoo
 from metadiff.store import Artifact
@@ -110,6 +111,8 @@ def load_meta_model(artifact: Artifact) -> MetaModel:
 
 
 class DFMLModule(Stage, name="dfml"):
+    meta: MetaModel  # built by the first setup(): its backbone takes the data's channels and normalisation
+
     @classmethod
     def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
         """The zoo it guides into pseudo data."""
@@ -142,14 +145,13 @@ class DFMLModule(Stage, name="dfml"):
     ):
         super().__init__()
         check_compat(compat)
-        if not upstream or "zoo" not in upstream:
-            raise ConfigError("dfml needs an upstream 'zoo' (a diffusion_zoo artifact)")
         self.save_hyperparameters(logger=False, ignore=["meta_optimizer", "class_learner_optimizer", "upstream"])
         self.automatic_optimization = False
-        self.zoo_artifact = upstream["zoo"]
+        self.zoo_artifact = self.upstream_artifact(upstream, "zoo")
         # optional: a classifier trained on the real meta-train images, scored on the same test episodes (the upper
         # reference of the gap the data-free model closes)
-        self.reference = load_classifier(upstream["reference"]).backbone if "reference" in upstream else None
+        reference = (upstream or {}).get("reference")
+        self.reference = load_classifier(reference).backbone if reference is not None else None
         self.zoo: DiffusionZoo = load_zoo(self.zoo_artifact)
         self.backbone_cfg = as_spec(BackboneSpec, backbone, "model.backbone")
         self.head_norm, self.scale_cls = head_norm, scale_cls
@@ -167,8 +169,7 @@ class DFMLModule(Stage, name="dfml"):
             speed_up(member.unet, as_spec(SpeedSpec, speed, "model.speed"))
         self.seed = seed
         self.n_classes = len(self.zoo.class_map)
-        self.meta: MetaModel | None = None
-        self.pseudo: PseudoData | None = None
+        self.pseudo: PseudoData | None = None  # the current round's (`round_data`), made at its first epoch
         self.pseudo_path: str | None = None
         self.selected_epoch = -1  # the epoch of the checkpoint the test loaded (callbacks.best_checkpoint); -1: none
         self.history: list[dict[str, float]] = []  # one entry per validated round
@@ -178,9 +179,9 @@ class DFMLModule(Stage, name="dfml"):
         self.episodes_per_batch = per_rank_batch(
             self.global_episodes_per_batch, self.trainer.world_size, "model.episodes.per_batch"
         )
-        if self.meta is not None:
+        if hasattr(self, "meta"):  # fit then test: built once
             return
-        dm = self.trainer.datamodule
+        dm = self.datamodule_view(ImageSetData)
         source = dm.source
         if (source.channels, source.image_size) != (self.zoo.channels, self.zoo.image_size):
             raise ConfigError(
@@ -218,6 +219,11 @@ class DFMLModule(Stage, name="dfml"):
         """The reference classifier's backbone (a diagnostic), when there is one: read from its artifact."""
         return ("reference",) if self.reference is not None else ()
 
+    def _two_optimizers(self) -> tuple[LightningOptimizer, LightningOptimizer]:
+        """(the meta-model's, the class-learner's): `configure_optimizers` returns both, in this order."""
+        meta_opt, cl_opt = cast(list[LightningOptimizer], self.optimizers())
+        return meta_opt, cl_opt
+
     def configure_optimizers(self):
         meta_opt = self.meta_optimizer_factory(self.meta.parameters())
         cl_opt = self.class_learner_optimizer_factory(self.class_learner.parameters())
@@ -236,13 +242,24 @@ class DFMLModule(Stage, name="dfml"):
 
     def on_train_epoch_start(self) -> None:
         epoch = self.current_epoch
-        meta_opt, _ = self.optimizers()
+        meta_opt, _ = self._two_optimizers()
         self.log("train/lr", meta_opt.optimizer.param_groups[0]["lr"])
         wanted = self._round_of(epoch)
         if self.pseudo is None and self.pseudo_path is not None and Path(self.pseudo_path).exists():
             self.pseudo = PseudoData.load(Path(self.pseudo_path))  # resumed: the round's data as it was
         if self.pseudo is None or self.pseudo.round != wanted:
             self.regenerate(wanted)
+
+    @property
+    def round_data(self) -> PseudoData:
+        """The current round's pseudo data: made (or reloaded) by `on_train_epoch_start` before the epoch's steps."""
+        if self.pseudo is None:
+            raise RuntimeError("dfml: no pseudo data yet (on_train_epoch_start makes each round's)")
+        return self.pseudo
+
+    def _all_gather_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`all_gather` of one tensor ([world_size, ...] on every rank), the form pseudo-data generation takes."""
+        return cast(torch.Tensor, self.all_gather(tensor))
 
     @torch.no_grad()
     def regenerate(self, round_index: int) -> None:
@@ -252,7 +269,10 @@ class DFMLModule(Stage, name="dfml"):
         g = self.generation
         if g.source == "real":  # the positive control: real images of the covered classes, not data-free
             self.pseudo = real_pseudo_data(
-                self.trainer.datamodule.split(g.real_split), self.zoo.class_map, int(g.per_class), round_index
+                self.datamodule_view(ImageSetData).split(g.real_split),
+                self.zoo.class_map,
+                int(g.per_class),
+                round_index,
             )
             self._report_round(round_index)
             return
@@ -273,31 +293,32 @@ class DFMLModule(Stage, name="dfml"):
         zoo = self.zoo.to(self.device)
         scale = float(g.scale) if round_index > 0 or g.guide_round0 else 0.0
         with self.precision_context():  # an epoch hook: Lightning's bf16 covers only the steps
-            self.pseudo = generate_pseudo_data(
-                zoo,
-                self.meta.backbone,
-                self.class_learner,
-                int(g.per_class),
-                int(g.batch_size),
-                int(g.steps),
-                scale,
-                self.compat,
-                keyed_seed(self.seed, round_index),
-                round_index,
-                g.spacing,
-                self.global_rank,
-                world_size,
-                self.all_gather if world_size > 1 else None,
+            self.pseudo = pseudo = generate_pseudo_data(
+                zoo=zoo,
+                backbone=self.meta.backbone,
+                class_learner=self.class_learner,
+                per_class=int(g.per_class),
+                batch_size=int(g.batch_size),
+                steps=int(g.steps),
+                scale=scale,
+                compat=self.compat,
+                seed=keyed_seed(self.seed, round_index),
+                round_index=round_index,
+                spacing=g.spacing,
+                rank=self.global_rank,
+                world_size=world_size,
+                all_gather=self._all_gather_tensor if world_size > 1 else None,
             )
-        self.log("pseudo/images_generated", float((self.pseudo.ranks == self.global_rank).sum()))  # this rank's share
+        self.log("pseudo/images_generated", float((pseudo.ranks == self.global_rank).sum()))  # this rank's share
         self.meta.train()
         self.class_learner.train()
         self._report_round(round_index)
 
     def _report_round(self, round_index: int) -> None:
         """How often the guide and the meta-model agree with the asked pseudo class; a grid of the round."""
-        images = self.pseudo.images.to(self.device).float().div_(255)
-        targets = self.pseudo.labels.to(self.device)
+        pseudo = self.round_data
+        images = pseudo.images.to(self.device).float().div_(255)
+        targets = pseudo.labels.to(self.device)
         with torch.no_grad():
             self.meta.eval()
             agree = (
@@ -310,16 +331,14 @@ class DFMLModule(Stage, name="dfml"):
         if not self.trainer.is_global_zero:
             return
         path = self.run_dir / "pseudo" / f"round{round_index}.pt"
-        self.pseudo.save(path)
+        pseudo.save(path)
         self.pseudo_path = str(path)
         per_class = int(self.grid.per_class)
-        order = torch.argsort(self.pseudo.classes, stable=True)
-        counts = torch.bincount(self.pseudo.classes, minlength=self.n_classes)
+        order = torch.argsort(pseudo.classes, stable=True)
+        counts = torch.bincount(pseudo.classes, minlength=self.n_classes)
         starts = torch.cumsum(counts, 0) - counts
         picks = torch.cat([order[s : s + per_class] for s in starts.tolist()])
-        grid = save_grid(
-            self.pseudo.images[picks].float() / 255, self.run_dir / f"pseudo_round{round_index}.png", per_class
-        )
+        grid = save_grid(pseudo.images[picks].float() / 255, self.run_dir / f"pseudo_round{round_index}.png", per_class)
         log_image(self.loggers, "pseudo/grid", grid)
 
     # ------------------------------------------------------------------ training
@@ -329,9 +348,10 @@ class DFMLModule(Stage, name="dfml"):
         return generator(rank_seed(stream_seed(self.seed, step), self.global_rank))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        meta_opt, cl_opt = self.optimizers()
+        meta_opt, cl_opt = self._two_optimizers()
         gen = self._generator(batch)
-        ep = self.pseudo.episodes(self.shape, self.episodes_per_batch, gen, self.device)
+        pseudo = self.round_data
+        ep = pseudo.episodes(self.shape, self.episodes_per_batch, gen, self.device)
         support = augment(ep.support, self.augment, self.augment_fill, gen)
         query = augment(ep.query, self.augment, self.augment_fill, gen)
         global_logits, spatial = self.meta.train_forward(support, ep.support_labels, query, self.shape.n_way)
@@ -342,7 +362,7 @@ class DFMLModule(Stage, name="dfml"):
         self.manual_backward(loss)
         meta_opt.step()
 
-        fresh = self.pseudo.episodes(self.shape, self.episodes_per_batch, gen, self.device)
+        fresh = pseudo.episodes(self.shape, self.episodes_per_batch, gen, self.device)
         self.meta.eval()  # the teacher and the noisy features use running statistics (spec §4.3)
         cl_loss, ce, kl = class_learner_loss(
             self.meta.backbone,
@@ -376,10 +396,11 @@ class DFMLModule(Stage, name="dfml"):
     # ------------------------------------------------------------------ validation: checkpoint selection
     def _score(self, batch: Episodes, dataloader_idx: int, nets: tuple[str, ...]) -> None:
         k = self.shots[dataloader_idx]
+        backbones = {"trained": self.meta.backbone, "random_init": self.random_init}
+        if self.reference is not None:
+            backbones["reference"] = self.reference
         for name in nets:
-            backbone = {"trained": self.meta.backbone, "random_init": self.random_init, "reference": self.reference}[
-                name
-            ].to(self.device)
+            backbone = backbones[name].to(self.device)
             self.values.update(
                 f"{name}_{k}shot",
                 prototype_episode_accuracy(lambda x, b=backbone: b(x).mean(dim=(2, 3)), batch, self.scale_cls),
@@ -407,7 +428,7 @@ class DFMLModule(Stage, name="dfml"):
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero and self.history:
             curves = {
-                f"{k}-shot ({self.trainer.datamodule.episode_cfg.val_split})": [
+                f"{k}-shot ({self.datamodule_view(ImageSetData).episode_cfg.val_split})": [
                     (h["round"], h[f"{k}shot"], h[f"{k}shot_ci95"]) for h in self.history
                 ]
                 for k in self.shots
@@ -420,7 +441,8 @@ class DFMLModule(Stage, name="dfml"):
     def on_train_epoch_end(self) -> None:
         schedulers = self.lr_schedulers()  # one scheduler, or a list of two (the class-learner's)
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-            scheduler.step()  # manual optimisation: Lightning leaves the stepping to the module
+            if scheduler is not None:  # configure_optimizers always returns one: None only before it ran
+                scheduler.step()  # manual optimisation: Lightning leaves the stepping to the module
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -461,24 +483,23 @@ class DFMLModule(Stage, name="dfml"):
                 )
         self.log_dict(report)
         self.summary_metrics.update(report)
-        if self.trainer.is_global_zero:
-            lines = readout_lines(
-                f"dfml ({self.compat}): prototype readout on the fixed real meta-test episodes (mean +- 95% CI):",
-                report,
-                self.shots,
-                self.test_nets,
-            )
-            names = [f"trained_minus_random_init_{k}shot" for k in self.shots]
-            notes = (
-                {
-                    name: f"gap closed {report[f'test/gap_closed_{k}shot']:.1%}"
-                    for name, k in zip(names, self.shots, strict=True)
-                }
-                if self.reference is not None
-                else None
-            )
-            lines += "\n" + paired_lines("paired per-episode differences (mean +- 95% CI):", report, names, notes, 34)
-            print(lines, flush=True)
+        lines = readout_lines(
+            f"dfml ({self.compat}): prototype readout on the fixed real meta-test episodes (mean +- 95% CI):",
+            report,
+            self.shots,
+            self.test_nets,
+        )
+        names = [f"trained_minus_random_init_{k}shot" for k in self.shots]
+        notes = (
+            {
+                name: f"gap closed {report[f'test/gap_closed_{k}shot']:.1%}"
+                for name, k in zip(names, self.shots, strict=True)
+            }
+            if self.reference is not None
+            else None
+        )
+        lines += "\n" + paired_lines("paired per-episode differences (mean +- 95% CI):", report, names, notes, 34)
+        self.set_results_text(lines)
 
     def write_artifact(self, directory: Path) -> None:
         save_tensors(self.meta.state_dict(), directory / WEIGHTS)

@@ -28,9 +28,10 @@ from metadiff.diffusion.losses import hybrid_loss
 from metadiff.diffusion.schedule import NoiseSchedule, ScheduleName
 from metadiff.diffusion.zoo import sample_images, to_diffusion
 from metadiff.eval.plots import log_image, save_grid
+from metadiff.eval.tables import results_table
 from metadiff.nets.speed import SpeedSpec, speed_up
 from metadiff.nets.unet import ImageDenoiser
-from metadiff.stages.base import Stage
+from metadiff.stages.base import ImageSetData, Stage
 from metadiff.store import Artifact
 from metadiff.utils.rng import follower_rank_seed, keyed_generator
 from metadiff.utils.tensor_files import load_tensors, save_tensors
@@ -121,14 +122,15 @@ class DiffusionUNetModule(Stage, name="diffusion_unet"):
         self._sped_up = False
 
     def setup(self, stage: str) -> None:
-        source = self.trainer.datamodule.source
+        data = self.datamodule_view(ImageSetData)
+        source = data.source
         config = self.denoiser.config
         if (source.image_size, source.channels) != (config["image_size"], config["channels"]):
             raise ConfigError(
                 f"model.image_size/channels = {config['image_size']}/{config['channels']} but the data "
                 f"gives {source.image_size}x{source.image_size} images with {source.channels} channels"
             )
-        self.classes = self.trainer.datamodule.train_classes()
+        self.classes = data.train_classes()
         if not self._sped_up:  # here, after the EMA callback's copy (see `speed_up`); once for fit and test
             speed_up(self.denoiser.unet, self.speed)  # the diffusers UNet: every denoiser call (eps, eps + v) runs it
             self._sped_up = True
@@ -189,6 +191,19 @@ class DiffusionUNetModule(Stage, name="diffusion_unet"):
         path = save_grid(images.cpu(), Path(self.trainer.default_root_dir) / "samples.png", int(self.grid.nrow))
         log_image(self.loggers, "test/samples", path)
         self.grid_path = path
+
+    def on_test_end(self) -> None:
+        """The results table: here, not in `on_test_epoch_end`, because Lightning reduces the per-batch held-out
+        losses into `callback_metrics` between the two hooks."""
+        report = {key: float(value) for key, value in self.trainer.callback_metrics.items()}
+        rows = [
+            ("diffusion loss on held-out images", "test/heldout_loss"),
+            ("its eps-MSE term", "test/heldout_mse"),
+            ("its variational-bound term (L_vb)", "test/heldout_vb"),
+        ]
+        title = f"diffusion_unet on its {len(self.classes)} classes, EMA weights (mean over held-out batches):"
+        grid = getattr(self, "grid_path", None)
+        self.set_results_text(results_table(title, report, rows) + (f"\nsamples: {grid}" if grid is not None else ""))
 
     def write_artifact(self, directory: Path) -> None:
         save_tensors(self.denoiser.state_dict(), directory / WEIGHTS)

@@ -26,7 +26,7 @@ from metadiff.diffusion.schedule import NoiseSchedule
 from metadiff.diffusion.zoo import PIXEL_RANGE, DiffusionZoo
 from metadiff.eval.plots import log_image, save_grid
 from metadiff.nets.unet import ImageDenoiser
-from metadiff.stages.base import Stage
+from metadiff.stages.base import ImageSetData, Stage
 from metadiff.stages.classifier import load_classifier
 from metadiff.stages.diffusion_unet import load_unet, load_unet_spec
 from metadiff.store import Artifact
@@ -141,27 +141,31 @@ def assemble_zoo(members: list[Artifact], class_names: list[str]) -> DiffusionZo
 
 
 class DiffusionZooModule(Stage, name="diffusion_zoo"):
+    zoo: DiffusionZoo  # assembled by the first setup(): its class names are the data's
+
     @classmethod
     def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
-        """The judge classifier scores the members' samples."""
-        return ("judge",)
+        """The judge classifier scores the members' samples; the members are `unet0`, `unet1`, ... (an upstream
+        `unet` with `fan_out`), at least the first."""
+        return ("judge", f"{UNET_PREFIX}0")
 
     def __init__(
         self, check: CheckSpec, grid: ZooGridSpec, eval_seed: int = 0, upstream: dict[str, Artifact] | None = None
     ):
         super().__init__()
-        if not upstream or "judge" not in upstream:
-            raise ConfigError("diffusion_zoo needs an upstream 'judge' (a classifier of the meta-train classes)")
-        self.members, self.judge_artifact = member_artifacts(upstream), upstream["judge"]
+        self.judge_artifact = self.upstream_artifact(upstream, "judge")
+        self.members = member_artifacts(upstream or {})
         self.check = as_spec(CheckSpec, check, "model.check")
         self.grid, self.eval_seed = as_spec(ZooGridSpec, grid, "model.grid"), eval_seed
         self.judge = load_classifier(self.judge_artifact)
-        self.zoo: DiffusionZoo | None = None
         self.real_right: list[torch.Tensor] = []
 
     def setup(self, stage: str) -> None:
-        if self.zoo is None:
-            split = self.trainer.datamodule.split(self.trainer.datamodule.train_cfg.split)
+        if not hasattr(self, "zoo"):
+            data = self.datamodule_view(ImageSetData)
+            if data.train_cfg.split is None:
+                raise ConfigError("data.train.split is null (data-free): the zoo check needs the meta-train classes")
+            split = data.split(data.train_cfg.split)
             if self.judge.spec["n_classes"] != len(split.classes):
                 raise ConfigError(
                     f"judge {self.judge_artifact.path} has {self.judge.spec['n_classes']} classes, the "
@@ -210,15 +214,15 @@ class DiffusionZooModule(Stage, name="diffusion_zoo"):
         self.confusion = confusion
         if self.trainer.is_global_zero:
             self._write_grids(grids)
-            lines = [
-                "",
-                "zoo check: a classifier of the real meta-train classes judges each member's samples",
-                f"  samples in their member's class subset   {report['test/subset_accuracy']:.3f}  "
-                f"(per member {', '.join(f'{m:.2f}' for m in members)})",
-                f"  chance (classes per model / classes)     {report['test/subset_accuracy_chance']:.3f}",
-                f"  judge on held-out real images (ceiling)  {report['test/judge_real_subset_accuracy']:.3f}",
-            ]
-            print("\n".join(lines), flush=True)
+        lines = [
+            "",
+            "zoo check: a classifier of the real meta-train classes judges each member's samples",
+            f"  samples in their member's class subset   {report['test/subset_accuracy']:.3f}  "
+            f"(per member {', '.join(f'{m:.2f}' for m in members)})",
+            f"  chance (classes per model / classes)     {report['test/subset_accuracy_chance']:.3f}",
+            f"  judge on held-out real images (ceiling)  {report['test/judge_real_subset_accuracy']:.3f}",
+        ]
+        self.set_results_text("\n".join(lines))
 
     def _write_grids(self, grids: list[torch.Tensor]) -> None:
         out = Path(self.trainer.default_root_dir)

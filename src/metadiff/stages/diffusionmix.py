@@ -16,8 +16,10 @@ episodes: DiffusionMix vs none (per norm), transductive vs plain head, head vs p
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -39,7 +41,7 @@ from metadiff.eval.fewshot import (
 )
 from metadiff.eval.per_task import PerTaskValues, ci_report, paired_report
 from metadiff.eval.plots import save_grid
-from metadiff.stages.base import Stage
+from metadiff.stages.base import ImageSetData, Stage
 from metadiff.stages.dfml import load_meta_model
 from metadiff.stages.diffusion_zoo import load_zoo
 from metadiff.store import Artifact
@@ -83,13 +85,8 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
     ):
         super().__init__()
         check_compat(compat)
-        for name in ("meta", "zoo"):
-            if not upstream or name not in upstream:
-                raise ConfigError(
-                    f"diffusionmix needs an upstream '{name}' (meta: a dfml artifact, zoo: a diffusion_zoo artifact)"
-                )
-        self.meta = load_meta_model(upstream["meta"])
-        self.zoo = load_zoo(upstream["zoo"])
+        self.meta = load_meta_model(self.upstream_artifact(upstream, "meta"))
+        self.zoo = load_zoo(self.upstream_artifact(upstream, "zoo"))
         self.head_cfg, self.mix = as_spec(HeadSpec, head, "model.head"), as_spec(MixSpec, mix, "model.mix")
         self.compat, self.seed = compat, seed
         self.norms = list(self.head_cfg.norms)
@@ -104,7 +101,7 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
         return "" if norm == self.norms[0] else f"_{norm}"
 
     def setup(self, stage: str) -> None:
-        self.shots = list(self.trainer.datamodule.shots)
+        self.shots = list(self.datamodule_view(ImageSetData).shots)
         # the episodes are shared out over the ranks (EpisodeSampler): gathered at compute
         self.values = PerTaskValues([f"{r}_{k}shot" for r in self.readouts for k in self.shots], sync=True)
 
@@ -194,9 +191,9 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
         def clean_loss() -> torch.Tensor:
             return F.cross_entropy(heads(support).transpose(1, 2), y_s, reduction="none").mean(1)
 
-        def mix_loss() -> torch.Tensor:
-            total = 0.0
-            for x, y_a, y_b, lam in mixed:
+        def mix_loss(sets: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+            total: torch.Tensor | float = 0.0
+            for x, y_a, y_b, lam in sets:
                 w_a, w_b = mixup_label_weights(lam, self.compat)
                 logits = heads(x).transpose(1, 2)
                 total = (
@@ -204,12 +201,12 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
                     + w_a * F.cross_entropy(logits, y_a, reduction="none").mean(1)
                     + w_b * F.cross_entropy(logits, y_b, reduction="none").mean(1)
                 )
-            return total / len(mixed)
+            return cast(torch.Tensor, total) / len(sets)  # a tensor: a zoo has at least one model, so one set
 
         train_heads(heads, clean, int(h.clean_steps), clean_loss)
         if mixed is not None:
             mix_opt = torch.optim.SGD(heads.parameters(), lr=h.lr_mix, momentum=h.momentum, weight_decay=h.weight_decay)
-            train_heads(heads, mix_opt, int(h.mix_steps), mix_loss)
+            train_heads(heads, mix_opt, int(h.mix_steps), functools.partial(mix_loss, mixed))
         train_heads(heads, clean, int(h.final_steps), clean_loss)
         with torch.no_grad():
             return heads(query)
@@ -248,18 +245,17 @@ class DiffusionMixModule(Stage, name="diffusionmix"):
         report |= paired
         self.log_dict(report)
         self.summary_metrics.update(report)
-        if self.trainer.is_global_zero:
-            lines = readout_lines(
-                f"diffusionmix ({self.compat}) on the fixed real meta-test episodes (mean +- 95% CI;"
-                f" head norms {self.norms}):",
-                report,
-                self.shots,
-                tuple(self.readouts),
-                width=28,
-            )
-            names = [key.removeprefix("test/") for key in paired if not key.endswith("_ci95")]
-            lines += "\n" + paired_lines("paired per-episode differences (mean +- 95% CI):", report, names)
-            print(lines, flush=True)
+        lines = readout_lines(
+            f"diffusionmix ({self.compat}) on the fixed real meta-test episodes (mean +- 95% CI;"
+            f" head norms {self.norms}):",
+            report,
+            self.shots,
+            tuple(self.readouts),
+            width=28,
+        )
+        names = [key.removeprefix("test/") for key in paired if not key.endswith("_ci95")]
+        lines += "\n" + paired_lines("paired per-episode differences (mean +- 95% CI):", report, names)
+        self.set_results_text(lines)
 
     def write_artifact(self, directory: Path) -> None:
         if hasattr(self, "grid_path"):
