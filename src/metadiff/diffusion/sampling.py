@@ -190,7 +190,8 @@ def sample(
     §8 B9). `noise_repeats` = r: the r consecutive blocks of the batch get the same noise (paired comparisons)."""
     if method not in METHODS:
         raise ValueError(f"sampling method '{method}' is not one of {sorted(METHODS)}")
-    eta = METHODS[method] if METHODS[method] is not None else eta
+    forced_eta = METHODS[method]
+    eta = forced_eta if forced_eta is not None else eta
     steps = [int(t) for t in timesteps]
     if x_start is None:
         if shape is None:
@@ -232,7 +233,7 @@ def sample(
 
 
 def sample_original(
-    eps_model: EpsModel,
+    eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     schedule: NoiseSchedule,
     shape: tuple[int, ...],
     respacing: int = 1,

@@ -80,10 +80,10 @@ class NoiseSchedule:
     # the alpha-bar table per device it was asked on (see `_alpha_bar_table`); not part of the schedule's identity
     _tables: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def __getstate__(self) -> dict[str, object]:
+    def __getstate__(self) -> dict[str, torch.Tensor]:
         return {"betas": self.betas}  # the cache stays behind: a pickled copy may go to a process without that GPU
 
-    def __setstate__(self, state: dict[str, object]) -> None:
+    def __setstate__(self, state: dict[str, torch.Tensor]) -> None:
         self.betas, self._tables = state["betas"], {}
 
     @classmethod

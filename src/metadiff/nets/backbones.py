@@ -21,6 +21,9 @@ from metadiff.config import ConfigError
 
 
 class Normalize(nn.Module):
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1))
@@ -36,7 +39,17 @@ def conv_block(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-class Conv4(nn.Module):
+class Backbone(nn.Module):
+    """What every backbone of `build_backbone` gives: feature maps [B, out_dim, h, w] and their embedding."""
+
+    out_dim: int
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """normalize(GAP(g(x))) [B, D]: the embedding every head and readout uses (spec §3.1)."""
+        return F.normalize(self(x).mean(dim=(2, 3)), dim=-1, eps=1e-12)
+
+
+class Conv4(Backbone):
     """[Conv3x3 -> BN -> ReLU -> MaxPool2] x depth, `width` channels: 64x64 -> 64x4x4, 32x32 -> 64x2x2."""
 
     def __init__(self, in_channels: int, mean: Sequence[float], std: Sequence[float], width: int = 64, depth: int = 4):
@@ -48,10 +61,6 @@ class Conv4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Feature maps [B, D, h, w]."""
         return self.blocks(self.normalize(x))
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """normalize(GAP(g(x))) [B, D]: the embedding every head and readout uses (spec §3.1)."""
-        return F.normalize(self(x).mean(dim=(2, 3)), dim=-1, eps=1e-12)
 
 
 def drop_block(x: torch.Tensor, rate: float, block_size: int) -> torch.Tensor:
@@ -73,6 +82,8 @@ class AnnealedDropBlock(nn.Module):
     """DropBlock whose drop rate rises linearly from 0 to `drop` over the block's first `anneal_calls` training calls
     (spec §3.2: keep rate max(1 - 0.1 n / (20 x 2000), 0.9)). The call count is a buffer, so it is checkpointed and a
     resumed run continues the schedule."""
+
+    calls: torch.Tensor  # buffer
 
     def __init__(self, drop: float, block_size: int, anneal_calls: int):
         super().__init__()
@@ -114,7 +125,7 @@ class ResidualStage(nn.Module):
         return self.drop(self.pool(F.leaky_relu(self.body(x) + self.shortcut(x), 0.1)))
 
 
-class ResNet12(nn.Module):
+class ResNet12(Backbone):
     """The MetaOptNet/CAN ResNet-12 (spec §3.2): stages of `widths`, dropout in the first two, DropBlock in the
     last two; 64x64 -> 512x4x4 with the default widths. Kaiming-normal (fan_out) init."""
 
@@ -142,13 +153,11 @@ class ResNet12(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.normalize(x))
 
-    embed = Conv4.embed
+
+BACKBONES: dict[str, type[Backbone]] = {"conv4": Conv4, "resnet12": ResNet12}
 
 
-BACKBONES = {"conv4": Conv4, "resnet12": ResNet12}
-
-
-def build_backbone(name: str, **kwargs) -> nn.Module:
+def build_backbone(name: str, **kwargs) -> Backbone:
     """The backbone `name` from its config keys; keys of another backbone are a one-line error (not a TypeError)."""
     if name not in BACKBONES:
         raise ConfigError(f"model.backbone.name={name!r}: expected one of {sorted(BACKBONES)}")

@@ -21,6 +21,10 @@ REDUCTIONS = ("sum", "mean")
 
 
 class HyperCLIPEncoder(nn.Module):
+    input_mean: torch.Tensor  # buffers
+    input_std: torch.Tensor
+    log_logit_scale: torch.Tensor  # a buffer, or a Parameter with learn_logit_scale
+
     def __init__(
         self,
         in_dim: int,

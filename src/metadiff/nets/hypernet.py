@@ -20,11 +20,12 @@ class Mlp(nn.Module):
         if nonlinearity not in NONLINEARITIES:
             raise ValueError(f"nonlinearity '{nonlinearity}' is not one of {sorted(NONLINEARITIES)}")
         dims = [in_dim, *hidden_dims, out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
-        for i, layer in enumerate(self.layers):
-            last = i == len(self.layers) - 1
+        linears = [nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)]
+        for i, layer in enumerate(linears):
+            last = i == len(linears) - 1
             nn.init.kaiming_normal_(layer.weight, nonlinearity="linear" if last else "relu")
             nn.init.zeros_(layer.bias)
+        self.layers = nn.ModuleList(linears)
         self.nonlinearity = nonlinearity
 
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

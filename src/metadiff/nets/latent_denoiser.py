@@ -53,6 +53,9 @@ class ResidualBlock(nn.Module):
 
 
 class LatentDenoiser(nn.Module):
+    cond_mean: torch.Tensor  # buffers, registered with cond_norm: standard
+    cond_std: torch.Tensor
+
     def __init__(
         self,
         latent_dim: int,
@@ -82,9 +85,10 @@ class LatentDenoiser(nn.Module):
             width = int(hidden[0])
             self.embed = nn.Linear(latent_dim + side, width)
             self.blocks = nn.ModuleList(ResidualBlock(width, side) for _ in hidden)
-            self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, latent_dim))
-            nn.init.zeros_(self.head[1].weight)
-            nn.init.zeros_(self.head[1].bias)
+            out = nn.Linear(width, latent_dim)
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
+            self.head: nn.Module = nn.Sequential(nn.LayerNorm(width), out)
             return
         if version == "v1":
             dims = [latent_dim + side, *hidden]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from metadiff.nets.backbones import Backbone
 from metadiff.nets.heads import MLPHead
 
 
@@ -25,7 +26,7 @@ def class_means(values: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch
 
 
 class MetaModel(nn.Module):
-    def __init__(self, backbone: nn.Module, n_classes: int, head_norm: str = "batch_stats", scale_cls: float = 7.0):
+    def __init__(self, backbone: Backbone, n_classes: int, head_norm: str = "batch_stats", scale_cls: float = 7.0):
         super().__init__()
         self.backbone, self.scale_cls = backbone, scale_cls
         self.head = MLPHead(backbone.out_dim, n_classes, norm=head_norm)

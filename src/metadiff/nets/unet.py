@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
+from diffusers.models.unets.unet_2d import UNet2DModel  # not `from diffusers`: mypy reads that as a no-torch dummy
 from torch import nn
 
 from metadiff.config import ConfigError
@@ -59,7 +59,7 @@ class ImageDenoiser(nn.Module):
         defaults are the plain diffusers eps-UNet, for code that builds one directly (tests, benches); the stage
         passes both from its config, where they are required keys."""
         super().__init__()
-        self.config = {
+        self.config: dict[str, Any] = {
             "image_size": int(image_size),
             "channels": int(channels),
             "unet": dict(unet),
@@ -94,7 +94,9 @@ class ImageDenoiser(nn.Module):
         eps, v = self.unet(x_t, t).sample.chunk(2, dim=1)
         return eps, v
 
-    def sampling_model(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]:
+    def sampling_model(
+        self,
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         """What `metadiff.diffusion.sampling.sample` should call: (eps, v) when the variance is learned, so that
         ancestral (eta = 1) steps use it (DDIM ignores it), else eps."""
         return self.forward_with_variance if self.learn_sigma else self

@@ -20,6 +20,9 @@ from metadiff.nets.hypernet import Mlp
 class WeightDecoder(nn.Module):
     """z [T, d] -> vectors [T, in] (un-standardised)."""
 
+    weight_mean: torch.Tensor  # buffers
+    weight_std: torch.Tensor
+
     def __init__(self, latent_dim: int, hidden: list[int], in_dim: int):
         super().__init__()
         self.mlp = Mlp(latent_dim, list(reversed(hidden)), in_dim)
