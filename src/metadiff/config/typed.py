@@ -19,7 +19,7 @@ import inspect
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -30,7 +30,10 @@ class ConfigError(UserError, ValueError):
     """A config key or value that cannot work; the message names the key."""
 
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")  # a spec: a (frozen) dataclass
 
 
 def accepts(value: Any, annotation: Any) -> bool:
@@ -133,10 +136,10 @@ def as_spec(spec: type[T], value: Mapping[str, Any] | T, key: str) -> T:
     if isinstance(value, spec):
         return value
     check_spec(spec, value, key)
-    value = _plain(value)
+    plain = _plain(value)
     hints = typing.get_type_hints(spec)
     out = {}
     for field in dataclasses.fields(spec):
-        sub, item = spec_in(hints[field.name]), value[field.name]
+        sub, item = spec_in(hints[field.name]), plain[field.name]
         out[field.name] = as_spec(sub, item, f"{key}.{field.name}") if sub is not None and item is not None else item
     return spec(**out)

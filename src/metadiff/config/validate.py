@@ -15,7 +15,7 @@ import importlib
 import inspect
 import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -79,7 +79,7 @@ def _check_target_node(node: DictConfig, key: str) -> None:
         for parent in target.__mro__[1:]:
             if parent is object or "__init__" not in vars(parent):
                 continue
-            parent_params = inspect.signature(parent.__init__).parameters
+            parent_params = inspect.signature(vars(parent)["__init__"]).parameters  # the function checked above
             params = {**{k: v for k, v in parent_params.items() if k != "self"}, **params}
             if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parent_params.values()):
                 has_var_kw = False
@@ -97,7 +97,8 @@ def _check_target_node(node: DictConfig, key: str) -> None:
             raise ConfigError(
                 f"unknown config key '{full}': {node['_target_']} takes no argument '{name}'{did_you_mean}"
             )
-        raw = OmegaConf.to_container(node, resolve=True)[name] if OmegaConf.is_dict(node) else node[name]
+        # a DictConfig's container is a dict (to_container returns a list only for a ListConfig)
+        raw = cast(dict, OmegaConf.to_container(node, resolve=True))[name] if OmegaConf.is_dict(node) else node[name]
         if isinstance(raw, dict) and "_target_" in raw:
             continue  # nested object: checked on its own
         annotation = hints.get(name, params[name].annotation)
@@ -119,7 +120,7 @@ def _walk(node: Any, key: str) -> None:
             if str(child_key).startswith("_") or (not key and child_key == "hydra"):
                 continue
             child = node._get_node(child_key)  # do not resolve missing values here
-            _walk(child, f"{key}.{child_key}" if key else str(child_key))
+            _walk(child, f"{key}.{child_key!s}" if key else str(child_key))
     elif isinstance(node, ListConfig):
         for i, child in enumerate(node):
             _walk(child, f"{key}[{i}]")
