@@ -245,7 +245,7 @@ def _seeded_state() -> tuple:
 def test_upstreams_are_built_once_by_the_given_runner_and_give_back_process_state(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = _composed(tmp_path, "a", "experiment=features_synthvqa")
+    cfg = _composed(tmp_path, "a", "experiment=features_synthvqa", "synthvqa_clip=trained")
     calls: list[str] = []
     with preserved_process_state():
         before = _seeded_state()
@@ -265,7 +265,7 @@ def test_upstreams_are_built_once_by_the_given_runner_and_give_back_process_stat
 
 
 def test_a_missing_upstream_without_a_runner_names_the_command(tmp_path: Path) -> None:
-    cfg = _composed(tmp_path, "a", "experiment=features_synthvqa")
+    cfg = _composed(tmp_path, "a", "experiment=features_synthvqa", "synthvqa_clip=trained")
     with pytest.raises(UpstreamMissingError, match="build it first with: python train.py experiment=clip_synthvqa"):
         resolve_upstreams(cfg)
     assert not [p for p in Path(cfg.paths.artifacts_dir).glob("*/*") if not p.name.startswith(".")]
@@ -273,9 +273,11 @@ def test_a_missing_upstream_without_a_runner_names_the_command(tmp_path: Path) -
 
 @pytest.mark.parametrize("debug", ["fdr", "[fdr]", "[short_chain,fdr]"])
 def test_an_inherited_group_reaches_the_upstream_also_when_chosen_as_a_list(debug: str, tmp_path: Path) -> None:
-    """features_synthvqa inherits `debug` into its CLIP: a list choice (which Hydra's runtime choices do not record)
-    must reach it too, or a smoke run trains a full CLIP."""
-    cfg = compose_config(["experiment=features_synthvqa", f"debug={debug}"], tmp_path, tmp_path / "out")
+    """features_synthvqa inherits `debug` into the CLIP it trains: a list choice (which Hydra's runtime choices do not
+    record) must reach it too, or a smoke run trains a full CLIP."""
+    cfg = compose_config(
+        ["experiment=features_synthvqa", "synthvqa_clip=trained", f"debug={debug}"], tmp_path, tmp_path / "out"
+    )
     assert compose_upstream(cfg, "clip").trainer.fast_dev_run is True
 
 
@@ -304,7 +306,12 @@ def _artifacts(root: Path) -> set[str]:
 
 def test_a_copied_outputs_tree_is_reused_under_another_root(tmp_path: Path) -> None:
     # the cheapest chain of two artifacts: a 2-step CLIP and the feature store of its embeddings, on a small twin
-    args = ["experiment=features_synthvqa", *SMALL_SYNTH, f"upstream.clip.overrides={SHORT_CLIP}"]
+    args = [
+        "experiment=features_synthvqa",
+        "synthvqa_clip=trained",
+        *SMALL_SYNTH,
+        f"upstream.clip.overrides={SHORT_CLIP}",
+    ]
     first = run_train(args, tmp_path / "a")
     assert "upstream 'clip' missing: building it now" in first.stdout + first.stderr
     built = _artifacts(tmp_path / "a")

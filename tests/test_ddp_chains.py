@@ -34,8 +34,11 @@ from conftest import (
 pytestmark = pytest.mark.slow
 
 FEW_STEPS = [
-    f"++upstream_overrides.{name}=" + _quoted(["trainer.max_epochs=1", "trainer.max_steps=4", "model.n_shot_max=0"])
-    for name in ("hnet_synthvqa", "multitask_synthvqa")
+    *(
+        f"++upstream_overrides.{name}=" + _quoted(["trainer.max_epochs=1", "trainer.max_steps=4", "model.n_shot_max=0"])
+        for name in ("hnet_synthvqa", "multitask_synthvqa")
+    ),
+    "++upstream_overrides.features_synthvqa=[synthvqa_clip=trained]",  # the CLIP too, not its pinned weights
 ]
 CHAINS = {
     # fast_dev_run evaluates one batch: 16 tasks, not the configured batch of all guidance variants on many tasks;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from conftest import debug, run_metrics, run_train
+from metadiff.config.resolvers import ASSETS_DIR
 from metadiff.features.clip_models import create_clip
 from metadiff.features.store import FeatureStore, FeatureStoreBuilder, FeatureStoreMismatchError, build_index
 
@@ -36,22 +38,22 @@ pytestmark = pytest.mark.xdist_group("feature_store")
 
 
 @pytest.fixture(scope="module")
-def built_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float], str]:
-    root = tmp_path_factory.mktemp("features")
-    proc = run_train(["experiment=features_synthvqa", debug("short_chain")], root)
-    return root, run_metrics(proc, "features"), proc.stdout + proc.stderr
+def built_store(cache_root: Path) -> tuple[Path, dict[str, float], str]:
+    """The embedded twin's store from the pinned CLIP: the one every synthvqa chain of the session reads."""
+    proc = run_train(["experiment=features_synthvqa", debug("short_chain")], cache_root)
+    return cache_root, run_metrics(proc, "features"), proc.stdout + proc.stderr
 
 
 def test_store_matches_direct_forward_pass(built_store) -> None:
     root, metrics, _ = built_store
     (store_dir,) = (root / "outputs" / "data" / "features").glob("synthvqa-metadiff-tiny-vit-*[!l]")
     store = FeatureStore(store_dir)
-    assert metrics["features/n_images"] == store.tables["image"].shape[0] == 12000
+    assert store.tables["image"].shape[0] == 12000
     assert store.tables["question"].shape[0] == 1243
     assert store.tables["answer"].shape[0] == sum(n for _, n in store.index.answer.values())
-    assert store.dim == 128 and metrics["features/images_per_s"] > 0
-    ckpt = next((root / "outputs" / "artifacts" / "clip").glob("*/open_clip_model.pt"))
-    bundle = create_clip("metadiff-tiny-vit", ckpt)
+    assert store.dim == 128 and json.loads((store_dir / "manifest.json").read_text())["images_per_s"] > 0
+    assert metrics["meta_test/zeroshot_acc"] > metrics["meta_test/chance"]  # a trained CLIP's store (first or reused)
+    bundle = create_clip("metadiff-tiny-vit", ASSETS_DIR / "clip_synthvqa" / "clip.pt")  # the pinned weights
     images = np.load(next((root / "outputs" / "data" / "synthvqa").glob("synthvqa-*/images.npy")), mmap_mode="r")
     from metadiff.data.sources import normalize_images
 
@@ -84,7 +86,7 @@ def test_other_model_on_same_store_is_an_error(built_store, tmp_path: Path) -> N
     torch.save(create_clip("metadiff-tiny-vit").model.state_dict(), other)
     (store_dir,) = (root / "outputs" / "data" / "features").glob("synthvqa-metadiff-tiny-vit-*[!l]")
     proc = run_train(
-        ["experiment=features_synthvqa", f"model.pretrained={other}", "~upstream.clip", f"model.store_dir={store_dir}"],
+        ["experiment=features_synthvqa", f"model.pretrained={other}", f"model.store_dir={store_dir}"],
         root,
         check=False,
     )  # a fixed folder, built for another model

@@ -97,7 +97,13 @@ def test_resumed_run_resumes_the_upstream_it_was_building(cache_root: Path, tmp_
         "trainer.max_steps=-1",
     ]  # 4 batches an epoch: killed in epoch 1
     clip = f"+upstream_overrides.clip_synthvqa={_quoted(budget)}"
-    common = ["experiment=features_synthvqa", clip, "deterministic=true", "trainer.enable_progress_bar=false"]
+    common = [
+        "experiment=features_synthvqa",
+        "synthvqa_clip=trained",
+        clip,
+        "deterministic=true",
+        "trainer.enable_progress_bar=false",
+    ]
 
     def run(name: str, *extra: str, check: bool = True):
         return run_train(
