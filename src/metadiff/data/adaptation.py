@@ -26,7 +26,7 @@ from metadiff.data.global_batch import training_shard
 from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
 from metadiff.data.meta_vqa.tasks import Task
 from metadiff.data.samplers import EpochOrder
-from metadiff.data.sources import META_SPLITS
+from metadiff.data.sources import META_SPLITS, TaskSource
 from metadiff.store import Artifact, ArtifactMismatchError
 
 ADAPTATION_FILE = "adaptation.pt"
@@ -117,13 +117,14 @@ class AdaptationDataModule(MetaTaskDataModule):
 
     def __init__(
         self,
-        *args,
+        source: TaskSource,
+        *,
         latents_per_batch: int = 32,
         rows_per_epoch: int | None = 1,
         upstream: dict[str, Artifact] | None = None,
         **kwargs,
     ):
-        super().__init__(*args, upstream=upstream, **kwargs)
+        super().__init__(source, upstream=upstream, **kwargs)
         if not upstream or "adaptation" not in upstream:
             raise ConfigError("this stage needs an upstream 'adaptation' dataset (upstream.adaptation in its config)")
         self.adaptation_artifact = upstream["adaptation"]

@@ -9,10 +9,11 @@ devices, nodes and strategy out of the fingerprint); each rank loads `global // 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
+from typing import Protocol, cast
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from metadiff.config import ConfigError
 
@@ -36,13 +37,22 @@ def per_rank_batch(global_batch: int, world: int, key: str) -> int:
     return global_batch // world
 
 
+class SizedOrder(Protocol):
+    """An epoch's order of item indices with its length, e.g. `metadiff.data.samplers.EpochOrder`."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[int]: ...
+
+
 class EpochOrderShard(DistributedSampler):
     """Rank r's share (every `world`-th item) of a seeded order that one process iterates whole, e.g. `EpochOrder`:
     the ranks' batch b together are the one-process batch b. A DistributedSampler subclass so that Lightning keeps it;
     items past the last multiple of `world` are dropped."""
 
-    def __init__(self, dataset: Dataset, order: Sampler[int], rank: int, world: int):
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=True)
+    def __init__(self, dataset: Sized, order: SizedOrder, rank: int, world: int):
+        # DistributedSampler reads only len(dataset); its stub asks for a Dataset
+        super().__init__(cast(Dataset, dataset), num_replicas=world, rank=rank, shuffle=False, drop_last=True)
         self.order, self.world = order, world
 
     def __len__(self) -> int:
@@ -75,7 +85,7 @@ def check_epoch_has_a_step(n_items: int, global_batch: int, drop_last: bool, key
 
 
 def training_shard(
-    dataset: Sized, order: Sampler[int], global_batch: int, drop_last: bool, key: str
+    dataset: Sized, order: SizedOrder, global_batch: int, drop_last: bool, key: str
 ) -> tuple[EpochOrderShard | None, int]:
     """(this rank's sampler, its batch size) for a training loader whose `key` is a global batch over `order`, an
     epoch order of `dataset` that one process iterates whole: under DDP `EpochOrderShard` and `global // world`, in

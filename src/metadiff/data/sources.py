@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch.utils.data import Dataset
@@ -138,17 +138,18 @@ class ImageNormalizer:
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __getstate__(self) -> dict[str, object]:
+    def __getstate__(self) -> dict[str, tuple[float, ...]]:
         return {"mean": self.mean, "std": self.std}  # not the per-device copies: a pickle may go to another process
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__(state["mean"], state["std"])
+    def __setstate__(self, state: dict[str, tuple[float, ...]]) -> None:
+        ImageNormalizer.__init__(self, state["mean"], state["std"])
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         stats = self._stats.get(images.device)
         if stats is None:
-            stats = self._stats[images.device] = tuple(
-                torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(images.device) for v in (self.mean, self.std)
+            stats = self._stats[images.device] = (
+                torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1).to(images.device),
+                torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1).to(images.device),
             )
         mean, std = stats
         return images.float().div(255).sub(mean).div(std)
@@ -162,7 +163,7 @@ class NormalizedImages(Dataset):
         self.raw, self.normalize = raw, normalize
 
     def __len__(self) -> int:
-        return len(self.raw)
+        return len(cast(Sized, self.raw))  # every source's raw image dataset (files or an array) has a length
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image, position = self.raw[i]
@@ -177,6 +178,7 @@ class TaskFileSource:
     """
 
     _root: Path | None = None
+    name: str  # the source's name in logs (a class attribute of each subclass)
     meta_val: MetaValSplit
 
     def prepare(self) -> None:

@@ -104,11 +104,15 @@ class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
     def data_free(self) -> bool:
         return self.train_cfg.split is None
 
+    def _train_split_name(self) -> str:
+        """data.train.split; refused where it is null (data-free: no real training images)."""
+        if self.train_cfg.split is None:
+            raise ConfigError("data.train.split is null (data-free): this stage has no real training classes")
+        return self.train_cfg.split
+
     def train_classes(self) -> list[int]:
         """The classes this run trains on: all of the train split, or one zoo member's subset."""
-        if self.data_free:
-            raise ConfigError("data.train.split is null (data-free): this stage has no real training classes")
-        n = len(self.split(self.train_cfg.split).classes)
+        n = len(self.split(self._train_split_name()).classes)
         if self.class_subset is None:
             return list(range(n))
         sub = self.class_subset
@@ -118,7 +122,7 @@ class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
         return parts[sub.member]
 
     def _train_val_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        split = self.split(self.train_cfg.split)
+        split = self.split(self._train_split_name())
         holdout = int(self.train_cfg.holdout_per_class)
         train, val = [], []
         for c in self.train_classes():
@@ -147,9 +151,10 @@ class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
             steps = self.train_cfg.steps_per_epoch
             if not isinstance(steps, int) or steps < 1:
                 raise ConfigError(f"data.train.steps_per_epoch={steps!r}: a data-free run needs a positive int")
-            return DataLoader(torch.arange(steps), batch_size=1)
+            # a Tensor is a map-style dataset (len, indexing); torch's stub asks for a Dataset subclass
+            return DataLoader(torch.arange(steps), batch_size=1)  # type: ignore[arg-type]
         train_idx, _ = self._train_val_indices()
-        data = Subset(self.split(self.train_cfg.split), train_idx.tolist())
+        data = Subset(self.split(self._train_split_name()), train_idx.tolist())
         # the configured batch is global: StepOrder cuts the one-process batches, each rank loads its share
         rank, world = global_batch.rank(self.trainer), global_batch.world_size(self.trainer)
         batch_size = global_batch.per_rank_batch(int(self.train_cfg.batch_size), world, "data.train.batch_size")
@@ -159,11 +164,16 @@ class FewShotImageDataModule(StepPositionMixin, pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.data_free:
             cfg = self.episode_cfg
+            if cfg.val_split is None or cfg.n_val_episodes is None:
+                raise ConfigError(
+                    "data.episodes.val_split and data.episodes.n_val_episodes must be set in a data-free run "
+                    "(its validation episodes)"
+                )
             return [self.episode_loader(cfg.val_split, k, int(cfg.n_val_episodes)) for k in self.shots]
         _, val_idx = self._train_val_indices()
         if len(val_idx) == 0:
             return []
-        data = Subset(self.split(self.train_cfg.split), val_idx.tolist())
+        data = Subset(self.split(self._train_split_name()), val_idx.tolist())
         return self._loader(data, batch_size=int(self.train_cfg.eval_batch_size), shuffle=False)
 
     def episode_loader(self, split: str, k_shot: int, n_episodes: int | None = None) -> DataLoader:

@@ -80,7 +80,7 @@ def stroke_paths(svg_file: Path) -> list[str]:
     """The `d` attribute of every stroke, in stroke order."""
     root = ET.parse(svg_file).getroot()
     group = next(g for g in root.iter(f"{SVG_NS}g") if g.get("id", "").startswith("kvg:StrokePaths"))
-    return [p.get("d") for p in group.iter(f"{SVG_NS}path")]
+    return [p.attrib["d"] for p in group.iter(f"{SVG_NS}path")]
 
 
 def choose_characters(spec: GlyphSpec, source: Path) -> list[Path]:

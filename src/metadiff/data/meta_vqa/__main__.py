@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import cast
 
 from omegaconf import OmegaConf
 
@@ -27,9 +28,10 @@ from metadiff.utils.io import atomic_dir
 def configured_rules() -> tuple[MetaVQARules, VQAFiles]:
     """The rules and file layout from conf/data/meta_vqa.yaml (the single place they are set)."""
     source = OmegaConf.load(CONF_DIR / "data" / "meta_vqa.yaml").source
+    # both nodes are mappings in that file, so their containers are dicts
     return (
-        dataclass_from_config(MetaVQARules, OmegaConf.to_container(source.rules), "data.source.rules"),
-        dataclass_from_config(VQAFiles, OmegaConf.to_container(source.vqa_files), "data.source.vqa_files"),
+        dataclass_from_config(MetaVQARules, cast(dict, OmegaConf.to_container(source.rules)), "data.source.rules"),
+        dataclass_from_config(VQAFiles, cast(dict, OmegaConf.to_container(source.vqa_files)), "data.source.vqa_files"),
     )
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TypedDict
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from metadiff.config import ConfigError
 from metadiff.data.global_batch import training_shard
@@ -53,6 +54,14 @@ def upstream_store_dir(upstream: dict[str, Artifact]) -> str:
     features = upstream["features"]
     stored = json.loads(features.file("features.json").read_text())["store_dir"]
     return str((features.path / stored).resolve())
+
+
+class LoaderOptions(TypedDict):
+    """`MetaTaskDataModule.loader_options`: DataLoader keyword arguments."""
+
+    num_workers: int
+    persistent_workers: bool
+    pin_memory: bool
 
 
 class MetaTaskDataModule(pl.LightningDataModule):
@@ -129,7 +138,8 @@ class MetaTaskDataModule(pl.LightningDataModule):
         rank all tasks in order (`EveryRankSampler`): the stages' per-task values are then those of one process,
         computed without a gather (Lightning's sampler would pad odd task counts with a duplicate of task 0 and
         interleave the ranks' tasks)."""
-        sampler, drop_last = None, split_ranks and self.drop_last  # evaluation keeps every task
+        sampler: Sampler[int] | None = None
+        drop_last = split_ranks and self.drop_last  # evaluation keeps every task
         if split_ranks:
             order = EpochOrder(len(episodes), self.seed, episodes.epoch, shuffle)
             sampler, batch_size = training_shard(episodes, order, batch_size, drop_last, "data.tasks_per_batch")
@@ -146,7 +156,7 @@ class MetaTaskDataModule(pl.LightningDataModule):
             **self.loader_options(),
         )
 
-    def loader_options(self) -> dict[str, int | bool]:
+    def loader_options(self) -> LoaderOptions:
         """The DataLoader settings every loader of these stages shares: workers kept between epochs (a short epoch
         would otherwise start them again each time) and pinned batches on CUDA."""
         return {

@@ -127,7 +127,7 @@ class MetaVQASource(TaskFileSource):
 
     def _vqa_file_stats(self) -> list[tuple[str, int]]:
         """Name and size of each VQA file: cheap to compute, changes when a file is replaced."""
-        assert self.vqa_dir is not None
+        assert self.vqa_dir is not None and self.rules is not None and self.vqa_files is not None  # _build_root
         stats = []
         for split in self.rules.splits:
             for template in (self.vqa_files.questions, self.vqa_files.annotations):
@@ -165,6 +165,8 @@ class MetaVQASource(TaskFileSource):
                     raise MissingInputError(f"Meta-VQA task file not found: {root / name} (data.source.task_dir)")
         else:
             root = self._build_root()
+            # _build_root refused null rules/vqa_files; vqa_dir is set where task_dir is not (__init__)
+            assert self.vqa_dir is not None and self.rules is not None and self.vqa_files is not None
             if not all((root / name).is_file() for name in TASK_FILES):
                 with atomic_dir(root, overwrite=True) as tmp:
                     build_meta_vqa(self.vqa_dir, tmp, self.rules, self.vqa_files)

@@ -106,7 +106,9 @@ class SynthVQAConfig:
     def from_dict(cls, d: dict[str, Any]) -> SynthVQAConfig:
         """Inverse of ``to_dict``; also accepts Hydra/OmegaConf-converted dicts."""
         d = dict(d)
-        scene = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in dict(d.pop("scene", {})).items()}
+        scene: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list | tuple) else v for k, v in dict(d.pop("scene", {})).items()
+        }
         return cls(**d, scene=SceneSpec(**scene))
 
 

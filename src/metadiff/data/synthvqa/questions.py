@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
+from typing import Any
 
 import numpy as np
 
@@ -287,8 +288,8 @@ class Question:
 
 def filter_from_slots(values: dict[str, str]) -> Filter:
     """Build a filter from pattern slot values; 'near_*' slots form the anchor filter."""
-    own = {k: v for k, v in values.items() if not k.startswith("near_")}
-    anchor = {k.removeprefix("near_"): v for k, v in values.items() if k.startswith("near_")}
+    own: dict[str, Any] = {k: v for k, v in values.items() if not k.startswith("near_")}  # no key "near"
+    anchor: dict[str, Any] = {k.removeprefix("near_"): v for k, v in values.items() if k.startswith("near_")}
     return Filter(**own, near=Filter(**anchor) if anchor else None)
 
 

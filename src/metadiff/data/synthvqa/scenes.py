@@ -261,7 +261,8 @@ def _draw_object(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r:
 
 def _jittered_rgb(color: str, rng: np.random.Generator, jitter: float) -> tuple[int, int, int]:
     rgb = np.asarray(COLOR_RGB[color], dtype=np.float64) + rng.normal(0.0, jitter * 255.0, size=3)
-    return tuple(int(v) for v in np.clip(np.rint(rgb), 0, 255))
+    r, g, b = (int(v) for v in np.clip(np.rint(rgb), 0, 255))
+    return r, g, b
 
 
 def render_scene(scene: Scene, spec: SceneSpec, rng: np.random.Generator) -> np.ndarray:
