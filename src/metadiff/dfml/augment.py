@@ -124,7 +124,8 @@ def random_erasing(
     n, c, h, w = x.shape
     erase = torch.rand(n, generator=gen) < p
     area = h * w * _uniform(n * attempts, *scale, gen).view(n, attempts)
-    log_r = _uniform(n * attempts, *torch.log(torch.tensor(ratio)).tolist(), gen).view(n, attempts)
+    log_low, log_high = torch.log(torch.tensor(ratio)).tolist()
+    log_r = _uniform(n * attempts, log_low, log_high, gen).view(n, attempts)
     bh = (area * log_r.exp()).sqrt().round().long()
     bw = (area / log_r.exp()).sqrt().round().long()
     fits = (bh < h) & (bw < w) & (bh > 0) & (bw > 0)

@@ -18,6 +18,7 @@ from torch import nn
 from metadiff.dfml.guidance import check_compat, guide_input
 from metadiff.diffusion.schedule import NoiseSchedule
 from metadiff.diffusion.zoo import to_diffusion
+from metadiff.nets.backbones import Backbone
 from metadiff.utils.transfer import host_to_device
 
 KL_REDUCTIONS = ("batchmean", "mean")
@@ -34,7 +35,7 @@ def noised_guide_input(
 
 
 def class_learner_loss(
-    backbone: nn.Module,
+    backbone: Backbone,
     teacher_head: nn.Module,
     class_learner: nn.Module,
     images: torch.Tensor,

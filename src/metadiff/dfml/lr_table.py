@@ -32,6 +32,6 @@ class TableLR(LRScheduler):
         self.table, self.scale = [list(entry) for entry in table], scale
         super().__init__(optimizer)
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | torch.Tensor]:  # LRScheduler's signature; these are floats
         lr = lr_at(self.table, self.last_epoch)
         return [lr * self.scale for _ in self.optimizer.param_groups]  # x * 1.0 == x: the table exactly

@@ -55,7 +55,9 @@ class PseudoData:
     classes: torch.Tensor  # the pseudo class that was asked for (guidance) [N]
     models: torch.Tensor  # zoo member that generated each image [N]
     round: int
-    ranks: torch.Tensor = field(default=None)  # DDP rank that generated each image [N] (all 0 in one process)
+    # DDP rank that generated each image [N] (all 0 in one process); None at construction means all 0, which
+    # __post_init__ fills in, so the attribute is always a Tensor
+    ranks: torch.Tensor = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.ranks is None:
@@ -134,7 +136,8 @@ def split_chunks(chunks: list[Chunk], world_size: int) -> list[list[int]]:
     """rank -> the chunk indices it generates (ascending): whole chunks, largest first to the rank with the fewest
     images so far (ties to the lower rank), so the shares differ by at most one chunk's images. Depends only on the
     plan and the world size: every rank computes the same split without talking to the others."""
-    load, share = [0] * world_size, [[] for _ in range(world_size)]
+    load = [0] * world_size
+    share: list[list[int]] = [[] for _ in range(world_size)]
     for chunk in sorted(chunks, key=lambda c: (-len(c.classes), c.index)):
         rank = min(range(world_size), key=lambda r: (load[r], r))
         load[rank] += len(chunk.classes)
@@ -247,9 +250,9 @@ def generate_pseudo_data(
     check_compat(compat)
     chunks = plan_chunks(zoo, per_class, batch_size)
     if world_size == 1:
-        images = generate_chunks(zoo, backbone, class_learner, chunks, steps, scale, compat, seed, spacing)
+        generated = generate_chunks(zoo, backbone, class_learner, chunks, steps, scale, compat, seed, spacing)
         return assemble_pseudo_data(
-            zoo, chunks, {c.index: x for c, x in zip(chunks, images, strict=True)}, compat, round_index
+            zoo, chunks, {c.index: x for c, x in zip(chunks, generated, strict=True)}, compat, round_index
         )
     if all_gather is None:
         raise ValueError(f"generate_pseudo_data on {world_size} ranks needs an all_gather")
@@ -263,7 +266,8 @@ def generate_pseudo_data(
     if mine:
         local[: rows[rank]] = torch.cat(mine)
     gathered = all_gather(local).cpu()  # [world_size, max(rows), C, H, W]
-    images, made_on = {}, {}
+    images: dict[int, torch.Tensor] = {}
+    made_on: dict[int, int] = {}
     for r, share in enumerate(shares):
         start = 0
         for i in share:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torchmetrics import CatMetric
@@ -25,13 +27,16 @@ class PerTaskValues(nn.Module):
     def _key(name: str) -> str:
         return name.replace(".", "_dot_")  # module names may not contain "." (e.g. "cfg1.5")
 
+    def _metric(self, name: str) -> CatMetric:
+        return cast(CatMetric, self.metrics[self._key(name)])  # the ModuleDict holds only the CatMetrics built above
+
     def update(self, name: str, values: torch.Tensor) -> None:
-        self.metrics[self._key(name)].update(values.detach().float())
+        self._metric(name).update(values.detach().float())
 
     def compute(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         out = {}
         for name in names or self.names:
-            metric = self.metrics[self._key(name)]
+            metric = self._metric(name)
             out[name] = metric.compute().cpu() if metric.update_count else torch.empty(0)
             metric.reset()
         return out

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from metadiff.utils.io import atomic_path
 
@@ -19,7 +20,7 @@ def save_shots_plot(curves: dict[str, list[tuple[int, float, float]]], path: Pat
 def log_image(loggers: list, key: str, path: Path) -> None:
     """Send a saved PNG to every logger that takes images (TensorBoard, W&B)."""
     for logger in loggers:
-        experiment = getattr(logger, "experiment", None)
+        experiment: Any = getattr(logger, "experiment", None)
         if type(logger).__name__ == "WandbLogger":
             logger.log_image(key=key, images=[str(path)])
         elif hasattr(experiment, "add_image"):  # TensorBoard
@@ -28,7 +29,9 @@ def log_image(loggers: list, key: str, path: Path) -> None:
             experiment.add_image(key, matplotlib.image.imread(path), dataformats="HWC")
 
 
-def save_curve_plot(curves: dict[str, list[tuple[float, float, float]]], path: Path, title: str, xlabel: str) -> Path:
+def save_curve_plot(
+    curves: Mapping[str, Sequence[tuple[float, float, float]]], path: Path, title: str, xlabel: str
+) -> Path:
     """Accuracy vs a swept value (shots, guidance scale), one line per method with its 95% CI band.
 
     A method whose accuracy does not depend on the swept value (a reference row repeated at every x) is drawn as a
