@@ -10,7 +10,7 @@ import pickle
 import socket
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import lightning.pytorch as pl
 import torch
@@ -47,8 +47,8 @@ class StageRanksDDPStrategy(DDPStrategy):
     `SLURMEnvironment` from `SLURM_*` and read every rank as `SLURM_PROCID` of `SLURM_NTASKS` (rank 0 of 1 in a
     one-task job: two rank 0s on one port), or refuse the device count against `--ntasks-per-node`."""
 
-    def __init__(self, *args: Any, cluster_environment: ClusterEnvironment | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, cluster_environment=cluster_environment or LightningEnvironment(), **kwargs)
+    def __init__(self, *, cluster_environment: ClusterEnvironment | None = None, **kwargs: Any) -> None:
+        super().__init__(cluster_environment=cluster_environment or LightningEnvironment(), **kwargs)
 
 
 def free_port() -> int:
@@ -87,7 +87,8 @@ def _rank_main(
     # re-import torch. `python train.py` starts with the platform's default: so does a rank.
     multiprocessing.set_start_method(None, force=True)
     # Lightning sets these when the strategy sets up; messages before that (loggers, hparams) read them already
-    fabric_rank_zero_only.rank = utils_rank_zero_only.rank = rank
+    # `rank` is a function attribute (Lightning sets it the same way), which the decorator's overloaded type lacks
+    fabric_rank_zero_only.rank = utils_rank_zero_only.rank = rank  # type: ignore[attr-defined]
     if rank == 0 and logging_config:
         logging.config.dictConfig(logging_config)
     else:
@@ -151,6 +152,11 @@ def run_in_rank_processes(
     return value
 
 
+def _all_gather(module: pl.LightningModule, tensor: torch.Tensor) -> torch.Tensor:
+    # Lightning's all_gather returns a collection of the input's shape: for one tensor, one tensor
+    return cast(torch.Tensor, module.all_gather(tensor))
+
+
 def gather_rows(module: pl.LightningModule, index: torch.Tensor, values: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Scatter (index, values) from every rank into one [n_rows, ...] tensor present on every rank."""
     if module.trainer is None or module.trainer.world_size == 1:
@@ -158,12 +164,12 @@ def gather_rows(module: pl.LightningModule, index: torch.Tensor, values: torch.T
         out[index] = values
         return out
     count = torch.tensor([index.numel()], device=values.device)
-    counts = module.all_gather(count).flatten()
+    counts = _all_gather(module, count).flatten()
     pad = int(counts.max()) - index.numel()
     index_p = torch.cat([index, index.new_full((pad,), -1)])
     values_p = torch.cat([values, values.new_zeros((pad, *values.shape[1:]))])
-    all_index = module.all_gather(index_p).flatten()
-    all_values = module.all_gather(values_p).reshape(-1, *values.shape[1:])
+    all_index = _all_gather(module, index_p).flatten()
+    all_values = _all_gather(module, values_p).reshape(-1, *values.shape[1:])
     keep = all_index >= 0
     out = values.new_zeros((n_rows, *values.shape[1:]))
     out[all_index[keep]] = all_values[keep]

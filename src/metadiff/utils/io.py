@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 def tmp_sibling(path: Path) -> Path:
     """A unique temporary name next to `path` (same filesystem, so `os.replace` is atomic)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(tempfile._get_candidate_names())}")
+    # tempfile's own random names: a private helper, which typeshed's stub leaves out
+    token = next(tempfile._get_candidate_names())  # type: ignore[attr-defined]
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{token}")
 
 
 @contextlib.contextmanager
