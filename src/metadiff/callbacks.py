@@ -7,7 +7,7 @@ import os
 import random
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -131,7 +131,9 @@ class RestoreRNGStates(pl.Callback):
     states (ranks differ only in what they draw from their own generator)."""
 
     def state_dict(self) -> dict[str, Any]:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # the global RandomState is an MT19937, whose legacy state (get_state's default) is this tuple, not a dict
+        mt_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+        kind, keys, pos, has_gauss, cached = mt_state
         version, internal, gauss = random.getstate()
         return {
             "torch": torch.get_rng_state(),

@@ -49,7 +49,8 @@ class SpacedCheckpoint(ModelCheckpoint):
         )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.fast_dev_run or trainer.sanity_checking:
+        # fast_dev_run: set on the Trainer by its debugging-flags connector, not declared on the class
+        if trainer.fast_dev_run or trainer.sanity_checking:  # type: ignore[attr-defined]
             return
         # rank 0's clock decides for every rank: saving is collective, a rank that skipped it would hang the others
         if not trainer.strategy.broadcast(self._due()):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter as _FabricExperimentWriter
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -31,7 +32,7 @@ class ContinuingCSVLogger(CSVLogger):
     """`CSVLogger` that appends to an existing metrics file instead of breaking on it."""
 
     @property
-    def experiment(self) -> ExperimentWriter:
+    def experiment(self) -> _FabricExperimentWriter:  # CSVLogger's own return type (its _experiment's)
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuingExperimentWriter(log_dir=self.log_dir)

@@ -14,9 +14,9 @@ import contextvars
 import inspect
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -55,7 +55,7 @@ class UpstreamMissingError(ArtifactMissingError):
 _CHOICES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("metadiff_choices", default=None)
 
 
-def _hydra_choices() -> dict[str, str | None]:
+def _hydra_choices() -> Mapping[str, str | None]:
     from hydra.core.hydra_config import HydraConfig
 
     nested = _CHOICES.get()
@@ -68,30 +68,36 @@ def _hydra_choices() -> dict[str, str | None]:
     return {**choices, **_list_choices(list(hydra_cfg.overrides.task), choices)}
 
 
-def _list_choices(task_overrides: list[str], choices: dict[str, str | None]) -> dict[str, str]:
+def _list_choices(task_overrides: list[str], choices: Mapping[str, str | None]) -> dict[str, str]:
     """Groups chosen as a list (`debug=[short_chain,fdr]`, which Hydra merges in order) as the override value that
     selects the same list again: Hydra's `runtime.choices` records only single choices."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(task_overrides)
-    return {
-        o.key_or_group: f"[{','.join(map(str, o.value()))}]"
-        for o in parsed
-        if choices.get(o.key_or_group) is None and not o.is_add() and isinstance(o.value(), list)
-    }
+    out = {}
+    for o in parsed:
+        if choices.get(o.key_or_group) is not None or o.is_add():
+            continue
+        value = o.value()
+        if isinstance(value, list):
+            out[o.key_or_group] = f"[{','.join(map(str, value))}]"
+    return out
 
 
 def _inherited_choices(cfg: DictConfig, name: str) -> dict[str, str]:
     choices = _hydra_choices()
-    return {g: choices[g] for g in _spec_of(cfg, name)[0].get("inherit_groups", []) if choices.get(g) is not None}
+    return {g: c for g in _spec_of(cfg, name)[0].get("inherit_groups", []) if (c := choices.get(g)) is not None}
 
 
 def upstream_names(cfg: DictConfig) -> list[str]:
     """The upstream artifacts `cfg` needs: one per `upstream` entry, or `count` of them for an entry with
     `fan_out: {key, count}` (named `<name>0`, `<name>1`, ...; member k gets the override `key=k`). A zoo names its
-    M UNets this way, so each is its own cached artifact and a multirun can train them as M jobs."""
+    M UNets this way, so each is its own cached artifact and a multirun can train them as M jobs. An entry set to
+    null is not an upstream: an experiment drops one it inherits that way (e.g. the demo its HyperCLIP encoder)."""
     names = []
     for name, spec in (cfg.get("upstream") or {}).items():
+        if spec is None:
+            continue
         fan = spec.get("fan_out")
         names += [f"{name}{k}" for k in range(int(fan.count))] if fan else [name]
     return names
@@ -99,7 +105,7 @@ def upstream_names(cfg: DictConfig) -> list[str]:
 
 def _spec_of(cfg: DictConfig, name: str) -> tuple[DictConfig, list[str]]:
     """(the `upstream` entry behind `name`, the fan-out override of its member, if any)."""
-    specs = cfg.get("upstream") or {}
+    specs = {k: v for k, v in (cfg.get("upstream") or {}).items() if v is not None}
     if name in specs:
         return specs[name], []
     for base, spec in specs.items():
@@ -149,7 +155,7 @@ LAUNCH_KEYS = ("accelerator", "devices", "num_nodes")
 def _launch_overrides(cfg: DictConfig) -> list[str]:
     out = []
     for key in LAUNCH_KEYS:
-        value = OmegaConf.to_container(cfg.trainer, resolve=True).get(key)
+        value = cast(dict, OmegaConf.to_container(cfg.trainer, resolve=True)).get(key)  # a mapping's container
         out.append(f"trainer.{key}={json.dumps(value) if isinstance(value, list) else value}")
     return out
 
@@ -184,7 +190,7 @@ def require_upstream(cfg: DictConfig, name: str, build: StageRunner | None = Non
 
     `upstream.<name>.path` names an existing artifact directory instead (e.g. one trained on another machine); its
     lineage is still checked against the other upstreams (`check_lineage`)."""
-    if name in (cfg.get("upstream") or {}) and cfg.upstream[name].get("path"):
+    if (cfg.get("upstream") or {}).get(name) is not None and cfg.upstream[name].get("path"):
         return _given_upstream(cfg, name, Path(cfg.upstream[name].path))
     up_cfg = compose_upstream(cfg, name)
     if cfg.get("ckpt_path") == "last":  # a resumed run resumes what it was building too (Lightning: fresh if none)

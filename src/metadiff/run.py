@@ -13,11 +13,12 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
@@ -86,11 +87,13 @@ def selected_checkpoint(trainer: pl.Trainer) -> str | None:
     metric, e.g. `callbacks=select_best`), or None (the weights as trained) when there is none or it saved nothing
     (no validation ran, fast_dev_run). `ckpt_path="best"` would take the first ModelCheckpoint, which here is the
     unmonitored one that keeps `last.ckpt` for resuming."""
-    monitored = [cb for cb in trainer.checkpoint_callbacks if cb.monitor is not None]
+    monitored = [
+        cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor is not None
+    ]
     if len(monitored) > 1:
         raise ConfigError(
             f"callbacks: {len(monitored)} ModelCheckpoints with a monitor "
-            f"({', '.join(cb.monitor for cb in monitored)}); the test reads one selected checkpoint"
+            f"({', '.join(str(cb.monitor) for cb in monitored)}); the test reads one selected checkpoint"
         )
     return (monitored[0].best_model_path or None) if monitored else None
 
@@ -181,11 +184,11 @@ def _refuse_lightning_spawn(trainer: pl.Trainer) -> None:
     to the launching process only rank 0's parameters and `callback_metrics`: a stage's networks sized in `setup()`,
     its gathered per-episode values and its artifact would come from an untrained, detached module. Refused in one
     line; `trainer=ddp_sim` spawns ranks that each run the whole stage (`metadiff.utils.distributed`)."""
-    spawned = getattr(trainer.strategy, "_start_method", "popen") != "popen"  # DDPStrategy's launcher choice
-    if spawned and trainer.world_size > 1:
+    start_method = getattr(trainer.strategy, "_start_method", "popen")  # DDPStrategy's launcher choice
+    if start_method != "popen" and trainer.world_size > 1:
         raise ConfigError(
             f"trainer.strategy: {type(trainer.strategy).__name__} with start method "
-            f"'{trainer.strategy._start_method}' runs each phase in fresh processes and returns only "
+            f"'{start_method}' runs each phase in fresh processes and returns only "
             f"rank 0's parameters; use trainer=ddp_sim (spawned ranks that each run the whole stage) "
             f"or trainer=ddp / ddp_cpu (the command run once per rank)"
         )
@@ -226,7 +229,7 @@ def _job_logging() -> dict[str, Any] | None:
 
     if not HydraConfig.initialized():
         return None
-    return OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True)
+    return cast(dict[str, Any], OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True))  # a mapping
 
 
 def _ddp_strategy_for(cfg: DictConfig, model: Stage) -> dict[str, Any]:
