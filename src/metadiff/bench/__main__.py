@@ -7,6 +7,7 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from metadiff.bench.summary import write_summary
 from metadiff.run import train  # the stage runner that builds the sampling benchmark's chain if it is missing
 from metadiff.utils.io import write_json
 
-BENCHMARKS = {
+BENCHMARKS: dict[str, Callable[..., dict]] = {
     "features": bench_feature_extraction,
     "features_vqa": bench_feature_extraction_vqa,
     "inner_loop": bench_inner_loop,

@@ -10,11 +10,12 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from metadiff.data.sources import TaskSource
+from metadiff.data.sources import MetaValSplit, TaskSource
 from metadiff.data.synthvqa.build import SynthVQAConfig
 from metadiff.data.synthvqa.source import SynthVQASource
 from metadiff.features.clip_models import create_clip
@@ -23,7 +24,7 @@ from metadiff.stages.features import FeatureExtractor, FeatureSourceDataModule
 ARCH = "metadiff-tiny-vit"
 
 
-def bare_images_per_s(model: torch.nn.Module, batches: list[torch.Tensor], device: str) -> float:
+def bare_images_per_s(model: Any, batches: list[torch.Tensor], device: str) -> float:
     with torch.no_grad():
         model.encode_image(batches[0].to(device))
         if device == "cuda":
@@ -58,7 +59,7 @@ def bench_feature_extraction(data_dir: Path, device: str, batch_size: int = 512,
         cache_dir=str(Path(data_dir) / "synthvqa"),
         generator=SynthVQAConfig(),
         answer_prompt=None,
-        meta_val={"fraction": 0.0, "seed": 0},
+        meta_val=MetaValSplit(fraction=0.0, seed=0),
     )  # timing only: the split is irrelevant
     source.prepare()
     bundle = create_clip(ARCH)

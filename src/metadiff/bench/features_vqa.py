@@ -18,6 +18,7 @@ from PIL import Image
 
 from metadiff.bench.features import bare_images_per_s, pipeline_images_per_s
 from metadiff.data.meta_vqa.source import MetaVQASource
+from metadiff.data.sources import MetaValSplit
 from metadiff.features.clip_models import create_clip
 
 
@@ -64,7 +65,7 @@ def bench_feature_extraction_vqa(
         names = write_coco_like(root, n_images)
         # one meta-train task, and timing only: no meta-val split
         source = MetaVQASource(
-            image_dir=str(root / "coco"), task_dir=str(root / "tasks"), meta_val={"fraction": 0.0, "seed": 0}
+            image_dir=str(root / "coco"), task_dir=str(root / "tasks"), meta_val=MetaValSplit(fraction=0.0, seed=0)
         )
         source.prepare()
         dataset = source.image_dataset(names, bundle.image_size, bundle.mean, bundle.std)

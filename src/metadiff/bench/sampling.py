@@ -12,7 +12,7 @@ import dataclasses
 import statistics
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -105,7 +105,7 @@ def bench_sampling(
             seconds[f"{method}{k}"].append(time.perf_counter() - start)
             accuracy.setdefault(f"{method}{k}", _accuracy(module, batches, latents, device))
     ddpm = statistics.median(seconds["ddpm1000"])
-    rows = {
+    rows: dict[str, dict[str, Any]] = {
         name: {
             "accuracy": accuracy[name],
             "seconds": _spread(seconds[name]),
@@ -128,7 +128,7 @@ def bench_sampling(
         c, u = module.denoiser(x, t, question), module.denoiser(x, t, null.expand_as(question))
         return u + scale * (c - u)
 
-    times = {"batched": [], "two_passes": []}
+    times: dict[str, list[float]] = {"batched": [], "two_passes": []}
     for _ in range(repeats):  # alternate, keep the best: this machine is noisy
         for name, fn in (("batched", batched), ("two_passes", two_passes)):
             start = time.perf_counter()

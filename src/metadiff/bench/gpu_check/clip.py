@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import hydra
@@ -50,7 +51,7 @@ def section_clip(ctx: Context) -> dict[str, Any]:
         bundle = create_clip(cfg.model.arch)  # random weights: nothing downloaded
         build_seconds = time.perf_counter() - start
         ctx.clip_weights(bundle.model)  # the file features_vqa reads (sections 3 and 5)
-        model = bundle.model.eval().to(ctx.device)
+        model: Any = bundle.model.eval().to(ctx.device)  # an open_clip CLIP (untyped): encode_image, encode_text
         # preloaded on the device: the model alone, no host-to-device copy (the pipeline's share of the cost)
         images = torch.randn(size.clip.images, 3, bundle.image_size, bundle.image_size, device=ctx.device)
         batches = list(images.split(batch))
@@ -90,7 +91,9 @@ class ImageClock(pl.Callback):
     (the stage's own `features/images_per_s` window): decoding that keeps up with the model is hidden in it."""
 
     def __init__(self, device: str):
-        self.device, self.images, self.start, self.end = device, 0, None, None
+        self.device, self.images = device, 0
+        self.start: float | None = None
+        self.end: float | None = None
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if dataloader_idx == 0 and self.start is None:
@@ -105,6 +108,7 @@ class ImageClock(pl.Callback):
 
     @property
     def images_per_s(self) -> float:
+        assert self.start is not None and self.end is not None, "no predict batch ran"
         return self.images / (self.end - self.start)
 
 
@@ -130,9 +134,7 @@ def section_features(ctx: Context, bare: dict[str, Any] | None) -> dict[str, Any
                 cfg.trainer, callbacks=[clock], logger=False, enable_progress_bar=False, enable_model_summary=False
             )
             try:
-                wall, _ = timed(
-                    lambda d=data, t=trainer: t.predict(module, datamodule=d, return_predictions=False), ctx.device
-                )
+                wall, _ = timed(partial(trainer.predict, module, datamodule=data, return_predictions=False), ctx.device)
             except Exception as error:  # noqa: BLE001 - e.g. workers killed by a small /dev/shm: the others still run
                 errors.append(f"{workers} workers: {one_line(error)}")
                 runs[str(workers)] = {"error": one_line(error)}

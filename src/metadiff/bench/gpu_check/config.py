@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -166,7 +167,7 @@ class Settings:
 
 def load_settings(quick: bool, device: str, work: Path) -> Settings:
     """conf/gpu_check.yaml, checked, with the sizes of the mode asked for."""
-    raw = OmegaConf.load(CONF_DIR / f"{CONFIG_NAME}.yaml")
+    raw = cast(DictConfig, OmegaConf.load(CONF_DIR / f"{CONFIG_NAME}.yaml"))  # the file is a mapping
     spec = as_spec(GpuCheckSpec, raw, CONFIG_NAME)
     mode = "quick" if quick else "full"
     if mode not in spec.sizes:

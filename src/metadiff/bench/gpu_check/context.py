@@ -16,7 +16,7 @@ from metadiff.bench.gpu_check.data import write_vqa_tree
 
 
 class Context:
-    def __init__(self, settings: Settings, runner: Callable[[DictConfig], object]):
+    def __init__(self, settings: Settings, runner: Callable[[DictConfig], dict[str, float]]):
         """`runner`: the stage runner (`metadiff.run.train`), handed in by the entry point: below the run loop, only
         entry points import it (tests/test_layers.py)."""
         self.settings, self.runner = settings, runner

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import warnings
+from functools import partial
 from typing import Any
 
 import open_clip
@@ -103,7 +104,7 @@ def section_hnet(ctx: Context) -> dict[str, Any]:
         }
         for precision in PRECISIONS:
             meta_step(precision)  # warm-up
-            seconds = [timed(lambda p=precision: meta_step(p), ctx.device)[0] for _ in range(s.sizes.hnet.repeats)]
+            seconds = [timed(partial(meta_step, precision), ctx.device)[0] for _ in range(s.sizes.hnet.repeats)]
             out[precision] = {
                 "seconds_per_step": statistics.median(seconds),
                 "all_seconds": seconds,
@@ -112,8 +113,10 @@ def section_hnet(ctx: Context) -> dict[str, Any]:
         # the inner loop alone (evaluation / adaptation): task-steps per second, no meta-gradient
         with torch.no_grad(), autocast(ctx.device, str(cfg.trainer.precision)):
             module.inner_loop.adapt(module.learner, batch, steps=max(steps, 1))
-            seconds, _ = timed(lambda: module.inner_loop.adapt(module.learner, batch, steps=max(steps, 1)), ctx.device)
-        out["finetune_task_steps_per_s"] = n_tasks * max(steps, 1) / seconds
+            adapt_seconds, _ = timed(
+                lambda: module.inner_loop.adapt(module.learner, batch, steps=max(steps, 1)), ctx.device
+            )
+        out["finetune_task_steps_per_s"] = n_tasks * max(steps, 1) / adapt_seconds
     trained = out[str(cfg.trainer.precision)] if str(cfg.trainer.precision) in PRECISIONS else out["32-true"]
     out["tasks_per_s"] = trained["tasks_per_s"]
     out["seconds_per_step"] = trained["seconds_per_step"]

@@ -101,6 +101,7 @@ def checkpoint_plan(
         top_k = int(node.get("save_top_k", 1))
         last = bool(node.get("save_last") or False)
         per_save = (1 if top_k != 0 else 0) + (1 if last else 0)
+        saves: float | None
         if node.get("monitor"):
             saves = validations
         elif node.get("every_n_train_steps"):
@@ -421,10 +422,10 @@ class Projector:
         total_a = _total(chain_a)
         member = chain_b[0]
         waves = math.ceil(member.runs / 8)
-        later = [p.seconds for p in chain_b[1:]]
+        later = [p.seconds for p in chain_b[1:] if p.seconds is not None]
         total_b = _total(chain_b)
         eight = None
-        if member.seconds is not None and all(x is not None for x in later):
+        if member.seconds is not None and len(later) == len(chain_b) - 1:
             # 8 GPUs: the members as parallel one-GPU jobs (in waves), the later stages' passes split over 8 ranks
             eight = waves * member.seconds + later[0] + (later[1] + later[2]) / 8
         out = {
@@ -452,9 +453,10 @@ class Projector:
 
 
 def _total(stages: list[StageProjection]) -> float | None:
-    if any(p.seconds is None for p in stages):
+    known = [(p.seconds, p.runs) for p in stages if p.seconds is not None]
+    if len(known) < len(stages):
         return None
-    return sum(p.seconds * p.runs for p in stages)
+    return sum(seconds * runs for seconds, runs in known)
 
 
 def _row(p: StageProjection) -> dict[str, Any]:

@@ -212,5 +212,5 @@ class MetaVQASource(TaskFileSource):
     def raw_image_dataset(self, names: Sequence[str], image_size: int) -> Dataset:
         return ImageFileDataset([self.image_path(n) for n in names], image_sizing(image_size, self.resize))
 
-    def image_dataset(self, names: Sequence[str], image_size: int, mean, std) -> Dataset:
+    def image_dataset(self, names: Sequence[str], image_size: int, mean, std) -> NormalizedImages:
         return NormalizedImages(self.raw_image_dataset(names, image_size), ImageNormalizer(mean, std))

@@ -110,7 +110,7 @@ class SynthVQASource(TaskFileSource):
             )
         return ImageArrayDataset(self.root / "images.npy", [int(n.rsplit("_", 1)[1]) for n in names])
 
-    def image_dataset(self, names: Sequence[str], image_size: int, mean, std) -> Dataset:
+    def image_dataset(self, names: Sequence[str], image_size: int, mean, std) -> NormalizedImages:
         return NormalizedImages(self.raw_image_dataset(names, image_size), ImageNormalizer(mean, std))
 
     def caption_pairs(self, n_pairs: int, seed: int, tokenize: Callable, mean, std) -> Dataset:
