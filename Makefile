@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo train test test-slow test-demo test-all bench gpu-check gpu-check-quick report sweep meta-vqa lint format clean
+.PHONY: help install demo train test test-slow test-demo test-all bench gpu-check gpu-check-quick report sweep meta-vqa lint typecheck format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -59,14 +59,18 @@ sweep: install ## example Hydra multirun: make sweep ARGS="seed=1,2"
 meta-vqa: install ## build Meta-VQA task files from VQA v2: make meta-vqa VQA_DIR=/data/VQA [OUT=dir]
 	$(PY) -m metadiff.data.meta_vqa build --vqa-dir $(VQA_DIR) --out $(or $(OUT),outputs/data/meta_vqa/built)
 
-lint: install ## ruff lint and format check (CI runs this first)
+lint: install ## ruff lint and format check, then the type check (CI runs this first)
 	$(VENV)/bin/ruff check src tests train.py
 	$(VENV)/bin/ruff format --check src tests train.py
+	$(MAKE) --no-print-directory typecheck
+
+typecheck: install ## mypy over src/ and train.py ([tool.mypy] in pyproject.toml)
+	$(VENV)/bin/mypy
 
 format: install ## ruff format + import sort
 	$(VENV)/bin/ruff check --fix src tests train.py
 	$(VENV)/bin/ruff format src tests train.py
 
 clean: ## remove outputs and caches (keeps .venv)
-	rm -rf outputs multirun .pytest_cache .ruff_cache bench/*.json bench/*.md
+	rm -rf outputs multirun .pytest_cache .ruff_cache .mypy_cache bench/*.json bench/*.md
 	find . -name __pycache__ -prune -exec rm -rf {} +
