@@ -63,8 +63,7 @@ def test_pinning_an_artifact_round_trips_its_weights(tmp_path: Path) -> None:
     """A clip artifact (written here in the real layout) pinned: float16 file, manifest of its config and metrics."""
     from omegaconf import OmegaConf
 
-    from metadiff.features.clip_models import create_clip
-    from metadiff.stages.clip_pretrain import CLIP_WEIGHTS
+    from metadiff.features.clip_models import CLIP_WEIGHTS, create_clip
 
     artifact = tmp_path / "clip_synthvqa-abc"
     artifact.mkdir()

@@ -50,6 +50,8 @@ WeightsKind = Literal["random", "tag", "hf-hub", "file"]
 FileFormat = Literal["torchscript", "safetensors", "torch"]
 _registered = False
 
+CLIP_WEIGHTS = "open_clip_model.pt"  # the open_clip state dict a `clip` artifact holds (stages.clip_pretrain)
+
 
 def register_model_configs() -> None:
     """Make metadiff's own architectures (e.g. `metadiff-tiny-vit`) known to open_clip."""

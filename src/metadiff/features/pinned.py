@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from metadiff.config.resolvers import ASSETS_DIR
 from metadiff.errors import UserError
+from metadiff.features.clip_models import CLIP_WEIGHTS
 from metadiff.store import load_artifact
 from metadiff.utils.hashing import file_sha256
 from metadiff.utils.io import atomic_path, write_json
@@ -77,14 +78,12 @@ def git_commit(repo: Path) -> str:
 
 def pin_clip(artifact_dir: Path, out_dir: Path, commit: str) -> dict[str, Any]:
     """Write `clip.pt` (float16) and `manifest.json` for a `clip_synthvqa` artifact into `out_dir`."""
-    from metadiff.stages.clip_pretrain import load_clip_weights_path
-
     artifact = load_artifact(artifact_dir)
     manifest = json.loads((artifact_dir / "manifest.json").read_text())
     if manifest.get("stage") != "clip":
         raise UserError(f"{artifact_dir}: a '{manifest.get('stage')}' artifact, expected a 'clip' one")
     config = OmegaConf.load(artifact_dir / "config.yaml")
-    state = torch.load(load_clip_weights_path(artifact), map_location="cpu", weights_only=True)
+    state = torch.load(artifact.file(CLIP_WEIGHTS), map_location="cpu", weights_only=True)
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / WEIGHTS) as tmp:

@@ -25,12 +25,11 @@ from metadiff.data.sources import TaskSource, task_prompts
 from metadiff.eval.stats import mean_ci95
 from metadiff.eval.tables import results_table
 from metadiff.eval.zeroshot import encode_texts, per_task_accuracy, split_by_task
-from metadiff.features.clip_models import ClipBundle, context_length, create_clip, register_model_configs
+from metadiff.features.clip_models import CLIP_WEIGHTS, ClipBundle, context_length, create_clip, register_model_configs
 from metadiff.stages.base import Stage
 from metadiff.store import Artifact
 from metadiff.utils.distributed import gather_rows
 
-CLIP_WEIGHTS = "open_clip_model.pt"
 CLIP_INFO = "clip.json"
 
 
