@@ -161,7 +161,9 @@ def test_quick_check_runs_every_section_at_real_size(tmp_path: Path) -> None:
     """`python -m metadiff.bench.gpu_check --quick` on this CPU: every section ok (NCCL: skipped, one device), the
     real models' sizes, positive throughputs, and a projection of every stage of both real chains."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    env.pop("OMP_NUM_THREADS", None)  # the check's own threads (xdist workers are set to 1)
+    # one torch thread, as every process of the xdist workers (conftest.py): under `make test-slow` the other worker
+    # computes too, and two threads spin-waiting on each other for one free core ran this check 2x slower
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [
             sys.executable,
