@@ -8,15 +8,18 @@ import inspect
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
+import lightning.pytorch as pl
 import pytest
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from conftest import EXPERIMENTS, compose_config, run_train
 from metadiff.config import ConfigError, validate_config
 from metadiff.config.typed import as_spec, spec_in
-from metadiff.stages.base import Stage
+from metadiff.pipeline import upstream_names
+from metadiff.stages.base import ImageSetData, LatentData, Stage
 
 
 def nested_blocks(cfg: DictConfig) -> list[tuple[str, typing.Any]]:
@@ -155,8 +158,19 @@ def test_as_spec_builds_nested_specs_and_names_missing_keys() -> None:
             ["experiment=hyperldm_synthvqa", "~upstream.hyperclip"],
             "upstream.hyperclip is missing: stage 'hyperldm' reads an upstream 'hyperclip' with this config",
         ),
+        (
+            ["experiment=diffusion_zoo_glyphs", "~upstream.unet"],
+            "upstream.unet0 is missing: stage 'diffusion_zoo' reads an upstream 'unet0' with this config",
+        ),
     ],
-    ids=["sampler_method", "schedule", "compat", "vae_without_hnet", "hyperclip_guidance_without_hyperclip"],
+    ids=[
+        "sampler_method",
+        "schedule",
+        "compat",
+        "vae_without_hnet",
+        "hyperclip_guidance_without_hyperclip",
+        "zoo_without_members",
+    ],
 )
 def test_a_bad_choice_or_a_missing_upstream_fails_before_any_work(
     overrides: list[str], line: str, tmp_path: Path
@@ -168,3 +182,32 @@ def test_a_bad_choice_or_a_missing_upstream_fails_before_any_work(
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and line in out, out[-2000:]
     assert "building it now" not in out and not (tmp_path / "outputs" / "artifacts").exists()
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_declares_the_upstreams_its_stage_reads(experiment: str, tmp_path: Path) -> None:
+    """`Stage.required_upstreams` is the one declaration of what a stage reads (its constructor checks nothing of
+    its own): every experiment names them all in `upstream:`."""
+    cfg = compose_config([f"experiment={experiment}"], tmp_path, tmp_path / "out")
+    required = hydra.utils.get_class(cfg.model._target_).required_upstreams(cfg.model)
+    assert set(required) <= set(upstream_names(cfg)), (experiment, required, upstream_names(cfg))
+
+
+class _Probe(Stage, name="probe"):
+    def write_artifact(self, directory: Path) -> None:
+        pass
+
+
+def test_a_stage_reads_its_datamodule_through_a_view_that_names_what_is_missing() -> None:
+    module = _Probe()
+    module.trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    # Lightning sets `datamodule` on its trainer when fit/test starts, without declaring it
+    module.trainer.datamodule = SimpleNamespace(adaptation="the dataset")  # type: ignore[attr-defined]
+    assert module.datamodule_view(LatentData).adaptation == "the dataset"
+    with pytest.raises(ConfigError, match=r"stage 'probe' reads 'source' of its datamodule \(ImageSetData\)"):
+        module.datamodule_view(ImageSetData)
+
+
+def test_a_stage_built_without_an_upstream_it_reads_fails_in_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"stage 'probe' reads an upstream 'hnet' \(required_upstreams\)"):
+        _Probe.upstream_artifact({}, "hnet")

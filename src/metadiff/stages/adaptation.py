@@ -19,6 +19,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,12 +32,13 @@ from metadiff.data.adaptation import ADAPTATION_FILE, AdaptationData, task_list_
 from metadiff.data.meta_vqa.batches import TaskBatch, TaskEpisodes, collate_tasks
 from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule
 from metadiff.data.meta_vqa.tasks import Task
-from metadiff.data.sources import META_SPLITS
+from metadiff.data.sources import META_SPLITS, TaskSource
 from metadiff.eval.stats import mean_ci95
+from metadiff.eval.tables import results_table
 from metadiff.meta.inner_loop import InnerLoop
 from metadiff.meta.latent import LatentLearner
 from metadiff.nets.adapter import masked_task_accuracy
-from metadiff.stages.base import Stage
+from metadiff.stages.base import MetaTaskData, Stage
 from metadiff.stages.fewshot import load_hnet_latent_learner
 from metadiff.store import Artifact
 from metadiff.utils.hashing import fingerprint
@@ -101,18 +103,27 @@ class AdaptationChunkDataModule(MetaTaskDataModule):
 
     def __init__(
         self,
-        *args,
+        source: TaskSource,
+        *,
         train_support_view: str = "random",
         train_query_view: str = "test",
         upstream: dict[str, Artifact] | None = None,
-        **kwargs,
+        **kwargs: Any,
     ):
         super().__init__(
-            *args, train_support_view=train_support_view, train_query_view=train_query_view, upstream=upstream, **kwargs
+            source,
+            train_support_view=train_support_view,
+            train_query_view=train_query_view,
+            upstream=upstream,
+            **kwargs,
         )
 
     def predict_dataloader(self) -> DataLoader:
-        module = self.trainer.lightning_module
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if not isinstance(module, AdaptationModule):
+            raise ConfigError(
+                f"data._target_ {type(self).__qualname__} feeds the adaptation stage, not {type(module).__qualname__}"
+            )
         episodes = {TRAIN: self.episodes("meta_train", *self.train_views, support_shots=self.support_shots)}
         episodes |= {split: self.episodes(split) for split in META_SPLITS}
         dataset = ChunkDataset(module.pending_chunks(), episodes)
@@ -137,12 +148,12 @@ class AdaptationModule(Stage, name="adaptation"):
     ):
         super().__init__()
         self.inner = as_spec(AdaptationInnerSpec, inner, "model.inner")
-        if not upstream or "hnet" not in upstream:
-            raise ConfigError("adaptation needs an upstream 'hnet' (a trained HNET artifact) in its config")
-        self.base: LatentLearner = self._latent_base(upstream)
+        hnet = self.upstream_artifact(upstream, "hnet")
+        upstream = dict(upstream or {})
+        self.base: LatentLearner = self._latent_base(hnet, upstream.get("vae"))
         lr = self.inner.lr
         if lr is None:  # the rate the HNET was meta-trained and evaluated with
-            lr = float(OmegaConf.load(upstream["hnet"].file("config.yaml")).model.inner.lr)
+            lr = float(OmegaConf.load(hnet.file("config.yaml")).model.inner.lr)
         self.inner_loop = InnerLoop(steps=int(self.inner.steps), lr=float(lr), second_order=False)
         self.rows, self.chunk_tasks, self.std_min, self.seed = rows, chunk_tasks, std_min, seed
         self.description = {
@@ -158,16 +169,16 @@ class AdaptationModule(Stage, name="adaptation"):
         self.result: AdaptationData | None = None
 
     @staticmethod
-    def _latent_base(upstream: dict[str, Artifact]) -> LatentLearner:
-        if "vae" in upstream:  # the VAE MetaModel (spec §3.5): latents live in the VAE's latent space
+    def _latent_base(hnet: Artifact, vae: Artifact | None) -> LatentLearner:
+        if vae is not None:  # the VAE MetaModel (spec §3.5): latents live in the VAE's latent space
             from metadiff.stages.vae import load_vae_latent_learner
 
-            return load_vae_latent_learner(upstream["vae"], load_hnet_latent_learner(upstream["hnet"]))
-        return load_hnet_latent_learner(upstream["hnet"])
+            return load_vae_latent_learner(vae, load_hnet_latent_learner(hnet))
+        return load_hnet_latent_learner(hnet)
 
     # -- work plan ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        data = self.trainer.datamodule
+        data = self.datamodule_view(MetaTaskData)
         self.tasks = {split: data.tasks[split] for split in META_SPLITS}
         self.chunks = plan_chunks(self.tasks, self.rows, self.chunk_tasks)
         if self.trainer.is_global_zero:
@@ -208,7 +219,7 @@ class AdaptationModule(Stage, name="adaptation"):
     # -- assembly -------------------------------------------------------------------------------------------------
     def on_predict_end(self) -> None:
         self.trainer.strategy.barrier()
-        if self.trainer.fast_dev_run:
+        if self.fast_dev_run:
             log.warning("fast_dev_run: adaptation dataset not assembled (only one chunk was computed)")
             return
         if not self.trainer.is_global_zero:
@@ -220,7 +231,25 @@ class AdaptationModule(Stage, name="adaptation"):
             )
         self.result, metrics = self._assemble()
         self.summary_metrics.update(metrics)
+        self.set_results_text(self._table(metrics))
         self.artifact_ready = True
+
+    def _table(self, metrics: dict[str, float]) -> str:
+        steps = self.inner_loop.steps
+        rows = [
+            row
+            for split in META_SPLITS
+            for row in (
+                (f"{split}: the init latent", f"adaptation/{split}_init_acc"),
+                (f"{split}: after {steps} SGD steps on its train split", f"adaptation/{split}_finetuned_acc"),
+            )
+        ]
+        rows.append(("mean per-dimension std of the latents", "adaptation/latent_std_mean"))
+        title = (
+            f"adaptation: {self.rows} fine-tuned latents per meta-train task; query accuracy of each task's "
+            "evaluation fine-tune (mean +- 95% CI):"
+        )
+        return results_table(title, metrics, rows)
 
     def _assemble(self) -> tuple[AdaptationData, dict[str, float]]:
         n = {s: len(t) for s, t in self.tasks.items()}
@@ -257,7 +286,7 @@ class AdaptationModule(Stage, name="adaptation"):
         return data, metrics
 
     def _question(self, question: str) -> torch.Tensor:
-        store = self.trainer.datamodule.store
+        store = self.datamodule_view(MetaTaskData).store
         return torch.from_numpy(np.asarray(store.question(question), dtype=np.float32)).reshape(-1)
 
     def write_artifact(self, directory: Path) -> None:

@@ -21,8 +21,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
+from omegaconf import DictConfig
 from torchmetrics import CatMetric
 
 from metadiff.config import ConfigError
@@ -31,12 +33,13 @@ from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS, upstream_store_dir
 from metadiff.eval.plots import log_image, save_shots_plot
 from metadiff.eval.stats import mean_ci95
+from metadiff.eval.tables import results_table
 from metadiff.features.store import FeatureStore
 from metadiff.meta.inner_loop import InnerLoop
 from metadiff.meta.latent import LatentLearner
 from metadiff.meta.learner import FewShotLearner
 from metadiff.nets.adapter import masked_task_accuracy, masked_task_losses
-from metadiff.stages.base import Stage
+from metadiff.stages.base import MetaTaskData, Stage
 from metadiff.store import Artifact
 from metadiff.utils.dtypes import full_precision
 from metadiff.utils.io import write_json
@@ -72,11 +75,9 @@ class InnerLoopSpec:
     second_order: bool
 
 
-def store_embed_dim(upstream: dict[str, Artifact] | None) -> int:
-    """Embedding size of the upstream feature store (what the adapter must take)."""
-    if not upstream or "features" not in upstream:
-        raise ConfigError("model.embed_dim is null and there is no upstream 'features' stage to read it from")
-    return FeatureStore(upstream_store_dir(upstream)).dim
+def store_embed_dim(features: Artifact) -> int:
+    """Embedding size of the feature store of a `features` artifact (what the adapter must take)."""
+    return FeatureStore(Path(upstream_store_dir({"features": features}))).dim
 
 
 def clip_zero_shot_accuracy(batch: TaskBatch) -> torch.Tensor:
@@ -90,6 +91,11 @@ def clip_zero_shot_accuracy(batch: TaskBatch) -> torch.Tensor:
 class FewShotModule(Stage, name="fewshot"):
     """Stages `multitask`, `maml` and `hnet` (`stage_names`; `name` is the family's); which one an instance runs
     follows from its learner mode and inner steps (`stage_name`)."""
+
+    @classmethod
+    def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
+        """Without `model.embed_dim`, the feature store's embedding size (upstream `features`)."""
+        return ("features",) if model.get("embed_dim") is None else ()
 
     def __init__(
         self,
@@ -113,9 +119,9 @@ class FewShotModule(Stage, name="fewshot"):
         self.inner = as_spec(InnerLoopSpec, inner, "model.inner")
         self.inner_loop = InnerLoop(steps=self.inner.steps, lr=self.inner.lr, second_order=self.inner.second_order)
         self.eval_steps, self.n_shot_max, self.n_shot_reruns, self.plot = eval_steps, n_shot_max, n_shot_reruns, plot
-        self.learner = FewShotLearner(
-            embed_dim=embed_dim or store_embed_dim(upstream), **dataclasses.asdict(self.learner_spec)
-        )
+        if not embed_dim:  # the store's (required_upstreams)
+            embed_dim = store_embed_dim(self.upstream_artifact(upstream, "features"))
+        self.learner = FewShotLearner(embed_dim=embed_dim, **dataclasses.asdict(self.learner_spec))
         # every rank evaluates all tasks (EveryRankSampler): nothing to gather
         self.eval_acc = torch.nn.ModuleDict(
             {
@@ -139,7 +145,7 @@ class FewShotModule(Stage, name="fewshot"):
 
     # -- model ----------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        dim = getattr(self.trainer.datamodule, "embed_dim", self.learner.shape.embed_dim)
+        dim = self.datamodule_view(MetaTaskData).embed_dim
         if dim != self.learner.shape.embed_dim:
             raise ConfigError(
                 f"model.embed_dim = {self.learner.shape.embed_dim} but the feature store holds {dim}-d "
@@ -181,10 +187,14 @@ class FewShotModule(Stage, name="fewshot"):
             "clip": clip_zero_shot_accuracy(batch),
         }
 
+    def _per_task(self, split: str, kind: str) -> CatMetric:
+        """The per-task values of one accuracy on one split (`eval_acc` is a ModuleDict of CatMetrics)."""
+        return cast(CatMetric, self.eval_acc[f"{split}_{kind}"])
+
     def validation_step(self, batch: TaskBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         split = EVAL_SPLITS[dataloader_idx]
         for kind, acc in self._accuracies(batch, self.eval_steps).items():
-            self.eval_acc[f"{split}_{kind}"].update(acc)
+            self._per_task(split, kind).update(acc)
 
     def _log_eval(self, prefix: str, splits: tuple[str, ...]) -> dict[str, float]:
         """Mean +- 95% CI over tasks of each accuracy, and of the paired per-task gains of few-shot adaptation over
@@ -193,7 +203,7 @@ class FewShotModule(Stage, name="fewshot"):
         for split in splits:
             values = {}
             for kind in ("zeroshot", "fewshot", "clip"):
-                metric = self.eval_acc[f"{split}_{kind}"]
+                metric = self._per_task(split, kind)
                 values[kind] = metric.compute().cpu()
                 metric.reset()
             head = f"{prefix}/{split}_" if prefix == "val" else f"{prefix}/"
@@ -212,16 +222,32 @@ class FewShotModule(Stage, name="fewshot"):
 
     def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
         for kind, acc in self._accuracies(batch, self.eval_steps).items():
-            self.eval_acc[f"meta_test_{kind}"].update(acc)
+            self._per_task("meta_test", kind).update(acc)
 
     def on_test_epoch_end(self) -> None:
         self.summary_metrics.update(self._log_eval("test", ("meta_test",)))
         if self.n_shot_max > 0:
             self.summary_metrics.update(self._n_shot_trials())
+        self.set_results_text(self._table(self.summary_metrics))
+
+    def _table(self, report: dict[str, float]) -> str:
+        rows = [
+            (f"few-shot: {self.eval_steps} inner steps on the support set", "test/fewshot_acc"),
+            ("zero-shot: the meta-learned init, no adaptation", "test/zeroshot_acc"),
+            ("CLIP zero-shot (identity adapter)", "test/clip_acc"),
+            ("few-shot minus zero-shot (paired per task)", "test/fewshot_minus_zeroshot"),
+            ("few-shot minus CLIP (paired per task)", "test/fewshot_minus_clip"),
+        ]
+        rows += [
+            (f"few-shot from {n} example(s) per answer", f"test/{n}shot_acc") for n in range(1, self.n_shot_max + 1)
+        ]
+        table = results_table(f"{self.stage_name}: accuracy on meta-test tasks (mean +- 95% CI):", report, rows)
+        plot = getattr(self, "plot_path", None)
+        return table + (f"\nplot: {plot}" if plot is not None else "")
 
     def _n_shot_trials(self) -> dict[str, float]:
         """Accuracy with n support examples per answer, n = 1..N, `n_shot_reruns` n-shot seeds (spec §5.3)."""
-        data = self.trainer.datamodule
+        data = self.datamodule_view(MetaTaskData)
         # each trial covers as many task batches as the test loop did: all of them, unless the run limits them
         # (`trainer.limit_test_batches`, `fast_dev_run`), so a smoke run stays a smoke run
         n_batches = int(sum(self.trainer.num_test_batches))
@@ -251,6 +277,7 @@ class FewShotModule(Stage, name="fewshot"):
         write_json(out_dir / "accuracy_vs_shots.json", curve)
         log_image(self.loggers, "test/accuracy_vs_shots", path)
         log.info("accuracy-vs-shots plot: %s", path)
+        self.plot_path = path
 
     # -- artifact -------------------------------------------------------------------------------------------------
     def write_artifact(self, directory: Path) -> None:

@@ -29,9 +29,10 @@ from metadiff.config.typed import as_spec
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS
 from metadiff.eval.per_task import PerTaskValues, ci_report
+from metadiff.eval.tables import results_table
 from metadiff.nets.adapter import masked_task_accuracy
 from metadiff.nets.hyperclip import HyperCLIPEncoder, contrastive_loss, n_way_accuracy, retrieval_accuracy
-from metadiff.stages.base import Stage
+from metadiff.stages.base import LatentData, Stage
 from metadiff.stages.vae import load_adaptation_base, load_vae
 from metadiff.store import Artifact
 
@@ -92,12 +93,9 @@ class HyperCLIPModule(Stage, name="hyperclip"):
         self.guidance = as_spec(GuidanceSpec, guidance, "model.guidance")
         if input not in INPUTS:
             raise ConfigError(f"model.input = '{input}' is not one of {INPUTS}")
-        if not upstream or "hnet" not in upstream:
-            raise ConfigError("hyperclip needs an upstream 'hnet' (it decodes the adaptation latents into weights)")
-        if input == "vae" and "vae" not in upstream:
-            raise ConfigError("model.input=vae needs an upstream 'vae' (e.g. experiment=hyperclip_hvae_synthvqa)")
-        self.base = load_adaptation_base(upstream)
-        self.vae = load_vae(upstream["vae"]).requires_grad_(False) if input == "vae" else None
+        hnet, adaptation = self.upstream_artifact(upstream, "hnet"), self.upstream_artifact(upstream, "adaptation")
+        self.base = load_adaptation_base(hnet, adaptation)
+        self.vae = load_vae(self.upstream_artifact(upstream, "vae")).requires_grad_(False) if input == "vae" else None
         in_dim = self.base.latent_dim if input == "latent" else self.base.shape.n_params
         self.encoder = HyperCLIPEncoder(
             in_dim, embed_dim or self.base.shape.embed_dim, **dataclasses.asdict(self.encoder_spec)
@@ -133,7 +131,7 @@ class HyperCLIPModule(Stage, name="hyperclip"):
         if not self.normalize or self.trainer.ckpt_path:
             return
         with torch.no_grad():
-            x = self.encoder_input(self.trainer.datamodule.adaptation.train_latents[0].to(self.device))
+            x = self.encoder_input(self.datamodule_view(LatentData).adaptation.train_latents[0].to(self.device))
         self.encoder.set_normalization(x.mean(0), x.std(0))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -152,7 +150,7 @@ class HyperCLIPModule(Stage, name="hyperclip"):
 
     # -- evaluation: retrieval of the task's question from its fine-tuned weights ---------------------------------
     def _collect(self, batch: TaskBatch, split: str) -> None:
-        z = self.trainer.datamodule.adaptation.eval_latents[split][batch.task_index.cpu()].to(self.device)
+        z = self.datamodule_view(LatentData).adaptation.eval_latents[split][batch.task_index.cpu()].to(self.device)
         self.values.update(f"{split}/emb", self.encoder(self.encoder_input(z)))
         self.values.update(f"{split}/question", batch.question.float())
 
@@ -189,6 +187,32 @@ class HyperCLIPModule(Stage, name="hyperclip"):
             report |= ci_report("test/guidance", self.values.compute(names))
         self.log_dict(report)
         self.summary_metrics.update(report)
+        self.set_results_text(self._table(report))
+
+    def _table(self, report: dict[str, float]) -> str:
+        n_way, n = int(self.retrieval.n_way), int(report["test/retrieval/n_tasks"])
+        rows = [
+            ("its own question is the top-1 of all", "test/retrieval/top1"),
+            ("  chance (1 / tasks)", "test/retrieval/chance_top1"),
+            ("its own question is in the top 5", "test/retrieval/top5"),
+            ("  chance (5 / tasks)", "test/retrieval/chance_top5"),
+            (f"its own question is the top-1 of {n_way} (the original's test)", f"test/retrieval/{n_way}way"),
+            ("contrastive loss", "test/retrieval/loss"),
+        ]
+        lines = results_table(
+            f"hyperclip ({self.input}): retrieval of each of the {n} meta-test tasks' question from its fine-tuned "
+            "weights (mean +- 95% CI):",
+            report,
+            rows,
+        )
+        if int(self.guidance.steps) > 0:
+            guided = [
+                (f"HyperCLIP-guided latent ({int(self.guidance.steps)} Adam steps)", "test/guidance/guided_acc"),
+                ("HNET init latent", "test/guidance/init_acc"),
+                ("guided minus init (paired per task)", "test/guidance/guided_minus_init"),
+            ]
+            lines += "\n" + results_table("zero-shot accuracy with HyperCLIP guidance:", report, guided).lstrip("\n")
+        return lines
 
     # -- HyperCLIP guidance (spec §4.9): latent optimisation towards the question, zero-shot ----------------------
     def _guided_zero_shot(self, batch: TaskBatch) -> None:

@@ -27,17 +27,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
+import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metadiff.config import ConfigError, cfg_label
-from metadiff.config.typed import as_spec
+from metadiff.config.typed import as_spec, spec_in
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS
 from metadiff.diffusion.diagnostics import denoiser_diagnostics
@@ -53,9 +55,12 @@ from metadiff.diffusion.schedule import PREDICTIONS, NoiseSchedule, Prediction, 
 from metadiff.eval.per_task import PerTaskValues, ci_report
 from metadiff.eval.plots import log_image, save_curve_plot
 from metadiff.eval.ridge import RidgeMap
+from metadiff.meta.latent import LatentLearner
+from metadiff.meta.learner import FewShotLearner
 from metadiff.nets.adapter import masked_task_accuracy, masked_task_losses
+from metadiff.nets.hyperclip import HyperCLIPEncoder
 from metadiff.nets.latent_denoiser import LatentDenoiser
-from metadiff.stages.base import Stage
+from metadiff.stages.base import LatentData, Stage
 from metadiff.stages.fewshot import load_fewshot_learner
 from metadiff.stages.hyperclip import load_hyperclip_encoder
 from metadiff.stages.vae import load_adaptation_base
@@ -148,7 +153,159 @@ class HealthSpec:
     max_outside: float
 
 
+SELECTED = "cfg_selected"  # the CFG variant whose scale meta-val chose, under its own name in the test table
+VariantKind = Literal["cfg", "fewshot", "hyperclip", "ensemble", "pretrained"]
+TABLE_ORDER: tuple[VariantKind, ...] = ("cfg", "hyperclip", "ensemble", "fewshot", "pretrained")  # rows of the table
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One sampling variant of the evaluation, defined once (`sampling_variants`): the name its per-task accuracy
+    is logged under (`test/<name>`), its row of the table, how it samples, and the references its paired per-task
+    difference is reported against (`test/<name>_minus_<reference>`)."""
+
+    kind: VariantKind
+    name: str
+    label: str
+    value: float  # cfg: its scale; fewshot, hyperclip: the guidance scale; ensemble: members; pretrained: t_frac
+    cfg_scale: float  # the classifier-free guidance scale its sampler runs at
+    references: tuple[str, ...]
+
+
+def sampling_variants(
+    guidance_scales: list[float],
+    fewshot: GuidedSamplingSpec,
+    hyperclip: GuidedSamplingSpec,
+    ensemble: EnsembleSpec,
+    from_pretrained: FromPretrainedSpec,
+) -> list[Variant]:
+    """Every variant the configuration asks for, in sampling order: the CFG scales (all in one batched sampler run),
+    few-shot guidance, HyperCLIP guidance, the ensemble (size > 1), starts from the HNET init. Each is compared with
+    the HNET init; all but the CFG scales also with the scale chosen on meta-val."""
+    guided = ("hnet_init", SELECTED)
+    out = [
+        Variant(
+            kind="cfg",
+            name=cfg_label(g),  # the name a sweep over the scale optimises (`${cfg_label:...}` in conf/)
+            label=f"HyperLDM, CFG scale {g:g}" + (" (unconditional)" if g == 0 else ""),
+            value=g,
+            cfg_scale=g,
+            references=("hnet_init",),
+        )
+        for g in guidance_scales
+    ]
+    gradient_guided: tuple[tuple[VariantKind, GuidedSamplingSpec, str], ...] = (
+        ("fewshot", fewshot, "HyperLDM + few-shot guidance {g:g} (uses support labels)"),
+        ("hyperclip", hyperclip, "HyperLDM + HyperCLIP guidance {g:g}"),
+    )
+    for kind, spec, label in gradient_guided:
+        out += [
+            Variant(
+                kind=kind,
+                name=f"{kind}{g:g}",
+                label=label.format(g=g),
+                value=float(g),
+                cfg_scale=float(spec.cfg_scale),
+                references=guided,
+            )
+            for g in spec.scales
+        ]
+    size, cfg = int(ensemble.size), float(ensemble.cfg_scale)
+    if size > 1:
+        out.append(
+            Variant(
+                kind="ensemble",
+                name=f"ensemble{size}",
+                label=f"HyperLDM ensemble of {size}, CFG {cfg:g}",
+                value=size,
+                cfg_scale=cfg,
+                references=guided,
+            )
+        )
+    out += [
+        Variant(
+            kind="pretrained",
+            name=f"pretrained_t{f:g}",
+            label=f"HyperLDM from the HNET init, t_frac {f:g}",
+            value=float(f),
+            cfg_scale=float(from_pretrained.cfg_scale),
+            references=guided,
+        )
+        for f in from_pretrained.t_fracs
+    ]
+    return out
+
+
+@dataclass(frozen=True)
+class HyperLDMSettings:
+    """Every setting of the stage: the model config, checked and typed (`of`), less the upstream artifacts. With the
+    nets it makes a module (`HyperLDMModule.from_parts`); `denoiser` is the spec the artifact records."""
+
+    denoiser: DenoiserSpec
+    prediction: Prediction
+    schedule: ScheduleSpec
+    uncond_rate: float
+    optimizer: Callable[..., torch.optim.Optimizer]
+    sampling: SamplingSpec
+    guidance_scales: list[float]
+    fewshot_guidance: GuidedSamplingSpec
+    from_pretrained: FromPretrainedSpec
+    hyperclip_guidance: GuidedSamplingSpec
+    ensemble: EnsembleSpec
+    ridge_alpha: float | None
+    diagnostics: DiagnosticsSpec
+    health: HealthSpec
+    eval_seed: int
+    train_seed: int
+    plot: bool
+
+    @classmethod
+    def of(cls, **model: Any) -> HyperLDMSettings:
+        """From the stage constructor's arguments (the mappings Hydra passes, or specs), checked in one line each."""
+        hints = typing.get_type_hints(cls)
+        typed = {name: model[name] for name in hints}
+        for name, hint in hints.items():
+            if (spec := spec_in(hint)) is not None:
+                typed[name] = as_spec(spec, model[name], f"model.{name}")
+        scales = typed["guidance_scales"]  # one float = one scale (what a sweep over the scale sets)
+        typed["guidance_scales"] = [float(g) for g in (scales if isinstance(scales, list | tuple) else [scales])]
+        settings = cls(**typed)
+        settings.check()
+        return settings
+
+    @classmethod
+    def from_model_config(cls, model: DictConfig) -> HyperLDMSettings:
+        """From an experiment's `model` block as composed (`_target_` and `upstream` aside): for building a module
+        from parts (`HyperLDMModule.from_parts`) with the settings in conf/."""
+        plain = cast(dict[str, Any], OmegaConf.to_container(model, resolve=True))
+        names = {f.name for f in dataclasses.fields(cls)} - {"optimizer"}
+        settings = {k: v for k, v in plain.items() if k in names}
+        return cls.of(**settings, optimizer=hydra.utils.instantiate(model.optimizer))
+
+    def check(self) -> None:
+        """The settings that no type says are wrong together, each refused in one line naming the key."""
+        if not 0.0 <= self.uncond_rate < 1.0:
+            raise ConfigError(f"model.uncond_rate = {self.uncond_rate}: expected a fraction in [0, 1)")
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"model.prediction = '{self.prediction}' is not one of {PREDICTIONS}")
+        if self.sampling.method not in SAMPLERS:
+            raise ConfigError(f"model.sampling.method = '{self.sampling.method}' is not one of {SAMPLERS}")
+        if self.sampling.method == "original" and self.prediction != "eps":
+            raise ConfigError(
+                "model.sampling.method = original is the original's eps-prediction DDPM update: it needs "
+                f"model.prediction = eps, not '{self.prediction}'"
+            )
+        if self.uncond_rate == 0 and any(g != 1.0 for g in self.guidance_scales):
+            raise ConfigError(
+                "guidance scales other than 1 need a model trained with the null token "
+                "(model.uncond_rate > 0); set model.guidance_scales=[1.0] otherwise"
+            )
+
+
 class HyperLDMModule(Stage, name="hyperldm"):
+    latent_mean: torch.Tensor  # buffers: the statistics of the training latents, checkpointed
+    latent_std: torch.Tensor
+
     @classmethod
     def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
         """HyperCLIP guidance needs the HyperCLIP encoder."""
@@ -177,82 +334,112 @@ class HyperLDMModule(Stage, name="hyperldm"):
     ):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
-        self.denoiser_spec = as_spec(DenoiserSpec, denoiser, "model.denoiser")
-        self.schedule_spec = as_spec(ScheduleSpec, schedule, "model.schedule")
-        self.sampling = as_spec(SamplingSpec, sampling, "model.sampling")
-        self.fewshot = as_spec(GuidedSamplingSpec, fewshot_guidance, "model.fewshot_guidance")
-        self.from_pretrained = as_spec(FromPretrainedSpec, from_pretrained, "model.from_pretrained")
-        self.hyperclip_guidance = as_spec(GuidedSamplingSpec, hyperclip_guidance, "model.hyperclip_guidance")
-        self.ensemble = as_spec(EnsembleSpec, ensemble, "model.ensemble")
-        self.diagnostics = as_spec(DiagnosticsSpec, diagnostics, "model.diagnostics")
-        self.health = as_spec(HealthSpec, health, "model.health")
-        if not upstream or "adaptation" not in upstream or "hnet" not in upstream:
-            raise ConfigError("hyperldm needs upstreams 'hnet' and 'adaptation' (see conf/experiment/hyperldm_*.yaml)")
-        if not 0.0 <= uncond_rate < 1.0:
-            raise ConfigError(f"model.uncond_rate = {uncond_rate}: expected a fraction in [0, 1)")
-        if prediction not in PREDICTIONS:
-            raise ConfigError(f"model.prediction = '{prediction}' is not one of {PREDICTIONS}")
-        if self.sampling.method not in SAMPLERS:
-            raise ConfigError(f"model.sampling.method = '{self.sampling.method}' is not one of {SAMPLERS}")
-        if self.sampling.method == "original" and prediction != "eps":
-            raise ConfigError(
-                "model.sampling.method = original is the original's eps-prediction DDPM update: it needs "
-                f"model.prediction = eps, not '{prediction}'"
-            )
-        self.base = load_adaptation_base(upstream)
-        self.denoiser = LatentDenoiser(
-            self.base.latent_dim, self.base.shape.embed_dim, **dataclasses.asdict(self.denoiser_spec)
+        settings = HyperLDMSettings.of(
+            denoiser=denoiser,
+            prediction=prediction,
+            schedule=schedule,
+            uncond_rate=uncond_rate,
+            optimizer=optimizer,
+            sampling=sampling,
+            guidance_scales=guidance_scales,
+            fewshot_guidance=fewshot_guidance,
+            from_pretrained=from_pretrained,
+            hyperclip_guidance=hyperclip_guidance,
+            ensemble=ensemble,
+            ridge_alpha=ridge_alpha,
+            diagnostics=diagnostics,
+            health=health,
+            eval_seed=eval_seed,
+            train_seed=train_seed,
+            plot=plot,
         )
+        hnet, adaptation = self.upstream_artifact(upstream, "hnet"), self.upstream_artifact(upstream, "adaptation")
+        base = load_adaptation_base(hnet, adaptation)
+        # other methods' zero-shot accuracy on the same tasks, for the table (upstream `multitask`, optional)
+        multitask = (upstream or {}).get("multitask")
+        self._assemble(
+            settings,
+            base,
+            LatentDenoiser(base.latent_dim, base.shape.embed_dim, **dataclasses.asdict(settings.denoiser)),
+            load_fewshot_learner(multitask)[0].requires_grad_(False) if multitask is not None else None,
+            (
+                load_hyperclip_encoder(self.upstream_artifact(upstream, "hyperclip"))
+                if settings.hyperclip_guidance.scales
+                else None
+            ),
+        )
+
+    @classmethod
+    def from_parts(
+        cls,
+        settings: HyperLDMSettings,
+        base: LatentLearner,
+        denoiser: LatentDenoiser,
+        multitask: FewShotLearner | None = None,
+        hyperclip: tuple[HyperCLIPEncoder, str] | None = None,
+    ) -> HyperLDMModule:
+        """A module from its settings and nets, without upstream artifacts: e.g. a test's tiny latent learner (`base`,
+        what the HNET or VAE decoder is in a run) and tiny denoiser over its latents. No hyperparameters are saved (a
+        run's module is built by the constructor)."""
+        module = cls.__new__(cls)
+        Stage.__init__(module)
+        module._assemble(settings, base, denoiser, multitask, hyperclip)
+        return module
+
+    def _assemble(
+        self,
+        settings: HyperLDMSettings,
+        base: LatentLearner,
+        denoiser: LatentDenoiser,
+        multitask: FewShotLearner | None,
+        hyperclip: tuple[HyperCLIPEncoder, str] | None,
+    ) -> None:
+        """Everything both constructors share: the nets, the settings as attributes, the variants and their values."""
+        self.settings = settings
+        self.denoiser_spec, self.schedule_spec, self.sampling = settings.denoiser, settings.schedule, settings.sampling
+        self.fewshot, self.from_pretrained = settings.fewshot_guidance, settings.from_pretrained
+        self.hyperclip_guidance, self.ensemble = settings.hyperclip_guidance, settings.ensemble
+        self.diagnostics, self.health = settings.diagnostics, settings.health
+        self.base, self.denoiser = base, denoiser
         self.schedule = NoiseSchedule.make(**dataclasses.asdict(self.schedule_spec))
         self.register_buffer("latent_mean", torch.zeros(self.base.latent_dim))
         self.register_buffer("latent_std", torch.ones(self.base.latent_dim))
-        self.prediction, self.uncond_rate, self.optimizer_factory = prediction, uncond_rate, optimizer
-        self.eval_seed, self.train_seed, self.plot = eval_seed, train_seed, plot
-        # one float = one scale (what a sweep over the scale sets; hparams_search=hyperldm_guidance)
-        scales = guidance_scales if isinstance(guidance_scales, list | tuple) else [guidance_scales]
-        self.guidance_scales = [float(g) for g in scales]
-        if uncond_rate == 0 and any(g != 1.0 for g in self.guidance_scales):
-            raise ConfigError(
-                "guidance scales other than 1 need a model trained with the null token "
-                "(model.uncond_rate > 0); set model.guidance_scales=[1.0] otherwise"
-            )
-        # other methods' zero-shot accuracy on the same tasks, for the table (upstream `multitask`, optional)
-        self.multitask = (
-            load_fewshot_learner(upstream["multitask"])[0].requires_grad_(False) if "multitask" in upstream else None
+        self.prediction, self.uncond_rate, self.optimizer_factory = (
+            settings.prediction,
+            settings.uncond_rate,
+            settings.optimizer,
         )
-        self.hyperclip, self.hyperclip_input = None, None
-        if self.hyperclip_guidance.scales:
-            if "hyperclip" not in upstream:
-                raise ConfigError(
-                    "model.hyperclip_guidance.scales needs an upstream 'hyperclip' "
-                    "(upstream.hyperclip in the experiment)"
-                )
-            self.hyperclip, self.hyperclip_input = load_hyperclip_encoder(upstream["hyperclip"])
-        self.ridge_alpha = ridge_alpha
-        self.variants = self._variants()
+        self.eval_seed, self.train_seed, self.plot = settings.eval_seed, settings.train_seed, settings.plot
+        self.guidance_scales = settings.guidance_scales
+        self.multitask = multitask
+        self.hyperclip: HyperCLIPEncoder | None = hyperclip[0] if hyperclip is not None else None
+        self.hyperclip_input: str | None = hyperclip[1] if hyperclip is not None else None  # "latent" or "weights"
+        self.ridge_alpha = settings.ridge_alpha
+        self.variants = sampling_variants(
+            self.guidance_scales, self.fewshot, self.hyperclip_guidance, self.ensemble, self.from_pretrained
+        )
         self.references = (
             ["hnet_init", "oracle"]
             + (["multitask"] if self.multitask is not None else [])
-            + (["ridge"] if ridge_alpha is not None else [])
+            + (["ridge"] if self.ridge_alpha is not None else [])
         )
         # every rank evaluates all tasks in one process's batches (EveryRankSampler): no gather, the same noise keys
         self.values = PerTaskValues(
-            [f"{split}/{name}" for split in ("val", "test") for name in (*self.references, *self.variants)], sync=False
+            [f"{split}/{name}" for split in ("val", "test") for name in (*self.references, *self.variant_names)],
+            sync=False,
         )
         self.samples = PerTaskValues(
-            [f"{split}/{name}" for split in ("val", "test") for name in self.variants], sync=False
+            [f"{split}/{name}" for split in ("val", "test") for name in self.variant_names], sync=False
         )
         self.val_report: dict[str, float] = {}
         self._ridge: RidgeMap | None = None
 
-    def _variants(self) -> list[str]:
-        names = [cfg_label(g) for g in self.guidance_scales]
-        names += [f"fewshot{g:g}" for g in self.fewshot.scales]
-        names += [f"hyperclip{g:g}" for g in self.hyperclip_guidance.scales]
-        if int(self.ensemble.size) > 1:
-            names.append(f"ensemble{int(self.ensemble.size)}")
-        names += [f"pretrained_t{f:g}" for f in self.from_pretrained.t_fracs]
-        return names
+    @property
+    def variant_names(self) -> list[str]:
+        return [v.name for v in self.variants]
+
+    def _of_kind(self, kind: VariantKind) -> list[Variant]:
+        return [v for v in self.variants if v.kind == kind]
 
     def frozen_upstream_nets(self) -> tuple[str, ...]:
         """The HNET (or VAE decoder), the multitask learner and HyperCLIP: read from their artifacts, never trained."""
@@ -264,7 +451,7 @@ class HyperLDMModule(Stage, name="hyperldm"):
     def on_fit_start(self) -> None:
         if self.trainer.ckpt_path:  # resumed: the statistics are buffers of the checkpoint
             return
-        data = self.trainer.datamodule.adaptation
+        data = self.datamodule_view(LatentData).adaptation
         self.latent_mean.copy_(data.latent_mean)
         self.latent_std.copy_(data.latent_std)
         if self.denoiser.cond_norm == "standard":
@@ -328,12 +515,12 @@ class HyperLDMModule(Stage, name="hyperldm"):
                 device=question.device,
                 noise_repeats=noise_repeats,
             )
-        steps = self.schedule.set_timesteps(int(self.sampling.steps), self.sampling.spacing, start_frac)
+        timesteps = self.schedule.set_timesteps(int(self.sampling.steps), self.sampling.spacing, start_frac)
         clip = self.sampling.clip_x0
         return sample(
             model,
             self.schedule,
-            steps,
+            timesteps,
             shape=shape,
             method=self.sampling.method,
             eta=float(self.sampling.eta),
@@ -375,7 +562,8 @@ class HyperLDMModule(Stage, name="hyperldm"):
         init = self.base.initial_inner(batch.question)["z"]
         with torch.no_grad():
             self.values.update(f"{split}/hnet_init", self._accuracy(init, batch))
-            oracle = self.trainer.datamodule.adaptation.eval_latents[data_split][batch.task_index.cpu()]
+            latents = self.datamodule_view(LatentData).adaptation.eval_latents[data_split]
+            oracle = latents[batch.task_index.cpu()]
             self.values.update(f"{split}/oracle", self._accuracy(oracle.to(self.device), batch))
             if self.multitask is not None:
                 logits = self.multitask.logits(
@@ -388,53 +576,56 @@ class HyperLDMModule(Stage, name="hyperldm"):
                 self.values.update(f"{split}/multitask", masked_task_accuracy(logits, batch.query_y, batch.query_mask))
             if self.ridge_alpha is not None:
                 self.values.update(f"{split}/ridge", self._accuracy(self.ridge()(batch.question), batch))
-            k = len(self.guidance_scales)
-            scales = torch.tensor(self.guidance_scales, device=self.device).repeat_interleave(n)
+            cfg = self._of_kind("cfg")  # every scale in one batched sampler run, the same noise per scale
+            k = len(cfg)
+            scales = torch.tensor([v.cfg_scale for v in cfg], device=self.device).repeat_interleave(n)
             x = self.sample_latents(batch.question.repeat(k, 1), scales, self._generator(batch), noise_repeats=k)
-            for i, g in enumerate(self.guidance_scales):
-                self._record(split, cfg_label(g), x[i * n : (i + 1) * n], batch)
-        for g in self.fewshot.scales:
-            x = self.sample_latents(
-                batch.question,
-                self._full(n, self.fewshot.cfg_scale),
-                self._generator(batch),
-                guidance=normalized_gradient_guidance(self._support_loss(batch), float(g)),
-            )
-            self._record(split, f"fewshot{g:g}", x, batch)
-        for g in self.hyperclip_guidance.scales:
-            scale = self._full(n, self.hyperclip_guidance.cfg_scale)
-            guide = classifier_guidance(self._hyperclip_log_prob(batch, scale), float(g), self.schedule)
-            x = self.sample_latents(batch.question, scale, self._generator(batch), guidance=guide)
-            self._record(split, f"hyperclip{g:g}", x, batch)
-        members = int(self.ensemble.size)
-        if members > 1:
-            with torch.no_grad():
-                x = self.sample_latents(
-                    batch.question.repeat(members, 1),
-                    self._full(n * members, self.ensemble.cfg_scale),
-                    self._generator(batch),
-                )
-                self.samples.update(f"{split}/ensemble{members}", x)
-                probs = torch.stack([self._logits(self.raw(m), batch).softmax(-1) for m in x.chunk(members)]).mean(0)
-                self.values.update(
-                    f"{split}/ensemble{members}", masked_task_accuracy(probs, batch.query_y, batch.query_mask)
-                )
-        start = (init - self.latent_mean) / self.latent_std
-        for frac in self.from_pretrained.t_fracs:
-            with torch.no_grad():
+            for i, variant in enumerate(cfg):
+                self._record(split, variant.name, x[i * n : (i + 1) * n], batch)
+        for variant in self.variants:  # each restarts the task batch's generator: the same noise as the CFG rows
+            if variant.kind == "fewshot":
                 x = self.sample_latents(
                     batch.question,
-                    self._full(n, self.from_pretrained.cfg_scale),
+                    self._full(n, variant.cfg_scale),
                     self._generator(batch),
-                    x_start=start,
-                    start_frac=float(frac),
+                    guidance=normalized_gradient_guidance(self._support_loss(batch), variant.value),
                 )
-                self._record(split, f"pretrained_t{frac:g}", x, batch)
+                self._record(split, variant.name, x, batch)
+            elif variant.kind == "hyperclip":
+                scale = self._full(n, variant.cfg_scale)
+                guide = classifier_guidance(self._hyperclip_log_prob(batch, scale), variant.value, self.schedule)
+                x = self.sample_latents(batch.question, scale, self._generator(batch), guidance=guide)
+                self._record(split, variant.name, x, batch)
+            elif variant.kind == "ensemble":
+                self._evaluate_ensemble(batch, split, variant)
+            elif variant.kind == "pretrained":
+                with torch.no_grad():
+                    x = self.sample_latents(
+                        batch.question,
+                        self._full(n, variant.cfg_scale),
+                        self._generator(batch),
+                        x_start=(init - self.latent_mean) / self.latent_std,
+                        start_frac=variant.value,
+                    )
+                    self._record(split, variant.name, x, batch)
+
+    @torch.no_grad()
+    def _evaluate_ensemble(self, batch: TaskBatch, split: str, variant: Variant) -> None:
+        """`variant.value` sampled latents per task, their answer probabilities averaged."""
+        members, n = int(variant.value), batch.n_tasks
+        x = self.sample_latents(
+            batch.question.repeat(members, 1), self._full(n * members, variant.cfg_scale), self._generator(batch)
+        )
+        self.samples.update(f"{split}/{variant.name}", x)
+        probs = torch.stack([self._logits(self.raw(m), batch).softmax(-1) for m in x.chunk(members)]).mean(0)
+        self.values.update(f"{split}/{variant.name}", masked_task_accuracy(probs, batch.query_y, batch.query_mask))
 
     def ridge(self) -> RidgeMap:
         """Question -> fine-tuned latent, fitted on the meta-train tasks' evaluation fine-tunes (once)."""
+        if self.ridge_alpha is None:
+            raise RuntimeError("hyperldm: model.ridge_alpha is null, so there is no ridge reference")
         if self._ridge is None:
-            data = self.trainer.datamodule.adaptation
+            data = self.datamodule_view(LatentData).adaptation
             self._ridge = RidgeMap.fit(data.train_questions, data.eval_latents["meta_train"], float(self.ridge_alpha))
         return self._ridge
 
@@ -452,13 +643,16 @@ class HyperLDMModule(Stage, name="hyperldm"):
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """log p(question | x_t) ~ cos(HyperCLIP(x0_hat(x_t)), question): the encoder was trained on clean latents,
         so it scores the denoiser's x0_hat, and the gradient flows through the denoiser (as DPS does)."""
+        encoder = self.hyperclip
+        if encoder is None:
+            raise RuntimeError("hyperldm: HyperCLIP guidance without a HyperCLIP encoder (upstream 'hyperclip')")
         target = F.normalize(batch.question.float(), dim=-1)
         model = self._model(batch.question, scales)
 
         def log_prob(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x0, _ = self.schedule.split_prediction(x, model(x, t), t, self.prediction)
             z = self.raw(x0)
-            return (self.hyperclip(z if self.hyperclip_input == "latent" else self.base.decode(z)) * target).sum(-1)
+            return (encoder(z if self.hyperclip_input == "latent" else self.base.decode(z)) * target).sum(-1)
 
         return log_prob
 
@@ -467,7 +661,7 @@ class HyperLDMModule(Stage, name="hyperldm"):
             self._evaluate(batch, "val", EVAL_SPLITS[1])
 
     def on_validation_epoch_end(self) -> None:
-        names = [f"val/{n}" for n in (*self.references, *self.variants)]
+        names = [f"val/{n}" for n in (*self.references, *self.variant_names)]
         report = ci_report("val", {k.split("/", 1)[1]: v for k, v in self.values.compute(names).items()})
         report |= self._health_report("val")
         self.log_dict(report)
@@ -481,7 +675,7 @@ class HyperLDMModule(Stage, name="hyperldm"):
         """Spread and range of the normalised samples of every variant; a loud warning when they leave the data's."""
         out: dict[str, float] = {}
         lo, hi = (float(v) for v in self.health.std_range)
-        for name, x in self.samples.compute([f"{split}/{n}" for n in self.variants]).items():
+        for name, x in self.samples.compute([f"{split}/{n}" for n in self.variant_names]).items():
             if not x.numel():
                 continue
             h = sample_health(x, float(self.health.bound))
@@ -503,17 +697,18 @@ class HyperLDMModule(Stage, name="hyperldm"):
                 )
         return out
 
-    def _selected_scale(self) -> float | None:
-        """The CFG scale with the best meta-val accuracy in the last validation pass (None: no validation ran)."""
+    def _selected(self) -> Variant | None:
+        """The CFG variant with the best meta-val accuracy in the last validation pass (None: no validation ran; a
+        tie goes to the larger scale)."""
         scored = [
-            (self.val_report[f"val/{cfg_label(g)}"], g)
-            for g in self.guidance_scales
-            if f"val/{cfg_label(g)}" in self.val_report
+            (self.val_report[f"val/{v.name}"], v.value, v)
+            for v in self._of_kind("cfg")
+            if f"val/{v.name}" in self.val_report
         ]
-        return max(scored)[1] if scored else None
+        return max(scored, key=lambda s: s[:2])[2] if scored else None
 
     def _denoiser_diagnostics(self) -> dict[str, float]:
-        data = self.trainer.datamodule.adaptation
+        data = self.datamodule_view(LatentData).adaptation
         x0 = (data.train_latents[0].to(self.device) - self.latent_mean) / self.latent_std
         out = denoiser_diagnostics(
             self.denoiser,
@@ -527,11 +722,12 @@ class HyperLDMModule(Stage, name="hyperldm"):
         return {f"diag/{k}": v for k, v in out.items()}
 
     def on_test_epoch_end(self) -> None:
-        values = self.values.compute([f"test/{n}" for n in (*self.references, *self.variants)])
+        values = self.values.compute([f"test/{n}" for n in (*self.references, *self.variant_names)])
         per_task = {k.split("/", 1)[1]: v for k, v in values.items()}
-        selected = self._selected_scale()
-        if selected is not None:
-            per_task["cfg_selected"] = per_task[cfg_label(selected)]
+        chosen = self._selected()
+        selected = chosen.value if chosen is not None else None
+        if chosen is not None:
+            per_task[SELECTED] = per_task[chosen.name]
         else:
             log.warning(
                 "no validation pass ran before test: the CFG scale cannot be selected on meta-val, so the table "
@@ -549,43 +745,28 @@ class HyperLDMModule(Stage, name="hyperldm"):
         if self.trainer.is_global_zero:
             plot = self._save_plot(report) if self.plot else None
             # printed by metadiff.run as the end of the run's summary: the claims table is the last thing a run shows
-            self.results_text = self._table(report, selected) + (f"\nplot: {plot}" if plot is not None else "")
+            self.set_results_text(self._table(report, selected) + (f"\nplot: {plot}" if plot is not None else ""))
 
     def _paired_rows(self, per_task: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
-        """(method, reference) pairs whose per-task difference the table reports."""
-        rows = [(name, "hnet_init") for name in self.variants]
-        main = "cfg_selected" if "cfg_selected" in per_task else None
-        if main is not None:
-            rows += [(main, ref) for ref in ("hnet_init", "multitask", "ridge", "oracle") if ref in per_task]
-            if cfg_label(0.0) in per_task:
-                rows.append((main, cfg_label(0.0)))
-            rows += [(name, main) for name in self.variants if not name.startswith("cfg")]
+        """(method, reference) pairs whose per-task difference the table reports: every variant against its
+        references (`Variant.references`), the selected scale against every reference row and the unconditional
+        model, the oracle and the ridge map against the HNET init."""
+        rows = [(v.name, ref) for v in self.variants for ref in v.references if ref != SELECTED]
+        if SELECTED in per_task:
+            rows += [(SELECTED, ref) for ref in ("hnet_init", "multitask", "ridge", "oracle") if ref in per_task]
+            rows += [(SELECTED, v.name) for v in self._of_kind("cfg") if v.value == 0.0]
+            rows += [(v.name, SELECTED) for v in self.variants if SELECTED in v.references]
         rows += [("oracle", "hnet_init")] + [("ridge", "hnet_init")] * ("ridge" in per_task)
         return list(dict.fromkeys(rows))
 
     def _labels(self) -> list[tuple[str, str]]:
+        """(label, metric name) of every row of the table, in its order (`TABLE_ORDER` for the variants)."""
         rows = [("multitask (one shared adapter)", "multitask")] if self.multitask is not None else []
         rows += [("HNET (meta-learned init latent, no sampling)", "hnet_init")]
         rows += [("ridge map question -> fine-tuned latent", "ridge")] if self.ridge_alpha is not None else []
-        rows += [
-            (f"HyperLDM, CFG scale {g:g}" + (" (unconditional)" if g == 0 else ""), cfg_label(g))
-            for g in self.guidance_scales
-        ]
-        rows += [("HyperLDM, CFG scale chosen on meta-val", "cfg_selected")]
-        rows += [(f"HyperLDM + HyperCLIP guidance {g:g}", f"hyperclip{g:g}") for g in self.hyperclip_guidance.scales]
-        if int(self.ensemble.size) > 1:
-            rows += [
-                (
-                    f"HyperLDM ensemble of {int(self.ensemble.size)}, CFG {float(self.ensemble.cfg_scale):g}",
-                    f"ensemble{int(self.ensemble.size)}",
-                )
-            ]
-        rows += [
-            (f"HyperLDM + few-shot guidance {g:g} (uses support labels)", f"fewshot{g:g}") for g in self.fewshot.scales
-        ]
-        rows += [
-            (f"HyperLDM from the HNET init, t_frac {f:g}", f"pretrained_t{f:g}") for f in self.from_pretrained.t_fracs
-        ]
+        rows += [(v.label, v.name) for v in self._of_kind("cfg")]
+        rows += [("HyperLDM, CFG scale chosen on meta-val", SELECTED)]
+        rows += [(v.label, v.name) for kind in TABLE_ORDER if kind != "cfg" for v in self._of_kind(kind)]
         rows += [("oracle: latents fine-tuned on the task's train split", "oracle")]
         return rows
 
@@ -610,13 +791,14 @@ class HyperLDMModule(Stage, name="hyperldm"):
 
     def _save_plot(self, report: dict[str, float]) -> Path:
         out = Path(self.trainer.default_root_dir)
-        xs = self.guidance_scales
-        curve = {
-            "HyperLDM (CFG)": [(g, report[f"test/{cfg_label(g)}"], report[f"test/{cfg_label(g)}_ci95"]) for g in xs]
-        }
+        cfg = self._of_kind("cfg")
+        curve = {"HyperLDM (CFG)": [(v.value, report[f"test/{v.name}"], report[f"test/{v.name}_ci95"]) for v in cfg]}
+        on_the_axis = {v.name for v in cfg} | {SELECTED}
         for label, key in self._labels():  # every other row as a flat line across the scales
-            if not key.startswith("cfg") and f"test/{key}" in report:
-                curve[label.split(" (")[0]] = [(g, report[f"test/{key}"], report[f"test/{key}_ci95"]) for g in xs]
+            if key not in on_the_axis and f"test/{key}" in report:
+                curve[label.split(" (")[0]] = [
+                    (v.value, report[f"test/{key}"], report[f"test/{key}_ci95"]) for v in cfg
+                ]
         path = save_curve_plot(
             curve,
             out / "accuracy_vs_guidance.png",

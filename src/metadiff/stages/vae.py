@@ -26,10 +26,11 @@ from metadiff.config.typed import as_spec
 from metadiff.data.meta_vqa.batches import TaskBatch
 from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS
 from metadiff.eval.per_task import PerTaskValues, ci_report
+from metadiff.eval.tables import results_table
 from metadiff.meta.latent import LatentLearner
 from metadiff.nets.adapter import adapter_logits, masked_task_accuracy
 from metadiff.nets.vae import WeightVAE
-from metadiff.stages.base import Stage
+from metadiff.stages.base import LatentData, Stage
 from metadiff.stages.fewshot import load_hnet_latent_learner
 from metadiff.store import Artifact, load_artifact
 
@@ -69,14 +70,14 @@ def load_vae_latent_learner(artifact: Artifact, hnet: LatentLearner) -> LatentLe
     return LatentLearner(generator, init, hnet.shape, hnet.logit_scale, hnet.alpha)
 
 
-def load_adaptation_base(upstream: dict[str, Artifact]) -> LatentLearner:
-    """The generator the adaptation latents live in: the HNET's hypernetwork, or the VAE decoder when the adaptation
-    dataset was built from a VAE (the spec's B' route)."""
-    hnet = load_hnet_latent_learner(upstream["hnet"])
-    built_from = upstream["adaptation"].manifest.get("upstream", {}) if "adaptation" in upstream else {}
-    if "vae" in built_from:
-        return load_vae_latent_learner(load_artifact(upstream["adaptation"].upstream_path("vae")), hnet)
-    return hnet
+def load_adaptation_base(hnet: Artifact, adaptation: Artifact | None) -> LatentLearner:
+    """The generator the latents of an `adaptation` artifact live in: the HNET's hypernetwork (of artifact `hnet`),
+    or the VAE decoder when the adaptation dataset was built from a VAE (the spec's B' route)."""
+    learner = load_hnet_latent_learner(hnet)
+    built_from = adaptation.manifest.get("upstream", {}) if adaptation is not None else {}
+    if adaptation is not None and "vae" in built_from:
+        return load_vae_latent_learner(load_artifact(adaptation.upstream_path("vae")), learner)
+    return learner
 
 
 class VAEModule(Stage, name="vae"):
@@ -97,11 +98,10 @@ class VAEModule(Stage, name="vae"):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "upstream"])
         self.vae_spec = as_spec(VAESpec, vae, "model.vae")
-        if not upstream or "hnet" not in upstream:
-            raise ConfigError("vae needs an upstream 'hnet' (it decodes the adaptation latents into weights)")
         if input not in INPUTS:
             raise ConfigError(f"model.input = '{input}' is not one of {INPUTS}")
-        self.base, self.input = load_adaptation_base(upstream), input
+        hnet, adaptation = self.upstream_artifact(upstream, "hnet"), self.upstream_artifact(upstream, "adaptation")
+        self.base, self.input = load_adaptation_base(hnet, adaptation), input
         self.vae = WeightVAE(
             self.base.shape.n_params if input == "weights" else self.base.latent_dim,
             latent_dim=self.vae_spec.latent_dim,
@@ -124,7 +124,7 @@ class VAEModule(Stage, name="vae"):
         statistics it saved (they are buffers of the checkpoint)."""
         if not self.normalize or self.trainer.ckpt_path:
             return
-        data = self.trainer.datamodule.adaptation
+        data = self.datamodule_view(LatentData).adaptation
         with torch.no_grad():
             x = self.vae_input(data.train_latents[0].to(self.device))
         # the per-dimension std replaced by its mean: one scalar, as the original (§8 B18)
@@ -157,7 +157,7 @@ class VAEModule(Stage, name="vae"):
 
     # -- evaluation: task accuracy of encoded vs decoded weights --------------------------------------------------
     def _evaluate(self, batch: TaskBatch, split: str) -> None:
-        z = self.trainer.datamodule.adaptation.eval_latents[split][batch.task_index.cpu()].to(self.device)
+        z = self.datamodule_view(LatentData).adaptation.eval_latents[split][batch.task_index.cpu()].to(self.device)
         w = self.base.decode(z)
         w_hat = self.weights_of(self.vae.reconstruct(w if self.input == "weights" else z))  # w: decoded once
         acc = {
@@ -195,6 +195,14 @@ class VAEModule(Stage, name="vae"):
         report = ci_report("test", {k.split("/", 1)[1]: v for k, v in values.items()})
         self.log_dict(report)
         self.summary_metrics.update(report)
+        rows = [
+            ("fine-tuned weights w (encoded)", "test/encoded_acc"),
+            ("their reconstruction G(mu(E(w))) (decoded)", "test/decoded_acc"),
+            ("decoded minus encoded (paired per task)", "test/decoded_minus_encoded"),
+            ("reconstruction MSE / spread of the weights", "test/relative_mse"),
+        ]
+        title = f"vae ({self.input}): task accuracy of the weights on meta-test tasks (mean +- 95% CI):"
+        self.set_results_text(results_table(title, report, rows))
 
     def write_artifact(self, directory: Path) -> None:
         torch.save(self.vae.state_dict(), directory / VAE_WEIGHTS)
