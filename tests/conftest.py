@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from train_process import run_entry_point
 
@@ -63,24 +63,20 @@ def vqa_tree(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
-def vqa_overrides(tree: dict[str, Path]) -> list[str]:
-    """Point a *_vqa experiment at the fixture tree, with the tiny CLIP instead of ViT-L/14."""
+def vqa_data(tree: dict[str, Path]) -> list[str]:
+    """Where the VQA fixture lives: its VQA v2 and COCO trees, its prompt file and the folder of its tiny CLIP's weights
+    (`metadiff-tiny-vit.pt`, which `debug=smoke_features_vqa` and `smoke_vqa` read as features_vqa's
+    `${paths.checkpoints_dir}/${model.arch}.pt`). Data locations only: the budgets are in conf/debug/."""
     return [
         f"paths.vqa_dir={tree['vqa_dir']}",
         f"paths.coco_dir={tree['coco_dir']}",
         f"data.source.prompts={tree['prompts']}",
-        "model.arch=metadiff-tiny-vit",
-        f"model.pretrained={tree['checkpoint']}",
-        "data.num_workers=0",
+        f"paths.checkpoints_dir={tree['checkpoint'].parent}",
     ]
 
 
-# The VQA fixture holds fewer meta-train tasks than a global batch: its task and latent stages train on one
-# incomplete batch an epoch (with data.drop_last=true they would train nothing, and are refused)
-FIXTURE_BATCHES = ["data.drop_last=false"]
 FEWSHOT_STAGES = ("multitask", "maml", "hnet")
 LATENT_STAGES = ("adaptation", "vae", "hyperclip", "hyperldm")
-SHORT_CHAIN = CONF_DIR / "debug" / "short_chain.yaml"
 
 
 def debug(*options: str) -> str:
@@ -96,30 +92,13 @@ def with_debug(args: list[str], *options: str) -> list[str]:
 
 
 def short_chain(bench: str, tree: dict[str, Path] | None = None, *also: str) -> list[str]:
-    """Every upstream stage of the latent stages short: `debug=short_chain` (conf/debug/short_chain.yaml holds the
-    budgets), plus the `debug` options in `also`. The VQA fixture chain also needs the fixture's data in every stage
-    and its tiny CLIP in features_vqa: added here to the config's budgets, which stay the source of truth."""
-    choice = debug("short_chain", *also)
+    """Every upstream stage of the latent stages short, plus the `debug` options in `also`: `debug=short_chain` on
+    synthvqa; on the VQA fixture `debug=smoke_vqa` (short_chain's budgets with the fixture's settings) and where the
+    fixture's data lives."""
     if bench == "synthvqa":
-        return [choice]
+        return [debug("short_chain", *also)]
     assert tree is not None
-    overrides = vqa_overrides(tree)
-    paths, prompts, model = overrides[:2], overrides[2], overrides[3:5]
-    budgets = OmegaConf.load(SHORT_CHAIN).upstream_overrides
-    stages = [
-        f"++upstream_overrides.{name}={_quoted([prompts, *budgets[name], *FIXTURE_BATCHES])}"
-        for name in budgets
-        if name.endswith("_vqa")
-    ]
-    return [
-        choice,
-        *paths,
-        prompts,
-        "data.num_workers=0",
-        *FIXTURE_BATCHES,
-        *stages,
-        f"++upstream_overrides.features_vqa={_quoted([prompts, *model])}",
-    ]
+    return [debug("smoke_vqa", *also), *vqa_data(tree)]
 
 
 @pytest.fixture(scope="session")
@@ -150,107 +129,67 @@ def image_bench(experiment: str) -> str:
     return experiment.removesuffix("_5shot").removesuffix("_demo").rsplit("_", 1)[1]
 
 
-def image_smoke_overrides(experiment: str, tree: Path) -> list[str]:
-    """Smoke settings of the data-free stages: tiny UNets and checks, short upstreams; folder sets read `tree`."""
+def stage_family(experiment: str) -> str:
+    """The stage an experiment runs, read from its name: `diffusion_unet_glyphs` -> `diffusion_unet`."""
+    return experiment.removesuffix("_5shot").removesuffix("_demo").rsplit("_", 1)[0]
+
+
+# The smoke budget of each image stage (conf/debug/smoke_<stage>.yaml; docs/testing.md has the table)
+IMAGE_SMOKE = {
+    "classifier": "smoke_images",
+    "diffusion_unet": "smoke_diffusion_unet",
+    "diffusion_zoo": "smoke_diffusion_zoo",
+    "dfml": "smoke_dfml",
+    "diffusionmix": "smoke_diffusionmix",
+}
+# Stages whose fast_dev_run publishes nothing (one batch of a feature store, one chunk of an adaptation dataset): their
+# smoke run is a complete run at the smoke budget
+COMPLETE_SMOKE = ("features", "adaptation")
+
+
+def smoke_options(experiment: str) -> list[str]:
+    """The conf/debug options that hold `experiment`'s smoke budget (fast_dev_run aside)."""
+    stage, bench = stage_family(experiment), image_bench(experiment)
+    if bench in ("synthvqa", "vqa"):
+        chain = "short_chain" if bench == "synthvqa" else "smoke_vqa"
+        if stage == "features":  # features_synthvqa: the short CLIP of its upstream; features_vqa has none
+            return [chain if bench == "synthvqa" else "smoke_features_vqa"]
+        return [chain, "smoke_adaptation"] if stage == "adaptation" else [chain]
+    if stage == "diffusion_unet" and bench != "glyphs":
+        return ["smoke_diffusion_unet_folders"]
+    option = IMAGE_SMOKE[stage] + ("_5shot" if stage == "dfml" and experiment.endswith("_5shot") else "")
+    return [option] if bench == "glyphs" else [option, "smoke_folders"]
+
+
+def smoke_data(experiment: str, data: dict[str, Path] | Path | None) -> list[str]:
+    """Where the fixture data of `experiment` lives: the VQA tree (`vqa_tree`) of the *_vqa experiments, the image
+    folder tree (`image_tree`) of the miniImageNet/CIFAR-FS ones; nothing for the embedded synthvqa and glyphs."""
     bench = image_bench(experiment)
-    episodes = ["data.episodes.episodes_per_batch=2"]  # fast_dev_run tests 1 batch: 2 episodes, not 20
-    data = (
-        episodes
-        if bench == "glyphs"
-        else [
-            f"paths.{bench}_dir={tree}",
-            "data.train.holdout_per_class=2",
-            "data.num_workers=0",
-            "data.train.batch_size=4",
-            *episodes,
-        ]
-    )
-    grid = ["model.grid.n=2", "model.grid.steps=2"]
-    tiny_unet = [
-        *grid,
-        *(
-            []
-            if bench == "glyphs"
-            else [
-                "model.unet.block_out_channels=[32,32,32,32]",
-                "model.unet.norm_num_groups=8",
-                "model.unet.layers_per_block=1",
-            ]
-        ),
-    ]
-    zoo = ["zoo.n_models=2", "zoo.classes_per_model=3"]  # 6 pseudo classes: enough for 5-way dfml episodes
-    if experiment.startswith("classifier_"):
-        return data
-    if experiment.startswith("diffusion_unet_"):
-        return [*data, *zoo, *tiny_unet]
-    member = [*data, "trainer.max_steps=1", *tiny_unet]
-    return [
-        *data,
-        *zoo,
-        "model.check.n_per_model=2",
-        "model.check.steps=2",
-        "model.grid.n_per_model=2",
-        f"+upstream_overrides.diffusion_unet_{bench}={_quoted(member)}",
-        f"+upstream_overrides.classifier_{bench}={_quoted([*data, 'trainer.max_steps=1', 'test=false'])}",
-    ]
+    if bench == "vqa":
+        assert isinstance(data, dict), f"{experiment} reads the VQA fixture tree"
+        return vqa_data(data)
+    if bench in ("miniimagenet", "cifarfs"):
+        assert isinstance(data, Path), f"{experiment} reads an image folder tree"
+        return [f"paths.{bench}_dir={data}"]
+    return []
 
 
-def dfml_smoke_overrides(experiment: str, tree: Path) -> list[str]:
-    """Smoke settings of dfml_* / diffusionmix_*: a 2x3 zoo of one-step members, a one-epoch dfml upstream."""
-    bench = image_bench(experiment)
-    twin = "_5shot" if experiment.endswith("_5shot") else ""
-    zoo_run = image_smoke_overrides(f"diffusion_zoo_{bench}", tree)
-    data = [o for o in zoo_run if o.startswith(("paths.", "data."))]
-    nested = [o for o in zoo_run if o.startswith("+upstream_overrides.")]
-    zoo_own = [o for o in zoo_run if o not in data and o not in nested and not o.startswith("zoo.")]
-    zoo = [*data, *zoo_own, "zoo.n_models=2", "zoo.classes_per_model=3"]
-    # 5-shot episodes need 5 + 6 images per class
-    dfml = [
-        *data,
-        f"model.generation.per_class={11 if twin else 7}",
-        "model.generation.batch_size=32",
-        "model.generation.steps=2",
-        "model.generation.every=1",
-        "model.episodes.per_batch=2",
-        "model.grid.per_class=2",
-        "data.episodes.n_val_episodes=2",
-    ]
-    overrides = [*nested, f"+upstream_overrides.diffusion_zoo_{bench}={_quoted(zoo)}", *dfml]
-    if experiment.startswith("dfml_"):
-        return overrides
-    dfml_upstream = [*dfml, "trainer.max_epochs=1", "data.train.steps_per_epoch=2", "test=false"]
-    return [
-        *nested,
-        f"+upstream_overrides.diffusion_zoo_{bench}={_quoted(zoo)}",
-        f"+upstream_overrides.dfml_{bench}{twin}={_quoted(dfml_upstream)}",
-        *data,
-        "model.mix.denoise_steps=2",
-        "model.head.clean_steps=2",
-        "model.head.mix_steps=2",
-        "model.head.final_steps=2",
-    ]
+def smoke_budget(experiment: str, data: dict[str, Path] | Path | None = None, *also: str) -> list[str]:
+    """`experiment`'s smoke budget (`debug=` its conf/debug options, then the options in `also`, e.g. `fdr`, `kill`)
+    and where its fixture data lives (`smoke_data`): for tests that run a stage at the smoke budget with settings of
+    their own. Append `experiment=...` yourself."""
+    return [debug(*smoke_options(experiment), *also), *smoke_data(experiment, data)]
 
 
-def smoke_overrides(experiment: str, tree: dict[str, Path], images: Path | None = None) -> list[str]:
-    """A smoke run of `experiment`: fast_dev_run (`debug=fdr`) with fixture data (*_vqa, image sets) and short upstream
-    stages (`debug=short_chain` for the few-shot and latent stages)."""
-    if experiment.startswith(("dfml_", "diffusionmix_")):
-        assert images is not None
-        return [debug("fdr"), *dfml_smoke_overrides(experiment, images)]
-    if experiment.startswith(("classifier_", "diffusion_")):
-        assert images is not None
-        return [debug("fdr"), *image_smoke_overrides(experiment, images)]
-    stage, bench = experiment.split("_")[0], image_bench(experiment)
-    if stage in LATENT_STAGES:
-        return short_chain(bench, tree, "fdr")
-    downstream = stage in FEWSHOT_STAGES
-    if experiment.endswith("_vqa"):
-        if not downstream:
-            return [debug("fdr"), *vqa_overrides(tree)]
-        overrides = vqa_overrides(tree)
-        paths, model = overrides[:2], overrides[2:]
-        return [debug("fdr"), *paths, *FIXTURE_BATCHES, f"upstream.features.overrides={_quoted(model)}"]
-    return [debug("short_chain", "fdr") if downstream else debug("fdr")]
+def smoke_overrides(
+    experiment: str, tree: dict[str, Path] | None = None, images: Path | None = None, *also: str
+) -> list[str]:
+    """A smoke run of `experiment`: its smoke budget with fast_dev_run (`debug=fdr`; a complete run for the stages
+    whose fast_dev_run publishes nothing, `COMPLETE_SMOKE`), on the fixture data (`tree`: *_vqa, `images`: the image
+    folder sets)."""
+    fdr = () if stage_family(experiment) in COMPLETE_SMOKE else ("fdr",)
+    data = tree if image_bench(experiment) == "vqa" else images
+    return smoke_budget(experiment, data, *fdr, *also)
 
 
 def compose_config(overrides: list[str], root: Path, output_dir: Path) -> DictConfig:

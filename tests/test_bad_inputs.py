@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import image_smoke_overrides, run_train
+from conftest import run_train, smoke_budget
 
 BadInput = Callable[[Path, Path], list[str]]  # (tmp dir, image tree) -> train.py arguments
 
@@ -48,11 +48,7 @@ def _corrupt_image(tmp: Path, images: Path) -> list[str]:
     shutil.copytree(images, tree)
     for file in (tree / "meta_train").rglob("*.png"):
         file.write_bytes(b"\x89PNG but not really")
-    return [
-        "experiment=classifier_miniimagenet",
-        "debug=fdr",
-        *[o.replace(str(images), str(tree)) for o in image_smoke_overrides("classifier_miniimagenet", images)],
-    ]
+    return ["experiment=classifier_miniimagenet", *smoke_budget("classifier_miniimagenet", tree, "fdr")]
 
 
 def _missing_checkpoint(tmp: Path, images: Path) -> list[str]:
@@ -169,13 +165,10 @@ def test_diverging_run_stops_naming_stage_and_step(tmp_path: Path) -> None:
 
 def test_diverging_manual_optimisation_stage_is_stopped_too(cache_root: Path, image_tree: Path) -> None:
     """dfml optimises by hand (two optimisers, `manual_backward`): the same guard sees its losses."""
-    from conftest import dfml_smoke_overrides
-
     proc = run_train(
         [
             "experiment=dfml_miniimagenet",
-            *dfml_smoke_overrides("dfml_miniimagenet", image_tree),
-            "debug=diverge",
+            *smoke_budget("dfml_miniimagenet", image_tree, "diverge"),
             "callbacks.poison.after=1",
             "trainer.max_epochs=1",
             "data.train.steps_per_epoch=3",

@@ -19,7 +19,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import run_train, vqa_overrides
+from conftest import run_train, smoke_budget
 from metadiff.config import ConfigError
 from metadiff.errors import InputFileError, MissingInputError
 from metadiff.features.clip_models import ClipBundle, create_clip, detect_format, image_preprocessing
@@ -276,7 +276,7 @@ def test_offline_tag_through_the_entry_point_is_one_error_line(vqa_tree: dict, t
     """What a user sees: `train.py ... model.pretrained=openai` offline with an empty cache exits 2 in one line."""
     hf_home = tmp_path / "hf_home"
     hf_home.mkdir()
-    overrides = [o for o in vqa_overrides(vqa_tree) if not o.startswith(("model.arch=", "model.pretrained="))]
+    overrides = smoke_budget("features_vqa", vqa_tree)  # the fixture's data; the weights are named below
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub")}
     proc = run_train(
         ["experiment=features_vqa", *overrides, "model.arch=RN50", "model.pretrained=openai"],

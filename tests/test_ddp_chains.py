@@ -25,9 +25,9 @@ from conftest import (
     _metrics,
     _quoted,
     debug,
-    dfml_smoke_overrides,
     run_metrics,
     run_train,
+    smoke_budget,
     written_artifacts,
 )
 
@@ -51,7 +51,7 @@ CHAINS = {
         ["clip", "features", "hnet", "adaptation", "multitask", "hyperclip", "hyperldm", "vae"],
     ),
     "datafree": (
-        [["experiment=diffusionmix_glyphs", debug("fdr")]],
+        [["experiment=diffusionmix_glyphs", *smoke_budget("diffusionmix_glyphs", None, "fdr")]],
         ["classifier", "diffusion_unet", "diffusion_unet", "diffusion_zoo", "dfml", "diffusionmix"],
     ),
 }
@@ -90,8 +90,6 @@ def test_every_stage_of_a_chain_runs_on_two_ranks(chain: str, launcher: str, tmp
     two_rank_runs: list[str] = []
     logs = ""
     for args in commands:
-        if chain == "datafree":
-            args = [*args, *dfml_smoke_overrides("diffusionmix_glyphs", tmp_path / "unused")]
         proc = run_train([*args, f"trainer={launcher}", "trainer.enable_progress_bar=false"], tmp_path, timeout=900)
         logs += proc.stdout + proc.stderr
         written += [p.parent.name for p in written_artifacts(proc.stdout + proc.stderr)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TWO_RANKS, run_train, vqa_overrides
+from conftest import TWO_RANKS, run_train, smoke_budget
 from metadiff.errors import InputFileError, MissingInputError
 from metadiff.features.store import TABLES, FeatureStore, FeatureStoreBuilder, build_index, check_existing
 
@@ -30,12 +30,12 @@ def test_two_ranks_write_disjoint_files_and_give_the_one_process_store(vqa_tree:
     folder recorded (tests/file_audit.py): no file is written by both ranks, each rank wrote some, and the store
     equals the 1-process one row by row (by name: row order is the index's)."""
     one, two, audit = tmp_path / "one", tmp_path / "two", tmp_path / "audit"
-    run_train(["experiment=features_vqa", *vqa_overrides(vqa_tree)], one)
+    run_train(["experiment=features_vqa", *smoke_budget("features_vqa", vqa_tree)], one)
     features = two / "outputs" / "data" / "features"
     proc = run_train(
         [
             "experiment=features_vqa",
-            *vqa_overrides(vqa_tree),
+            *smoke_budget("features_vqa", vqa_tree),
             "trainer=ddp_sim",
             "+callbacks.audit._target_=file_audit.WriteOpens",
             f"+callbacks.audit.watch={features}",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_train, vqa_overrides
+from conftest import run_train, smoke_budget
 from metadiff.data.meta_vqa.source import MetaVQASource, image_transform
 from metadiff.features.clip_models import create_clip
 from metadiff.features.store import FeatureStore
@@ -20,7 +20,7 @@ ARCH = "metadiff-tiny-vit"
 
 
 def test_features_vqa_builds_tasks_then_store_and_reuses_it(vqa_tree: dict, tmp_path: Path) -> None:
-    proc = run_train(["experiment=features_vqa", *vqa_overrides(vqa_tree)], tmp_path)
+    proc = run_train(["experiment=features_vqa", *smoke_budget("features_vqa", vqa_tree)], tmp_path)
     (store_dir,) = (tmp_path / "outputs" / "data" / "features").glob(f"meta_vqa-{ARCH}-*[!l]")  # not .partial
     store = FeatureStore(store_dir)
     assert store.tables["image"].shape[0] == 40 and store.tables["question"].shape[0] == 3
@@ -36,12 +36,17 @@ def test_features_vqa_builds_tasks_then_store_and_reuses_it(vqa_tree: dict, tmp_
         direct = bundle.model.eval().encode_image(image[None]).numpy()[0]
     np.testing.assert_allclose(store.images([name])[0], direct, rtol=1e-4, atol=1e-5)
     assert "meta_test/zeroshot_acc" in proc.stdout
-    again = run_train(["experiment=features_vqa", *vqa_overrides(vqa_tree)], tmp_path)
+    again = run_train(["experiment=features_vqa", *smoke_budget("features_vqa", vqa_tree)], tmp_path)
     assert "is up to date: reusing it" in again.stdout + again.stderr
 
 
 def test_wrong_architecture_checkpoint_is_one_line(vqa_tree: dict, tmp_path: Path) -> None:
-    proc = run_train(["experiment=features_vqa", *vqa_overrides(vqa_tree), "model.arch=RN50"], tmp_path, check=False)
+    weights = f"model.pretrained={vqa_tree['checkpoint']}"  # the tiny ViT's file, named explicitly: not RN50.pt
+    proc = run_train(
+        ["experiment=features_vqa", *smoke_budget("features_vqa", vqa_tree), weights, "model.arch=RN50"],
+        tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and str(vqa_tree["checkpoint"]) in errors[0] and "'RN50'" in errors[0], proc.stderr
@@ -54,7 +59,9 @@ def test_missing_image_stops_the_run_in_one_line(vqa_tree: dict, tmp_path: Path)
     shutil.copytree(vqa_tree["coco_dir"], coco)
     (coco / "train2014" / "COCO_train2014_000000000007.jpg").unlink()
     proc = run_train(
-        ["experiment=features_vqa", *vqa_overrides(vqa_tree), f"paths.coco_dir={coco}"], tmp_path, check=False
+        ["experiment=features_vqa", *smoke_budget("features_vqa", vqa_tree), f"paths.coco_dir={coco}"],
+        tmp_path,
+        check=False,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: 1 COCO image(s)" in proc.stderr and "COCO_train2014_000000000007.jpg" in proc.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from conftest import compose_config, vqa_overrides
+from conftest import compose_config, vqa_data
 from metadiff.stages.features import FeatureSourceDataModule
 from test_meta_val import _fake_store
 
@@ -34,7 +34,7 @@ def test_a_stage_that_reads_features_only_never_checks_the_images(
 ) -> None:
     """hnet_vqa's data setup (every rank of every features-only stage runs it): no filesystem check of an image;
     before, all 40 were checked again. The features stage's data preparation still checks each image once."""
-    cfg = compose_config(["experiment=hnet_vqa", *vqa_overrides(vqa_tree)[:3]], tmp_path, tmp_path / "out")
+    cfg = compose_config(["experiment=hnet_vqa", *vqa_data(vqa_tree)[:3]], tmp_path, tmp_path / "out")
     _fake_store(instantiate(cfg.data, store_dir=str(tmp_path / "store")).source, tmp_path / "store")
     data = instantiate(cfg.data, store_dir=str(tmp_path / "store"))  # a fresh source, as a new stage or rank has
     checks = _count_image_checks(monkeypatch, vqa_tree["coco_dir"])

@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from conftest import FIXTURE_BATCHES, REPO, compose_config
+from conftest import REPO, compose_config, debug
 from metadiff.config import ConfigError
 from metadiff.data.meta_vqa.datamodule import MetaTaskDataModule, split_tasks
 from metadiff.data.meta_vqa.tasks import Task, load_task_file
@@ -173,7 +173,7 @@ def test_real_format_validation_loaders_never_hold_a_meta_test_task(vqa_tree: di
         f"paths.vqa_dir={vqa_tree['vqa_dir']}",
         f"paths.coco_dir={vqa_tree['coco_dir']}",
         f"data.source.prompts={vqa_tree['prompts']}",
-        *FIXTURE_BATCHES,
+        debug("smoke_vqa"),  # the fixture's few tasks: its one incomplete batch (data.drop_last=false)
     ]
     source = _source(tmp_path, "hnet_vqa", overrides)
     file_train = _questions(load_task_file(source.root / "meta_train.json"))

@@ -21,10 +21,9 @@ import torch
 from conftest import (
     TWO_RANKS,
     debug,
-    dfml_smoke_overrides,
-    image_smoke_overrides,
     run_metrics,
     run_train,
+    smoke_budget,
     summaries,
     task_metrics,
     written_artifact,
@@ -234,19 +233,19 @@ FAMILIES: dict[str, tuple[list[str], str, float]] = {
 DDP_TRAINERS = ("ddp_sim", "ddp_cpu")
 
 
-def _overrides(family: str, images: Path) -> list[str]:
+def _overrides(family: str) -> list[str]:
     base = FAMILIES[family][0]
     if family == "dfml":
-        return [*base, *dfml_smoke_overrides("dfml_glyphs", images)]
+        return [*base, *smoke_budget("dfml_glyphs")]
     if family == "image":
-        return [*base, *image_smoke_overrides("classifier_glyphs", images), "test=true"]
+        return [*base, *smoke_budget("classifier_glyphs"), "test=true"]
     return base
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_ddp_and_bf16_match_one_process(family: str, cache_root: Path, image_tree: Path) -> None:
+def test_ddp_and_bf16_match_one_process(family: str, cache_root: Path) -> None:
     _, metric, tolerance = FAMILIES[family]
-    common = [*_overrides(family, image_tree), "trainer.enable_progress_bar=false"]
+    common = [*_overrides(family), "trainer.enable_progress_bar=false"]
     stage = {"clip": "clip", "image": "classifier", "dfml": "dfml"}[family]
     runs = {"single": run_metrics(run_train([*common, f"task_name=parity_{family}_1"], cache_root), stage)}
     for trainer in DDP_TRAINERS:

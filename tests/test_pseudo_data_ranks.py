@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_config, dfml_smoke_overrides, run_metrics, run_train, summaries
+from conftest import compose_config, run_metrics, run_train, smoke_budget, summaries
 from metadiff.dfml.pseudo_data import (
     PseudoData,
     assemble_pseudo_data,
@@ -188,12 +188,12 @@ def test_generate_pseudo_data_on_two_ranks_samples_only_its_share(compat: str) -
 
 
 @pytest.mark.slow
-def test_ddp_round_equals_the_one_process_round(cache_root: Path, image_tree: Path, tmp_path: Path) -> None:
+def test_ddp_round_equals_the_one_process_round(cache_root: Path, tmp_path: Path) -> None:
     """`trainer=ddp_cpu` (2 processes): round 0 saved by rank 0 is the 1-process run's, pixel for pixel, and each
     rank sampled one of the round's two batches (2 zoo members x 3 classes x 7 images, batches of 32)."""
     common = [
         "experiment=dfml_glyphs",
-        *dfml_smoke_overrides("dfml_glyphs", image_tree),
+        *smoke_budget("dfml_glyphs"),
         "trainer.max_epochs=1",
         "data.train.steps_per_epoch=1",
         "data.episodes.n_episodes=2",

@@ -12,9 +12,9 @@ import torch
 from conftest import (
     _quoted,
     debug,
-    dfml_smoke_overrides,
     run_metrics,
     run_train,
+    smoke_budget,
     with_debug,
     written_artifact,
 )
@@ -69,7 +69,7 @@ def test_dfml_resumes_mid_round_to_the_same_metrics(cache_root: Path, image_tree
     and keeps the round-0 selection state, so selection and test match."""
     args = [
         "experiment=dfml_miniimagenet",
-        *dfml_smoke_overrides("dfml_miniimagenet", image_tree),
+        *smoke_budget("dfml_miniimagenet", image_tree),
         "trainer.max_epochs=2",
         "data.train.steps_per_epoch=2",
         "data.episodes.n_episodes=4",

@@ -3,27 +3,35 @@ resume: tests/test_parity.py, tests/test_sweeps.py, tests/test_resume.py)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import (
+    CONF_DIR,
     EXPERIMENTS,
     FEWSHOT_STAGES,
     LATENT_STAGES,
+    compose_config,
     image_bench,
     parse_summary,
     run_metrics,
     run_train,
+    smoke_budget,
     smoke_overrides,
+    stage_family,
+    written_artifacts,
 )
 
 # CIFAR-FS runs the same stages as miniImageNet on the same fixture tree (only the folder reader differs, which
 # tests/test_images.py checks; tests/test_config.py composes and validates its experiments): no smoke run of its own.
 SMOKE = [e for e in EXPERIMENTS if "_cifarfs" not in e]
 # Smoke runs that share an upstream chain run on one xdist worker, one after the other, instead of one worker idling
-# on the build lock while the other builds it: the few-shot and latent stages on synthvqa share the short CLIP ->
-# features chain with tests/test_latent_stages.py and tests/test_hyperldm.py; the *_vqa runs share the fixture chain.
+# on the build lock while the other builds it: the features, few-shot and latent stages on synthvqa share the
+# features store of the short chain with tests/test_latent_stages.py and tests/test_hyperldm.py; the *_vqa runs share
+# the fixture chain.
 SYNTHVQA_CHAIN = pytest.mark.xdist_group("synthvqa_latent_chain")
 VQA_CHAIN = pytest.mark.xdist_group("vqa_chain")
 
@@ -31,7 +39,11 @@ VQA_CHAIN = pytest.mark.xdist_group("vqa_chain")
 def _chain_group(experiment: str) -> tuple[pytest.MarkDecorator, ...]:
     if experiment.endswith("_vqa"):
         return (VQA_CHAIN,)
-    if image_bench(experiment) == "synthvqa" and experiment.split("_")[0] in (*LATENT_STAGES, *FEWSHOT_STAGES):
+    if image_bench(experiment) == "synthvqa" and stage_family(experiment) in (
+        "features",
+        *LATENT_STAGES,
+        *FEWSHOT_STAGES,
+    ):
         return (SYNTHVQA_CHAIN,)
     return ()
 
@@ -40,10 +52,90 @@ def _chain_group(experiment: str) -> tuple[pytest.MarkDecorator, ...]:
 def test_every_experiment_runs_with_fast_dev_run(
     experiment: str, cache_root: Path, vqa_tree: dict, image_tree: Path
 ) -> None:
+    """The smoke run of every experiment: its smoke budget from conf/debug with fast_dev_run (a complete run at that
+    budget for the features and adaptation stages, whose fast_dev_run publishes nothing), on the fixture data. The
+    run publishes its own artifact, last, and every metric in it is a finite number."""
     proc = run_train([f"experiment={experiment}", *smoke_overrides(experiment, vqa_tree, image_tree)], cache_root)
-    metrics = parse_summary(proc.stdout)
-    assert metrics, f"{experiment}: no metrics summary printed"
-    assert "time/run_seconds" in metrics
+    written = written_artifacts(proc.stdout + proc.stderr)
+    assert written, f"{experiment}: no artifact written\n{proc.stderr[-3000:]}"
+    own = written[-1]  # the run publishes after every upstream it built
+    assert (own.parent.name, own.name.rsplit("-", 1)[0]) == (stage_family(experiment), experiment), own
+    metrics = run_metrics(proc, stage_family(experiment))
+    assert not {k: v for k, v in metrics.items() if not math.isfinite(v)}, metrics
+    assert [k for k in metrics if not k.startswith(("time/", "sys/"))], f"{experiment}: no metric of the stage's own"
+    assert "time/run_seconds" in parse_summary(proc.stdout)
+
+
+# (experiment, a downstream experiment, the name of its upstream entry that builds that experiment): a smoke chain
+# through a stage must give it the stage's own smoke budget. The features and adaptation stages' smoke runs are
+# complete: they publish the very artifact the chain uses. The others' differ from their upstream entries in training
+# steps only (fast_dev_run, one step of a member or judge, 2 steps an epoch of a dfml upstream).
+SMOKE_CHAINS = [
+    ("features_synthvqa", "hnet_synthvqa", "features"),
+    ("adaptation_synthvqa", "hyperldm_synthvqa", "adaptation"),
+    ("features_vqa", "hnet_vqa", "features"),
+    ("features_vqa", "hyperldm_vqa", "features"),
+    ("adaptation_vqa", "hyperldm_vqa", "adaptation"),
+    *(
+        chain
+        for bench in ("glyphs", "miniimagenet", "cifarfs")
+        for chain in (
+            (f"classifier_{bench}", f"diffusion_zoo_{bench}", "judge"),
+            (f"classifier_{bench}", f"dfml_{bench}", "reference"),
+            (f"diffusion_unet_{bench}", f"diffusion_zoo_{bench}", "unet0"),
+            (f"diffusion_zoo_{bench}", f"dfml_{bench}", "zoo"),
+            (f"diffusion_zoo_{bench}", f"diffusionmix_{bench}", "zoo"),
+            (f"dfml_{bench}", f"diffusionmix_{bench}", "meta"),
+            (f"dfml_{bench}_5shot", f"diffusionmix_{bench}_5shot", "meta"),
+        )
+    ),
+]
+
+
+@pytest.mark.parametrize(("experiment", "downstream", "name"), SMOKE_CHAINS)
+def test_a_smoke_chain_gives_each_stage_its_own_smoke_budget(
+    experiment: str, downstream: str, name: str, tmp_path: Path, vqa_tree: dict, image_tree: Path
+) -> None:
+    """conf/debug holds each stage's smoke budget twice: as the run's settings (smoke_<stage>) and as the override
+    strings of a downstream smoke chain (`upstream_overrides` of smoke_images, smoke_vqa, short_chain). Both compose
+    to the same stage, so the strings cannot drift from the settings; every smoke config validates."""
+    from metadiff.config import validate_config
+    from metadiff.pipeline import compose_upstream
+    from metadiff.store import config_fingerprint
+
+    def data(e: str) -> dict | Path | None:
+        return vqa_tree if e.endswith("_vqa") else image_tree
+
+    own = compose_config([f"experiment={experiment}", *smoke_budget(experiment, data(experiment))], tmp_path, tmp_path)
+    validate_config(own)
+    chain = smoke_overrides(downstream, vqa_tree, image_tree)
+    chain = compose_config([f"experiment={downstream}", *chain], tmp_path, tmp_path)
+    validate_config(chain)
+    built = compose_upstream(chain, name)
+    assert built.task_name == experiment
+    if stage_family(experiment) in ("features", "adaptation"):
+        assert config_fingerprint(own) == config_fingerprint(built)
+        return
+    # a judge or reference trains 8 epochs where the classifier trains 15, a dfml upstream 2 steps an epoch: training
+    # lengths, which the smoke run's fast_dev_run overrides anyway
+    length = {"model": [("scheduler", "T_max")], "data": [("train", "steps_per_epoch")]}
+    for section in ("model", "data", "zoo"):
+        a, b = (OmegaConf.to_container(c[section], resolve=True) if section in c else {} for c in (own, built))
+        for node, key in length.get(section, []):
+            for tree in (a, b):
+                tree.get(node, {}).pop(key, None)
+        assert a == b, section
+
+
+def test_smoke_vqa_holds_short_chains_budget_of_every_vqa_stage() -> None:
+    """smoke_vqa restates short_chain's budget of each *_vqa stage (its entries add the fixture's data settings): Hydra
+    replaces a list on merge, so selecting both would not add them up."""
+    short, smoke = (
+        OmegaConf.to_container(OmegaConf.load(CONF_DIR / "debug" / f"{name}.yaml").upstream_overrides)
+        for name in ("short_chain", "smoke_vqa")
+    )
+    vqa = [name for name in short if name.endswith("_vqa")]
+    assert vqa and all(set(short[name]) <= set(smoke[name]) for name in vqa), {n: list(smoke[n]) for n in vqa}
 
 
 def test_chained_upstream_is_built_once_and_cached(cache_root: Path) -> None:

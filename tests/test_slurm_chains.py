@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose_config, debug, image_smoke_overrides, run_train, written_artifacts
+from conftest import compose_config, run_train, smoke_budget, written_artifacts
 
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 
@@ -36,12 +36,11 @@ def test_the_member_sweep_key_is_the_zoo_fan_out_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_members_swept_as_submitit_jobs_are_reused_by_the_zoo(image_tree: Path, tmp_path: Path) -> None:
+def test_members_swept_as_submitit_jobs_are_reused_by_the_zoo(tmp_path: Path) -> None:
     """A 2-member glyph zoo at smoke budgets: the members as a multirun over the fan-out key on submitit's local
     executor (each job its own process, as on SLURM; ckpt_path=last as the SLURM command has it), then the zoo stage:
     it uses both members' artifacts and builds no diffusion_unet artifact (only its judge)."""
-    zoo_run = image_smoke_overrides("diffusion_zoo_glyphs", image_tree)
-    member = [*image_smoke_overrides("diffusion_unet_glyphs", image_tree), "trainer.max_steps=1"]
+    member = [*smoke_budget("diffusion_unet_glyphs"), "trainer.max_steps=1"]  # as the zoo's smoke budget builds it
     no_validation = "optimized_metric=null"  # a 1-step member validates never: no val/loss for the sweep to report
     sweep = tmp_path / "sweep"
     run_train(
@@ -64,7 +63,11 @@ def test_members_swept_as_submitit_jobs_are_reused_by_the_zoo(image_tree: Path, 
     assert len(members) == 2, members
     assert all((sweep / job / "resolved_config.yaml").is_file() for job in "01")
     proc = run_train(
-        ["experiment=diffusion_zoo_glyphs", debug("fdr"), *zoo_run, "trainer.enable_progress_bar=false"],
+        [
+            "experiment=diffusion_zoo_glyphs",
+            *smoke_budget("diffusion_zoo_glyphs", None, "fdr"),
+            "trainer.enable_progress_bar=false",
+        ],
         tmp_path / "root",
         timeout=600,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import TWO_RANKS, compose_config, dfml_smoke_overrides, run_train, short_chain, task_metrics
+from conftest import TWO_RANKS, compose_config, run_train, short_chain, smoke_budget, task_metrics
 
 SHORT_CLIP = [
     "experiment=clip_synthvqa",
@@ -64,7 +64,7 @@ def test_optuna_search_of_the_dfml_guidance_scale_returns_val_accuracy(
     proc = run_train(
         [
             "experiment=dfml_miniimagenet",
-            *dfml_smoke_overrides("dfml_miniimagenet", image_tree),
+            *smoke_budget("dfml_miniimagenet", image_tree),
             "hparams_search=dfml_guidance",
             "hydra.sweeper.n_trials=2",
             "hydra.sweeper.sampler.n_startup_trials=2",
