@@ -78,12 +78,12 @@ def _fake_artifact(tmp: Path, manifest: str) -> Path:
 
 def _artifact_of_another_stage(tmp: Path, images: Path) -> list[str]:
     path = _fake_artifact(tmp, json.dumps({"stage": "diffusion_zoo", "fingerprint": "0" * 64, "lineage": {}}))
-    return ["experiment=features_synthvqa", "synthvqa_clip=trained", f"upstream.clip.path={path}"]
+    return ["experiment=features_synthvqa", "synthvqa_clip=trained", f"+upstream.clip.path={path}"]
 
 
 def _corrupt_manifest(tmp: Path, images: Path) -> list[str]:
     path = _fake_artifact(tmp, '{"stage": "cl')
-    return ["experiment=features_synthvqa", "synthvqa_clip=trained", f"upstream.clip.path={path}"]
+    return ["experiment=features_synthvqa", "synthvqa_clip=trained", f"+upstream.clip.path={path}"]
 
 
 def _ddp_sim_without_a_device_count(tmp: Path, images: Path) -> list[str]:

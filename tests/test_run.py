@@ -139,15 +139,18 @@ def test_smoke_vqa_holds_short_chains_budget_of_every_vqa_stage() -> None:
 
 
 def test_chained_upstream_is_built_once_and_cached(cache_root: Path) -> None:
-    run_train(["experiment=features_synthvqa", "debug=fdr"], cache_root)  # builds the CLIP upstream if missing
-    again = run_train(["experiment=features_synthvqa", "debug=fdr"], cache_root)
+    args = ["experiment=features_synthvqa", "synthvqa_clip=trained", "debug=fdr"]
+    run_train(args, cache_root)  # builds the CLIP upstream if missing
+    again = run_train(args, cache_root)
     assert "upstream 'clip': using" in again.stdout + again.stderr, "the CLIP artifact was not reused"
     assert "building it now" not in again.stdout + again.stderr
 
 
 def test_missing_upstream_without_build_names_the_command(tmp_path: Path) -> None:
     proc = run_train(
-        ["experiment=features_synthvqa", "debug=fdr", "upstream.clip.build_if_missing=false"], tmp_path, check=False
+        ["experiment=features_synthvqa", "synthvqa_clip=trained", "debug=fdr", "upstream.clip.build_if_missing=false"],
+        tmp_path,
+        check=False,
     )
     assert proc.returncode == 2
     assert "build it first with: python train.py experiment=clip_synthvqa" in proc.stderr
