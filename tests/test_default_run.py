@@ -39,7 +39,7 @@ def assert_ends_with_the_claims(proc: subprocess.CompletedProcess) -> dict[str, 
     return run_metrics(proc, "hyperldm")
 
 
-@pytest.mark.slow
+@pytest.mark.xdist_group("synthvqa_latent_chain")  # the short chain the latent tests share, on their worker
 def test_default_command_on_a_short_chain_ends_with_the_claims_table(cache_root: Path) -> None:
     # a cold interpreter, as a newcomer starts it (the other checks fork the worker's warm one: train_process.py)
     proc = run_train(
