@@ -3,13 +3,13 @@
 `trainer=ddp_cpu` (Lightning runs the command once per rank, as `trainer=ddp` on GPUs). The upstreams inherit the
 trainer group, so one command runs its whole chain on 2 ranks.
 
-- HyperLDM chain: clip, features, hnet, multitask, adaptation, hyperclip, hyperldm (fast_dev_run), then vae.
+- HyperLDM chain (on a small twin of synthvqa): clip, features, hnet, multitask, adaptation, hyperclip, hyperldm (fast_dev_run), then vae.
 - Data-free chain: classifier (the judge), 2 diffusion_unet members, diffusion_zoo, dfml, diffusionmix (fast_dev_run).
 
 What is checked beyond "it ran": every stage ran as a 2-rank job (ddp_sim: Lightning's rank-0 line that 2 ranks
 joined, once per stage; ddp_cpu: each stage's summary printed by both ranks, whose processes live through the
-chain); the evaluation of hyperclip (an upstream, so at its full test) covers each of the 373 meta-test tasks once,
-as in one process (a padded, sharded sampler gives 374); under ddp_cpu the two ranks agree on every metric both
+chain); the evaluation of hyperclip (an upstream, so at its full test) covers each meta-test task once,
+as in one process (a padded, sharded sampler gives one more on the small twin's 61); under ddp_cpu the two ranks agree on every metric both
 report (a stage's summary of its artifact is rank 0's alone). How close DDP lands to one process:
 tests/test_parity.py."""
 
@@ -19,8 +19,10 @@ import re
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import (
+    CONF_DIR,
     TWO_RANKS,
     _metrics,
     _quoted,
@@ -32,21 +34,35 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.slow
+SHORT_CHAIN_BUDGETS = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "debug" / "short_chain.yaml").upstream_overrides)
 
-FEW_STEPS = [
-    *(
-        f"++upstream_overrides.{name}=" + _quoted(["trainer.max_epochs=1", "trainer.max_steps=4", "model.n_shot_max=0"])
-        for name in ("hnet_synthvqa", "multitask_synthvqa")
-    ),
-    "++upstream_overrides.features_synthvqa=[synthvqa_clip=trained]",  # the CLIP too, not its pinned weights
+# The chain on a small twin of synthvqa (1,500 scenes, 202 tasks: 61 meta-test, an odd count a padded sampler would
+# change), every stage at short_chain's budget; the pretraining stages take a few steps instead of its epoch (their
+# evaluation stays whole), and the CLIP is trained (synthvqa_clip=trained), not read from its pinned weights.
+SMALL_TWIN = ["data.source.generator.n_scenes=1500", "data.source.generator.n_tasks=202"]
+META_TEST_TASKS = 61
+SMALL_LATENT_BATCH = "data.latents_per_batch=64"  # the latent stages' 2 rows x 127 tasks: fewer than 256 latents
+FEW_STEPS = ["trainer.max_epochs=1", "trainer.max_steps=4", "model.n_shot_max=0"]
+UPSTREAM_BUDGETS = {
+    **{name: [*budget, *SMALL_TWIN] for name, budget in SHORT_CHAIN_BUDGETS.items() if name.endswith("_synthvqa")},
+    "features_synthvqa": ["synthvqa_clip=trained", *SMALL_TWIN],
+    "hnet_synthvqa": [*FEW_STEPS, *SMALL_TWIN],
+    "multitask_synthvqa": [*FEW_STEPS, *SMALL_TWIN],
+}
+UPSTREAM_BUDGETS["hyperclip_synthvqa"].append(SMALL_LATENT_BATCH)
+SMALL_CHAIN = [
+    debug("short_chain", "fdr"),
+    *SMALL_TWIN,
+    SMALL_LATENT_BATCH,
+    *(f"++upstream_overrides.{name}={_quoted(budget)}" for name, budget in UPSTREAM_BUDGETS.items()),
 ]
 CHAINS = {
     # fast_dev_run evaluates one batch: 16 tasks, not the configured batch of all guidance variants on many tasks;
     # the pretraining stages take a few steps instead of short_chain's epoch (their evaluation stays whole)
     "hyperldm": (
         [
-            ["experiment=hyperldm_synthvqa", debug("short_chain", "fdr"), "data.eval_tasks_per_batch=16", *FEW_STEPS],
-            ["experiment=vae_synthvqa", debug("short_chain", "fdr"), *FEW_STEPS],
+            ["experiment=hyperldm_synthvqa", *SMALL_CHAIN, "data.eval_tasks_per_batch=16"],
+            ["experiment=vae_synthvqa", *SMALL_CHAIN],
         ],
         ["clip", "features", "hnet", "adaptation", "multitask", "hyperclip", "hyperldm", "vae"],
     ),
@@ -102,4 +118,4 @@ def test_every_stage_of_a_chain_runs_on_two_ranks(chain: str, launcher: str, tmp
         assert sorted(two_rank_runs) == sorted(stages), f"stages printed by both ranks: {two_rank_runs}"
     if chain == "hyperldm":
         hyperclip = run_metrics(logs, "hyperclip")
-        assert hyperclip["test/retrieval/n_tasks"] == 373  # every meta-test task once, as in one process
+        assert hyperclip["test/retrieval/n_tasks"] == META_TEST_TASKS  # every meta-test task once, as in one process
