@@ -110,7 +110,8 @@ class Stage(pl.LightningModule):
     Hooks `metadiff.run.train` reads after fit/test/predict:
     - `summary_metrics`: values computed outside Lightning's logging (selection tables, paired differences), merged
       into the run's metrics and its artifact manifest;
-    - `results_text`: the stage's results table (and plot path), printed as the last lines of the run;
+    - `results_text`: the stage's results table (and plot path), printed as the last lines of the run; a stage sets
+      it with `set_results_text` (rank 0 only), never prints it itself;
     - `artifact_ready`: False when the run made nothing to publish (e.g. a fast_dev_run feature store);
     - `stage_complete()`: True when the output is already complete and current, so predict is skipped;
     - `write_artifact(directory)`: write the stage's files into the (temporary) artifact directory.
