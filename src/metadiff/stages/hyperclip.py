@@ -196,7 +196,7 @@ class HyperCLIPModule(Stage, name="hyperclip"):
             ("  chance (1 / tasks)", "test/retrieval/chance_top1"),
             ("its own question is in the top 5", "test/retrieval/top5"),
             ("  chance (5 / tasks)", "test/retrieval/chance_top5"),
-            (f"its own question is the top-1 of {n_way} (the original's test)", f"test/retrieval/{n_way}way"),
+            (f"its own question is the top-1 of {n_way} (original)", f"test/retrieval/{n_way}way"),
             ("contrastive loss", "test/retrieval/loss"),
         ]
         lines = results_table(
