@@ -33,8 +33,10 @@ def test_builder_commits_atomically_and_refuses_incomplete(tmp_path: Path) -> No
         store.images(["zz"])
 
 
-# both tests read one module-scoped store: on one xdist worker it is built once (make test: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("feature_store")
+# the tests read the session's store of the embedded twin, which the latent chain's tests build as an upstream: on
+# their xdist worker, so no two runs write that store at once (a direct `experiment=features_synthvqa` run takes no
+# build lock; make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("synthvqa_latent_chain")
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,7 @@ def test_pinning_an_artifact_round_trips_its_weights(tmp_path: Path) -> None:
     assert not list(out.glob(".*tmp*")), "a temporary file was left behind"
 
 
+@pytest.mark.xdist_group("synthvqa_latent_chain")  # the session's store: written by one worker (test_feature_store.py)
 def test_features_from_the_pinned_clip_reproduce_the_manifest(cache_root: Path) -> None:
     """The embedded twin's feature store, built from the asset through `experiment=features_synthvqa`, gives the CLIP
     baselines on meta-test that the manifest recorded when the weights were pinned (exactly: same file, same code)."""
