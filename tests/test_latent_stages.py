@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_metrics, run_train, short_chain, with_debug
+from conftest import _log, run_metrics, run_train, short_chain, smoke_overrides, with_debug, written_artifact
 from metadiff.config import ConfigError
 from metadiff.data.adaptation import AdaptationData, LatentRows
 from metadiff.data.meta_vqa.tasks import Task
@@ -259,3 +259,14 @@ def test_hyperclip_retrieves_held_out_tasks_and_refuses_foreign_upstreams(cache_
     proc = run_train([*args, f"+upstream.adaptation.path={foreign}"], cache_root, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "was built for 372 meta_test tasks" in proc.stderr
+
+
+def test_an_adaptation_whose_chunks_are_all_done_still_publishes(cache_root: Path) -> None:
+    """A rerun finds every chunk on disk (a run killed after its last chunk, or the dataset built as another run's
+    upstream): Lightning skips a predict loop without batches, and its end hook with it; the stage still assembles
+    and publishes the dataset. Before, such a run published nothing."""
+    args = ["experiment=adaptation_synthvqa", *smoke_overrides("adaptation_synthvqa")]
+    first = written_artifact(_log(run_train(args, cache_root)), "adaptation")
+    again = run_train(args, cache_root)
+    assert "Total length of `DataLoader` across ranks is zero" in _log(again)  # the loop had nothing to do
+    assert written_artifact(_log(again), "adaptation") == first

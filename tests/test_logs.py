@@ -100,7 +100,10 @@ def test_a_redirected_run_prints_progress_lines_no_chatter_and_ends_with_its_sum
     header = max(i for i, line in enumerate(lines) if line.startswith("== clip_synthvqa (clip) finished: =="))
     tail = lines[header + 1 :]
     assert tail[-1].startswith("  outputs: "), tail[-3:]
-    assert tail[:-1] and all(re.fullmatch(r"  \S+ +-?\d+\.\d{4}", line) for line in tail[:-1]), tail
+    # the metrics (one per line, 4 places), then the stage's results table (Stage.set_results_text), then the outputs
+    table = tail.index("CLIP zero-shot accuracy on meta-test tasks (mean +- 95% CI):")
+    assert tail[:table] and all(re.fullmatch(r"  \S+ +-?\d+\.\d{4}", line) for line in tail[:table]), tail
+    assert [line.split()[0] for line in tail[table + 1 : -1]] == ["zero-shot", "chance"], tail[table:]
     printed, published = parse_summary(out), run_metrics(out, "clip")  # the block shows every metric, to 4 places
     assert set(printed) == {*published, "time/run_seconds"}, (sorted(printed), sorted(published))
     assert {k: printed[k] for k in published} == {k: float(f"{v:.4f}") for k, v in published.items()}

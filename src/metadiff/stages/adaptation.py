@@ -184,6 +184,10 @@ class AdaptationModule(Stage, name="adaptation"):
         if self.trainer.is_global_zero:
             self._open_work_dir()
         self.trainer.strategy.barrier()
+        if not self.pending_chunks():
+            # every chunk is on disk already (a run killed after its last chunk, or the same dataset built as another
+            # run's upstream): Lightning skips a predict loop without batches and its end hook with it
+            self._assemble_once_complete()
 
     def _open_work_dir(self) -> None:
         marker = self.work_dir / "partial.json"
@@ -219,6 +223,12 @@ class AdaptationModule(Stage, name="adaptation"):
     # -- assembly -------------------------------------------------------------------------------------------------
     def on_predict_end(self) -> None:
         self.trainer.strategy.barrier()
+        self._assemble_once_complete()
+
+    def _assemble_once_complete(self) -> None:
+        """Rank 0 assembles the dataset from the finished chunks and marks the artifact ready (once)."""
+        if self.artifact_ready:
+            return
         if self.fast_dev_run:
             log.warning("fast_dev_run: adaptation dataset not assembled (only one chunk was computed)")
             return
