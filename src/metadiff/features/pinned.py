@@ -8,7 +8,7 @@ pretrained too: training it takes ~5.5 min of a 2-core CPU that every demo and C
 
 The weights are stored in float16 (15 MB in git instead of 30) and loaded as float32: the asset IS the rounded
 weights, its metrics are measured on them (`features_synthvqa` reports the CLIP zero-shot baseline of its store), and
-a rebuild gives them again up to that rounding. `check_pinned` refuses a weights file whose bytes differ from the
+a rebuild gives them again up to that rounding. `check_if_pinned` refuses a weights file whose bytes differ from the
 manifest's in one line.
 """
 
@@ -27,8 +27,8 @@ from metadiff.config.resolvers import ASSETS_DIR
 from metadiff.errors import UserError
 from metadiff.features.clip_models import CLIP_WEIGHTS
 from metadiff.store import load_artifact
-from metadiff.utils.hashing import file_sha256
-from metadiff.utils.io import atomic_path, write_json
+from metadiff.utils.hashing import cached_file_sha256, file_sha256
+from metadiff.utils.io import atomic_path, read_json, write_json
 
 WEIGHTS = "clip.pt"
 MANIFEST = "manifest.json"
@@ -45,10 +45,7 @@ def manifest_path(name: str = CLIP_ASSET) -> Path:
 
 
 def read_manifest(name: str = CLIP_ASSET) -> dict[str, Any]:
-    path = manifest_path(name)
-    if not path.is_file():
-        raise UserError(f"pinned asset '{name}': no manifest at {path}")
-    return json.loads(path.read_text())
+    return read_json(manifest_path(name), what=f"pinned asset '{name}': manifest")
 
 
 def check_if_pinned(weights: Path) -> None:
@@ -59,7 +56,7 @@ def check_if_pinned(weights: Path) -> None:
         return
     name = weights.relative_to(ASSETS_DIR).parts[0]
     expected = read_manifest(name)["sha256"]
-    actual = file_sha256(weights)
+    actual = cached_file_sha256(weights)  # the feature store's key hashes the same file next
     if actual != expected:
         raise UserError(
             f"pinned asset '{name}': {weights} has sha256 {actual[:12]}..., its manifest {manifest_path(name)} says "
@@ -79,7 +76,7 @@ def git_commit(repo: Path) -> str:
 def pin_clip(artifact_dir: Path, out_dir: Path, commit: str) -> dict[str, Any]:
     """Write `clip.pt` (float16) and `manifest.json` for a `clip_synthvqa` artifact into `out_dir`."""
     artifact = load_artifact(artifact_dir)
-    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    manifest = artifact.manifest
     if manifest.get("stage") != "clip":
         raise UserError(f"{artifact_dir}: a '{manifest.get('stage')}' artifact, expected a 'clip' one")
     config = OmegaConf.load(artifact_dir / "config.yaml")
@@ -113,11 +110,11 @@ def pin_clip(artifact_dir: Path, out_dir: Path, commit: str) -> dict[str, Any]:
 def record_features_metrics(features_dir: Path, out_dir: Path) -> dict[str, float]:
     """Add to the manifest what the pinned weights measure downstream: the CLIP baselines on meta-test of the feature
     store `features_synthvqa` built from them (`tests/test_pinned.py` checks a fresh store reproduces them)."""
-    manifest = json.loads((features_dir / "manifest.json").read_text())
+    manifest = load_artifact(features_dir).manifest
     if manifest.get("stage") != "features":
         raise UserError(f"{features_dir}: a '{manifest.get('stage')}' artifact, expected a 'features' one")
     metrics = {k: v for k, v in manifest["metrics"].items() if k.startswith("meta_test/")}
-    pinned = json.loads((out_dir / MANIFEST).read_text())
+    pinned = read_json(out_dir / MANIFEST, what="pinned asset manifest")
     pinned["metrics_pinned"] = {"features_experiment": str(manifest["task_name"]), **metrics}
     write_json(out_dir / MANIFEST, pinned)
     return metrics

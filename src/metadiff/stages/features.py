@@ -32,7 +32,7 @@ from metadiff.features.store import FeatureStore, FeatureStoreBuilder, build_ind
 from metadiff.stages.base import Stage
 from metadiff.stages.clip_pretrain import load_clip_weights_path
 from metadiff.store import Artifact
-from metadiff.utils.hashing import file_sha256, fingerprint
+from metadiff.utils.hashing import cached_file_sha256, fingerprint
 
 log = logging.getLogger(__name__)
 TABLE_OF_LOADER = ("image", "question", "answer")
@@ -71,17 +71,6 @@ def weights_description(bundle: ClipBundle) -> dict[str, Any]:
         description["pretrained"] = weights.name
         description["image_preprocessing"] = [bundle.image_size, list(bundle.mean), list(bundle.std)]
     return description
-
-
-def cached_file_sha256(path: Path) -> str:
-    """sha256 of a weights file (GBs for ViT-L), hashed once per (path, inode, size, mtime) in this process."""
-    stat = os.stat(path)
-    return _file_sha256(str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
-    return file_sha256(Path(path))
 
 
 class FeatureSourceDataModule(pl.LightningDataModule):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +32,15 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cached_file_sha256(path: str | Path) -> str:
+    """sha256 of a weights file (GBs for ViT-L), hashed once per (path, inode, size, mtime) in this process: the
+    pinned-asset check and the feature store's key both ask for it."""
+    stat = os.stat(path)
+    return _file_sha256(str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    return file_sha256(Path(path))
