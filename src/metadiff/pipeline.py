@@ -89,15 +89,18 @@ def _inherited_choices(cfg: DictConfig, name: str) -> dict[str, str]:
     return {g: c for g in _spec_of(cfg, name)[0].get("inherit_groups", []) if (c := choices.get(g)) is not None}
 
 
+def _upstream_specs(cfg: DictConfig) -> dict[str, Any]:
+    """The `upstream` entries that name an upstream: an entry set to null drops one the experiment inherits."""
+    return {name: spec for name, spec in (cfg.get("upstream") or {}).items() if spec is not None}
+
+
 def upstream_names(cfg: DictConfig) -> list[str]:
     """The upstream artifacts `cfg` needs: one per `upstream` entry, or `count` of them for an entry with
     `fan_out: {key, count}` (named `<name>0`, `<name>1`, ...; member k gets the override `key=k`). A zoo names its
     M UNets this way, so each is its own cached artifact and a multirun can train them as M jobs. An entry set to
     null is not an upstream: an experiment drops one it inherits that way (e.g. the demo its HyperCLIP encoder)."""
     names = []
-    for name, spec in (cfg.get("upstream") or {}).items():
-        if spec is None:
-            continue
+    for name, spec in _upstream_specs(cfg).items():
         fan = spec.get("fan_out")
         names += [f"{name}{k}" for k in range(int(fan.count))] if fan else [name]
     return names
@@ -105,7 +108,7 @@ def upstream_names(cfg: DictConfig) -> list[str]:
 
 def _spec_of(cfg: DictConfig, name: str) -> tuple[DictConfig, list[str]]:
     """(the `upstream` entry behind `name`, the fan-out override of its member, if any)."""
-    specs = {k: v for k, v in (cfg.get("upstream") or {}).items() if v is not None}
+    specs = _upstream_specs(cfg)
     if name in specs:
         return specs[name], []
     for base, spec in specs.items():
@@ -190,8 +193,9 @@ def require_upstream(cfg: DictConfig, name: str, build: StageRunner | None = Non
 
     `upstream.<name>.path` names an existing artifact directory instead (e.g. one trained on another machine); its
     lineage is still checked against the other upstreams (`check_lineage`)."""
-    if (cfg.get("upstream") or {}).get(name) is not None and cfg.upstream[name].get("path"):
-        return _given_upstream(cfg, name, Path(cfg.upstream[name].path))
+    given = _upstream_specs(cfg).get(name)
+    if given is not None and given.get("path"):
+        return _given_upstream(cfg, name, Path(given.path))
     up_cfg = compose_upstream(cfg, name)
     if cfg.get("ckpt_path") == "last":  # a resumed run resumes what it was building too (Lightning: fresh if none)
         up_cfg.ckpt_path = "last"
