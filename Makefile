@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo train test test-slow test-demo test-all bench gpu-check gpu-check-quick report sweep meta-vqa lint typecheck format clean
+.PHONY: help install demo train test test-fast test-slow test-demo bench gpu-check gpu-check-quick report sweep meta-vqa lint typecheck format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -28,18 +28,17 @@ demo: install ## set up and run the main embedded experiment end to end (EXP=...
 train: install ## run one experiment: make train EXP=clip_synthvqa ARGS="trainer.max_epochs=1"
 	$(PY) train.py experiment=$(EXP) $(ARGS)
 
-test: install ## the test suite without the slow end-to-end checks (2 workers; CI runs this, then test-slow)
+test: install ## the whole test suite in one run of 2 workers, the exact demo aside (what CI runs)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not demo" --durations=15 tests
+
+test-fast: install ## the suite without the slow end-to-end checks (kill/resume, DDP/bf16 parity, sweeps, gpu-check-quick)
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" --durations=15 tests
 
-test-slow: install ## the slow end-to-end checks (kill/resume, DDP/bf16 parity, Optuna sweeps, the default command)
+test-slow: install ## only the slow end-to-end checks
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "slow and not demo" --durations=15 tests
 
-test-demo: install ## the exact `make demo` run checked end to end (~10-15 min; not in CI)
+test-demo: install ## the exact `make demo` run checked end to end (~10 min; not in CI)
 	$(PY) -m pytest -q -m demo tests
-
-test-all: install ## both, sharing one cache of built upstream chains (what CI runs)
-	cache=$$(mktemp -d -t metadiff-tests-XXXXXX) && trap 'rm -rf "$$cache"' EXIT && \
-	METADIFF_TEST_CACHE=$$cache $(MAKE) test && METADIFF_TEST_CACHE=$$cache $(MAKE) test-slow
 
 bench: install ## benchmarks -> bench/*.json
 	$(PY) -m metadiff.bench --out bench

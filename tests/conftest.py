@@ -26,6 +26,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cor
 
     torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long work first: the slow end-to-end checks and the tests of a shared chain (an `xdist_group`, which one
+    worker runs in a row), then the rest, each in file order. `make test` hands tests to its 2 workers in this order,
+    so the short tests fill the gaps at the end instead of one worker finishing a 2-minute check alone."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") or item.get_closest_marker("xdist_group") else 1)
+
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -147,6 +156,14 @@ IMAGE_SMOKE = {
 COMPLETE_SMOKE = ("features", "adaptation")
 
 
+# The options beside the chain's budget for a latent or few-shot stage on synthvqa / the VQA fixture
+SMOKE_EVAL = {
+    "adaptation": ("smoke_adaptation",),
+    **{stage: ("smoke_tasks",) for stage in FEWSHOT_STAGES},
+    "hyperldm": ("smoke_hyperldm",),
+}
+
+
 def smoke_options(experiment: str) -> list[str]:
     """The conf/debug options that hold `experiment`'s smoke budget (fast_dev_run aside)."""
     stage, bench = stage_family(experiment), image_bench(experiment)
@@ -154,7 +171,7 @@ def smoke_options(experiment: str) -> list[str]:
         chain = "short_chain" if bench == "synthvqa" else "smoke_vqa"
         if stage == "features":  # features_synthvqa: the short CLIP of its upstream; features_vqa has none
             return [chain if bench == "synthvqa" else "smoke_features_vqa"]
-        return [chain, "smoke_adaptation"] if stage == "adaptation" else [chain]
+        return [chain, *SMOKE_EVAL.get(stage, ())]
     if stage == "diffusion_unet" and bench != "glyphs":
         return ["smoke_diffusion_unet_folders"]
     option = IMAGE_SMOKE[stage] + ("_5shot" if stage == "dfml" and experiment.endswith("_5shot") else "")

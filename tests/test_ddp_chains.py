@@ -57,11 +57,12 @@ SMALL_CHAIN = [
     *(f"++upstream_overrides.{name}={_quoted(budget)}" for name, budget in UPSTREAM_BUDGETS.items()),
 ]
 CHAINS = {
-    # fast_dev_run evaluates one batch: 16 tasks, not the configured batch of all guidance variants on many tasks;
-    # the pretraining stages take a few steps instead of short_chain's epoch (their evaluation stays whole)
+    # fast_dev_run evaluates one batch: 16 tasks through a 5-step sampler, not the configured batch of all guidance
+    # variants on many tasks; the pretraining stages take a few steps instead of short_chain's epoch (their
+    # evaluation stays whole)
     "hyperldm": (
         [
-            ["experiment=hyperldm_synthvqa", *SMALL_CHAIN, "data.eval_tasks_per_batch=16"],
+            ["experiment=hyperldm_synthvqa", *SMALL_CHAIN, "data.eval_tasks_per_batch=16", "model.sampling.steps=5"],
             ["experiment=vae_synthvqa", *SMALL_CHAIN],
         ],
         ["clip", "features", "hnet", "adaptation", "multitask", "hyperclip", "hyperldm", "vae"],
