@@ -4,7 +4,9 @@ the DDIM/DDPM update, the noise stream) fails here with the numbers, even where 
 
 The denoiser is the exact one for Gaussian data N(MU, S^2): eps*(x_t, t) = sqrt(1 - ab) (x_t - sqrt(ab) MU) /
 (ab S^2 + 1 - ab). So the same loop is also a positive control: with many steps its samples have the data's mean and
-standard deviation."""
+standard deviation.
+
+Also pinned: a dfml round's pseudo data (its uint8 checksum) and the `classifier_glyphs` smoke run's metrics."""
 
 from __future__ import annotations
 
@@ -49,3 +51,48 @@ def test_the_sampler_recovers_the_data_distribution_with_the_exact_denoiser(meth
         exact_eps, SCHEDULE, timesteps, shape=(8192, 1), method=method, generator=torch.Generator().manual_seed(1)
     )
     assert abs(out.mean().item() - MU) < 0.02 and abs(out.std().item() - S) < 0.01, (out.mean(), out.std())
+
+
+# A dfml round's pseudo data (tests/test_pseudo_data_ranks.py's tiny zoo of 2 random UNets, 6 classes, 5 images
+# each, 2 guided leading-DDIM steps, seed 3, round 1), per compat mode: the sha256 of its uint8 images and, to show
+# what changed when the checksum does, each class's pixel sum. Measured on CPU, the same under 1 and 2 torch threads.
+PSEUDO_GOLDEN = {
+    "fixed": ("3492835d0221b995", [41837, 41835, 40969, 41136, 40317, 45663]),
+    "faithful": ("ad3ed7fe75855d26", [41712, 41682, 40683, 40979, 40447, 45380]),
+}
+
+
+@pytest.mark.parametrize("compat", list(PSEUDO_GOLDEN))
+def test_a_pseudo_data_round_gives_the_pinned_checksum(compat: str) -> None:
+    import hashlib
+
+    from test_pseudo_data_ranks import one_process
+
+    digest, class_sums = PSEUDO_GOLDEN[compat]
+    pseudo = one_process(compat)
+    assert pseudo.images.dtype == torch.uint8 and tuple(pseudo.images.shape) == (30, 1, 8, 8)
+    assert pseudo.classes.tolist() == pseudo.labels.tolist() == [c for c in range(6) for _ in range(5)]
+    assert pseudo.models.tolist() == [0] * 15 + [1] * 15
+    assert [int(pseudo.images[pseudo.classes == c].sum()) for c in range(6)] == class_sums
+    assert hashlib.sha256(pseudo.images.numpy().tobytes()).hexdigest()[:16] == digest
+
+
+# The smoke run of `classifier_glyphs` (`debug=[smoke_images,fdr]`: one training batch of the embedded glyph set, the
+# fixed meta-test episodes read out by prototypes), measured on CPU, the same under 1 and 2 torch threads: the glyph
+# rendering, the episode sampler, the backbone's first step and the readout, end to end through train.py.
+CLASSIFIER_SMOKE_GOLDEN = {
+    "train/loss": 4.336706,
+    "test/trained_1shot": 0.353333,
+    "test/trained_5shot": 0.520000,
+    "test/random_init_1shot": 0.286667,
+    "test/random_init_5shot": 0.446667,
+}
+
+
+def test_the_classifier_glyphs_smoke_run_gives_the_pinned_metrics(tmp_path) -> None:
+    from conftest import run_metrics, run_train, smoke_overrides
+
+    proc = run_train(["experiment=classifier_glyphs", *smoke_overrides("classifier_glyphs")], tmp_path)
+    metrics = run_metrics(proc, "classifier")
+    got = {key: round(metrics[key], 6) for key in CLASSIFIER_SMOKE_GOLDEN}
+    assert got == pytest.approx(CLASSIFIER_SMOKE_GOLDEN, abs=2e-6), got

@@ -48,6 +48,55 @@ def test_exact_fraction_of_each_batch_gets_the_null_token(monkeypatch, tmp_path:
     torch.testing.assert_close(seen[0][~nulled], question[~nulled])
 
 
+def _tiny_module(tmp_path: Path, *overrides: str):
+    """A HyperLDM module from parts with the experiment's settings (and `overrides`): 4-d latents, 6-d questions."""
+    from metadiff.meta.latent import LatentLearner
+    from metadiff.nets.adapter import AdapterShape
+    from metadiff.nets.latent_denoiser import LatentDenoiser
+    from metadiff.stages.hyperldm import HyperLDMModule, HyperLDMSettings
+
+    cfg = compose_config(
+        ["experiment=hyperldm_synthvqa", "model.denoiser.hidden=[8]", "model.denoiser.time_dim=8", *overrides],
+        tmp_path,
+        tmp_path / "out",
+    )
+    settings = HyperLDMSettings.from_model_config(cfg.model)
+    shape = AdapterShape(embed_dim=6, hidden_dim=2)
+    base = LatentLearner(torch.nn.Linear(4, shape.n_params), torch.zeros(4), shape)
+    return HyperLDMModule.from_parts(settings, base, LatentDenoiser(4, 6, **dataclasses.asdict(settings.denoiser)))
+
+
+def test_every_guided_row_is_paired_with_cfg_at_the_scale_it_samples_with(tmp_path: Path) -> None:
+    """Like with like: a guided row (HyperCLIP, few-shot, ensemble, from-pretrained) samples at its own CFG scale, so
+    its paired difference is against the CFG row at that scale (the same sampler and noise, only the guidance added),
+    not against the scale meta-val chose for CFG. Before, HyperCLIP rows sampled at CFG 1 were reported against CFG at
+    7.5 or 15. Each guided kind with several values also gets its own value chosen on meta-val."""
+    module = _tiny_module(
+        tmp_path,
+        "model.hyperclip_guidance.scales=[10.0,30.0]",
+        "model.hyperclip_guidance.cfg_scale=4.0",
+        "model.fewshot_guidance.cfg_scale=7.5",
+        "model.ensemble.cfg_scale=1.5",
+        "model.from_pretrained.t_fracs=[0.5]",
+        "model.from_pretrained.cfg_scale=15.0",
+    )
+    cfg_rows = {v.name: v.cfg_scale for v in module.variants if v.kind == "cfg"}
+    guided = [v for v in module.variants if v.kind != "cfg"]
+    assert {v.kind for v in guided} == {"hyperclip", "fewshot", "ensemble", "pretrained"}
+    per_task = {name: torch.rand(8) for name in [*module.references, *module.variant_names, "cfg_selected"]}
+    # meta-val preferred HyperCLIP scale 10 and CFG 1.5: the guided rows keep their own CFG references
+    module.val_report = {f"val/{name}": 0.5 for name in module.variant_names} | {"val/hyperclip10": 0.6}
+    per_kind = module._selected_per_kind()
+    assert {name: v.name for name, v in per_kind.items()} == {"hyperclip_selected": "hyperclip10"}
+    rows = module._paired_rows(per_task, per_kind)
+    for variant in guided:
+        cfg_refs = [ref for name, ref in rows if name == variant.name and ref in cfg_rows]
+        assert cfg_refs == [f"cfg{variant.cfg_scale:g}"] and cfg_rows[cfg_refs[0]] == variant.cfg_scale, variant
+        assert (variant.name, "cfg_selected") not in rows
+    assert ("hyperclip_selected", "cfg4") in rows and ("hyperclip_selected", "hnet_init") in rows
+    assert ("cfg_selected", "hnet_init") in rows
+
+
 def test_hyperldm_short_chain_prints_the_guidance_table(cache_root: Path) -> None:
     proc = run_train(
         [
@@ -78,10 +127,10 @@ def test_hyperldm_short_chain_prints_the_guidance_table(cache_root: Path) -> Non
         assert abs(std - 1.0) <= 0.25 and outside == 0.0, (name, std, outside)
     assert m["test/health/fewshot1_outside"] == 0.0  # guided off the unconditional spread, but within the range
     # Paired on the same meta-test tasks (difference > its 95% CI): the support-set guidance, which runs inside the
-    # sampler's loop, steers each sample to its task, far above the unguided samples and the HNET init (+0.21 and
-    # +0.18 here), as the fine-tuned latents (oracle) are above that init. A sampler that skips its steps or returns
-    # latents the HNET cannot use gives no such gain.
-    for name, minus in (("fewshot1", "cfg_selected"), ("fewshot1", "hnet_init"), ("oracle", "hnet_init")):
+    # sampler's loop, steers each sample to its task, far above the same sampler unguided (CFG at its scale, 1) and the
+    # HNET init (+0.21 and +0.18 here), as the fine-tuned latents (oracle) are above that init. A sampler that skips
+    # its steps or returns latents the HNET cannot use gives no such gain.
+    for name, minus in (("fewshot1", "cfg1"), ("fewshot1", "hnet_init"), ("oracle", "hnet_init")):
         gap, ci = m[f"test/{name}_minus_{minus}"], m[f"test/{name}_minus_{minus}_ci95"]
         assert gap > ci, (name, minus, gap, ci)
     # The unguided samples are fine-tuned latents of some task (at this budget the denoiser ignores the question:

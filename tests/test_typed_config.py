@@ -162,6 +162,11 @@ def test_as_spec_builds_nested_specs_and_names_missing_keys() -> None:
             ["experiment=diffusion_zoo_glyphs", "~upstream.unet"],
             "upstream.unet0 is missing: stage 'diffusion_zoo' reads an upstream 'unet0' with this config",
         ),
+        (
+            ["experiment=hyperldm_synthvqa", "model.hyperclip_guidance.cfg_scale=2.0"],
+            "model.hyperclip_guidance.cfg_scale = 2: its rows are paired against the CFG row at the scale they sample "
+            "with, and model.guidance_scales = [0.0, 1.0, 1.5, 4.0, 7.5, 15.0] has no such row; add it",
+        ),
     ],
     ids=[
         "sampler_method",
@@ -170,6 +175,7 @@ def test_as_spec_builds_nested_specs_and_names_missing_keys() -> None:
         "vae_without_hnet",
         "hyperclip_guidance_without_hyperclip",
         "zoo_without_members",
+        "guided_rows_without_their_cfg_row",
     ],
 )
 def test_a_bad_choice_or_a_missing_upstream_fails_before_any_work(

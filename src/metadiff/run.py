@@ -162,6 +162,7 @@ def _check_stage_class(cfg: DictConfig) -> None:
             f"stage: '{cfg.stage}' but model._target_ {cfg.model._target_} runs "
             f"{' or '.join(repr(n) for n in target.stage_names())}"
         )
+    target.check_config(cfg.model)
     declared = upstream_names(cfg)
     for name in target.required_upstreams(cfg.model):
         if name not in declared:

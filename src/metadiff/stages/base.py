@@ -148,6 +148,12 @@ class Stage(pl.LightningModule):
         return ()
 
     @classmethod
+    def check_config(cls, model: DictConfig) -> None:
+        """Refuse, in one line naming the key, settings of `model` that no type rejects but that are wrong together
+        (e.g. a guided row whose CFG reference is not in the grid). `metadiff.run` calls it with
+        `required_upstreams`, before any upstream is built; the constructor may check the same again."""
+
+    @classmethod
     def upstream_artifact(cls, upstream: Mapping[str, Artifact] | None, name: str) -> Artifact:
         """Upstream `name`, one that `required_upstreams` declares. In a run it is there (checked before any build);
         a module built by hand without it fails here in one line, not with a KeyError."""

@@ -156,6 +156,8 @@ class HealthSpec:
 SELECTED = "cfg_selected"  # the CFG variant whose scale meta-val chose, under its own name in the test table
 VariantKind = Literal["cfg", "fewshot", "hyperclip", "ensemble", "pretrained"]
 TABLE_ORDER: tuple[VariantKind, ...] = ("cfg", "hyperclip", "ensemble", "fewshot", "pretrained")  # rows of the table
+SELECTED_KINDS: tuple[VariantKind, ...] = ("hyperclip", "fewshot", "pretrained")  # each its value chosen on meta-val
+KIND_VALUE = {"hyperclip": "guidance scale", "fewshot": "guidance scale", "pretrained": "t_frac"}
 
 
 @dataclass(frozen=True)
@@ -181,8 +183,12 @@ def sampling_variants(
 ) -> list[Variant]:
     """Every variant the configuration asks for, in sampling order: the CFG scales (all in one batched sampler run),
     few-shot guidance, HyperCLIP guidance, the ensemble (size > 1), starts from the HNET init. Each is compared with
-    the HNET init; all but the CFG scales also with the scale chosen on meta-val."""
-    guided = ("hnet_init", SELECTED)
+    the HNET init; all but the CFG scales also with the CFG row at the scale they sample with (like with like: the
+    same sampler, the same noise, only the guidance added), which `HyperLDMSettings.check` requires in the grid."""
+
+    def guided(cfg_scale: float) -> tuple[str, ...]:
+        return ("hnet_init", cfg_label(cfg_scale))
+
     out = [
         Variant(
             kind="cfg",
@@ -206,7 +212,7 @@ def sampling_variants(
                 label=label.format(g=g),
                 value=float(g),
                 cfg_scale=float(spec.cfg_scale),
-                references=guided,
+                references=guided(spec.cfg_scale),
             )
             for g in spec.scales
         ]
@@ -219,7 +225,7 @@ def sampling_variants(
                 label=f"HyperLDM ensemble of {size}, CFG {cfg:g}",
                 value=size,
                 cfg_scale=cfg,
-                references=guided,
+                references=guided(cfg),
             )
         )
     out += [
@@ -229,7 +235,7 @@ def sampling_variants(
             label=f"HyperLDM from the HNET init, t_frac {f:g}",
             value=float(f),
             cfg_scale=float(from_pretrained.cfg_scale),
-            references=guided,
+            references=guided(from_pretrained.cfg_scale),
         )
         for f in from_pretrained.t_fracs
     ]
@@ -295,6 +301,19 @@ class HyperLDMSettings:
                 "model.sampling.method = original is the original's eps-prediction DDPM update: it needs "
                 f"model.prediction = eps, not '{self.prediction}'"
             )
+        paired = {
+            "fewshot_guidance": bool(self.fewshot_guidance.scales),
+            "hyperclip_guidance": bool(self.hyperclip_guidance.scales),
+            "ensemble": self.ensemble.size > 1,
+            "from_pretrained": bool(self.from_pretrained.t_fracs),
+        }
+        for key, on in paired.items():
+            cfg_scale = float(getattr(self, key).cfg_scale)
+            if on and cfg_scale not in self.guidance_scales:
+                raise ConfigError(
+                    f"model.{key}.cfg_scale = {cfg_scale:g}: its rows are paired against the CFG row at the scale they "
+                    f"sample with, and model.guidance_scales = {self.guidance_scales} has no such row; add it"
+                )
         if self.uncond_rate == 0 and any(g != 1.0 for g in self.guidance_scales):
             raise ConfigError(
                 "guidance scales other than 1 need a model trained with the null token "
@@ -305,6 +324,11 @@ class HyperLDMSettings:
 class HyperLDMModule(Stage, name="hyperldm"):
     latent_mean: torch.Tensor  # buffers: the statistics of the training latents, checkpointed
     latent_std: torch.Tensor
+
+    @classmethod
+    def check_config(cls, model: DictConfig) -> None:
+        """The settings' own checks (`HyperLDMSettings.check`), from the config before any upstream is built."""
+        HyperLDMSettings.from_model_config(model)
 
     @classmethod
     def required_upstreams(cls, model: DictConfig) -> tuple[str, ...]:
@@ -697,15 +721,25 @@ class HyperLDMModule(Stage, name="hyperldm"):
                 )
         return out
 
-    def _selected(self) -> Variant | None:
-        """The CFG variant with the best meta-val accuracy in the last validation pass (None: no validation ran; a
-        tie goes to the larger scale)."""
+    def _selected(self, kind: VariantKind = "cfg") -> Variant | None:
+        """The variant of `kind` (its scale, or t_frac) with the best meta-val accuracy in the last validation pass
+        (None: no validation ran; a tie goes to the larger value)."""
         scored = [
             (self.val_report[f"val/{v.name}"], v.value, v)
-            for v in self._of_kind("cfg")
+            for v in self._of_kind(kind)
             if f"val/{v.name}" in self.val_report
         ]
         return max(scored, key=lambda s: s[:2])[2] if scored else None
+
+    def _selected_per_kind(self) -> dict[str, Variant]:
+        """`<kind>_selected` -> the guided variant of that kind chosen on meta-val, for the kinds with more than one
+        value (few-shot and HyperCLIP guidance scales, from-pretrained t_fracs): each method at its own best setting,
+        chosen as the CFG scale is, never on meta-test."""
+        out = {}
+        for kind in SELECTED_KINDS:
+            if len(self._of_kind(kind)) > 1 and (chosen := self._selected(kind)) is not None:
+                out[f"{kind}_selected"] = chosen
+        return out
 
     def _denoiser_diagnostics(self) -> dict[str, float]:
         data = self.datamodule_view(LatentData).adaptation
@@ -733,8 +767,14 @@ class HyperLDMModule(Stage, name="hyperldm"):
                 "no validation pass ran before test: the CFG scale cannot be selected on meta-val, so the table "
                 "has no cfg_selected row (validate at the last epoch: trainer.check_val_every_n_epoch)"
             )
+        per_kind = self._selected_per_kind()
+        for name, variant in per_kind.items():
+            per_task[name] = per_task[variant.name]
         report = ci_report("test", per_task)
-        for name, minus in self._paired_rows(per_task):  # paired per-task differences on the same tasks and noise
+        report |= {f"test/{name}_value": variant.value for name, variant in per_kind.items()}
+        for name, minus in self._paired_rows(
+            per_task, per_kind
+        ):  # paired per-task differences on the same tasks and noise
             report |= ci_report("test", {f"{name}_minus_{minus}": per_task[name] - per_task[minus]})
         if selected is not None:
             report["test/selected_scale"] = selected
@@ -747,15 +787,18 @@ class HyperLDMModule(Stage, name="hyperldm"):
             # printed by metadiff.run as the end of the run's summary: the claims table is the last thing a run shows
             self.set_results_text(self._table(report, selected) + (f"\nplot: {plot}" if plot is not None else ""))
 
-    def _paired_rows(self, per_task: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    def _paired_rows(
+        self, per_task: dict[str, torch.Tensor], per_kind: dict[str, Variant] | None = None
+    ) -> list[tuple[str, str]]:
         """(method, reference) pairs whose per-task difference the table reports: every variant against its
-        references (`Variant.references`), the selected scale against every reference row and the unconditional
-        model, the oracle and the ridge map against the HNET init."""
-        rows = [(v.name, ref) for v in self.variants for ref in v.references if ref != SELECTED]
+        references (`Variant.references`: the HNET init and the CFG row at its own scale), each kind's variant chosen
+        on meta-val (`per_kind`) against the same, the selected CFG scale against every reference row and the
+        unconditional model, the oracle and the ridge map against the HNET init."""
+        rows = [(v.name, ref) for v in self.variants for ref in v.references]
+        rows += [(name, ref) for name, v in (per_kind or {}).items() for ref in v.references]
         if SELECTED in per_task:
             rows += [(SELECTED, ref) for ref in ("hnet_init", "multitask", "ridge", "oracle") if ref in per_task]
             rows += [(SELECTED, v.name) for v in self._of_kind("cfg") if v.value == 0.0]
-            rows += [(v.name, SELECTED) for v in self.variants if SELECTED in v.references]
         rows += [("oracle", "hnet_init")] + [("ridge", "hnet_init")] * ("ridge" in per_task)
         return list(dict.fromkeys(rows))
 
@@ -766,7 +809,10 @@ class HyperLDMModule(Stage, name="hyperldm"):
         rows += [("ridge map question -> fine-tuned latent", "ridge")] if self.ridge_alpha is not None else []
         rows += [(v.label, v.name) for v in self._of_kind("cfg")]
         rows += [("HyperLDM, CFG scale chosen on meta-val", SELECTED)]
-        rows += [(v.label, v.name) for kind in TABLE_ORDER if kind != "cfg" for v in self._of_kind(kind)]
+        for kind in TABLE_ORDER[1:]:
+            rows += [(v.label, v.name) for v in self._of_kind(kind)]
+            if kind in SELECTED_KINDS:
+                rows += [(f"  its {KIND_VALUE[kind]} chosen on meta-val", f"{kind}_selected")]
         rows += [("oracle: latents fine-tuned on the task's train split", "oracle")]
         return rows
 
