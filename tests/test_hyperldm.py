@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,24 @@ def test_resumed_run_restores_the_ema_exactly(cache_root: Path, tmp_path: Path) 
     # the frozen upstream HNET is in neither copy (it was in both before: 2 x its weights in every checkpoint)
     frozen = [k for k in (*raw, *ema) if not k.startswith("denoiser.")]
     assert not any(k.startswith("base.") for k in frozen), frozen[:5]
+
+
+def test_softmax_hyperclip_guidance_runs_in_both_stages(cache_root: Path) -> None:
+    """`objective: softmax` (log p(question | latent) among the meta-train questions; its positive control is in
+    tests/test_hyperclip_guidance.py) through the real stages: the hyperclip stage's standalone guidance and the
+    HyperLDM sampler's, each giving finite rows of its table."""
+    from conftest import smoke_overrides
+
+    own = smoke_overrides("hyperclip_synthvqa")
+    m = run_metrics(
+        run_train(["experiment=hyperclip_synthvqa", *own, "model.guidance.objective=softmax"], cache_root),
+        "hyperclip",
+    )
+    assert all(math.isfinite(m[f"test/guidance/{k}"]) for k in ("guided_acc", "init_acc", "guided_minus_init")), m
+    ldm = smoke_overrides("hyperldm_synthvqa")
+    m = run_metrics(
+        run_train(["experiment=hyperldm_synthvqa", *ldm, "model.hyperclip_guidance.objective=softmax"], cache_root),
+        "hyperldm",
+    )
+    for row in ("hyperclip10", "hyperclip30", "hyperclip10_minus_cfg1", "hyperclip_selected_minus_cfg1"):
+        assert math.isfinite(m[f"test/{row}"]), (row, sorted(m))

@@ -10,6 +10,7 @@ gradient direction, half the scale).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -94,3 +95,32 @@ def n_way_accuracy(logits: torch.Tensor, n_way: int = 10, seed: int = 0) -> torc
         others = others + (others >= i).long()  # skip the true column
         hits[i] = (logits[i, i] > logits[i, others.to(logits.device)].max()).float()
     return hits
+
+
+GuidanceObjective = Literal["cosine", "softmax"]
+
+
+def question_log_prob(
+    embedded: torch.Tensor,
+    question: torch.Tensor,
+    objective: GuidanceObjective,
+    logit_scale: torch.Tensor | float,
+    others: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What HyperCLIP guidance ascends, per row of `embedded` [B, e] (unit HyperCLIP embeddings) and its task's
+    `question` [B, e]: `cosine`, cos(embedding, question), the spec's (a similarity, not a log-probability: every
+    question near the task's raises it as much); `softmax`, log p(question | weights) = the log-softmax of
+    logit_scale * cos over the task's question and `others` [M, e] (e.g. the meta-train questions), the contrastive
+    model's own probability: its gradient also pushes away from the questions the weights must not answer.
+    (`others` equal to the task's question would only add log(2) per copy.)"""
+    target = F.normalize(question.float(), dim=-1)
+    cos = (embedded * target).sum(-1)
+    if objective == "cosine":
+        return cos
+    if objective != "softmax":
+        raise ValueError(f"HyperCLIP guidance objective {objective!r} is not one of 'cosine', 'softmax'")
+    if others is None or others.numel() == 0:
+        raise ValueError("HyperCLIP guidance objective 'softmax' needs the other questions it is normalised over")
+    rest = embedded @ F.normalize(others.float(), dim=-1).T  # [B, M]
+    logits = logit_scale * torch.cat([cos[:, None], rest], dim=1)
+    return logits.log_softmax(dim=1)[:, 0]

@@ -31,7 +31,14 @@ from metadiff.data.meta_vqa.datamodule import EVAL_SPLITS
 from metadiff.eval.per_task import PerTaskValues, ci_report
 from metadiff.eval.tables import results_table
 from metadiff.nets.adapter import masked_task_accuracy
-from metadiff.nets.hyperclip import HyperCLIPEncoder, contrastive_loss, n_way_accuracy, retrieval_accuracy
+from metadiff.nets.hyperclip import (
+    GuidanceObjective,
+    HyperCLIPEncoder,
+    contrastive_loss,
+    n_way_accuracy,
+    question_log_prob,
+    retrieval_accuracy,
+)
 from metadiff.stages.base import LatentData, Stage
 from metadiff.stages.vae import load_adaptation_base, load_vae
 from metadiff.store import Artifact
@@ -61,11 +68,14 @@ class RetrievalSpec:
 
 @dataclass(frozen=True)
 class GuidanceSpec:
-    """`model.guidance`: HyperCLIP guidance at test time, Adam on -cos from the HNET init (0 steps: off)."""
+    """`model.guidance`: HyperCLIP guidance at test time, Adam on -`objective` from the HNET init (0 steps: off):
+    `cosine` (the spec's), or `softmax`, the log-probability of the task's question among the meta-train questions
+    (`metadiff.nets.hyperclip.question_log_prob`)."""
 
     steps: int
     lr: float
     l2: float
+    objective: GuidanceObjective
 
 
 class HyperCLIPModule(Stage, name="hyperclip"):
@@ -216,17 +226,27 @@ class HyperCLIPModule(Stage, name="hyperclip"):
 
     # -- HyperCLIP guidance (spec §4.9): latent optimisation towards the question, zero-shot ----------------------
     def _guided_zero_shot(self, batch: TaskBatch) -> None:
-        """Each task's latent starts at the HNET init and follows Adam on -cos(HyperCLIP(weights(z)), question) +
-        l2/2 |z - z0|^2. Tasks are independent (the loss is a sum over tasks, Adam is element-wise), so the whole
-        batch is guided at once."""
+        """Each task's latent starts at the HNET init and follows Adam on -objective(HyperCLIP(weights(z)),
+        question) + l2/2 |z - z0|^2. Tasks are independent (the loss is a sum over tasks, Adam is element-wise), so
+        the whole batch is guided at once."""
         initial = self.base.initial_inner(batch.question)["z"].detach()
         z = initial.clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=float(self.guidance.lr))
-        target = F.normalize(batch.question.float(), dim=-1)
+        others = (
+            self.datamodule_view(LatentData).adaptation.train_questions.to(self.device)
+            if self.guidance.objective == "softmax"
+            else None
+        )
         with torch.enable_grad():
             for _ in range(int(self.guidance.steps)):
-                cos = (self.encoder(self.encoder_input(z)) * target).sum(-1)
-                loss = -cos.sum() + 0.5 * float(self.guidance.l2) * (z - initial).pow(2).sum()
+                score = question_log_prob(
+                    self.encoder(self.encoder_input(z)),
+                    batch.question,
+                    self.guidance.objective,
+                    self.encoder.logit_scale,
+                    others,
+                )
+                loss = -score.sum() + 0.5 * float(self.guidance.l2) * (z - initial).pow(2).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

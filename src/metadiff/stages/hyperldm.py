@@ -58,7 +58,7 @@ from metadiff.eval.ridge import RidgeMap
 from metadiff.meta.latent import LatentLearner
 from metadiff.meta.learner import FewShotLearner
 from metadiff.nets.adapter import masked_task_accuracy, masked_task_losses
-from metadiff.nets.hyperclip import HyperCLIPEncoder
+from metadiff.nets.hyperclip import GuidanceObjective, HyperCLIPEncoder, question_log_prob
 from metadiff.nets.latent_denoiser import LatentDenoiser
 from metadiff.stages.base import LatentData, Stage
 from metadiff.stages.fewshot import load_fewshot_learner
@@ -115,6 +115,14 @@ class GuidedSamplingSpec:
 
     scales: list[float]
     cfg_scale: float
+
+
+@dataclass(frozen=True)
+class HyperCLIPGuidanceSpec(GuidedSamplingSpec):
+    """`model.hyperclip_guidance`: the guided sampling rows, and what the guidance ascends (`objective`: `cosine`,
+    the spec's, or `softmax`, log p(question | x0_hat) among the meta-train questions; `nets.hyperclip`)."""
+
+    objective: GuidanceObjective
 
 
 @dataclass(frozen=True)
@@ -256,7 +264,7 @@ class HyperLDMSettings:
     guidance_scales: list[float]
     fewshot_guidance: GuidedSamplingSpec
     from_pretrained: FromPretrainedSpec
-    hyperclip_guidance: GuidedSamplingSpec
+    hyperclip_guidance: HyperCLIPGuidanceSpec
     ensemble: EnsembleSpec
     ridge_alpha: float | None
     diagnostics: DiagnosticsSpec
@@ -346,7 +354,7 @@ class HyperLDMModule(Stage, name="hyperldm"):
         guidance_scales: list[float] | float,
         fewshot_guidance: GuidedSamplingSpec,
         from_pretrained: FromPretrainedSpec,
-        hyperclip_guidance: GuidedSamplingSpec,
+        hyperclip_guidance: HyperCLIPGuidanceSpec,
         ensemble: EnsembleSpec,
         ridge_alpha: float | None,
         diagnostics: DiagnosticsSpec,
@@ -665,18 +673,25 @@ class HyperLDMModule(Stage, name="hyperldm"):
     def _hyperclip_log_prob(
         self, batch: TaskBatch, scales: torch.Tensor
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """log p(question | x_t) ~ cos(HyperCLIP(x0_hat(x_t)), question): the encoder was trained on clean latents,
-        so it scores the denoiser's x0_hat, and the gradient flows through the denoiser (as DPS does)."""
+        """log p(question | x_t), scored on the denoiser's x0_hat (the encoder was trained on clean latents; the
+        gradient flows through the denoiser, as DPS does): `model.hyperclip_guidance.objective` of its HyperCLIP
+        embedding (`question_log_prob`: the spec's cosine, or the softmax over the meta-train questions)."""
         encoder = self.hyperclip
         if encoder is None:
             raise RuntimeError("hyperldm: HyperCLIP guidance without a HyperCLIP encoder (upstream 'hyperclip')")
-        target = F.normalize(batch.question.float(), dim=-1)
+        objective = self.hyperclip_guidance.objective
+        others = (
+            self.datamodule_view(LatentData).adaptation.train_questions.to(self.device)
+            if objective == "softmax"
+            else None
+        )
         model = self._model(batch.question, scales)
 
         def log_prob(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x0, _ = self.schedule.split_prediction(x, model(x, t), t, self.prediction)
             z = self.raw(x0)
-            return (encoder(z if self.hyperclip_input == "latent" else self.base.decode(z)) * target).sum(-1)
+            embedded = encoder(z if self.hyperclip_input == "latent" else self.base.decode(z))
+            return question_log_prob(embedded, batch.question, objective, encoder.logit_scale, others)
 
         return log_prob
 
