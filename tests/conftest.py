@@ -139,8 +139,9 @@ def image_bench(experiment: str) -> str:
 
 
 def stage_family(experiment: str) -> str:
-    """The stage an experiment runs, read from its name: `diffusion_unet_glyphs` -> `diffusion_unet`."""
-    return experiment.removesuffix("_5shot").removesuffix("_demo").rsplit("_", 1)[0]
+    """The stage an experiment runs, read from its name: `diffusion_unet_glyphs` -> `diffusion_unet`,
+    `hyperldm_hvae_synthvqa` (the HVAE route) -> `hyperldm`."""
+    return experiment.removesuffix("_5shot").removesuffix("_demo").rsplit("_", 1)[0].removesuffix("_hvae")
 
 
 # The smoke budget of each image stage (conf/debug/smoke_<stage>.yaml; docs/testing.md has the table)

@@ -270,3 +270,27 @@ def test_an_adaptation_whose_chunks_are_all_done_still_publishes(cache_root: Pat
     again = run_train(args, cache_root)
     assert "Total length of `DataLoader` across ranks is zero" in _log(again)  # the loop had nothing to do
     assert written_artifact(_log(again), "adaptation") == first
+
+
+def test_the_hvae_route_refuses_what_it_cannot_mean(cache_root: Path) -> None:
+    """Two settings that would run wrong: HyperCLIP with `input: vae` (encode the latents with the VAE) over the HVAE
+    route's adaptation dataset, whose latents are that VAE's codes already: refused by the lineage check (the VAE was
+    built on the HNET's adaptation, not this one; a VAE built on this one would be a second VAE, and coherent); and a
+    VAE MetaModel over an HNET whose tasks start from their question (`question_init`), which ignored that start: one
+    line naming the key."""
+    from types import SimpleNamespace
+
+    from metadiff.meta.latent import LatentLearner
+    from metadiff.nets.adapter import AdapterShape
+    from metadiff.stages.vae import load_vae_latent_learner
+
+    vae_upstream = "+upstream.vae={experiment:vae_synthvqa,overrides:[],inherit_groups:[trainer],build_if_missing:true}"
+    args = ["experiment=hyperclip_hvae_synthvqa", *smoke_overrides("hyperclip_hvae_synthvqa"), "model.input=vae"]
+    proc = run_train([*args, vae_upstream], cache_root, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "upstream 'vae'" in out and "was built on adaptation" in out, out[-2000:]
+
+    shape = AdapterShape(embed_dim=6, hidden_dim=2)
+    hnet = LatentLearner(torch.nn.Linear(6, shape.n_params), torch.zeros(6), shape, question_init=True)
+    with pytest.raises(ConfigError, match="model.learner.question_init: true"):
+        load_vae_latent_learner(SimpleNamespace(path=Path("vae-artifact")), hnet)  # type: ignore[arg-type]

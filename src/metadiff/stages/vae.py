@@ -59,6 +59,12 @@ def load_vae(artifact: Artifact) -> WeightVAE:
 def load_vae_latent_learner(artifact: Artifact, hnet: LatentLearner) -> LatentLearner:
     """The "VAE MetaModel" (spec §3.5): the VAE decoder generates the weights; every task starts from the posterior
     mean of the HNET's initial weights (deterministic; the original drew one random sample, §8 B33)."""
+    if hnet.question_init:  # each task would start from its question, an HNET latent with no place in the VAE's space
+        raise ConfigError(
+            f"VAE {artifact.path}: the VAE MetaModel starts every task from the VAE's code of the HNET's one init; "
+            "this HNET starts each task from its question (model.learner.question_init: true), which it cannot encode "
+            "as a start: use an HNET with question_init false"
+        )
     vae = load_vae(artifact)
     size = hnet.shape.n_params if vae.input == "weights" else hnet.latent_dim
     if vae.in_dim != size:
