@@ -210,3 +210,29 @@ def test_softmax_hyperclip_guidance_runs_in_both_stages(cache_root: Path) -> Non
     )
     for row in ("hyperclip10", "hyperclip30", "hyperclip10_minus_cfg1", "hyperclip_selected_minus_cfg1"):
         assert math.isfinite(m[f"test/{row}"]), (row, sorted(m))
+
+
+@pytest.mark.parametrize(("combine", "expected"), [("logits", 1.0), ("probs", 0.0)])
+def test_the_ensemble_averages_logits_as_the_spec(combine: str, expected: float, monkeypatch, tmp_path: Path) -> None:
+    """Two members whose mean logits and mean probabilities pick different answers: member A is sure of answer 0
+    (logits 10, 0, 0), member B leans to answer 1 (-10, 2, 0). Mean logits (0, 1, 0) pick 1, the label; mean
+    probabilities (0.50, 0.44, 0.06) pick 0. The spec's end accuracy averages logits (`combine: logits`)."""
+    from types import SimpleNamespace
+
+    from metadiff.stages.hyperldm import Variant
+
+    module = _tiny_module(tmp_path, "model.ensemble.size=2", f"model.ensemble.combine={combine}")
+    member_logits = iter([torch.tensor([[[10.0, 0.0, 0.0]]]), torch.tensor([[[-10.0, 2.0, 0.0]]])])
+    monkeypatch.setattr(module, "sample_latents", lambda question, scales, generator: torch.zeros(2, 4))
+    monkeypatch.setattr(module, "_logits", lambda z, batch: next(member_logits))
+    batch = SimpleNamespace(
+        n_tasks=1,
+        question=torch.zeros(1, 6),
+        task_index=torch.tensor([0]),
+        query_y=torch.tensor([[1]]),
+        query_mask=torch.tensor([[True]]),
+    )
+    variant = next(v for v in module.variants if v.kind == "ensemble")
+    assert isinstance(variant, Variant) and variant.value == 2
+    module._evaluate_ensemble(batch, "test", variant)  # type: ignore[arg-type]
+    assert module.values.compute([f"test/{variant.name}"])[f"test/{variant.name}"].item() == expected

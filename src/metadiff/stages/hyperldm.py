@@ -137,10 +137,12 @@ class FromPretrainedSpec:
 
 @dataclass(frozen=True)
 class EnsembleSpec:
-    """`model.ensemble`: `size` sampled latents per task, their predictions averaged (1: off)."""
+    """`model.ensemble`: `size` sampled latents per task, their predictions combined (1: off): `combine: logits`
+    averages the logits, as the spec's end accuracy does; `probs` averages the softmax (this stage's earlier rule)."""
 
     size: int
     cfg_scale: float
+    combine: Literal["logits", "probs"]
 
 
 @dataclass(frozen=True)
@@ -643,14 +645,17 @@ class HyperLDMModule(Stage, name="hyperldm"):
 
     @torch.no_grad()
     def _evaluate_ensemble(self, batch: TaskBatch, split: str, variant: Variant) -> None:
-        """`variant.value` sampled latents per task, their answer probabilities averaged."""
+        """`variant.value` sampled latents per task, their answer logits (or probabilities) averaged."""
         members, n = int(variant.value), batch.n_tasks
         x = self.sample_latents(
             batch.question.repeat(members, 1), self._full(n * members, variant.cfg_scale), self._generator(batch)
         )
         self.samples.update(f"{split}/{variant.name}", x)
-        probs = torch.stack([self._logits(self.raw(m), batch).softmax(-1) for m in x.chunk(members)]).mean(0)
-        self.values.update(f"{split}/{variant.name}", masked_task_accuracy(probs, batch.query_y, batch.query_mask))
+        logits = [self._logits(self.raw(m), batch) for m in x.chunk(members)]
+        if self.ensemble.combine == "probs":
+            logits = [z.softmax(-1) for z in logits]  # the argmax of the mean probability
+        combined = torch.stack(logits).mean(0)
+        self.values.update(f"{split}/{variant.name}", masked_task_accuracy(combined, batch.query_y, batch.query_mask))
 
     def ridge(self) -> RidgeMap:
         """Question -> fine-tuned latent, fitted on the meta-train tasks' evaluation fine-tunes (once)."""
