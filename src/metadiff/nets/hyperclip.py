@@ -112,7 +112,7 @@ def question_log_prob(
     question near the task's raises it as much); `softmax`, log p(question | weights) = the log-softmax of
     logit_scale * cos over the task's question and `others` [M, e] (e.g. the meta-train questions), the contrastive
     model's own probability: its gradient also pushes away from the questions the weights must not answer.
-    (`others` equal to the task's question would only add log(2) per copy.)"""
+    (`others` equal to the task's question would only add log(2) per copy; `cosine` does not read `others`.)"""
     target = F.normalize(question.float(), dim=-1)
     cos = (embedded * target).sum(-1)
     if objective == "cosine":

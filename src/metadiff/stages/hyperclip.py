@@ -232,11 +232,7 @@ class HyperCLIPModule(Stage, name="hyperclip"):
         initial = self.base.initial_inner(batch.question)["z"].detach()
         z = initial.clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=float(self.guidance.lr))
-        others = (
-            self.datamodule_view(LatentData).adaptation.train_questions.to(self.device)
-            if self.guidance.objective == "softmax"
-            else None
-        )
+        others = self.datamodule_view(LatentData).adaptation.train_questions.to(self.device)  # read by `softmax`
         with torch.enable_grad():
             for _ in range(int(self.guidance.steps)):
                 score = question_log_prob(

@@ -685,11 +685,7 @@ class HyperLDMModule(Stage, name="hyperldm"):
         if encoder is None:
             raise RuntimeError("hyperldm: HyperCLIP guidance without a HyperCLIP encoder (upstream 'hyperclip')")
         objective = self.hyperclip_guidance.objective
-        others = (
-            self.datamodule_view(LatentData).adaptation.train_questions.to(self.device)
-            if objective == "softmax"
-            else None
-        )
+        others = self.datamodule_view(LatentData).adaptation.train_questions.to(self.device)  # read by `softmax`
         model = self._model(batch.question, scales)
 
         def log_prob(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -792,9 +788,8 @@ class HyperLDMModule(Stage, name="hyperldm"):
             per_task[name] = per_task[variant.name]
         report = ci_report("test", per_task)
         report |= {f"test/{name}_value": variant.value for name, variant in per_kind.items()}
-        for name, minus in self._paired_rows(
-            per_task, per_kind
-        ):  # paired per-task differences on the same tasks and noise
+        # paired per-task differences on the same tasks and noise
+        for name, minus in self._paired_rows(per_task, per_kind):
             report |= ci_report("test", {f"{name}_minus_{minus}": per_task[name] - per_task[minus]})
         if selected is not None:
             report["test/selected_scale"] = selected
